@@ -1,0 +1,69 @@
+"""Build a model library: (preset, policy, target, dtype, max-context) -> lib.so + lib.json."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import tvm
+from tvm import relax
+from tvm.target import Target
+
+from tsedge.models.attention import make_policy
+from tsedge.models.config import ModelConfig, PolicyConfig
+from tsedge.models.llama import LlamaForCausalLM
+from tsedge.models.library import LibraryMeta, ParamSpec
+
+from .cpu_schedule import cpu_pipeline
+from .cuda_fatbin import fatbin_build_context
+from .targets import target_name
+
+FUNCTIONS = ("prefill", "decode", "rope_table")
+
+
+def resolve_dtype(dtype: str, target: Target) -> str:
+    """``auto``: float16 on GPUs, float32 on CPUs (no fast fp16 arithmetic there)."""
+    if dtype == "auto":
+        return "float32" if target.kind.name == "llvm" else "float16"
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"unsupported dtype {dtype!r}: use float16, float32 or auto")
+    return dtype
+
+
+def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str):
+    """The model's Relax IRModule and its parameter specs (names, shapes, sources)."""
+    in_out = target.kind.name == "llvm"
+    model = LlamaForCausalLM(cfg, make_policy(policy, cfg, dtype, target), dtype, in_out)
+    mod, named = model.export_tvm(spec=model.get_default_spec())
+    specs = []
+    for name, param in named:
+        shape = [int(s) for s in param.shape]
+        transposed = in_out and (name.endswith("_proj.weight") or name == "lm_head.weight")
+        source = name
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            source = "model.embed_tokens.weight"
+        specs.append(ParamSpec(name, shape, source, transposed))
+    return mod, specs
+
+
+def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str,
+                    max_context: int, out: Path) -> LibraryMeta:
+    """Compile and export ``out`` (.so) with its metadata next to it (``out`` with .json)."""
+    dtype = resolve_dtype(dtype, target)
+    mod, params = build_ir(cfg, policy, target, dtype)
+    start = time.time()
+    pipeline = cpu_pipeline(target) if target.kind.name == "llvm" else relax.get_default_pipeline(target)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with fatbin_build_context(target):
+        executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
+        tmp = out.with_suffix(".tmp.so")
+        executable.export_library(str(tmp))
+    os.replace(tmp, out)
+    meta = LibraryMeta(
+        model=cfg, policy=policy, target=target_name(target), target_json=str(target),
+        dtype=dtype, max_context=max_context, params=params, functions=list(FUNCTIONS),
+        tvm_version=tvm.__version__, compile_seconds=round(time.time() - start, 1),
+    )
+    meta.save(out.with_suffix(".json"))
+    return meta

@@ -1,0 +1,112 @@
+"""Relax pipeline for ``llvm`` targets: fusion plus vectorised, multi-threaded CPU schedules.
+
+TVM's default CPU build neither fuses nor schedules. Here the fused PrimFuncs get:
+- matmul/GEMV (weights stored [in, out]): register tiles of 4 rows x 32 columns, the column tile
+  vectorised, tiles spread over cores, reduction kept in a local accumulator;
+- everything else (norms, element-wise, embedding): outer spatial loop parallel.
+Hand-written kernels (``tirx.is_scheduled``) are left alone.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.target import Target
+
+_ROWS = 4
+_COLS = 32
+
+
+def _static(extent) -> int | None:
+    return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
+
+
+class CpuMatmul(dl.ScheduleRule):
+    """``C[i, j] = sum_k A[i, k] * B[k, j]`` (+ element-wise epilogue)."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reductions = [b for b in infos if b.is_reduction()]
+        if len(reductions) != 1 or [it.kind for it in reductions[0].iters] != ["S", "S", "R"]:
+            return None
+        main = reductions[0]
+        block = main.block_rv
+        for info in infos[: infos.index(main)]:
+            sch.compute_inline(info.block_rv)
+        epilogues = [b.block_rv for b in infos[infos.index(main) + 1:]]
+        i, j, k = sch.get_loops(block)
+        jo, ji = sch.split(j, [None, _COLS])
+        rows_static = _static(main.iters[0].dom)
+        if rows_static == 1:
+            sch.reorder(jo, i, k, ji)
+            outer = jo
+            inner = [ji]
+        else:
+            io, ii = sch.split(i, [None, _ROWS])
+            sch.reorder(io, jo, k, ii, ji)
+            outer = sch.fuse(io, jo)
+            sch.unroll(ii)
+            inner = [ii, ji]
+        sch.parallel(outer)
+        acc = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(acc, outer)
+        for epi in epilogues:
+            sch.reverse_compute_at(epi, outer)
+        for blk in [acc, *epilogues]:
+            loops = sch.get_loops(blk)
+            if len(loops) > 1:
+                _vectorize_tail(sch, loops[-1])
+        sch.vectorize(inner[-1])
+        sch.decompose_reduction(block, k)
+        return sch
+
+
+def _vectorize_tail(sch: s_tir.Schedule, loop) -> None:
+    extent = _static(sch.get(loop).extent)
+    if extent and extent % 8 == 0:
+        sch.vectorize(loop)
+
+
+class CpuParallel(dl.ScheduleRule):
+    """Parallel outer spatial loop of every block, vectorised inner loop when it is static."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        for info in infos:
+            loops = sch.get_loops(info.block_rv)
+            if loops and info.iters and info.iters[0].kind == "S":
+                sch.parallel(loops[0])
+            if len(loops) > 1 and info.iters[-1].kind == "S":
+                _vectorize_tail(sch, loops[-1])
+        return sch
+
+
+def cpu_pipeline(target: Target):
+    """Fuse, schedule with the rules above, lower: the ``relax_pipeline`` for llvm targets."""
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu_generic.library_dispatch_passes(target)
+                + cpu_generic.legalize_passes(target)
+                + [dl.ApplyDefaultSchedule(CpuMatmul(), CpuParallel())]
+                + cpu_generic.dataflow_lower_passes(target)
+                + cpu_generic.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline

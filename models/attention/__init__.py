@@ -1,0 +1,15 @@
+"""Attention policies: interchangeable implementations of one layer's attention."""
+
+from __future__ import annotations
+
+from tvm.target import Target
+
+from ..config import ModelConfig, PolicyConfig
+from .dense import DensePolicy
+
+
+def make_policy(policy: PolicyConfig, cfg: ModelConfig, dtype: str, target: Target):
+    """The policy object the model calls once per layer."""
+    if policy.name == "dense":
+        return DensePolicy(cfg, dtype, target)
+    raise NotImplementedError(f"policy {policy.name!r} is not compiled yet (available: dense)")

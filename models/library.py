@@ -1,0 +1,57 @@
+"""Library metadata: what a compiled model library needs from its runtime (plain data, no TVM)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig, PolicyConfig
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One library parameter: filled from source tensor ``source`` (HF name), transposed or not."""
+
+    name: str
+    shape: list[int]
+    source: str
+    transposed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LibraryMeta:
+    model: ModelConfig
+    policy: PolicyConfig
+    target: str
+    target_json: str
+    dtype: str
+    max_context: int
+    params: list[ParamSpec]
+    functions: list[str]
+    tvm_version: str
+    compile_seconds: float = 0.0
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["model"] = self.model.to_dict()
+        data["policy"] = self.policy.to_dict()
+        return data
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> "LibraryMeta":
+        data = json.loads(Path(path).read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: library format {data.get('format_version')} is not "
+                             f"{FORMAT_VERSION}; recompile it with `tsedge compile`")
+        data["model"] = ModelConfig.from_dict(data["model"])
+        data["policy"] = PolicyConfig(**data["policy"])
+        data["params"] = [ParamSpec(**p) for p in data["params"]]
+        return cls(**data)

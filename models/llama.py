@@ -1,0 +1,142 @@
+"""Llama-family decoder in ``tvm.relax.frontend.nn`` (Llama 2/3/3.1/3.2, SmolLM2, Qwen2).
+
+Parameter names equal the Hugging Face names. Attention is delegated to a policy object
+(``models/attention``), so the model code never changes with the policy. The KV cache is a tensor
+the runtime owns: ``kv[num_layers, 2, n_kv, capacity, head_dim]``, keys stored without RoPE.
+"""
+
+from __future__ import annotations
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from tsedge.tir_kernels import cache_ops
+
+from .config import ModelConfig
+
+
+class Linear(nn.Module):
+    """``y = x W^T (+ b)``; the weight is stored [out, in] or, with ``in_out``, [in, out]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, in_out: bool):
+        shape = [in_features, out_features] if in_out else [out_features, in_features]
+        self.weight = nn.Parameter(shape, dtype)
+        self.bias = nn.Parameter([out_features], dtype) if bias else None
+        self.in_out = in_out
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        y = op.matmul(x, self.weight if self.in_out else op.permute_dims(self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool):
+        h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = Linear(cfg.hidden_size, h * d, cfg.qkv_bias, dtype, in_out)
+        self.k_proj = Linear(cfg.hidden_size, hkv * d, cfg.qkv_bias, dtype, in_out)
+        self.v_proj = Linear(cfg.hidden_size, hkv * d, cfg.qkv_bias, dtype, in_out)
+        self.o_proj = Linear(h * d, cfg.hidden_size, False, dtype, in_out)
+        self.shape = (h, hkv, d)
+
+    def forward(self, x, layer_id, policy, kv, rope, past, step):
+        n = x.shape[0]
+        h, hkv, d = self.shape
+        q = op.reshape(self.q_proj(x), [n, h, d])
+        k = op.reshape(self.k_proj(x), [n, hkv, d])
+        v = op.reshape(self.v_proj(x), [n, hkv, d])
+        out, kv = policy.attend(layer_id, q, k, v, kv, rope, past, step)
+        return self.o_proj(op.reshape(out, [n, h * d])), kv
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool):
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, in_out)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, in_out)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, in_out)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool):
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.self_attn = Attention(cfg, dtype, in_out)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.mlp = MLP(cfg, dtype, in_out)
+
+    def forward(self, x, layer_id, policy, kv, rope, past, step):
+        attn, kv = self.self_attn(self.input_layernorm(x), layer_id, policy, kv, rope, past, step)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool):
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype, in_out) for _ in range(cfg.num_layers)])
+        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Exports ``prefill``, ``decode`` and ``rope_table`` (see DESIGN.md, runtime contract).
+
+    ``in_out`` stores linear weights [in, out] (CPU schedules vectorise over the output dim);
+    the lm_head then is a parameter of its own even for tied embeddings.
+    """
+
+    def __init__(self, cfg: ModelConfig, policy, dtype: str, in_out: bool):
+        self.cfg = cfg
+        self.policy = policy
+        self.dtype = dtype
+        self.model = LlamaModel(cfg, dtype, in_out)
+        self.untied_head = in_out or not cfg.tie_embeddings
+        if self.untied_head:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, in_out)
+        self.rope_kernel = cache_ops.make_rope_table(cfg.head_dim, policy.target)
+        self.last_row_kernel = cache_ops.make_last_row(cfg.hidden_size, dtype, policy.target)
+        self.inv_freq = cfg.inv_freq()
+
+    def _forward(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past):
+        n = ids.shape[0]
+        x = self.model.embed_tokens(ids)
+        step = self.policy.begin_step(past, n)
+        for layer_id, layer in enumerate(self.model.layers):
+            x, kv = layer(x, layer_id, self.policy, kv, rope, past, step)
+        return x, kv
+
+    def prefill(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past):
+        """Run one chunk of ``n`` tokens after ``past`` cached ones; logits of the last token."""
+        x, kv = self._forward(ids, kv, rope, past)
+        return self._logits(x), kv
+
+    def decode(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past):
+        """One token after ``past`` cached ones."""
+        x, kv = self._forward(ids, kv, rope, past)
+        return self._logits(x), kv
+
+    def _logits(self, x: nn.Tensor) -> nn.Tensor:
+        last = op.tensor_ir_op(self.last_row_kernel, "last_row", args=[x],
+                               out=nn.Tensor.placeholder([1, self.cfg.hidden_size], self.dtype))
+        h = self.model.norm(last)
+        if self.untied_head:
+            logits = self.lm_head(h)
+        else:
+            logits = op.matmul(h, op.permute_dims(self.model.embed_tokens.weight))
+        return logits.astype("float32")
+
+    def rope_table(self, num_pos):
+        inv = nn.Tensor.from_const(self.inv_freq)
+        return op.tensor_ir_op(self.rope_kernel, "compute_rope_table", args=[inv, num_pos],
+                               out=nn.Tensor.placeholder([num_pos, self.cfg.head_dim], "float32"))
+
+    def get_default_spec(self):
+        cfg = self.cfg
+        kv = nn.spec.Tensor([cfg.num_layers, 2, cfg.num_kv_heads, "capacity", cfg.head_dim], self.dtype)
+        rope = nn.spec.Tensor(["num_pos", cfg.head_dim], "float32")
+        mode = {"$": {"param_mode": "packed", "effect_mode": "none"}}
+        return nn.spec.ModuleSpec.from_raw({
+            "prefill": {"ids": nn.spec.Tensor(["n"], "int32"), "kv": kv, "rope": rope, "past": int, **mode},
+            "decode": {"ids": nn.spec.Tensor([1], "int32"), "kv": kv, "rope": rope, "past": int, **mode},
+            "rope_table": {"num_pos": int, **mode},
+        }, self)

@@ -1,0 +1,289 @@
+"""Attention of a step's queries over a list of cached rows, RoPE applied on the fly.
+
+One kernel serves dense and sparse (TokenSelect, streaming) attention, decode and chunked
+prefill: the attended keys are ``kv[layer, 0, :, rows[j]]`` for ``j < M`` and key ``j`` gets RoPE
+position ``j`` (dense: ``rows = 0..L-1``, so positions are the true ones; sparse: the gathered list,
+so positions are re-assigned ``0..M-1``). Query ``i`` of the step's ``n`` sits at position
+``M - n + i`` and sees keys ``j <= M - n + i`` (causal inside the chunk).
+
+The key list is split into chunks of ``chunk`` keys; ``attention_partial`` computes, per chunk, the
+normalised partial output and its log2-sum-exp, and ``attention_merge`` combines the chunks
+(split-K with a log-sum-exp merge, all softmax arithmetic in float32). On CUDA one block handles
+(chunk, KV head, query): the whole GPU works even for one decode token. On CPU one task handles
+(chunk, KV head) for all queries, rotating each key once.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import tirx
+from tvm.script import tirx as T
+from tvm.target import Target
+
+from .common import i64, is_gpu
+
+NEG_INF = -1e30
+LOG2E = math.log2(math.e)
+CHUNK = 256
+_WARPS = 4
+
+
+def num_chunks(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
+    """Number of key chunks (partial outputs) for ``num_keys`` attended keys."""
+    return (num_keys + CHUNK - 1) // CHUNK
+
+
+def make_attention_partial(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
+                           target: Target) -> tirx.PrimFunc:
+    """Per-chunk attention. Args: q[n, H, d], kv, rope[P, d], rows[M] int32, layer (int64).
+
+    Outputs: o[n, S, H, d] float32 (each chunk's normalised output), lse[n, S, H] float32
+    (log2-sum-exp of the chunk's scaled scores, ``NEG_INF`` when the chunk has no visible key),
+    with ``S = num_chunks(M)``.
+    """
+    maker = _partial_gpu if is_gpu(target) else _partial_cpu
+    return maker(i64(num_layers), n_heads, n_kv, head_dim, dtype)
+
+
+def _partial_gpu(num_layers, n_heads, n_kv, head_dim, dtype):
+    group = n_heads // n_kv
+    half = head_dim // 2
+    vec = head_dim // 32
+    scale = LOG2E / math.sqrt(head_dim)
+    keys_per_warp = CHUNK // _WARPS
+    out_rounds = (group + _WARPS - 1) // _WARPS
+    H, G, D, HKV = i64(n_heads), i64(group), i64(head_dim), i64(n_kv)
+
+    @T.prim_func(s_tir=True)
+    def attention_partial(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
+                          layer: T.int64, o_h: T.handle, lse_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        n, cap, num_pos, m_keys = T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (n, H, D), dtype)
+        kv = T.match_buffer(kv_h, (num_layers, T.int64(2), HKV, cap, D), dtype)
+        rope = T.match_buffer(rope_h, (num_pos, D), "float32")
+        rows = T.match_buffer(rows_h, (m_keys,), "int32")
+        o = T.match_buffer(o_h, (n, (m_keys + CHUNK - 1) // CHUNK, H, D), "float32")
+        lse = T.match_buffer(lse_h, (n, (m_keys + CHUNK - 1) // CHUNK, H), "float32")
+        for bx in T.thread_binding((m_keys + CHUNK - 1) // CHUNK, thread="blockIdx.x"):
+            for by in T.thread_binding(HKV, thread="blockIdx.y"):
+                for bz in T.thread_binding(n, thread="blockIdx.z"):
+                    for ty in T.thread_binding(T.int64(_WARPS), thread="threadIdx.y"):
+                        for tx in T.thread_binding(T.int64(32), thread="threadIdx.x"):
+                            with T.sblock("attn"):
+                                T.reads()
+                                T.writes()
+                                qa = T.sblock_alloc_buffer((group, vec), "float32", scope="local")
+                                qb = T.sblock_alloc_buffer((group, vec), "float32", scope="local")
+                                acc = T.sblock_alloc_buffer((group, vec), "float32", scope="local")
+                                m_run = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                                d_run = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                                score = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                                kf = T.sblock_alloc_buffer((vec,), "float32", scope="local")
+                                part = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                red = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                o_sh = T.sblock_alloc_buffer((_WARPS, group, head_dim), "float32", scope="shared")
+                                md_sh = T.sblock_alloc_buffer((_WARPS, group, 2), "float32", scope="shared")
+                                qpos: T.let[T.int64] = m_keys - n + bz
+                                # q' = R(qpos) q, then per key score = k . R(-j) q'
+                                for g in T.serial(T.int64(group)):
+                                    m_run[g] = T.float32(NEG_INF)
+                                    d_run[g] = T.float32(0)
+                                    for v in T.serial(T.int64(vec)):
+                                        acc[g, v] = T.float32(0)
+                                        qa[g, v] = _rot(q, bz, by * group + g, tx * vec + v, rope, qpos, half) * scale
+                                        qb[g, v] = T.if_then_else(tx * vec + v < half, T.float32(1), T.float32(-1)) * scale * _rot(
+                                            q, bz, by * group + g, (tx * vec + v + half) % head_dim, rope, qpos, half)
+                                for it in T.serial(T.int64(keys_per_warp)):
+                                    j: T.let[T.int64] = bx * CHUNK + it * _WARPS + ty
+                                    if j < m_keys and j <= qpos:
+                                        row: T.let[T.int64] = T.Cast("int64", rows[j])
+                                        for v in T.serial(T.int64(vec)):
+                                            kf[v] = T.Cast("float32", kv[layer, 0, by, row, tx * vec + v])
+                                        for g in T.serial(T.int64(group)):
+                                            part[0] = T.float32(0)
+                                            for v in T.serial(T.int64(vec)):
+                                                part[0] = part[0] + kf[v] * (
+                                                    qa[g, v] * rope[j, (tx * vec + v) % half]
+                                                    + qb[g, v] * rope[j, half + (tx * vec + v) % half])
+                                            with T.sblock("warp_sum"):
+                                                T.reads(part[0])
+                                                T.writes(red[0])
+                                                T.attr(T.comm_reducer(lambda x, y: x + y, [T.float32(0)]),
+                                                       "reduce_scope", T.int32(0))
+                                                T.tvm_thread_allreduce(T.uint32(1), part[0], True, red[0], tx, dtype="void")
+                                            score[g] = red[0]
+                                        for g in T.serial(T.int64(group)):
+                                            m_new: T.let[T.float32] = T.max(m_run[g], score[g])
+                                            decay: T.let[T.float32] = T.exp2(m_run[g] - m_new)
+                                            p: T.let[T.float32] = T.exp2(score[g] - m_new)
+                                            d_run[g] = d_run[g] * decay + p
+                                            m_run[g] = m_new
+                                            for v in T.serial(T.int64(vec)):
+                                                acc[g, v] = acc[g, v] * decay + p * T.Cast(
+                                                    "float32", kv[layer, 1, by, row, tx * vec + v])
+                                for g in T.serial(T.int64(group)):
+                                    for v in T.serial(T.int64(vec)):
+                                        o_sh[ty, g, tx * vec + v] = acc[g, v]
+                                    md_sh[ty, g, 0] = m_run[g]
+                                    md_sh[ty, g, 1] = d_run[g]
+                                T.tvm_storage_sync("shared")
+                                for r in T.serial(T.int64(out_rounds)):
+                                    g: T.let[T.int64] = r * _WARPS + ty
+                                    if g < group:
+                                        m_all: T.let[T.float32] = T.max(T.max(md_sh[0, g, 0], md_sh[1, g, 0]),
+                                                                         T.max(md_sh[2, g, 0], md_sh[3, g, 0]))
+                                        d_all: T.let[T.float32] = (
+                                            md_sh[0, g, 1] * T.exp2(md_sh[0, g, 0] - m_all)
+                                            + md_sh[1, g, 1] * T.exp2(md_sh[1, g, 0] - m_all)
+                                            + md_sh[2, g, 1] * T.exp2(md_sh[2, g, 0] - m_all)
+                                            + md_sh[3, g, 1] * T.exp2(md_sh[3, g, 0] - m_all))
+                                        for v in T.serial(T.int64(vec)):
+                                            o[bz, bx, by * group + g, tx * vec + v] = T.if_then_else(
+                                                d_all > T.float32(0),
+                                                (o_sh[0, g, tx * vec + v] * T.exp2(md_sh[0, g, 0] - m_all)
+                                                 + o_sh[1, g, tx * vec + v] * T.exp2(md_sh[1, g, 0] - m_all)
+                                                 + o_sh[2, g, tx * vec + v] * T.exp2(md_sh[2, g, 0] - m_all)
+                                                 + o_sh[3, g, tx * vec + v] * T.exp2(md_sh[3, g, 0] - m_all)) / d_all,
+                                                T.float32(0))
+                                        if tx == 0:
+                                            lse[bz, bx, by * group + g] = T.if_then_else(
+                                                d_all > T.float32(0), m_all + T.log2(d_all), T.float32(NEG_INF))
+
+    return attention_partial
+
+
+def _rot(x, i, h, dim, rope, pos, half):
+    """Element ``dim`` of ``R(pos) x[i, h]`` (rotate-half RoPE), float32."""
+    c = rope[pos, dim % half]
+    s = rope[pos, half + dim % half]
+    partner = T.if_then_else(dim < half, -T.Cast("float32", x[i, h, dim + half]),
+                             T.Cast("float32", x[i, h, dim - half]))
+    return T.Cast("float32", x[i, h, dim]) * c + partner * s
+
+
+def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype):
+    group = n_heads // n_kv
+    half = head_dim // 2
+    scale = LOG2E / math.sqrt(head_dim)
+    lanes = 16
+    H, D, HKV = i64(n_heads), i64(head_dim), i64(n_kv)
+
+    @T.prim_func(s_tir=True)
+    def attention_partial(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
+                          layer: T.int64, o_h: T.handle, lse_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        n, cap, num_pos, m_keys = T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (n, H, D), dtype)
+        kv = T.match_buffer(kv_h, (num_layers, T.int64(2), HKV, cap, D), dtype)
+        rope = T.match_buffer(rope_h, (num_pos, D), "float32")
+        rows = T.match_buffer(rows_h, (m_keys,), "int32")
+        o = T.match_buffer(o_h, (n, (m_keys + CHUNK - 1) // CHUNK, H, D), "float32")
+        lse = T.match_buffer(lse_h, (n, (m_keys + CHUNK - 1) // CHUNK, H), "float32")
+        for task in T.parallel(((m_keys + CHUNK - 1) // CHUNK) * HKV):
+            with T.sblock("attn"):
+                T.reads()
+                T.writes()
+                kt = T.sblock_alloc_buffer((head_dim, CHUNK), "float32")
+                vt = T.sblock_alloc_buffer((CHUNK, head_dim), "float32")
+                sc = T.sblock_alloc_buffer((CHUNK,), "float32")
+                qr = T.sblock_alloc_buffer((head_dim,), "float32")
+                acc = T.sblock_alloc_buffer((head_dim,), "float32")
+                stat = T.sblock_alloc_buffer((2,), "float32")
+                c: T.let[T.int64] = task // HKV
+                kvh: T.let[T.int64] = task % HKV
+                j0: T.let[T.int64] = c * CHUNK
+                cnt: T.let[T.int64] = T.min(T.int64(CHUNK), m_keys - j0)
+                for jj in T.serial(T.int64(CHUNK)):
+                    if jj < cnt:
+                        for dd in T.serial(T.int64(half)):
+                            kt[dd, jj] = (T.Cast("float32", kv[layer, 0, kvh, T.Cast("int64", rows[j0 + jj]), dd]) * rope[j0 + jj, dd]
+                                          - T.Cast("float32", kv[layer, 0, kvh, T.Cast("int64", rows[j0 + jj]), dd + half]) * rope[j0 + jj, half + dd])
+                            kt[dd + half, jj] = (T.Cast("float32", kv[layer, 0, kvh, T.Cast("int64", rows[j0 + jj]), dd + half]) * rope[j0 + jj, dd]
+                                                 + T.Cast("float32", kv[layer, 0, kvh, T.Cast("int64", rows[j0 + jj]), dd]) * rope[j0 + jj, half + dd])
+                        for dd in T.vectorized(T.int64(head_dim)):
+                            vt[jj, dd] = T.Cast("float32", kv[layer, 1, kvh, T.Cast("int64", rows[j0 + jj]), dd])
+                    else:
+                        for dd in T.serial(T.int64(head_dim)):
+                            kt[dd, jj] = T.float32(0)
+                for i in T.serial(n):
+                    for g in T.serial(T.int64(group)):
+                        # number of keys of this chunk that query i sees (may be <= 0)
+                        lim: T.let[T.int64] = T.min(cnt, m_keys - n + i - j0 + 1)
+                        if lim > 0:
+                            for dd in T.serial(T.int64(head_dim)):
+                                qr[dd] = _rot(q, i, kvh * group + g, dd, rope, m_keys - n + i, half) * scale
+                            for jo in T.serial(T.int64(CHUNK // lanes)):
+                                for ji in T.vectorized(T.int64(lanes)):
+                                    sc[jo * lanes + ji] = T.float32(0)
+                            for dd in T.serial(T.int64(head_dim)):
+                                for jo in T.serial(T.int64(CHUNK // lanes)):
+                                    for ji in T.vectorized(T.int64(lanes)):
+                                        sc[jo * lanes + ji] = sc[jo * lanes + ji] + qr[dd] * kt[dd, jo * lanes + ji]
+                            stat[0] = T.float32(NEG_INF)
+                            for jj in T.serial(lim):
+                                stat[0] = T.max(stat[0], sc[jj])
+                            stat[1] = T.float32(0)
+                            for jj in T.serial(lim):
+                                sc[jj] = T.exp2(sc[jj] - stat[0])
+                                stat[1] = stat[1] + sc[jj]
+                            for dd in T.vectorized(T.int64(head_dim)):
+                                acc[dd] = T.float32(0)
+                            for jj in T.serial(lim):
+                                for dd in T.vectorized(T.int64(head_dim)):
+                                    acc[dd] = acc[dd] + sc[jj] * vt[jj, dd]
+                            for dd in T.vectorized(T.int64(head_dim)):
+                                o[i, c, kvh * group + g, dd] = acc[dd] / stat[1]
+                            lse[i, c, kvh * group + g] = stat[0] + T.log2(stat[1])
+                        else:
+                            for dd in T.serial(T.int64(head_dim)):
+                                o[i, c, kvh * group + g, dd] = T.float32(0)
+                            lse[i, c, kvh * group + g] = T.float32(NEG_INF)
+
+    return attention_partial
+
+
+def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target) -> tirx.PrimFunc:
+    """Combine chunk partials. Args: o[n, S, H, d] f32, lse[n, S, H] f32; output out[n, H, d]."""
+    H, D = i64(n_heads), i64(head_dim)
+    gpu = is_gpu(target)
+
+    @T.prim_func(s_tir=True)
+    def attention_merge(o_h: T.handle, lse_h: T.handle, out_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        n, s = T.int64(), T.int64()
+        o = T.match_buffer(o_h, (n, s, H, D), "float32")
+        lse = T.match_buffer(lse_h, (n, s, H), "float32")
+        out = T.match_buffer(out_h, (n, H, D), dtype)
+        if gpu:
+            for bx in T.thread_binding(n * H, thread="blockIdx.x"):
+                for tx in T.thread_binding(D, thread="threadIdx.x"):
+                    with T.sblock("merge"):
+                        T.reads()
+                        T.writes()
+                        stat = T.sblock_alloc_buffer((3,), "float32", scope="local")
+                        _merge_one(o, lse, out, bx // H, bx % H, tx, s, stat)
+        else:
+            for bx in T.parallel(n * H):
+                for tx in T.serial(D):
+                    with T.sblock("merge"):
+                        T.reads()
+                        T.writes()
+                        stat = T.sblock_alloc_buffer((3,), "float32")
+                        _merge_one(o, lse, out, bx // H, bx % H, tx, s, stat)
+
+    return attention_merge
+
+
+@T.macro
+def _merge_one(o, lse, out, i, h, dd, s, stat):
+    stat[0] = T.float32(NEG_INF)
+    for c in T.serial(s):
+        stat[0] = T.max(stat[0], lse[i, c, h])
+    stat[1] = T.float32(0)
+    stat[2] = T.float32(0)
+    for c in T.serial(s):
+        stat[1] = stat[1] + T.exp2(lse[i, c, h] - stat[0])
+        stat[2] = stat[2] + T.exp2(lse[i, c, h] - stat[0]) * o[i, c, h, dd]
+    out[i, h, dd] = T.Cast(out.dtype, stat[2] / stat[1])

@@ -1,0 +1,40 @@
+"""Conventions shared by every kernel in ``tsedge.tir_kernels``.
+
+Layouts (batch size 1, one sequence):
+- KV cache: ``kv[num_layers, 2, n_kv_heads, capacity, head_dim]`` in the model dtype; ``kv[l, 0]``
+  holds keys **without** RoPE, ``kv[l, 1]`` values. Kernels take the layer index as an int64
+  scalar parameter, so one PrimFunc serves every layer.
+- RoPE table: ``rope[positions, head_dim]`` float32, ``rope[p, i] = cos(p * inv_freq[i])`` and
+  ``rope[p, half + i] = sin(p * inv_freq[i])`` for ``i < half = head_dim // 2`` (rotate-half
+  convention of Hugging Face Llama): ``y[i] = x[i] cos - x[i + half] sin``,
+  ``y[i + half] = x[i + half] cos + x[i] sin``.
+- Queries: ``q[n, n_heads, head_dim]`` before RoPE. Query head ``h`` reads KV head ``h // group``.
+
+Every factory is ``make_<kernel>(<static shapes>, dtype, target) -> PrimFunc`` and returns a
+PrimFunc already scheduled for ``target`` (marked ``tirx.is_scheduled``) with int64 buffer dims
+and ``op_pattern`` 8 (opaque) so Relax fusion leaves it alone.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.target import Target
+
+GPU_KINDS = ("cuda", "rocm", "metal", "vulkan", "webgpu", "opencl")
+
+
+def is_gpu(target: Target) -> bool:
+    """True for targets whose kernels bind loops to GPU threads."""
+    return target.kind.name in GPU_KINDS
+
+
+def max_threads_per_block(target: Target) -> int:
+    """The target's thread limit per block (1 on CPUs)."""
+    if not is_gpu(target):
+        return 1
+    return int(target.attrs.get("max_num_threads", 256))
+
+
+def i64(value: int) -> tirx.IntImm:
+    """A static int64 dimension (Relax FuseTIR needs int64 buffer dims)."""
+    return tirx.IntImm("int64", value)

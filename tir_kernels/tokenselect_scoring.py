@@ -1,0 +1,299 @@
+"""TokenSelect query fingerprint, per-head scoring and soft voting (DESIGN.md, steps 3).
+
+What the reference (public pzs19/TokenSelect, ``patcher/token_retrieval.py``) computes, and what
+these kernels match:
+- no ``1/sqrt(d)`` scaling: ``scores = q̄ · k`` (its Triton ``paged_matmul_kernel``), then
+  ``torch.softmax(scores, -1).sum(0)``; it stores the scores in bfloat16, we keep float32;
+- pooling ``F.max_pool1d(crit, kernel_size=p, padding=(p - 1) // 2, stride=1)`` (implicit -inf
+  padding) when ``p > 0``; for even ``p`` that output is one element shorter (``C - 1``): the last
+  candidate can never be chosen. Here ``crit`` keeps length ``C`` and that last entry is ``-inf``
+  (so top-k takes it only when ``k == C``, where the reference would fail);
+- keys in the cache are stored without RoPE; the fingerprint is rotated, the keys are not;
+- it maps query head ``h`` to KV head ``h % n_kv``; we use the correct GQA map ``h // group``;
+- it rotates query ``i`` of the step at position ``n_local + i`` and then averages; DESIGN.md asks
+  for the mean rotated at ``n_local`` (identical for decode, ``n = 1``), which we follow.
+
+Pipeline per layer and step: ``make_fingerprint`` → selection-cache check (selection_cache.py) →
+``make_scoring`` (skipped on the device on a cache hit) → top-k (topk.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from tvm import tirx
+from tvm.script import tirx as T
+from tvm.target import Target
+
+from .common import i64, is_gpu
+
+SCORE_BLOCKS = 256  # token chunks of the scoring pass; partials[H, SCORE_BLOCKS + 1, 2]
+_THREADS = 256
+_NEG = -1.0e30  # finite "minus infinity" for online-softmax states (exp of differences stays 0)
+
+
+def thread_allreduce(combine: Callable[[Any, Any], Any], identity: Any) -> Any:
+    """A TIR macro ``(value, out, *threads)``: ``out[0]`` = reduction of ``value[0]`` over the
+    given thread axes (warp shuffles / shared memory), visible to every thread of the group."""
+
+    @T.macro
+    def reduce(value, out, thread):
+        with T.sblock("allreduce"):
+            T.reads(value[0])
+            T.writes(out[0])
+            T.attr(T.comm_reducer(combine, [identity]), "reduce_scope",
+                   T.reinterpret("handle", T.uint64(0)))
+            T.tvm_thread_allreduce(T.uint32(1), value[0], True, out[0], thread, dtype="void")
+
+    return reduce
+
+
+allreduce_sum_f32 = thread_allreduce(lambda a, b: a + b, T.float32(0))
+allreduce_max_f32 = thread_allreduce(lambda a, b: T.max(a, b), T.float32(_NEG))
+allreduce_sum_i32 = thread_allreduce(lambda a, b: a + b, T.int32(0))
+
+
+def make_fingerprint(n_heads: int, head_dim: int, n_local: int, dtype: str,
+                     target: Target) -> tirx.PrimFunc:
+    """Query fingerprint ``qbar[h] = rope(mean_i q[i, h], position n_local)``.
+
+    Args (in order): q[n, H, d] ``dtype`` (before RoPE), rope[P, d] float32 (P > n_local).
+    Output: qbar[H, d] float32.
+    """
+    gpu = is_gpu(target)
+    H, d, half = i64(n_heads), i64(head_dim), head_dim // 2
+
+    @T.macro
+    def rotated_mean(q, rope, h, i, n, out):
+        # partner element of the rotate-half pair and its sign
+        j: T.let[T.int64] = T.if_then_else(i < half, i + half, i - half)
+        sign: T.let[T.float32] = T.if_then_else(i < half, T.float32(-1), T.float32(1))
+        with T.sblock("mean"):
+            acc = T.sblock_alloc_buffer((2,), "float32", scope="local")
+            acc[0] = T.float32(0)
+            acc[1] = T.float32(0)
+            for r in range(n):
+                acc[0] += T.Cast("float32", q[r, h, i])
+                acc[1] += T.Cast("float32", q[r, h, j])
+            out[h, i] = (acc[0] * rope[n_local, i % half]
+                         + sign * acc[1] * rope[n_local, half + i % half]) / T.Cast("float32", n)
+
+    @T.prim_func(s_tir=True)
+    def fingerprint(q_h: T.handle, rope_h: T.handle, qbar_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        n, P = T.int64(), T.int64()
+        q = T.match_buffer(q_h, (n, H, d), dtype)
+        rope = T.match_buffer(rope_h, (P, d), "float32")
+        qbar = T.match_buffer(qbar_h, (H, d), "float32")
+        if gpu:
+            for h in T.thread_binding(H, thread="blockIdx.x"):
+                for i in T.thread_binding(d, thread="threadIdx.x"):
+                    rotated_mean(q, rope, h, i, n, qbar)
+        else:
+            for h in T.parallel(H):
+                for i in T.serial(d):
+                    rotated_mean(q, rope, h, i, n, qbar)
+
+    return fingerprint
+
+
+def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, n_init: int,
+                 n_local: int, pool_kernel: int, dtype: str, target: Target) -> tirx.PrimFunc:
+    """Per-head scores, soft voting and optional max-pool → criticality of every candidate.
+
+    Args (in order): qbar[H, d] float32, kv[num_layers, 2, n_kv, capacity, d] ``dtype``,
+    state[num_layers, 4] int32 (selection cache; nothing is computed when ``state[layer, 0]`` is 1,
+    a hit), layer (int64), L (int64, context length after this step's KV append).
+    Outputs (fresh): crit[C] float32 with C = L - n_init - n_local >= 1, candidates
+    ``t`` ↔ positions ``n_init + t``; workspaces scores[H, C] float32 and
+    partials[H, SCORE_BLOCKS + 1, 2] float32 (per-chunk softmax max/sum, then the merged max and
+    1/sum in slot SCORE_BLOCKS).
+
+    ``crit[t] = maxpool_p(sum_h softmax_t(qbar[h] · k[layer, h // group, n_init + t]))``.
+    Three passes: (1) SCORE_BLOCKS chunks of tokens: scores and per-chunk online max/sum per head
+    (K is read once); (2) merge the chunk partials per head; (3) tiles of tokens: normalise, sum
+    over heads and max-pool from a shared-memory tile with a halo of ``p - 1``.
+    """
+    assert n_heads % n_kv_heads == 0 and head_dim in (64, 128)
+    gpu = is_gpu(target)
+    group = n_heads // n_kv_heads
+    NB, H, d = i64(SCORE_BLOCKS), i64(n_heads), i64(head_dim)
+    offset = n_init + n_local
+    p = max(pool_kernel, 1)
+    pad = (p - 1) // 2
+    tile = i64(_THREADS)
+    width = tile + p - 1  # pooled tile plus its halo
+    # CUDA geometry of pass 1: `lanes` threads split one key row into 16-byte vectors.
+    vec = 16 // (2 if dtype in ("float16", "bfloat16") else 4)
+    lanes = head_dim // vec
+    rows = i64(_THREADS // lanes)
+    assert group <= lanes
+
+    @T.macro
+    def online_update(m, z, j, s):
+        if s > m[j]:
+            z[j] = z[j] * T.exp(m[j] - s) + T.float32(1)
+            m[j] = s
+        else:
+            z[j] = z[j] + T.exp(s - m[j])
+
+    @T.macro
+    def merge_partial(m, z, j, m2, z2):
+        m_new: T.let[T.float32] = T.max(m[j], m2)
+        z[j] = z[j] * T.exp(m[j] - m_new) + z2 * T.exp(m2 - m_new)
+        m[j] = m_new
+
+    @T.macro
+    def vote(scores, partials, t, C, out):
+        # out[0] = sum_h softmax_h(t), or -inf outside [0, C)
+        out[0] = T.float32("-inf")
+        if 0 <= t and t < C:
+            out[0] = T.float32(0)
+            for h in range(H):
+                out[0] += T.exp(scores[h, t] - partials[h, NB, 0]) * partials[h, NB, 1]
+
+    @T.macro
+    def pool_store(raw, crit, t, w0, C):
+        # crit[t] = max(raw[w0 : w0 + p]); -inf where the reference's pooled output ends
+        if t < C:
+            with T.sblock("pool"):
+                best = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                best[0] = raw[w0]
+                for j in range(1, p):
+                    best[0] = T.max(best[0], raw[w0 + j])
+                crit[t] = T.if_then_else(t < C + 2 * pad - p + 1, best[0], T.float32("-inf"))
+
+    @T.prim_func(s_tir=True)
+    def scoring(qbar_h: T.handle, kv_h: T.handle, state_h: T.handle, layer: T.int64, L: T.int64,
+                crit_h: T.handle, scores_h: T.handle, partials_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        cap = T.int64()
+        qbar = T.match_buffer(qbar_h, (H, d), "float32")
+        kv = T.match_buffer(kv_h, (i64(num_layers), 2, i64(n_kv_heads), cap, d), dtype)
+        state = T.match_buffer(state_h, (i64(num_layers), 4), "int32")
+        crit = T.match_buffer(crit_h, (L - offset,), "float32")
+        scores = T.match_buffer(scores_h, (H, L - offset), "float32")
+        partials = T.match_buffer(partials_h, (H, NB + 1, 2), "float32")
+        C: T.let[T.int64] = L - offset
+        chunk: T.let[T.int64] = T.ceildiv(C, NB)
+        if gpu:
+            # pass 1: block b scores tokens [b*chunk, (b+1)*chunk); lanes over d, rows over tokens
+            for b in T.thread_binding(NB, thread="blockIdx.x"):
+                for ty in T.thread_binding(rows, thread="threadIdx.y"):
+                    for tx in T.thread_binding(i64(lanes), thread="threadIdx.x"):
+                        with T.sblock("score"):
+                            qv = T.sblock_alloc_buffer((group, vec), "float32", scope="local")
+                            kl = T.sblock_alloc_buffer((vec,), dtype, scope="local")
+                            part = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            s = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            m = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                            z = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                            red = T.sblock_alloc_buffer((rows, group, 2), "float32", scope="shared")
+                            if state[layer, 0] == 0:
+                                for g in range(n_kv_heads):
+                                    for j in range(group):
+                                        m[j] = T.float32(_NEG)
+                                        z[j] = T.float32(0)
+                                        for v in T.vectorized(vec):
+                                            qv[j, v] = qbar[g * group + j, tx * vec + v]
+                                    for it in range(T.ceildiv(chunk, rows)):
+                                        t: T.let[T.int64] = b * chunk + it * rows + ty
+                                        valid: T.let[T.bool] = it * rows + ty < chunk and t < C
+                                        tk: T.let[T.int64] = T.if_then_else(valid, t, T.int64(0))
+                                        for v in T.vectorized(vec):
+                                            kl[v] = kv[layer, 0, g, n_init + tk, tx * vec + v]
+                                        for j in range(group):
+                                            part[0] = T.float32(0)
+                                            for v in T.unroll(vec):
+                                                part[0] += qv[j, v] * T.Cast("float32", kl[v])
+                                            allreduce_sum_f32(part, s, tx)
+                                            if valid:
+                                                online_update(m, z, j, s[0])
+                                                if tx == 0:
+                                                    scores[g * group + j, t] = s[0]
+                                    if tx == 0:
+                                        for j in range(group):
+                                            red[ty, j, 0] = m[j]
+                                            red[ty, j, 1] = z[j]
+                                    T.tvm_storage_sync("shared")
+                                    if ty == 0 and tx < group:
+                                        for r in range(1, rows):
+                                            merge_partial(m, z, tx, red[r, tx, 0], red[r, tx, 1])
+                                        partials[g * group + tx, b, 0] = m[tx]
+                                        partials[g * group + tx, b, 1] = z[tx]
+                                    T.tvm_storage_sync("shared")
+            # pass 2: one block per head merges the chunk partials
+            for h in T.thread_binding(H, thread="blockIdx.x"):
+                for tx in T.thread_binding(NB, thread="threadIdx.x"):
+                    with T.sblock("merge"):
+                        val = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        mx = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        total = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        if state[layer, 0] == 0:
+                            val[0] = partials[h, tx, 0]
+                            allreduce_max_f32(val, mx, tx)
+                            val[0] = partials[h, tx, 1] * T.exp(partials[h, tx, 0] - mx[0])
+                            allreduce_sum_f32(val, total, tx)
+                            if tx == 0:
+                                partials[h, NB, 0] = mx[0]
+                                partials[h, NB, 1] = T.float32(1) / total[0]
+            # pass 3: one block per tile of tokens; the tile and its halo are voted into smem
+            for b in T.thread_binding(T.ceildiv(C, tile), thread="blockIdx.x"):
+                for tx in T.thread_binding(tile, thread="threadIdx.x"):
+                    with T.sblock("vote"):
+                        raw = T.sblock_alloc_buffer((width,), "float32", scope="shared")
+                        acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        if state[layer, 0] == 0:
+                            for it in range(T.ceildiv(width, tile)):
+                                w: T.let[T.int64] = it * tile + tx
+                                if w < width:
+                                    vote(scores, partials, b * tile + w - pad, C, acc)
+                                    raw[w] = acc[0]
+                            T.tvm_storage_sync("shared")
+                            pool_store(raw, crit, b * tile + tx, tx, C)
+        else:
+            for b in T.parallel(NB):
+                with T.sblock("score"):
+                    qv = T.sblock_alloc_buffer((vec,), "float32", scope="local")
+                    m = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    z = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    if state[layer, 0] == 0:
+                        for h in range(H):
+                            m[0] = T.float32(_NEG)
+                            z[0] = T.float32(0)
+                            for t in range(b * chunk, T.min((b + 1) * chunk, C)):
+                                for v in T.vectorized(vec):
+                                    qv[v] = T.float32(0)
+                                for c in range(d // vec):
+                                    for v in T.vectorized(vec):
+                                        qv[v] += qbar[h, c * vec + v] * T.Cast(
+                                            "float32", kv[layer, 0, h // group, n_init + t, c * vec + v])
+                                scores[h, t] = T.float32(0)
+                                for v in range(vec):
+                                    scores[h, t] += qv[v]
+                                online_update(m, z, 0, scores[h, t])
+                            partials[h, b, 0] = m[0]
+                            partials[h, b, 1] = z[0]
+            for h in T.serial(H):
+                with T.sblock("merge"):
+                    m = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    z = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    if state[layer, 0] == 0:
+                        m[0] = T.float32(_NEG)
+                        z[0] = T.float32(0)
+                        for b in range(NB):
+                            merge_partial(m, z, 0, partials[h, b, 0], partials[h, b, 1])
+                        partials[h, NB, 0] = m[0]
+                        partials[h, NB, 1] = T.float32(1) / z[0]
+            for b in T.parallel(T.ceildiv(C, tile)):
+                with T.sblock("vote"):
+                    raw = T.sblock_alloc_buffer((width,), "float32")
+                    acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    if state[layer, 0] == 0:
+                        for w in range(width):
+                            vote(scores, partials, b * tile + w - pad, C, acc)
+                            raw[w] = acc[0]
+                        for i in range(tile):
+                            pool_store(raw, crit, b * tile + i, i, C)
+
+    return scoring

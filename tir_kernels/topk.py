@@ -1,0 +1,212 @@
+"""Top-k of the criticalities, sorted by position, written into the selection cache in place.
+
+Selection, not sorting: floats map to order-preserving unsigned 32-bit keys; a radix select
+(4 passes of 8 bits, histogram per pass) finds the k-th largest key ``tau`` and how many ties
+``== tau`` to take; an order-preserving compaction then writes every key ``> tau`` and the first
+ties by position. Ties are thus broken by lower position first, and the output is sorted by
+position with no sort at all.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+from tvm.target import Target
+
+from .common import i64, is_gpu
+from .tokenselect_scoring import allreduce_sum_i32
+
+TOPK_BLOCKS = 256  # CUDA blocks per pass, each over one contiguous chunk of candidates
+_THREADS = 256
+_BINS = 256
+# int32 workspace: hist[4, 256] | digits of tau [4] | ties still to take before digit p [5]
+# | per-block (count > tau, count == tau) [TOPK_BLOCKS, 2]
+_DIGITS = 4 * _BINS
+_KREM = _DIGITS + 4
+_COUNTS = _KREM + 5
+WORKSPACE_SIZE = _COUNTS + 2 * TOPK_BLOCKS
+
+
+def order_key(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """float32 → int64 in [0, 2^32) with the same order (sign-flip trick)."""
+    u = T.reinterpret("uint32", x)
+    flipped = T.if_then_else(u >> T.uint32(31) == T.uint32(1), u ^ T.uint32(0xFFFFFFFF),
+                             u | T.uint32(0x80000000))
+    return T.Cast("int64", flipped)
+
+
+def make_topk(num_layers: int, top_k: int, n_init: int, target: Target) -> tirx.PrimFunc:
+    """``cache_idx[layer] = sorted(n_init + top-k positions of crit)`` unless the cache hit.
+
+    Args (in order): crit[C] float32 (C >= top_k), state[num_layers, 4] int32 (nothing happens
+    when ``state[layer, 0]`` is 1), cache_idx[num_layers, top_k] int32 (updated in place),
+    layer (int64). Output (fresh): workspace[WORKSPACE_SIZE] int32.
+    Relax: ``call_tir_inplace`` with inplace_indices ``[2, -1]`` (cache_idx, workspace).
+    """
+    gpu = is_gpu(target)
+    k, NB, threads, bins = top_k, i64(TOPK_BLOCKS), i64(_THREADS), i64(_BINS)
+
+    @T.macro
+    def block_scan(buf, tmp, tx):
+        # inclusive prefix sum of buf[0:256] in shared memory (Hillis-Steele)
+        T.tvm_storage_sync("shared")
+        for s in T.unroll(T.int64(8)):
+            tmp[0] = T.if_then_else(tx >= (T.int64(1) << s), buf[tx - (T.int64(1) << s)], 0)
+            T.tvm_storage_sync("shared")
+            buf[tx] = buf[tx] + tmp[0]
+            T.tvm_storage_sync("shared")
+
+    @T.macro
+    def resolve_digit(ws, p, buf, tmp, res, tx, b):
+        # digit p of tau: the bin where the running count from the top reaches krem
+        krem_in: T.let[T.int32] = ws[_KREM + p]
+        buf[tx] = ws[p * _BINS + _BINS - 1 - tx]
+        block_scan(buf, tmp, tx)
+        above: T.let[T.int32] = buf[tx] - ws[p * _BINS + _BINS - 1 - tx]
+        if above < krem_in and krem_in <= buf[tx]:
+            res[0] = T.Cast("int32", _BINS - 1 - tx)
+            if b == 0:
+                ws[_DIGITS + p] = res[0]
+                ws[_KREM + p + 1] = krem_in - above
+        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def key_prefix(ws, n_digits, out):
+        # the key bits of digits 0..n_digits-1 of tau
+        out[0] = T.int64(0)
+        for q in range(n_digits):
+            out[0] = out[0] | (T.Cast("int64", ws[_DIGITS + q]) << T.int64(24 - 8 * q))
+
+    @T.macro
+    def radix_pass(crit, state, ws, layer, C, chunk, p):
+        # p < 4: histogram of digit p over the keys matching digits 0..p-1 of tau;
+        # p == 4: per-block counts of keys > tau and == tau
+        for b in T.thread_binding(NB, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                with T.sblock("radix"):
+                    buf = T.sblock_alloc_buffer((bins,), "int32", scope="shared")
+                    res = T.sblock_alloc_buffer((1,), "int32", scope="shared")
+                    tmp = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    prefix = T.sblock_alloc_buffer((1,), "int64", scope="local")
+                    n_gt = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    n_eq = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    total = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    if state[layer, 0] == 0:
+                        key_prefix(ws, max(p - 1, 0), prefix)
+                        if p > 0:
+                            resolve_digit(ws, p - 1, buf, tmp, res, tx, b)
+                            prefix[0] = prefix[0] | (T.Cast("int64", res[0]) << T.int64(32 - 8 * p))
+                        n_gt[0] = 0
+                        n_eq[0] = 0
+                        buf[tx] = 0
+                        T.tvm_storage_sync("shared")
+                        for it in range(T.ceildiv(chunk, threads)):
+                            t: T.let[T.int64] = b * chunk + it * threads + tx
+                            if it * threads + tx < chunk and t < C:
+                                key: T.let[T.int64] = order_key(crit[t])
+                                if p < 4:
+                                    if key >> T.int64(32 - 8 * p) == prefix[0] >> T.int64(32 - 8 * p):
+                                        T.cuda.atomic_add(T.address_of(buf[(key >> T.int64(24 - 8 * p)) & T.int64(255)]), 1)
+                                else:
+                                    n_gt[0] = n_gt[0] + T.Cast("int32", key > prefix[0])
+                                    n_eq[0] = n_eq[0] + T.Cast("int32", key == prefix[0])
+                        T.tvm_storage_sync("shared")
+                        if p < 4:
+                            if buf[tx] > 0:
+                                T.cuda.atomic_add(T.address_of(ws[p * _BINS + tx]), buf[tx])
+                        else:
+                            allreduce_sum_i32(n_gt, total, tx)
+                            if tx == 0:
+                                ws[_COUNTS + 2 * b] = total[0]
+                            allreduce_sum_i32(n_eq, total, tx)
+                            if tx == 0:
+                                ws[_COUNTS + 2 * b + 1] = total[0]
+
+    @T.prim_func(s_tir=True)
+    def topk(crit_h: T.handle, state_h: T.handle, cache_idx_h: T.handle, layer: T.int64,
+             ws_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        C = T.int64()
+        crit = T.match_buffer(crit_h, (C,), "float32")
+        state = T.match_buffer(state_h, (i64(num_layers), 4), "int32")
+        cache_idx = T.match_buffer(cache_idx_h, (i64(num_layers), i64(k)), "int32")
+        ws = T.match_buffer(ws_h, (i64(WORKSPACE_SIZE),), "int32")
+        if gpu:
+            chunk: T.let[T.int64] = T.ceildiv(C, NB)
+            for tx in T.thread_binding(i64(_DIGITS), thread="threadIdx.x"):
+                with T.sblock("zero"):
+                    if state[layer, 0] == 0:
+                        ws[tx] = 0
+                        if tx == 0:
+                            ws[_KREM] = k
+            radix_pass(crit, state, ws, layer, C, chunk, 0)
+            radix_pass(crit, state, ws, layer, C, chunk, 1)
+            radix_pass(crit, state, ws, layer, C, chunk, 2)
+            radix_pass(crit, state, ws, layer, C, chunk, 3)
+            radix_pass(crit, state, ws, layer, C, chunk, 4)
+            # compaction: output slot = (#gt before) + min(#ties before, krem)
+            for b in T.thread_binding(NB, thread="blockIdx.x"):
+                for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                    with T.sblock("compact"):
+                        buf = T.sblock_alloc_buffer((bins,), "int32", scope="shared")
+                        tmp = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                        tau = T.sblock_alloc_buffer((1,), "int64", scope="local")
+                        val = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                        base = T.sblock_alloc_buffer((2,), "int32", scope="local")
+                        if state[layer, 0] == 0:
+                            key_prefix(ws, 4, tau)
+                            krem: T.let[T.int32] = ws[_KREM + 4]
+                            val[0] = T.if_then_else(tx < b, ws[_COUNTS + 2 * tx], 0)
+                            allreduce_sum_i32(val, base.access_ptr("w", offset=0), tx)
+                            val[0] = T.if_then_else(tx < b, ws[_COUNTS + 2 * tx + 1], 0)
+                            allreduce_sum_i32(val, base.access_ptr("w", offset=1), tx)
+                            for it in range(T.ceildiv(chunk, threads)):
+                                t: T.let[T.int64] = b * chunk + it * threads + tx
+                                inside: T.let[T.bool] = it * threads + tx < chunk and t < C
+                                key: T.let[T.int64] = T.if_then_else(inside, order_key(crit[T.min(t, C - 1)]), T.int64(-1))
+                                flag: T.let[T.int32] = T.if_then_else(key > tau[0], 65536, 0) + T.if_then_else(key == tau[0], 1, 0)
+                                buf[tx] = flag
+                                block_scan(buf, tmp, tx)
+                                gt_before: T.let[T.int32] = base[0] + ((buf[tx] - flag) >> 16)
+                                eq_before: T.let[T.int32] = base[1] + ((buf[tx] - flag) & 65535)
+                                if key > tau[0]:
+                                    cache_idx[layer, gt_before + T.min(eq_before, krem)] = T.Cast("int32", n_init + t)
+                                if key == tau[0] and eq_before < krem:
+                                    cache_idx[layer, gt_before + eq_before] = T.Cast("int32", n_init + t)
+                                base[0] = base[0] + (buf[threads - 1] >> 16)
+                                base[1] = base[1] + (buf[threads - 1] & 65535)
+        else:
+            with T.sblock("topk"):
+                prefix = T.sblock_alloc_buffer((1,), "int64")
+                krem = T.sblock_alloc_buffer((1,), "int32")
+                found = T.sblock_alloc_buffer((1,), "int32")
+                taken = T.sblock_alloc_buffer((2,), "int32")  # outputs written, ties taken
+                if state[layer, 0] == 0:
+                    prefix[0] = T.int64(0)
+                    krem[0] = k
+                    for p in range(4):
+                        for i in range(bins):
+                            ws[i] = 0
+                        for t in range(C):
+                            key: T.let[T.int64] = order_key(crit[t])
+                            if key >> T.int64(32 - 8 * p) == prefix[0] >> T.int64(32 - 8 * p):
+                                ws[(key >> T.int64(24 - 8 * p)) & T.int64(255)] += 1
+                        found[0] = 0
+                        for i in range(bins):
+                            if found[0] == 0:
+                                if krem[0] <= ws[_BINS - 1 - i]:
+                                    found[0] = 1
+                                    prefix[0] = prefix[0] | ((_BINS - 1 - i) << T.int64(24 - 8 * p))
+                                else:
+                                    krem[0] = krem[0] - ws[_BINS - 1 - i]
+                    taken[0] = 0
+                    taken[1] = 0
+                    for t in range(C):
+                        key: T.let[T.int64] = order_key(crit[t])
+                        if key > prefix[0] or (key == prefix[0] and taken[1] < krem[0]):
+                            cache_idx[layer, taken[0]] = T.Cast("int32", n_init + t)
+                            taken[0] = taken[0] + 1
+                        if key == prefix[0]:
+                            taken[1] = taken[1] + 1
+
+    return topk

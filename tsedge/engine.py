@@ -1,0 +1,177 @@
+"""The runtime: a thin sequencer over a compiled model library (needs only the TVM runtime).
+
+``Engine(lib, weights, device)`` loads the library and its weights, allocates the KV cache, runs
+chunked prefill and the decode loop. Any language with a TVM runtime can do the same: call
+``rope_table`` once, then ``prefill(ids, kv, rope, past, params)`` per chunk and
+``decode(id, kv, rope, past, params)`` per token (see DESIGN.md, runtime contract).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm.runtime.vm import VirtualMachine
+
+from tsedge.kv_cache import ContextOverflowError, KVCache
+from tsedge.models.library import LibraryMeta
+from tsedge.sampling import Sampler, SamplingParams
+from tsedge.weights import ModelSource, WeightsError, load_source
+
+__all__ = ["ContextOverflowError", "Engine", "GenerationResult", "LibraryError"]
+
+
+class LibraryError(ValueError):
+    """A model library is missing, unreadable, or does not fit this host or these weights."""
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[int]
+    prompt_tokens: int
+    reused_tokens: int
+    ttft_s: float
+    decode_s: float
+    stopped: str  # "stop_token" | "length" | "cancelled"
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        steps = max(len(self.tokens) - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def _device(target: str) -> tvm.runtime.Device:
+    if target.startswith("cuda"):
+        dev = tvm.cuda(0)
+        if not dev.exist:
+            raise LibraryError(f"library is built for {target} but no CUDA GPU is visible; "
+                               "compile with --target llvm for this machine")
+        return dev
+    return tvm.cpu(0)
+
+
+def load_library(lib: str | Path) -> tuple[LibraryMeta, tvm.runtime.Module]:
+    """Read ``lib`` (.so) and its metadata (.json next to it)."""
+    lib = Path(lib)
+    meta_path = lib.with_suffix(".json")
+    if not lib.exists() or not meta_path.exists():
+        raise LibraryError(f"{lib}: library or its metadata {meta_path.name} not found; build one "
+                           "with `tsedge compile`")
+    meta = LibraryMeta.load(meta_path)
+    if meta.target.startswith("cuda"):
+        _load_cuda_runtime()
+    return meta, tvm.runtime.load_module(str(lib))
+
+
+def _load_cuda_runtime() -> None:
+    """The CUDA runtime module is not loaded by a runtime-only TVM install; load it."""
+    import ctypes
+
+    path = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+    if path.exists():
+        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+
+
+class Engine:
+    """Runs one sequence on a compiled library with its KV cache."""
+
+    def __init__(self, lib: str | Path, weights: str | Path | ModelSource,
+                 max_context: int | None = None, prefill_chunk: int = 512) -> None:
+        self.meta, module = load_library(lib)
+        self.device = _device(self.meta.target)
+        self.vm = VirtualMachine(module, self.device)
+        source = weights if isinstance(weights, ModelSource) else load_source(str(weights))
+        if source.config.to_dict() | {"name": ""} != self.meta.model.to_dict() | {"name": ""}:
+            raise LibraryError(
+                f"weights {source.path} ({source.config.name}) do not match library {lib} "
+                f"(compiled for {self.meta.model.name}): compile a library for these weights")
+        self.tokenizer = source.tokenizer
+        self.params = self._load_params(source)
+        self.prefill_chunk = prefill_chunk
+        capacity = max_context or self.meta.max_context
+        if capacity > self.meta.max_context:
+            raise ContextOverflowError(f"max_context {capacity} exceeds the library's "
+                                       f"{self.meta.max_context}; recompile with --max-context")
+        self.cache = KVCache(self.meta, capacity, self.device)
+        self.rope = self.vm["rope_table"](tvm.runtime.ShapeTuple([capacity]), self.params)
+
+    def _load_params(self, source: ModelSource) -> list[tvm.runtime.Tensor]:
+        by_source: dict[str, list[int]] = {}
+        for i, spec in enumerate(self.meta.params):
+            by_source.setdefault(spec.source, []).append(i)
+        params: list[tvm.runtime.Tensor | None] = [None] * len(self.meta.params)
+        for name, array in source.tensors():
+            for i in by_source.get(name, []):
+                spec = self.meta.params[i]
+                value = array.T if spec.transposed else array
+                if list(value.shape) != spec.shape:
+                    raise WeightsError(f"tensor {name}: shape {list(array.shape)} does not fit "
+                                       f"library parameter {spec.name} {spec.shape}")
+                params[i] = tvm.runtime.tensor(np.ascontiguousarray(value, dtype=self.meta.dtype), self.device)
+        missing = [self.meta.params[i].source for i, p in enumerate(params) if p is None]
+        if missing:
+            raise WeightsError(f"weights {source.path} lack tensor {missing[0]} "
+                               f"({len(missing)} missing in all)")
+        return params
+
+    # ---- the two library calls -----------------------------------------------------------------
+    def _run(self, func: str, ids: list[int]) -> tvm.runtime.Tensor:
+        past = len(self.cache)
+        ids_t = tvm.runtime.tensor(np.asarray(ids, dtype="int32"), self.device)
+        logits, self.cache.tensor = self.vm[func](ids_t, self.cache.tensor, self.rope,
+                                                  tvm.runtime.ShapeTuple([past]), self.params)
+        self.cache.tokens.extend(ids)
+        return logits
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        """Append ``ids`` to the cache in chunks; float32 logits of the last one."""
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        self.cache.check_room(len(ids))
+        for start in range(0, len(ids), self.prefill_chunk):
+            logits = self._run("prefill", ids[start:start + self.prefill_chunk])
+        return logits.numpy()[0]
+
+    def decode(self, token: int) -> np.ndarray:
+        self.cache.check_room(1)
+        return self._run("decode", [token]).numpy()[0]
+
+    def reset(self) -> None:
+        self.cache.truncate(0)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def generate(self, prompt: list[int], max_new_tokens: int = 256,
+                 sampling: SamplingParams = SamplingParams(), stop_ids: list[int] | None = None,
+                 on_token: Callable[[int], bool | None] | None = None) -> GenerationResult:
+        """Continue the cached sequence with ``prompt``; reuse the longest cached prefix.
+
+        ``on_token`` gets each new token; returning False stops. Raises ContextOverflowError
+        before any work when the prompt plus ``max_new_tokens`` exceed the cache.
+        """
+        reused = min(self.cache.common_prefix(prompt), len(prompt) - 1)
+        self.cache.truncate(reused)
+        self.cache.check_room(len(prompt) - reused + max_new_tokens)
+        stop = set(self.tokenizer.eos_token_ids if stop_ids is None else stop_ids)
+        sampler = Sampler(sampling)
+        start = time.perf_counter()
+        token = sampler(self.prefill(prompt[reused:]))
+        ttft = time.perf_counter() - start
+        tokens, stopped = [token], "length"
+        decode_start = time.perf_counter()
+        while True:
+            if token in stop:
+                stopped = "stop_token"
+                break
+            if on_token is not None and on_token(token) is False:
+                stopped = "cancelled"
+                break
+            if len(tokens) >= max_new_tokens:
+                break
+            token = sampler(self.decode(token))
+            tokens.append(token)
+        return GenerationResult(tokens, len(prompt), reused, ttft,
+                                time.perf_counter() - decode_start, stopped)

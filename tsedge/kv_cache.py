@@ -1,0 +1,49 @@
+"""KV cache state owned by the runtime: device tensors plus the tokens they hold."""
+
+from __future__ import annotations
+
+import tvm
+
+from tsedge.models.library import LibraryMeta
+
+
+class ContextOverflowError(ValueError):
+    """The prompt plus generation does not fit the KV cache."""
+
+
+class KVCache:
+    """``kv[num_layers, 2, n_kv, capacity, head_dim]`` on the device and the token ids in it.
+
+    Tokens are appended by prefill/decode; ``truncate`` keeps a prefix (later rows are simply
+    overwritten), which is how chat turns reuse the cache.
+    """
+
+    def __init__(self, meta: LibraryMeta, capacity: int, device: tvm.runtime.Device) -> None:
+        cfg = meta.model
+        self.capacity = capacity
+        shape = (cfg.num_layers, 2, cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.tensor = tvm.runtime.empty(shape, meta.dtype, device)
+        self.tokens: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def check_room(self, new_tokens: int) -> None:
+        if len(self.tokens) + new_tokens > self.capacity:
+            raise ContextOverflowError(
+                f"context of {len(self.tokens) + new_tokens} tokens ({len(self.tokens)} cached + "
+                f"{new_tokens} new) exceeds the KV cache of {self.capacity} tokens; shorten the "
+                "prompt, lower --max-new-tokens, or use a library compiled with a larger "
+                "--max-context")
+
+    def common_prefix(self, tokens: list[int]) -> int:
+        """Length of the cached prefix shared with ``tokens``."""
+        n = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def truncate(self, length: int) -> None:
+        del self.tokens[length:]
