@@ -1,7 +1,7 @@
 """Relax pipeline for ``llvm`` targets: fusion plus vectorised, multi-threaded CPU schedules.
 
 TVM's default CPU build neither fuses nor schedules. Here the fused PrimFuncs get:
-- matmul/GEMV (weights stored [in, out]): register tiles of 4 rows x 32 columns, the column tile
+- matmul/GEMV (weights stored [in, out]): register tiles of 6 rows x 64 columns, the column tile
   vectorised, tiles spread over cores, reduction kept in a local accumulator;
 - everything else (norms, element-wise, embedding): outer spatial loop parallel.
 Hand-written kernels (``tirx.is_scheduled``) are left alone.
@@ -16,8 +16,8 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.target import Target
 
-_ROWS = 4
-_COLS = 32
+_ROWS = 6
+_COLS = 64
 
 
 def _static(extent) -> int | None:
@@ -35,21 +35,23 @@ class CpuMatmul(dl.ScheduleRule):
         if infos is None:
             return None
         reductions = [b for b in infos if b.is_reduction()]
-        if len(reductions) != 1 or [it.kind for it in reductions[0].iters] != ["S", "S", "R"]:
+        if len(reductions) != 1 or [it.kind for it in reductions[0].iters] not in (["S", "S", "R"], ["S", "R"]):
             return None
         main = reductions[0]
         block = main.block_rv
         for info in infos[: infos.index(main)]:
             sch.compute_inline(info.block_rv)
         epilogues = [b.block_rv for b in infos[infos.index(main) + 1:]]
-        i, j, k = sch.get_loops(block)
-        jo, ji = sch.split(j, [None, _COLS])
-        rows_static = _static(main.iters[0].dom)
-        if rows_static == 1:
-            sch.reorder(jo, i, k, ji)
+        loops = sch.get_loops(block)
+        if len(loops) == 2:  # GEMV: one row
+            j, k = loops
+            jo, ji = sch.split(j, [None, _COLS])
+            sch.reorder(jo, k, ji)
             outer = jo
             inner = [ji]
         else:
+            i, j, k = loops
+            jo, ji = sch.split(j, [None, _COLS])
             io, ii = sch.split(i, [None, _ROWS])
             sch.reorder(io, jo, k, ii, ji)
             outer = sch.fuse(io, jo)

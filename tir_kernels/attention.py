@@ -262,28 +262,40 @@ def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target
                     with T.sblock("merge"):
                         T.reads()
                         T.writes()
-                        stat = T.sblock_alloc_buffer((3,), "float32", scope="local")
-                        _merge_one(o, lse, out, bx // H, bx % H, tx, s, stat)
+                        w = T.sblock_alloc_buffer((s,), "float32", scope="local")
+                        stat = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                        _merge_weights(lse, bx // H, bx % H, s, w, stat)
+                        _merge_dim(o, out, bx // H, bx % H, tx, s, w, stat)
         else:
             for bx in T.parallel(n * H):
-                for tx in T.serial(D):
-                    with T.sblock("merge"):
-                        T.reads()
-                        T.writes()
-                        stat = T.sblock_alloc_buffer((3,), "float32")
-                        _merge_one(o, lse, out, bx // H, bx % H, tx, s, stat)
+                with T.sblock("merge"):
+                    T.reads()
+                    T.writes()
+                    w = T.sblock_alloc_buffer((s,), "float32")
+                    stat = T.sblock_alloc_buffer((2,), "float32")
+                    _merge_weights(lse, bx // H, bx % H, s, w, stat)
+                    for tx in T.serial(D):
+                        _merge_dim(o, out, bx // H, bx % H, tx, s, w, stat)
 
     return attention_merge
 
 
 @T.macro
-def _merge_one(o, lse, out, i, h, dd, s, stat):
+def _merge_weights(lse, i, h, s, w, stat):
+    """``w[c] = 2^(lse_c - max)``, ``stat[1] = sum_c w[c]``."""
     stat[0] = T.float32(NEG_INF)
     for c in T.serial(s):
         stat[0] = T.max(stat[0], lse[i, c, h])
     stat[1] = T.float32(0)
-    stat[2] = T.float32(0)
     for c in T.serial(s):
-        stat[1] = stat[1] + T.exp2(lse[i, c, h] - stat[0])
-        stat[2] = stat[2] + T.exp2(lse[i, c, h] - stat[0]) * o[i, c, h, dd]
-    out[i, h, dd] = T.Cast(out.dtype, stat[2] / stat[1])
+        w[c] = T.exp2(lse[i, c, h] - stat[0])
+        stat[1] = stat[1] + w[c]
+
+
+@T.macro
+def _merge_dim(o, out, i, h, dd, s, w, stat):
+    acc = T.decl_buffer((1,), "float32", scope="local")
+    acc[0] = T.float32(0)
+    for c in T.serial(s):
+        acc[0] = acc[0] + w[c] * o[i, c, h, dd]
+    out[i, h, dd] = T.Cast(out.dtype, acc[0] / stat[1])

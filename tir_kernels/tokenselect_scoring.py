@@ -33,8 +33,9 @@ _NEG = -1.0e30  # finite "minus infinity" for online-softmax states (exp of diff
 
 
 def thread_allreduce(combine: Callable[[Any, Any], Any], identity: Any) -> Any:
-    """A TIR macro ``(value, out, *threads)``: ``out[0]`` = reduction of ``value[0]`` over the
-    given thread axes (warp shuffles / shared memory), visible to every thread of the group."""
+    """A TIR macro ``(value, out, thread)``: ``out[0]`` = reduction of ``value[0]`` (1-element
+    local buffers) over the thread axis ``thread`` (warp shuffles, shared memory across warps),
+    visible to every thread. Use distinct ``out`` buffers for back-to-back reductions."""
 
     @T.macro
     def reduce(value, out, thread):

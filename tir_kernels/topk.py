@@ -62,11 +62,12 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target) -> tirx.
         krem_in: T.let[T.int32] = ws[_KREM + p]
         buf[tx] = ws[p * _BINS + _BINS - 1 - tx]
         block_scan(buf, tmp, tx)
-        above: T.let[T.int32] = buf[tx] - ws[p * _BINS + _BINS - 1 - tx]
-        if above < krem_in and krem_in <= buf[tx]:
+        tmp[0] = buf[tx]  # (shared loads cannot sit in branch conditions)
+        above: T.let[T.int32] = tmp[0] - ws[p * _BINS + _BINS - 1 - tx]
+        if above < krem_in and krem_in <= tmp[0]:
             res[0] = T.Cast("int32", _BINS - 1 - tx)
             if b == 0:
-                ws[_DIGITS + p] = res[0]
+                ws[_DIGITS + p] = T.Cast("int32", _BINS - 1 - tx)
                 ws[_KREM + p + 1] = krem_in - above
         T.tvm_storage_sync("shared")
 
@@ -90,37 +91,37 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target) -> tirx.
                     prefix = T.sblock_alloc_buffer((1,), "int64", scope="local")
                     n_gt = T.sblock_alloc_buffer((1,), "int32", scope="local")
                     n_eq = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                    total = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                    if state[layer, 0] == 0:
-                        key_prefix(ws, max(p - 1, 0), prefix)
-                        if p > 0:
-                            resolve_digit(ws, p - 1, buf, tmp, res, tx, b)
-                            prefix[0] = prefix[0] | (T.Cast("int64", res[0]) << T.int64(32 - 8 * p))
-                        n_gt[0] = 0
-                        n_eq[0] = 0
-                        buf[tx] = 0
-                        T.tvm_storage_sync("shared")
-                        for it in range(T.ceildiv(chunk, threads)):
-                            t: T.let[T.int64] = b * chunk + it * threads + tx
-                            if it * threads + tx < chunk and t < C:
-                                key: T.let[T.int64] = order_key(crit[t])
-                                if p < 4:
-                                    if key >> T.int64(32 - 8 * p) == prefix[0] >> T.int64(32 - 8 * p):
-                                        T.cuda.atomic_add(T.address_of(buf[(key >> T.int64(24 - 8 * p)) & T.int64(255)]), 1)
-                                else:
-                                    n_gt[0] = n_gt[0] + T.Cast("int32", key > prefix[0])
-                                    n_eq[0] = n_eq[0] + T.Cast("int32", key == prefix[0])
-                        T.tvm_storage_sync("shared")
-                        if p < 4:
-                            if buf[tx] > 0:
-                                T.cuda.atomic_add(T.address_of(ws[p * _BINS + tx]), buf[tx])
-                        else:
-                            allreduce_sum_i32(n_gt, total, tx)
-                            if tx == 0:
-                                ws[_COUNTS + 2 * b] = total[0]
-                            allreduce_sum_i32(n_eq, total, tx)
-                            if tx == 0:
-                                ws[_COUNTS + 2 * b + 1] = total[0]
+                    sum_gt = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    sum_eq = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    key_prefix(ws, max(p - 1, 0), prefix)
+                    if p > 0:
+                        resolve_digit(ws, p - 1, buf, tmp, res, tx, b)
+                        prefix[0] = prefix[0] | (T.Cast("int64", res[0]) << T.int64(32 - 8 * p))
+                    n_gt[0] = 0
+                    n_eq[0] = 0
+                    buf[tx] = 0
+                    T.tvm_storage_sync("shared")
+                    for it in range(T.ceildiv(chunk, threads)):
+                        t: T.let[T.int64] = b * chunk + it * threads + tx
+                        if it * threads + tx < chunk and t < C:
+                            key: T.let[T.int64] = order_key(crit[t])
+                            if p < 4:
+                                if key >> T.int64(32 - 8 * p) == prefix[0] >> T.int64(32 - 8 * p):
+                                    T.cuda.atomic_add(T.address_of(buf[(key >> T.int64(24 - 8 * p)) & T.int64(255)]), 1)
+                            else:
+                                n_gt[0] = n_gt[0] + T.Cast("int32", key > prefix[0])
+                                n_eq[0] = n_eq[0] + T.Cast("int32", key == prefix[0])
+                    T.tvm_storage_sync("shared")
+                    if p < 4:
+                        tmp[0] = buf[tx]
+                        if tmp[0] > 0:
+                            T.cuda.atomic_add(T.address_of(ws[p * _BINS + tx]), tmp[0])
+                    else:
+                        allreduce_sum_i32(n_gt, sum_gt, tx)
+                        allreduce_sum_i32(n_eq, sum_eq, tx)
+                        if tx == 0:
+                            ws[_COUNTS + 2 * b] = sum_gt[0]
+                            ws[_COUNTS + 2 * b + 1] = sum_eq[0]
 
     @T.prim_func(s_tir=True)
     def topk(crit_h: T.handle, state_h: T.handle, cache_idx_h: T.handle, layer: T.int64,
@@ -132,7 +133,8 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target) -> tirx.
         cache_idx = T.match_buffer(cache_idx_h, (i64(num_layers), i64(k)), "int32")
         ws = T.match_buffer(ws_h, (i64(WORKSPACE_SIZE),), "int32")
         if gpu:
-            chunk: T.let[T.int64] = T.ceildiv(C, NB)
+            # on a cache hit every loop below runs zero times (no early return around barriers)
+            chunk: T.let[T.int64] = T.if_then_else(state[layer, 0] == 0, T.ceildiv(C, NB), T.int64(0))
             for tx in T.thread_binding(i64(_DIGITS), thread="threadIdx.x"):
                 with T.sblock("zero"):
                     if state[layer, 0] == 0:
@@ -152,29 +154,31 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target) -> tirx.
                         tmp = T.sblock_alloc_buffer((1,), "int32", scope="local")
                         tau = T.sblock_alloc_buffer((1,), "int64", scope="local")
                         val = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                        base = T.sblock_alloc_buffer((2,), "int32", scope="local")
-                        if state[layer, 0] == 0:
-                            key_prefix(ws, 4, tau)
-                            krem: T.let[T.int32] = ws[_KREM + 4]
-                            val[0] = T.if_then_else(tx < b, ws[_COUNTS + 2 * tx], 0)
-                            allreduce_sum_i32(val, base.access_ptr("w", offset=0), tx)
-                            val[0] = T.if_then_else(tx < b, ws[_COUNTS + 2 * tx + 1], 0)
-                            allreduce_sum_i32(val, base.access_ptr("w", offset=1), tx)
-                            for it in range(T.ceildiv(chunk, threads)):
-                                t: T.let[T.int64] = b * chunk + it * threads + tx
-                                inside: T.let[T.bool] = it * threads + tx < chunk and t < C
-                                key: T.let[T.int64] = T.if_then_else(inside, order_key(crit[T.min(t, C - 1)]), T.int64(-1))
-                                flag: T.let[T.int32] = T.if_then_else(key > tau[0], 65536, 0) + T.if_then_else(key == tau[0], 1, 0)
-                                buf[tx] = flag
-                                block_scan(buf, tmp, tx)
-                                gt_before: T.let[T.int32] = base[0] + ((buf[tx] - flag) >> 16)
-                                eq_before: T.let[T.int32] = base[1] + ((buf[tx] - flag) & 65535)
-                                if key > tau[0]:
-                                    cache_idx[layer, gt_before + T.min(eq_before, krem)] = T.Cast("int32", n_init + t)
-                                if key == tau[0] and eq_before < krem:
-                                    cache_idx[layer, gt_before + eq_before] = T.Cast("int32", n_init + t)
-                                base[0] = base[0] + (buf[threads - 1] >> 16)
-                                base[1] = base[1] + (buf[threads - 1] & 65535)
+                        n_gt = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                        n_eq = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                        key_prefix(ws, 4, tau)
+                        krem: T.let[T.int32] = ws[_KREM + 4]
+                        val[0] = T.if_then_else(tx < b, ws[_COUNTS + 2 * tx], 0)
+                        allreduce_sum_i32(val, n_gt, tx)
+                        val[0] = T.if_then_else(tx < b, ws[_COUNTS + 2 * tx + 1], 0)
+                        allreduce_sum_i32(val, n_eq, tx)
+                        for it in range(T.ceildiv(chunk, threads)):
+                            t: T.let[T.int64] = b * chunk + it * threads + tx
+                            inside: T.let[T.bool] = it * threads + tx < chunk and t < C
+                            key: T.let[T.int64] = T.if_then_else(inside, order_key(crit[T.min(t, C - 1)]), T.int64(-1))
+                            # (gt, eq) flags packed as gt * 2^16 + eq: one scan for both counts
+                            flag: T.let[T.int32] = T.if_then_else(key > tau[0], 65536, 0) + T.if_then_else(key == tau[0], 1, 0)
+                            T.tvm_storage_sync("shared")
+                            buf[tx] = flag
+                            block_scan(buf, tmp, tx)
+                            gt_before: T.let[T.int32] = n_gt[0] + ((buf[tx] - flag) >> 16)
+                            eq_before: T.let[T.int32] = n_eq[0] + ((buf[tx] - flag) & 65535)
+                            if key > tau[0]:
+                                cache_idx[layer, gt_before + T.min(eq_before, krem)] = T.Cast("int32", n_init + t)
+                            if key == tau[0] and eq_before < krem:
+                                cache_idx[layer, gt_before + eq_before] = T.Cast("int32", n_init + t)
+                            n_gt[0] = n_gt[0] + (buf[threads - 1] >> 16)
+                            n_eq[0] = n_eq[0] + (buf[threads - 1] & 65535)
         else:
             with T.sblock("topk"):
                 prefix = T.sblock_alloc_buffer((1,), "int64")

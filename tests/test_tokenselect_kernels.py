@@ -1,0 +1,217 @@
+"""TokenSelect kernels (fingerprint, scoring, top-k, selection cache) vs the NumPy reference."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import tokenselect_reference as ref
+import tvm
+
+from tsedge.tir_kernels.selection_cache import make_selection_check
+from tsedge.tir_kernels.tokenselect_scoring import SCORE_BLOCKS, make_fingerprint, make_scoring
+from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
+
+LLVM = tvm.target.Target("llvm")
+CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+DEV = tvm.cpu()
+NUM_LAYERS = 3
+LAYER = 1
+
+
+@functools.lru_cache(maxsize=None)
+def build(factory, *args):
+    func = factory(*args, LLVM)
+    return tvm.compile(tvm.IRModule({"main": func}), target="llvm")["main"]
+
+
+def tensor(array: np.ndarray) -> tvm.runtime.Tensor:
+    return tvm.runtime.tensor(array, DEV)
+
+
+def poisoned(shape, dtype="float32") -> tvm.runtime.Tensor:
+    fill = np.nan if dtype == "float32" else -7
+    return tensor(np.full(shape, fill, dtype))
+
+
+def random_kv(rng, n_kv, capacity, head_dim, dtype):
+    return rng.standard_normal((NUM_LAYERS, 2, n_kv, capacity, head_dim)).astype(dtype)
+
+
+def run_scoring(qbar, kv, state, length, n_heads, n_init, n_local, pool, dtype):
+    n_kv, head_dim = kv.shape[2], kv.shape[4]
+    f = build(make_scoring, NUM_LAYERS, n_heads, n_kv, head_dim, n_init, n_local, pool, dtype)
+    c = length - n_init - n_local
+    crit = poisoned((c,))
+    f(tensor(qbar), tensor(kv), tensor(state), LAYER, length, crit, poisoned((n_heads, c)),
+      poisoned((n_heads, SCORE_BLOCKS + 1, 2)))
+    return crit.numpy()
+
+
+def run_topk(crit, k, n_init, state, cache_idx):
+    f = build(make_topk, NUM_LAYERS, k, n_init)
+    idx = tensor(cache_idx)
+    f(tensor(crit.astype(np.float32)), tensor(state), idx, LAYER, poisoned((WORKSPACE_SIZE,), "int32"))
+    return idx.numpy()
+
+
+@pytest.mark.parametrize("n, n_heads, head_dim, dtype", [
+    (1, 8, 64, "float16"), (7, 6, 128, "float32"), (33, 4, 128, "float16")])
+def test_fingerprint(n, n_heads, head_dim, dtype):
+    rng = np.random.default_rng(n)
+    q = rng.standard_normal((n, n_heads, head_dim)).astype(dtype)
+    rope = ref.rope_table(64, head_dim)
+    n_local = 37
+    qbar = poisoned((n_heads, head_dim))
+    build(make_fingerprint, n_heads, head_dim, n_local, dtype)(tensor(q), tensor(rope), qbar)
+    np.testing.assert_allclose(qbar.numpy(), ref.fingerprint(q, rope, n_local), rtol=1e-5, atol=1e-5)
+
+
+SCORING_CASES = [
+    # n_heads, n_kv, head_dim, dtype, n_init, n_local, length, pool
+    (4, 4, 64, "float32", 3, 5, 937, 0),     # group 1, ragged L
+    (9, 3, 64, "float16", 4, 16, 1000, 3),   # group 3 (SmolLM2 heads), odd pool
+    (8, 2, 128, "float16", 2, 8, 2057, 6),   # group 4, even pool (last entry -inf)
+    (16, 2, 128, "float32", 1, 3, 300, 5),   # group 8
+    (8, 1, 64, "float16", 5, 7, 13, 4),      # group 8, C = 1 < pool
+    (8, 4, 128, "float16", 16, 64, 5001, 0),  # C not a multiple of any tile, many chunks
+]
+
+
+@pytest.mark.parametrize("n_heads, n_kv, head_dim, dtype, n_init, n_local, length, pool", SCORING_CASES)
+def test_scoring(n_heads, n_kv, head_dim, dtype, n_init, n_local, length, pool):
+    rng = np.random.default_rng(length)
+    kv = random_kv(rng, n_kv, length + 9, head_dim, dtype)
+    qbar = (rng.standard_normal((n_heads, head_dim)) * 0.4).astype(np.float32)
+    state = np.zeros((NUM_LAYERS, 4), np.int32)
+    got = run_scoring(qbar, kv, state, length, n_heads, n_init, n_local, pool, dtype)
+    want = ref.criticality(qbar.astype(np.float64), kv, LAYER, length, n_init, n_local, pool)
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=2e-4, atol=1e-7)
+
+
+def test_scoring_skipped_on_hit():
+    rng = np.random.default_rng(0)
+    kv = random_kv(rng, 2, 600, 64, "float16")
+    state = np.zeros((NUM_LAYERS, 4), np.int32)
+    state[LAYER, 0] = 1
+    crit = run_scoring(rng.standard_normal((4, 64)).astype(np.float32), kv, state, 600, 4, 4, 16, 3,
+                       "float16")
+    assert np.isnan(crit).all()
+
+
+@pytest.mark.parametrize("c, k", [(300, 300), (301, 300), (5003, 64), (100_000, 2048)])
+def test_topk_ties_and_order(c, k):
+    rng = np.random.default_rng(c)
+    crit = rng.integers(0, 40, c).astype(np.float32) / 7  # many exact ties
+    crit[rng.integers(0, c, 3)] = -np.inf  # like the pooled tail
+    state = np.zeros((NUM_LAYERS, 4), np.int32)
+    cache_idx = np.full((NUM_LAYERS, k), -5, np.int32)
+    got = run_topk(crit, k, 11, state, cache_idx)
+    np.testing.assert_array_equal(got[LAYER], ref.topk_positions(crit, k, 11))
+    assert (got[[0, 2]] == -5).all()
+
+
+def test_topk_distinct_and_negative_values():
+    rng = np.random.default_rng(3)
+    crit = rng.standard_normal(4099).astype(np.float32)  # mixed signs: key order across zero
+    state = np.zeros((NUM_LAYERS, 4), np.int32)
+    got = run_topk(crit, 1000, 0, state, np.zeros((NUM_LAYERS, 1000), np.int32))
+    np.testing.assert_array_equal(got[LAYER], ref.topk_positions(crit, 1000, 0))
+
+
+def test_topk_keeps_cache_on_hit():
+    state = np.zeros((NUM_LAYERS, 4), np.int32)
+    state[LAYER, 0] = 1
+    cache_idx = np.arange(NUM_LAYERS * 16, dtype=np.int32).reshape(NUM_LAYERS, 16)
+    got = run_topk(np.random.default_rng(0).random(100), 16, 0, state, cache_idx)
+    np.testing.assert_array_equal(got, cache_idx)
+
+
+class CachedSelection:
+    """check → score → top-k on the CPU kernels, with the state tensors kept on the device."""
+
+    def __init__(self, n_heads, n_kv, head_dim, n_init, n_local, k, pool, theta, dtype):
+        self.args = (n_heads, n_kv, head_dim, n_init, n_local, k, pool, dtype)
+        self.fingerprint = build(make_fingerprint, n_heads, head_dim, n_local, dtype)
+        self.check = build(make_selection_check, NUM_LAYERS, n_heads, head_dim, theta)
+        self.cache_qbar = poisoned((NUM_LAYERS, n_heads, head_dim))
+        self.cache_idx = tensor(np.full((NUM_LAYERS, k), -5, np.int32))
+        self.state = tensor(np.zeros((NUM_LAYERS, 4), np.int32))
+
+    def step(self, q, kv, rope, length, force_miss=False):
+        n_heads, n_kv, head_dim, n_init, n_local, k, pool, dtype = self.args
+        qbar = poisoned((n_heads, head_dim))
+        self.fingerprint(tensor(q), tensor(rope), qbar)
+        self.check(qbar, self.cache_qbar, self.state, LAYER, int(force_miss))
+        state = self.state.numpy()
+        crit = run_scoring(qbar.numpy(), kv, state, length, n_heads, n_init, n_local, pool, dtype)
+        self.cache_idx = tensor(run_topk(crit, k, n_init, state, self.cache_idx.numpy()))
+        return qbar.numpy(), crit, self.cache_idx.numpy()[LAYER], state[LAYER]
+
+
+@pytest.mark.parametrize("n_heads, n_kv, head_dim, dtype, pool", [
+    (12, 4, 64, "float16", 0), (8, 2, 128, "float32", 6)])
+def test_whole_selection_and_cache(n_heads, n_kv, head_dim, dtype, pool):
+    n_init, n_local, k, length = 4, 32, 64, 2000
+    rng = np.random.default_rng(head_dim)
+    kv = random_kv(rng, n_kv, length + 64, head_dim, dtype)
+    rope = ref.rope_table(128, head_dim)
+    sel = CachedSelection(n_heads, n_kv, head_dim, n_init, n_local, k, pool, 0.9, dtype)
+    q = rng.standard_normal((5, n_heads, head_dim)).astype(dtype)
+
+    # prefill chunk: forced miss, not counted
+    qbar, crit, idx, state = sel.step(q, kv, rope, length, force_miss=True)
+    want_qbar, want_crit, _ = ref.select(q, kv, rope, LAYER, length, n_init, n_local, k, pool)
+    np.testing.assert_allclose(qbar, want_qbar, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(crit[np.isfinite(want_crit)], want_crit[np.isfinite(want_crit)],
+                               rtol=2e-4, atol=1e-7)
+    np.testing.assert_array_equal(idx, ref.topk_positions(crit, k, n_init))
+    np.testing.assert_array_equal(state, [0, 1, 0, 0])
+
+    # same queries, one more token: hit, the cached list is kept although the context grew
+    kept = idx.copy()
+    _, _, idx, state = sel.step(q, kv, rope, length + 1)
+    np.testing.assert_array_equal(idx, kept)
+    np.testing.assert_array_equal(state, [1, 1, 1, 1])
+
+    # dissimilar queries: miss, re-selected over the new context
+    q2 = rng.standard_normal((1, n_heads, head_dim)).astype(dtype)
+    _, crit, idx, state = sel.step(q2, kv, rope, length + 2)
+    _, _, want_idx = ref.select(q2, kv, rope, LAYER, length + 2, n_init, n_local, k, pool)
+    np.testing.assert_array_equal(idx, ref.topk_positions(crit, k, n_init))
+    assert len(np.intersect1d(idx, want_idx)) >= k - 2  # f32 vs f64 near-ties only
+    np.testing.assert_array_equal(state, [0, 1, 1, 2])
+
+
+def test_selection_check_matches_reference():
+    rng = np.random.default_rng(7)
+    n_heads, head_dim, theta = 6, 64, 0.95
+    check = build(make_selection_check, NUM_LAYERS, n_heads, head_dim, theta)
+    cache_qbar = rng.standard_normal((NUM_LAYERS, n_heads, head_dim)).astype(np.float32)
+    state = np.zeros((NUM_LAYERS, 4), np.int32)
+    dev_cache, dev_state = tensor(cache_qbar), tensor(state)
+    base = rng.standard_normal((n_heads, head_dim)).astype(np.float32)
+    for scale, noise, force in [(1, 0, 0), (1, 0, 0), (2, 0.1, 0), (1, 1.0, 0), (1, 0, 1), (1, 0, 0)]:
+        qbar = (scale * base + noise * rng.standard_normal(base.shape)).astype(np.float32)
+        check(tensor(qbar), dev_cache, dev_state, LAYER, force)
+        ref.cache_check(qbar, cache_qbar, state, LAYER, theta, bool(force))
+        np.testing.assert_array_equal(dev_state.numpy(), state)
+        np.testing.assert_array_equal(dev_cache.numpy(), cache_qbar)
+
+
+@pytest.mark.parametrize("dtype, head_dim", [("float16", 128), ("float32", 64)])
+def test_cuda_codegen(dtype, head_dim):
+    funcs = [
+        make_fingerprint(32, head_dim, 512, dtype, CUDA),
+        make_scoring(4, 32, 8, head_dim, 128, 512, 6, dtype, CUDA),
+        make_scoring(4, 24, 8, head_dim, 128, 512, 0, dtype, CUDA),
+        make_topk(4, 2048, 128, CUDA),
+        make_selection_check(4, 32, head_dim, 0.9, CUDA),
+    ]
+    for func, must_contain in zip(funcs, ["__global__", "__shfl", "__shfl", "atomicAdd", "__shfl"]):
+        lib = tvm.compile(tvm.IRModule({"main": func}), target=CUDA)
+        source = lib.mod.imports_[0].inspect_source()
+        assert must_contain in source

@@ -1,0 +1,99 @@
+"""Selection Cache check: reuse the layer's cached top-k when the fingerprint barely moved.
+
+State, per layer: ``cache_qbar[num_layers, H, d]`` float32, ``cache_idx[num_layers, top_k]``
+int32 (written by topk.py), ``state[num_layers, 4]`` int32 =
+``[hit_this_step, valid, hits, lookups]``. The runtime resets everything by zeroing ``state``.
+
+Per layer and step the model calls: fingerprint → **check** → scoring → top-k → attention over
+``cache_idx[layer]``. Scoring and top-k read ``state[layer, 0]`` and do nothing on a hit, so the
+decision never leaves the device. Like the reference (``torch.cosine_similarity`` against the
+fingerprint stored at the last re-selection), a hit does not update the stored fingerprint.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+from tvm.target import Target
+
+from .common import i64, is_gpu
+from .tokenselect_scoring import allreduce_sum_f32
+
+_THREADS = 1024
+
+
+def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold: float,
+                         target: Target) -> tirx.PrimFunc:
+    """Decide hit/miss for ``layer`` and update the cache state in place.
+
+    Args (in order): qbar[H, d] float32, cache_qbar[num_layers, H, d] float32 (in place),
+    state[num_layers, 4] int32 (in place), layer (int64), force_miss (int64; 1 for prefill
+    chunks, which always re-select and are not counted as lookups). No fresh output.
+    Relax: ``call_tir_inplace`` with inplace_indices ``[1, 2]``.
+
+    hit = not force_miss and valid and cos(qbar, cache_qbar[layer]) >= threshold, the cosine
+    over the flattened H·d vector (``dot / max(|a| |b|, 1e-8)``). On a miss qbar is stored and
+    the layer marked valid; ``hits`` and ``lookups`` count the non-forced checks.
+    """
+    gpu = is_gpu(target)
+    H, d = i64(n_heads), i64(head_dim)
+    size = n_heads * head_dim
+
+    @T.macro
+    def update(qbar, cache_qbar, state, layer, force_miss, dot, na, nb, valid, i0, step, first):
+        hit: T.let[T.bool] = (force_miss == 0 and valid == 1
+                              and dot >= T.float32(threshold) * T.max(T.sqrt(na * nb), T.float32(1e-8)))
+        if not hit:
+            for i in range(T.ceildiv(size - i0, step)):
+                cache_qbar[layer, (i0 + i * step) // d, (i0 + i * step) % d] = qbar[(i0 + i * step) // d, (i0 + i * step) % d]
+        if first:
+            state[layer, 0] = T.Cast("int32", hit)
+            state[layer, 1] = 1
+            state[layer, 2] = state[layer, 2] + T.Cast("int32", hit)
+            state[layer, 3] = state[layer, 3] + T.Cast("int32", force_miss == 0)
+
+    @T.prim_func(s_tir=True)
+    def selection_check(qbar_h: T.handle, cache_qbar_h: T.handle, state_h: T.handle,
+                        layer: T.int64, force_miss: T.int64):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        qbar = T.match_buffer(qbar_h, (H, d), "float32")
+        cache_qbar = T.match_buffer(cache_qbar_h, (i64(num_layers), H, d), "float32")
+        state = T.match_buffer(state_h, (i64(num_layers), 4), "int32")
+        if gpu:
+            for tx in T.thread_binding(i64(_THREADS), thread="threadIdx.x"):
+                with T.sblock("check"):
+                    # per-thread partial sums of a·b, a·a, b·b, then their block-wide sums
+                    p_ab = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    p_aa = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    p_bb = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    ab = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    aa = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    bb = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    valid: T.let[T.int32] = state[layer, 1]  # read before any thread writes
+                    p_ab[0] = T.float32(0)
+                    p_aa[0] = T.float32(0)
+                    p_bb[0] = T.float32(0)
+                    for i in range(T.ceildiv(size - tx, _THREADS)):
+                        a: T.let[T.float32] = qbar[(tx + i * _THREADS) // d, (tx + i * _THREADS) % d]
+                        b: T.let[T.float32] = cache_qbar[layer, (tx + i * _THREADS) // d, (tx + i * _THREADS) % d]
+                        p_ab[0] = p_ab[0] + a * b
+                        p_aa[0] = p_aa[0] + a * a
+                        p_bb[0] = p_bb[0] + b * b
+                    allreduce_sum_f32(p_ab, ab, tx)
+                    allreduce_sum_f32(p_aa, aa, tx)
+                    allreduce_sum_f32(p_bb, bb, tx)
+                    update(qbar, cache_qbar, state, layer, force_miss, ab[0], aa[0], bb[0],
+                           valid, tx, _THREADS, tx == 0)
+        else:
+            with T.sblock("check"):
+                part = T.sblock_alloc_buffer((3,), "float32")
+                for j in range(3):
+                    part[j] = T.float32(0)
+                for h, i in T.grid(H, d):
+                    part[0] = part[0] + qbar[h, i] * cache_qbar[layer, h, i]
+                    part[1] = part[1] + qbar[h, i] * qbar[h, i]
+                    part[2] = part[2] + cache_qbar[layer, h, i] * cache_qbar[layer, h, i]
+                update(qbar, cache_qbar, state, layer, force_miss, part[0], part[1], part[2],
+                       state[layer, 1], 0, 1, True)
+
+    return selection_check
