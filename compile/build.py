@@ -19,8 +19,6 @@ from .cpu_schedule import cpu_pipeline
 from .cuda_fatbin import fatbin_build_context
 from .targets import target_name
 
-FUNCTIONS = ("prefill", "decode", "rope_table")
-
 
 def resolve_dtype(dtype: str, target: Target) -> str:
     """``auto``: float16 on GPUs, float32 on CPUs (no fast fp16 arithmetic there)."""
@@ -32,10 +30,12 @@ def resolve_dtype(dtype: str, target: Target) -> str:
 
 
 def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str):
-    """The model's Relax IRModule and its parameter specs (names, shapes, sources)."""
+    """The model's Relax IRModule, its parameter specs and its policy-state specs."""
     in_out = target.kind.name == "llvm"
     model = LlamaForCausalLM(cfg, make_policy(policy, cfg, dtype, target), dtype, in_out)
     mod, named = model.export_tvm(spec=model.get_default_spec())
+    state = [[name, shape, dt] for name, shape, dt in model.policy.state_specs()]
+    functions = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
     specs = []
     for name, param in named:
         shape = [int(s) for s in param.shape]
@@ -44,14 +44,14 @@ def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str)
         if name == "lm_head.weight" and cfg.tie_embeddings:
             source = "model.embed_tokens.weight"
         specs.append(ParamSpec(name, shape, source, transposed))
-    return mod, specs
+    return mod, specs, state, functions
 
 
 def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str,
                     max_context: int, out: Path) -> LibraryMeta:
     """Compile and export ``out`` (.so) with its metadata next to it (``out`` with .json)."""
     dtype = resolve_dtype(dtype, target)
-    mod, params = build_ir(cfg, policy, target, dtype)
+    mod, params, state, functions = build_ir(cfg, policy, target, dtype)
     start = time.time()
     pipeline = cpu_pipeline(target) if target.kind.name == "llvm" else relax.get_default_pipeline(target)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -62,8 +62,8 @@ def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtyp
     os.replace(tmp, out)
     meta = LibraryMeta(
         model=cfg, policy=policy, target=target_name(target), target_json=str(target),
-        dtype=dtype, max_context=max_context, params=params, functions=list(FUNCTIONS),
-        tvm_version=tvm.__version__, compile_seconds=round(time.time() - start, 1),
+        dtype=dtype, max_context=max_context, params=params, functions=sorted(functions),
+        tvm_version=tvm.__version__, state=state, compile_seconds=round(time.time() - start, 1),
     )
     meta.save(out.with_suffix(".json"))
     return meta

@@ -33,6 +33,7 @@ class LibraryMeta:
     params: list[ParamSpec]
     functions: list[str]
     tvm_version: str
+    state: list[list] = dataclasses.field(default_factory=list)  # [name, shape, dtype] per tensor
     compile_seconds: float = 0.0
     format_version: int = FORMAT_VERSION
 

@@ -7,12 +7,28 @@ the runtime owns: ``kv[num_layers, 2, n_kv, capacity, head_dim]``, keys stored w
 
 from __future__ import annotations
 
+import dataclasses
+
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from tsedge.tir_kernels import cache_ops
 
 from .config import ModelConfig
+
+
+@dataclasses.dataclass
+class Step:
+    """What one forward step's attention needs; policies replace ``kv``/``state`` entries with
+    the results of their in-place kernels."""
+
+    kv: nn.Tensor
+    rope: nn.Tensor
+    past: object  # int64 shape variable: tokens cached before this step
+    n: object  # tokens in this step
+    state: list  # policy state tensors (e.g. the selection cache), in ``state_specs`` order
+    select: bool = False  # the context exceeds the policy's budget: attend to a selection
+    rows: nn.Tensor | None = None  # per-step attended rows shared by all layers (dense)
 
 
 class Linear(nn.Module):
@@ -38,14 +54,14 @@ class Attention(nn.Module):
         self.o_proj = Linear(h * d, cfg.hidden_size, False, dtype, in_out)
         self.shape = (h, hkv, d)
 
-    def forward(self, x, layer_id, policy, kv, rope, past, step):
+    def forward(self, x, layer_id, policy, step):
         n = x.shape[0]
         h, hkv, d = self.shape
         q = op.reshape(self.q_proj(x), [n, h, d])
         k = op.reshape(self.k_proj(x), [n, hkv, d])
         v = op.reshape(self.v_proj(x), [n, hkv, d])
-        out, kv = policy.attend(layer_id, q, k, v, kv, rope, past, step)
-        return self.o_proj(op.reshape(out, [n, h * d])), kv
+        out = policy.attend(layer_id, q, k, v, step)
+        return self.o_proj(op.reshape(out, [n, h * d]))
 
 
 class MLP(nn.Module):
@@ -65,10 +81,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
         self.mlp = MLP(cfg, dtype, in_out)
 
-    def forward(self, x, layer_id, policy, kv, rope, past, step):
-        attn, kv = self.self_attn(self.input_layernorm(x), layer_id, policy, kv, rope, past, step)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+    def forward(self, x, layer_id, policy, step):
+        x = x + self.self_attn(self.input_layernorm(x), layer_id, policy, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
@@ -79,7 +94,9 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Exports ``prefill``, ``decode`` and ``rope_table`` (see DESIGN.md, runtime contract).
+    """Exports ``prefill``, ``decode`` and ``rope_table`` (see DESIGN.md, runtime contract), and
+    for selecting policies ``prefill_select``/``decode_select``, which the runtime calls once
+    the context exceeds the policy's budget.
 
     ``in_out`` stores linear weights [in, out] (CPU schedules vectorise over the output dim);
     the lm_head then is a parameter of its own even for tied embeddings.
@@ -97,23 +114,29 @@ class LlamaForCausalLM(nn.Module):
         self.last_row_kernel = cache_ops.make_last_row(cfg.hidden_size, dtype, policy.target)
         self.inv_freq = cfg.inv_freq()
 
-    def _forward(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past):
-        n = ids.shape[0]
+    def _forward(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past, state, select=False):
         x = self.model.embed_tokens(ids)
-        step = self.policy.begin_step(past, n)
+        step = Step(kv, rope, past, ids.shape[0], list(state), select)
+        self.policy.begin_step(step)
         for layer_id, layer in enumerate(self.model.layers):
-            x, kv = layer(x, layer_id, self.policy, kv, rope, past, step)
-        return x, kv
+            x = layer(x, layer_id, self.policy, step)
+        return self._logits(x), step.kv, tuple(step.state)
 
-    def prefill(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past):
-        """Run one chunk of ``n`` tokens after ``past`` cached ones; logits of the last token."""
-        x, kv = self._forward(ids, kv, rope, past)
-        return self._logits(x), kv
+    def prefill(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past, state):
+        """One chunk of ``n`` tokens after ``past`` cached ones -> (last logits, kv, state)."""
+        return self._forward(ids, kv, rope, past, state)
 
-    def decode(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past):
-        """One token after ``past`` cached ones."""
-        x, kv = self._forward(ids, kv, rope, past)
-        return self._logits(x), kv
+    def decode(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past, state):
+        """One token after ``past`` cached ones -> (logits, kv, state)."""
+        return self._forward(ids, kv, rope, past, state)
+
+    def prefill_select(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past, state):
+        """``prefill`` for a context over the policy's budget: attend to selected tokens."""
+        return self._forward(ids, kv, rope, past, state, select=True)
+
+    def decode_select(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past, state):
+        """``decode`` for a context over the policy's budget: attend to selected tokens."""
+        return self._forward(ids, kv, rope, past, state, select=True)
 
     def _logits(self, x: nn.Tensor) -> nn.Tensor:
         last = op.tensor_ir_op(self.last_row_kernel, "last_row", args=[x],
@@ -134,9 +157,15 @@ class LlamaForCausalLM(nn.Module):
         cfg = self.cfg
         kv = nn.spec.Tensor([cfg.num_layers, 2, cfg.num_kv_heads, "capacity", cfg.head_dim], self.dtype)
         rope = nn.spec.Tensor(["num_pos", cfg.head_dim], "float32")
+        state = [nn.spec.Tensor(shape, dtype) for _, shape, dtype in self.policy.state_specs()]
         mode = {"$": {"param_mode": "packed", "effect_mode": "none"}}
-        return nn.spec.ModuleSpec.from_raw({
-            "prefill": {"ids": nn.spec.Tensor(["n"], "int32"), "kv": kv, "rope": rope, "past": int, **mode},
-            "decode": {"ids": nn.spec.Tensor([1], "int32"), "kv": kv, "rope": rope, "past": int, **mode},
+        step = {"kv": kv, "rope": rope, "past": int, "state": state, **mode}
+        functions = {
+            "prefill": {"ids": nn.spec.Tensor(["n"], "int32"), **step},
+            "decode": {"ids": nn.spec.Tensor([1], "int32"), **step},
             "rope_table": {"num_pos": int, **mode},
-        }, self)
+        }
+        if self.policy.selects:
+            functions["prefill_select"] = functions["prefill"]
+            functions["decode_select"] = functions["decode"]
+        return nn.spec.ModuleSpec.from_raw(functions, self)

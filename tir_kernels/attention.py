@@ -262,40 +262,40 @@ def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target
                     with T.sblock("merge"):
                         T.reads()
                         T.writes()
-                        w = T.sblock_alloc_buffer((s,), "float32", scope="local")
-                        stat = T.sblock_alloc_buffer((2,), "float32", scope="local")
-                        _merge_weights(lse, bx // H, bx % H, s, w, stat)
-                        _merge_dim(o, out, bx // H, bx % H, tx, s, w, stat)
+                        stat = T.sblock_alloc_buffer((3,), "float32", scope="local")
+                        _merge_stats(lse, bx // H, bx % H, s, stat)
+                        stat[2] = T.float32(0)
+                        for c in T.serial(s):
+                            stat[2] = stat[2] + T.exp2(lse[bx // H, c, bx % H] - stat[0]) * o[bx // H, c, bx % H, tx]
+                        out[bx // H, bx % H, tx] = T.Cast(dtype, stat[2] / stat[1])
         else:
             for bx in T.parallel(n * H):
                 with T.sblock("merge"):
                     T.reads()
                     T.writes()
                     w = T.sblock_alloc_buffer((s,), "float32")
+                    acc = T.sblock_alloc_buffer((D,), "float32")
                     stat = T.sblock_alloc_buffer((2,), "float32")
-                    _merge_weights(lse, bx // H, bx % H, s, w, stat)
-                    for tx in T.serial(D):
-                        _merge_dim(o, out, bx // H, bx % H, tx, s, w, stat)
+                    _merge_stats(lse, bx // H, bx % H, s, stat)
+                    for c in T.serial(s):
+                        w[c] = T.exp2(lse[bx // H, c, bx % H] - stat[0])
+                    for dd in T.vectorized(D):
+                        acc[dd] = T.float32(0)
+                    for c in T.serial(s):
+                        for dd in T.vectorized(D):
+                            acc[dd] = acc[dd] + w[c] * o[bx // H, c, bx % H, dd]
+                    for dd in T.vectorized(D):
+                        out[bx // H, bx % H, dd] = T.Cast(dtype, acc[dd] / stat[1])
 
     return attention_merge
 
 
 @T.macro
-def _merge_weights(lse, i, h, s, w, stat):
-    """``w[c] = 2^(lse_c - max)``, ``stat[1] = sum_c w[c]``."""
+def _merge_stats(lse, i, h, s, stat):
+    """``stat[0] = max_c lse``, ``stat[1] = sum_c 2^(lse_c - stat[0])``."""
     stat[0] = T.float32(NEG_INF)
     for c in T.serial(s):
         stat[0] = T.max(stat[0], lse[i, c, h])
     stat[1] = T.float32(0)
     for c in T.serial(s):
-        w[c] = T.exp2(lse[i, c, h] - stat[0])
-        stat[1] = stat[1] + w[c]
-
-
-@T.macro
-def _merge_dim(o, out, i, h, dd, s, w, stat):
-    acc = T.decl_buffer((1,), "float32", scope="local")
-    acc[0] = T.float32(0)
-    for c in T.serial(s):
-        acc[0] = acc[0] + w[c] * o[i, c, h, dd]
-    out[i, h, dd] = T.Cast(out.dtype, acc[0] / stat[1])
+        stat[1] = stat[1] + T.exp2(lse[i, c, h] - stat[0])

@@ -121,9 +121,13 @@ class Engine:
     # ---- the two library calls -----------------------------------------------------------------
     def _run(self, func: str, ids: list[int]) -> tvm.runtime.Tensor:
         past = len(self.cache)
+        if f"{func}_select" in self.meta.functions and past + len(ids) > self.meta.policy.budget:
+            func = f"{func}_select"
         ids_t = tvm.runtime.tensor(np.asarray(ids, dtype="int32"), self.device)
-        logits, self.cache.tensor = self.vm[func](ids_t, self.cache.tensor, self.rope,
-                                                  tvm.runtime.ShapeTuple([past]), self.params)
+        logits, self.cache.tensor, state = self.vm[func](
+            ids_t, self.cache.tensor, self.rope, tvm.runtime.ShapeTuple([past]), self.cache.state,
+            self.params)
+        self.cache.state = list(state)
         self.cache.tokens.extend(ids)
         return logits
 
@@ -142,6 +146,14 @@ class Engine:
 
     def reset(self) -> None:
         self.cache.truncate(0)
+
+    def selection_stats(self) -> dict[str, int] | None:
+        """Selection-cache hits and lookups since the last reset (selecting policies only)."""
+        names = [name for name, _, _ in self.meta.state]
+        if "sel_state" not in names:
+            return None
+        state = self.cache.state[names.index("sel_state")].numpy()
+        return {"hits": int(state[:, 2].sum()), "lookups": int(state[:, 3].sum())}
 
     # ---- generation ----------------------------------------------------------------------------
     def generate(self, prompt: list[int], max_new_tokens: int = 256,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 
 from tsedge.models.library import LibraryMeta
@@ -23,7 +24,16 @@ class KVCache:
         self.capacity = capacity
         shape = (cfg.num_layers, 2, cfg.num_kv_heads, capacity, cfg.head_dim)
         self.tensor = tvm.runtime.empty(shape, meta.dtype, device)
+        self.state_specs = meta.state
+        self.device = device
+        self.state: list[tvm.runtime.Tensor] = []
+        self.reset_state()
         self.tokens: list[int] = []
+
+    def reset_state(self) -> None:
+        """Zero the policy state (e.g. the selection cache): it describes the dropped tokens."""
+        self.state = [tvm.runtime.tensor(np.zeros(shape, dtype), self.device)
+                      for _, shape, dtype in self.state_specs]
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -46,4 +56,6 @@ class KVCache:
         return n
 
     def truncate(self, length: int) -> None:
-        del self.tokens[length:]
+        if length < len(self.tokens):
+            del self.tokens[length:]
+            self.reset_state()

@@ -29,15 +29,23 @@ class DensePolicy:
         self.partial = attention.make_attention_partial(n_layers, h, hkv, d, dtype, target)
         self.merge = attention.make_attention_merge(h, d, dtype, target)
 
-    def begin_step(self, past, n):
-        """Per-forward state shared by all layers: the attended rows ``0 .. past + n - 1``."""
-        total = past + n
-        return op.tensor_ir_op(self.iota, "iota", args=[total],
-                               out=nn.Tensor.placeholder([total], "int32"))
+    selects = False  # exports no *_select functions
 
-    def append(self, layer_id: int, k: nn.Tensor, v: nn.Tensor, kv: nn.Tensor, past) -> nn.Tensor:
-        return op.tensor_ir_inplace_op(self.kv_append, "kv_append", args=[kv, k, v, i64(layer_id), past],
-                                       inplace_indices=[0], out=nn.Tensor.placeholder(kv.shape, kv.dtype))
+    def state_specs(self) -> list[tuple[str, list[int], str]]:
+        """Extra state tensors (name, shape, dtype) the runtime allocates zeroed: none."""
+        return []
+
+    def begin_step(self, step) -> None:
+        """Per-forward work shared by all layers: the attended rows ``0 .. past + n - 1``."""
+        total = step.past + step.n
+        step.rows = op.tensor_ir_op(self.iota, "iota", args=[total],
+                                    out=nn.Tensor.placeholder([total], "int32"))
+
+    def append(self, layer_id: int, k: nn.Tensor, v: nn.Tensor, step) -> None:
+        """Write the step's K (no RoPE) and V into the cache."""
+        step.kv = op.tensor_ir_inplace_op(
+            self.kv_append, "kv_append", args=[step.kv, k, v, i64(layer_id), step.past],
+            inplace_indices=[0], out=nn.Tensor.placeholder(step.kv.shape, step.kv.dtype))
 
     def attend_rows(self, layer_id: int, q: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, rows: nn.Tensor):
         """Attention of ``q`` over ``kv[layer_id]`` rows ``rows`` (positions re-assigned 0..M-1)."""
@@ -51,6 +59,6 @@ class DensePolicy:
         return op.tensor_ir_op(self.merge, "attention_merge", args=[o, lse],
                                out=nn.Tensor.placeholder([n, h, d], self.dtype))
 
-    def attend(self, layer_id: int, q, k, v, kv, rope, past, step):
-        kv = self.append(layer_id, k, v, kv, past)
-        return self.attend_rows(layer_id, q, kv, rope, step), kv
+    def attend(self, layer_id: int, q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, step) -> nn.Tensor:
+        self.append(layer_id, k, v, step)
+        return self.attend_rows(layer_id, q, step.kv, step.rope, step.rows)
