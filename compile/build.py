@@ -15,8 +15,8 @@ from tsedge.models.config import ModelConfig, PolicyConfig
 from tsedge.models.llama import LlamaForCausalLM
 from tsedge.models.library import LibraryMeta, ParamSpec
 
-from .cpu_schedule import cpu_pipeline
 from .cuda_fatbin import fatbin_build_context
+from .pipeline import relax_pipeline
 from .targets import target_name
 
 
@@ -53,10 +53,9 @@ def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtyp
     dtype = resolve_dtype(dtype, target)
     mod, params, state, functions = build_ir(cfg, policy, target, dtype)
     start = time.time()
-    pipeline = cpu_pipeline(target) if target.kind.name == "llvm" else relax.get_default_pipeline(target)
     out.parent.mkdir(parents=True, exist_ok=True)
     with fatbin_build_context(target):
-        executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
+        executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
         tmp = out.with_suffix(".tmp.so")
         executable.export_library(str(tmp))
     os.replace(tmp, out)

@@ -1,6 +1,6 @@
-"""Relax pipeline for ``llvm`` targets: fusion plus vectorised, multi-threaded CPU schedules.
+"""Schedule rules for ``llvm`` targets (TVM's default CPU build neither fuses nor schedules).
 
-TVM's default CPU build neither fuses nor schedules. Here the fused PrimFuncs get:
+The fused PrimFuncs get:
 - matmul/GEMV (weights stored [in, out]): register tiles of 6 rows x 64 columns, the column tile
   vectorised, tiles spread over cores, reduction kept in a local accumulator;
 - everything else (norms, element-wise, embedding): outer spatial loop parallel.
@@ -9,9 +9,7 @@ Hand-written kernels (``tirx.is_scheduled``) are left alone.
 
 from __future__ import annotations
 
-import tvm
-from tvm import relax, s_tir, tirx
-from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.target import Target
@@ -94,21 +92,3 @@ class CpuParallel(dl.ScheduleRule):
             if len(loops) > 1 and info.iters[-1].kind == "S":
                 _vectorize_tail(sch, loops[-1])
         return sch
-
-
-def cpu_pipeline(target: Target):
-    """Fuse, schedule with the rules above, lower: the ``relax_pipeline`` for llvm targets."""
-
-    @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
-        with target:
-            seq = tvm.transform.Sequential(
-                cpu_generic.library_dispatch_passes(target)
-                + cpu_generic.legalize_passes(target)
-                + [dl.ApplyDefaultSchedule(CpuMatmul(), CpuParallel())]
-                + cpu_generic.dataflow_lower_passes(target)
-                + cpu_generic.finalize_passes(target)
-            )
-            return seq(mod)
-
-    return _pipeline

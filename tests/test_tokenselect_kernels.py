@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 import tokenselect_reference as ref
 import tvm
 
+from kernel_harness import CUDA, MODE, build, tensor
+
 from tsedge.tir_kernels.selection_cache import make_selection_check
 from tsedge.tir_kernels.tokenselect_scoring import SCORE_BLOCKS, make_fingerprint, make_scoring
 from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
 
-LLVM = tvm.target.Target("llvm")
-CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
-DEV = tvm.cpu()
 NUM_LAYERS = 3
 LAYER = 1
-
-
-@functools.lru_cache(maxsize=None)
-def build(factory, *args):
-    func = factory(*args, LLVM)
-    return tvm.compile(tvm.IRModule({"main": func}), target="llvm")["main"]
-
-
-def tensor(array: np.ndarray) -> tvm.runtime.Tensor:
-    return tvm.runtime.tensor(array, DEV)
 
 
 def poisoned(shape, dtype="float32") -> tvm.runtime.Tensor:
@@ -202,6 +189,7 @@ def test_selection_check_matches_reference():
         np.testing.assert_array_equal(dev_cache.numpy(), cache_qbar)
 
 
+@pytest.mark.skipif(MODE != "llvm", reason="codegen check runs where the compiler is")
 @pytest.mark.parametrize("dtype, head_dim", [("float16", 128), ("float32", 64)])
 def test_cuda_codegen(dtype, head_dim):
     funcs = [

@@ -47,6 +47,8 @@ def make_attention_partial(num_layers: int, n_heads: int, n_kv: int, head_dim: i
 
 
 def _partial_gpu(num_layers, n_heads, n_kv, head_dim, dtype):
+    if head_dim % 32:
+        raise ValueError(f"CUDA attention needs head_dim divisible by 32 (one warp per key), got {head_dim}")
     group = n_heads // n_kv
     half = head_dim // 2
     vec = head_dim // 32

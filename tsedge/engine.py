@@ -79,18 +79,26 @@ def _load_cuda_runtime() -> None:
 class Engine:
     """Runs one sequence on a compiled library with its KV cache."""
 
-    def __init__(self, lib: str | Path, weights: str | Path | ModelSource,
-                 max_context: int | None = None, prefill_chunk: int = 512) -> None:
+    def __init__(self, lib: str | Path, weights: str | Path | ModelSource | None,
+                 max_context: int | None = None, prefill_chunk: int = 512,
+                 params: list[tvm.runtime.Tensor] | None = None) -> None:
+        """``weights``: a model name, .gguf, weights folder or ModelSource; or None with
+        ``params`` already on the device in library order (benchmarks with random weights)."""
         self.meta, module = load_library(lib)
         self.device = _device(self.meta.target)
         self.vm = VirtualMachine(module, self.device)
-        source = weights if isinstance(weights, ModelSource) else load_source(str(weights))
-        if source.config.to_dict() | {"name": ""} != self.meta.model.to_dict() | {"name": ""}:
-            raise LibraryError(
-                f"weights {source.path} ({source.config.name}) do not match library {lib} "
-                f"(compiled for {self.meta.model.name}): compile a library for these weights")
-        self.tokenizer = source.tokenizer
-        self.params = self._load_params(source)
+        self.tokenizer = None
+        if weights is not None:
+            source = weights if isinstance(weights, ModelSource) else load_source(str(weights))
+            if source.config.to_dict() | {"name": ""} != self.meta.model.to_dict() | {"name": ""}:
+                raise LibraryError(
+                    f"weights {source.path} ({source.config.name}) do not match library {lib} "
+                    f"(compiled for {self.meta.model.name}): compile a library for these weights")
+            self.tokenizer = source.tokenizer
+            params = self._load_params(source)
+        if params is None:
+            raise ValueError("Engine needs weights or params")
+        self.params = params
         self.prefill_chunk = prefill_chunk
         capacity = max_context or self.meta.max_context
         if capacity > self.meta.max_context:

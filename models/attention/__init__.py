@@ -6,10 +6,16 @@ from tvm.target import Target
 
 from ..config import ModelConfig, PolicyConfig
 from .dense import DensePolicy
+from .tokenselect import StreamingPolicy, TokenSelectPolicy
 
 
 def make_policy(policy: PolicyConfig, cfg: ModelConfig, dtype: str, target: Target):
     """The policy object the model calls once per layer."""
     if policy.name == "dense":
         return DensePolicy(cfg, dtype, target)
-    raise NotImplementedError(f"policy {policy.name!r} is not compiled yet (available: dense)")
+    if policy.name == "tokenselect":
+        return TokenSelectPolicy(cfg, dtype, target, policy)
+    if policy.name == "streaming":
+        return StreamingPolicy(cfg, dtype, target, policy)
+    raise NotImplementedError(f"policy {policy.name!r} is not compiled yet "
+                              "(available: dense, tokenselect, streaming)")

@@ -1,0 +1,113 @@
+"""Selecting policies: TokenSelect (DESIGN.md, "TokenSelect, as the kernels must compute it") and
+StreamingLLM (attention sinks plus a local window).
+
+Both attend exactly like dense while the context fits the budget (the runtime calls
+``prefill``/``decode``) and to ``M = n_init + top_k + n_local`` gathered rows at re-assigned
+positions beyond it (``prefill_select``/``decode_select``, ``step.select``).
+"""
+
+from __future__ import annotations
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+from tvm.target import Target
+
+from tsedge.tir_kernels.common import i64
+from tsedge.tir_kernels.select_rows import make_select_rows
+from tsedge.tir_kernels.selection_cache import make_selection_check
+from tsedge.tir_kernels.tokenselect_scoring import SCORE_BLOCKS, make_fingerprint, make_scoring
+from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
+
+from ..config import ModelConfig, PolicyConfig
+from .dense import DensePolicy
+
+
+def _like(t: nn.Tensor) -> nn.Tensor:
+    """The output placeholder of an in-place update of ``t``."""
+    return nn.Tensor.placeholder(t.shape, t.dtype)
+
+
+class TokenSelectPolicy(DensePolicy):
+    """Per layer and step beyond the budget: fingerprint → selection-cache check → scoring and
+    soft voting → top-k (the last two skipped on the device on a hit) → rows → attention.
+
+    State (runtime-owned, zero-initialised): ``cache_qbar[NL, H, d]`` f32 (fingerprint of the last
+    re-selection), ``cache_idx[NL, top_k]`` i32 (its sorted positions), ``sel_state[NL, 4]`` i32
+    (``[hit_this_step, valid, hits, lookups]``). Prefill chunks always re-select (forced miss, not
+    counted); decode steps look the cache up.
+    """
+
+    selects = True
+
+    def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig) -> None:
+        super().__init__(cfg, dtype, target)
+        self.policy = policy
+        nl, h, hkv, d = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        p = policy
+        self.fingerprint = make_fingerprint(h, d, p.n_local, dtype, target)
+        self.check = make_selection_check(nl, h, d, p.selection_threshold, target)
+        self.scoring = make_scoring(nl, h, hkv, d, p.n_init, p.n_local, p.pool_kernel, dtype, target)
+        self.topk = make_topk(nl, p.top_k, p.n_init, target)
+        self.select_rows = make_select_rows(nl, p.n_init, p.top_k, p.n_local, target)
+
+    def state_specs(self) -> list[tuple[str, list[int], str]]:
+        cfg, nl = self.cfg, self.cfg.num_layers
+        return [("cache_qbar", [nl, cfg.num_heads, cfg.head_dim], "float32"),
+                ("cache_idx", [nl, self.policy.top_k], "int32"),
+                ("sel_state", [nl, 4], "int32")]
+
+    def begin_step(self, step) -> None:
+        """Dense rows when the context fits; beyond the budget rows are chosen per layer."""
+        if not step.select:
+            super().begin_step(step)
+
+    def attend(self, layer_id: int, q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, step) -> nn.Tensor:
+        if not step.select:
+            return super().attend(layer_id, q, k, v, step)
+        self.append(layer_id, k, v, step)
+        return self.attend_rows(layer_id, q, step.kv, step.rope, self.select(layer_id, q, step))
+
+    def select(self, layer_id: int, q: nn.Tensor, step) -> nn.Tensor:
+        """Update the layer's selection (in ``step.state``) and return its attended rows."""
+        cache_qbar, cache_idx, sel_state = step.state
+        layer, length = i64(layer_id), step.past + step.n
+        h, d = self.cfg.num_heads, self.cfg.head_dim
+        force_miss = i64(0 if isinstance(step.n, int) and step.n == 1 else 1)  # decode: 1 token
+        qbar = op.tensor_ir_op(self.fingerprint, "fingerprint", args=[q, step.rope],
+                               out=nn.Tensor.placeholder([h, d], "float32"))
+        cache_qbar, sel_state = op.tensor_ir_inplace_op(
+            self.check, "selection_check", args=[qbar, cache_qbar, sel_state, layer, force_miss],
+            inplace_indices=[1, 2], out=[_like(cache_qbar), _like(sel_state)])
+        candidates = length - self.policy.n_init - self.policy.n_local
+        crit, _, _ = op.tensor_ir_op(
+            self.scoring, "tokenselect_scoring", args=[qbar, step.kv, sel_state, layer, length],
+            out=[nn.Tensor.placeholder([candidates], "float32"),
+                 nn.Tensor.placeholder([h, candidates], "float32"),
+                 nn.Tensor.placeholder([h, SCORE_BLOCKS + 1, 2], "float32")])
+        cache_idx, _ = op.tensor_ir_inplace_op(
+            self.topk, "topk", args=[crit, sel_state, cache_idx, layer], inplace_indices=[2, -1],
+            out=[_like(cache_idx), nn.Tensor.placeholder([WORKSPACE_SIZE], "int32")])
+        step.state = [cache_qbar, cache_idx, sel_state]
+        size = self.policy.budget
+        return op.tensor_ir_op(self.select_rows, "select_rows", args=[cache_idx, layer, length],
+                               out=nn.Tensor.placeholder([size], "int32"))
+
+
+class StreamingPolicy(DensePolicy):
+    """StreamingLLM: beyond the budget every layer attends to the ``n_init`` first tokens and the
+    ``n_local`` last ones (``top_k`` is not used); no state."""
+
+    selects = True
+
+    def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig) -> None:
+        super().__init__(cfg, dtype, target)
+        self.size = policy.n_init + policy.n_local
+        self.window_rows = make_select_rows(cfg.num_layers, policy.n_init, 0, policy.n_local, target)
+
+    def begin_step(self, step) -> None:
+        """The rows shared by all layers: dense within the budget, sinks + window beyond it."""
+        if not step.select:
+            super().begin_step(step)
+            return
+        step.rows = op.tensor_ir_op(self.window_rows, "window_rows", args=[step.past + step.n],
+                                    out=nn.Tensor.placeholder([self.size], "int32"))

@@ -1,0 +1,59 @@
+"""Builds kernels for the kernel tests, on the CPU here or on a GPU through prebuilt libraries.
+
+``TSEDGE_KERNEL_MODE``:
+- unset / ``llvm``: compile for this CPU and run (CI);
+- ``cuda-build``: compile every kernel a test asks for into ``TSEDGE_KERNEL_DIR`` as a CUDA
+  library with an embedded fatbin, then skip the test (run here, before a device run);
+- ``cuda-run``: load those libraries and run the same tests, with the same references, on GPU 0
+  (``bench/device/run.sh`` does this on the lent H100; needs only the TVM runtime).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import tvm
+
+MODE = os.environ.get("TSEDGE_KERNEL_MODE", "llvm")
+LIB_DIR = Path(os.environ.get("TSEDGE_KERNEL_DIR", "build/kernels"))
+LLVM = tvm.target.Target("llvm")
+CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+
+if MODE == "cuda-run":
+    import torch  # noqa: F401  (loads libcudart for TVM's CUDA runtime)
+
+    from tsedge.engine import _load_cuda_runtime
+
+    _load_cuda_runtime()
+    DEV = tvm.cuda(0)
+else:
+    DEV = tvm.cpu(0)
+
+
+@functools.lru_cache(maxsize=None)
+def build(factory, *args):
+    """The ``main`` function of ``factory(*args, target)`` for the current mode."""
+    if MODE == "llvm":
+        return tvm.compile(tvm.IRModule({"main": factory(*args, LLVM)}), target=LLVM)["main"]
+    key = hashlib.sha1(repr((factory.__module__, factory.__name__, args)).encode()).hexdigest()[:12]
+    path = LIB_DIR / f"{factory.__name__}-{key}.so"
+    if MODE == "cuda-build":
+        if not path.exists():
+            from tsedge.compile.cuda_fatbin import fatbin_build_context
+
+            LIB_DIR.mkdir(parents=True, exist_ok=True)
+            with fatbin_build_context(CUDA):
+                lib = tvm.compile(tvm.IRModule({"main": factory(*args, CUDA)}), target=CUDA)
+            lib.export_library(str(path))
+        pytest.skip(f"built {path.name} for CUDA; run with TSEDGE_KERNEL_MODE=cuda-run on a GPU")
+    if MODE != "cuda-run":
+        raise ValueError(f"TSEDGE_KERNEL_MODE={MODE!r}: use llvm, cuda-build or cuda-run")
+    return tvm.runtime.load_module(str(path))["main"]
+
+
+def tensor(array) -> tvm.runtime.Tensor:
+    return tvm.runtime.tensor(array, DEV)

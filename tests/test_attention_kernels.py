@@ -1,0 +1,76 @@
+"""KV append, RoPE table, row list and split-K attention kernels vs NumPy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from attention_reference import attention, rope_table
+from kernel_harness import build, tensor
+
+from tsedge.tir_kernels import attention as attn
+from tsedge.tir_kernels import cache_ops
+
+NUM_LAYERS, LAYER = 3, 2
+
+
+def inv_freq(head_dim: int, theta: float = 10000.0) -> np.ndarray:
+    return (1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+
+
+def test_rope_table():
+    table = tensor(np.full((777, 128), np.nan, np.float32))
+    build(cache_ops.make_rope_table, 128)(tensor(inv_freq(128)), 777, table)
+    np.testing.assert_allclose(table.numpy(), rope_table(inv_freq(128), 777), atol=2e-4)
+
+
+@pytest.mark.parametrize("n, pos", [(1, 0), (5, 17), (300, 1000)])
+def test_kv_append(n, pos):
+    rng = np.random.default_rng(n)
+    kv = rng.standard_normal((NUM_LAYERS, 2, 3, 1400, 64)).astype(np.float16)
+    k, v = (rng.standard_normal((n, 3, 64)).astype(np.float16) for _ in range(2))
+    out = tensor(kv)
+    build(cache_ops.make_kv_append, NUM_LAYERS, 3, 64, "float16")(out, tensor(k), tensor(v), LAYER, pos)
+    expected = kv.copy()
+    expected[LAYER, 0, :, pos:pos + n] = k.transpose(1, 0, 2)
+    expected[LAYER, 1, :, pos:pos + n] = v.transpose(1, 0, 2)
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_iota_and_last_row():
+    rows = tensor(np.full(1000, -1, np.int32))
+    build(cache_ops.make_iota)(1000, rows)
+    np.testing.assert_array_equal(rows.numpy(), np.arange(1000))
+    x = np.random.default_rng(0).standard_normal((37, 576)).astype(np.float32)
+    last = tensor(np.full((1, 576), np.nan, np.float32))
+    build(cache_ops.make_last_row, 576, "float32")(tensor(x), last)
+    np.testing.assert_array_equal(last.numpy()[0], x[-1])
+
+
+CASES = [
+    # n_heads, n_kv, head_dim, dtype, n (queries), M (attended rows), capacity
+    (4, 4, 64, "float32", 1, 1, 64),         # group 1, single key
+    (9, 3, 64, "float32", 1, 300, 1200),     # SmolLM2 heads (group 3), decode
+    (8, 2, 128, "float16", 1, 4099, 5000),   # group 4, M not a multiple of the chunk
+    (16, 2, 128, "float32", 7, 513, 900),    # group 8, prefill chunk, M = 2 chunks + 1
+    (32, 8, 128, "float16", 64, 257, 300),   # Llama-3-8B heads, chunk one key past a tile
+    (6, 2, 64, "float16", 40, 40, 40),       # prefill from empty: causal only
+]
+
+
+@pytest.mark.parametrize("n_heads, n_kv, head_dim, dtype, n, m, capacity", CASES)
+def test_attention(n_heads, n_kv, head_dim, dtype, n, m, capacity):
+    rng = np.random.default_rng(m + n)
+    kv = rng.standard_normal((NUM_LAYERS, 2, n_kv, capacity, head_dim)).astype(dtype)
+    q = rng.standard_normal((n, n_heads, head_dim)).astype(dtype)
+    rows = np.sort(rng.choice(capacity, m, replace=False)).astype(np.int32)
+    table = rope_table(inv_freq(head_dim), m)
+    chunks = attn.num_chunks(m)
+    o = tensor(np.full((n, chunks, n_heads, head_dim), np.nan, np.float32))
+    lse = tensor(np.full((n, chunks, n_heads), np.nan, np.float32))
+    out = tensor(np.full((n, n_heads, head_dim), np.nan, dtype))
+    partial = build(attn.make_attention_partial, NUM_LAYERS, n_heads, n_kv, head_dim, dtype)
+    partial(tensor(q), tensor(kv), tensor(table.astype(np.float32)), tensor(rows), LAYER, o, lse)
+    build(attn.make_attention_merge, n_heads, head_dim, dtype)(o, lse, out)
+    expected = attention(q, kv[LAYER, 0][:, rows], kv[LAYER, 1][:, rows], table)
+    tol = 2e-3 if dtype == "float16" else 1e-5
+    np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=tol, atol=tol)

@@ -1,0 +1,78 @@
+"""Speed measurements of an Engine: prefill tok/s and decode tok/s at a given context length."""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Any
+
+import numpy as np
+import tvm
+
+from tsedge.engine import Engine
+
+
+def random_ids(engine: Engine, count: int, seed: int = 0) -> list[int]:
+    vocab = engine.meta.model.vocab_size
+    return np.random.default_rng(seed).integers(100, vocab, count).tolist()
+
+
+def fill_random(engine: Engine, length: int, seed: int = 0) -> None:
+    """Make the cache hold ``length`` tokens of random K/V without running prefill.
+
+    Decode time depends on the context length, not on its content: this measures decode at 32K
+    tokens without a 32K prefill. On a GPU the fill runs on the device (through torch).
+    """
+    engine.reset()
+    engine.cache.check_room(length)
+    kv = engine.cache.tensor
+    if engine.device.device_type == tvm.cpu(0).device_type:
+        shape = list(kv.shape)
+        shape[3] = length
+        block = np.random.default_rng(seed).standard_normal(shape).astype(engine.meta.dtype)
+        full = np.zeros(kv.shape, engine.meta.dtype)
+        full[:, :, :, :length] = block
+        kv.copyfrom(full)
+    else:
+        import torch
+
+        torch.manual_seed(seed)
+        torch.from_dlpack(kv).normal_()
+    engine.cache.tokens = random_ids(engine, length, seed)
+
+
+def prefill_speed(engine: Engine, length: int, seed: int = 0) -> dict[str, float]:
+    """Prefill ``length`` random tokens from an empty cache (chunked as the engine is set)."""
+    ids = random_ids(engine, length, seed)
+    engine.reset()
+    engine.prefill(ids[:8])  # warm-up: first calls allocate
+    engine.reset()
+    start = time.perf_counter()
+    engine.prefill(ids)
+    seconds = time.perf_counter() - start
+    return {"tokens": length, "seconds": round(seconds, 4), "tok_per_s": round(length / seconds, 2)}
+
+
+def decode_speed(engine: Engine, context: int, steps: int = 64, fill: str = "random") -> dict[str, float]:
+    """Greedy-free decode steps after ``context`` cached tokens (filled randomly or by prefill)."""
+    if fill == "random":
+        fill_random(engine, context)
+    else:
+        engine.reset()
+        engine.prefill(random_ids(engine, context))
+    engine.cache.check_room(steps + 2)
+    engine.decode(1)  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.decode(1)
+    seconds = time.perf_counter() - start
+    return {"context": context, "steps": steps, "ms_per_token": round(1000 * seconds / steps, 3),
+            "tok_per_s": round(steps / seconds, 2)}
+
+
+def machine_info(engine: Engine) -> dict[str, Any]:
+    info = {"target": engine.meta.target, "dtype": engine.meta.dtype, "model": engine.meta.model.name,
+            "policy": engine.meta.policy.name, "host": platform.node(), "cpu": platform.processor()}
+    if engine.device.device_type != tvm.cpu(0).device_type:
+        info["device"] = engine.device.device_name
+    return info
