@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tvm
+from tvm import relax
 from tvm.relax.backend.cuda import pipeline as cuda_passes
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
@@ -32,7 +33,8 @@ def relax_pipeline(target: Target):
 
     @tvm.transform.module_pass(opt_level=0, name="TsedgePipeline")
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
-        fuse = cuda_passes.legalize_passes(target)[:-1]  # without its dlight step
+        # x @ W^T as one matmul kernel (else W^T is materialised on every call)
+        fuse = [relax.transform.FuseTransposeMatmul()] + cuda_passes.legalize_passes(target)[:-1]
         finalize = cuda_passes.finalize_passes(target)
         if target.kind.name == "llvm":
             finalize = [p for p in finalize if p.info.name != "RewriteCUDAGraph"]

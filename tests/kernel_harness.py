@@ -20,18 +20,31 @@ import tvm
 
 MODE = os.environ.get("TSEDGE_KERNEL_MODE", "llvm")
 LIB_DIR = Path(os.environ.get("TSEDGE_KERNEL_DIR", "build/kernels"))
-LLVM = tvm.target.Target("llvm")
-CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+if MODE == "cuda-run":  # runtime-only TVM: no targets, no compiler, no TVMScript
+    import sys
+    import types
 
-if MODE == "cuda-run":
     import torch  # noqa: F401  (loads libcudart for TVM's CUDA runtime)
+
+    class _NoScript(types.ModuleType):
+        """Stands in for ``tvm.script.tirx`` so kernel modules import (factories are never called:
+        their libraries were built beforehand)."""
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: args[0] if args and callable(args[0]) else None
+
+    sys.modules["tvm.script"] = types.ModuleType("tvm.script")
+    sys.modules["tvm.script"].tirx = sys.modules["tvm.script.tirx"] = _NoScript("tvm.script.tirx")
 
     from tsedge.engine import _load_cuda_runtime
 
     _load_cuda_runtime()
     DEV = tvm.cuda(0)
+    LLVM = CUDA = None
 else:
     DEV = tvm.cpu(0)
+    LLVM = tvm.target.Target("llvm")
+    CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
 
 
 @functools.lru_cache(maxsize=None)

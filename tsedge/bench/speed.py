@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import numpy as np
-import tvm
 
 from tsedge.engine import Engine
 
@@ -26,7 +25,7 @@ def fill_random(engine: Engine, length: int, seed: int = 0) -> None:
     engine.reset()
     engine.cache.check_room(length)
     kv = engine.cache.tensor
-    if engine.device.device_type == tvm.cpu(0).device_type:
+    if not engine.meta.target.startswith("cuda"):
         shape = list(kv.shape)
         shape[3] = length
         block = np.random.default_rng(seed).standard_normal(shape).astype(engine.meta.dtype)
@@ -73,6 +72,6 @@ def decode_speed(engine: Engine, context: int, steps: int = 64, fill: str = "ran
 def machine_info(engine: Engine) -> dict[str, Any]:
     info = {"target": engine.meta.target, "dtype": engine.meta.dtype, "model": engine.meta.model.name,
             "policy": engine.meta.policy.name, "host": platform.node(), "cpu": platform.processor()}
-    if engine.device.device_type != tvm.cpu(0).device_type:
+    if engine.meta.target.startswith("cuda"):
         info["device"] = engine.device.device_name
     return info

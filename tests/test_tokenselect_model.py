@@ -1,0 +1,240 @@
+"""TokenSelect and StreamingLLM in the whole compiled model: SmolLM2-135M on the CPU.
+
+Small budgets (16 sinks, 128 selected, 64 local, chunks of 64) so that a few hundred tokens go
+through ``prefill_select``/``decode_select``. Checks: exactly dense within the budget; beyond it,
+equal to a NumPy float64 model running the reference semantics (tests/tokenselect_reference.py)
+and close to dense; selection-cache counters; the row-list kernel.
+"""
+
+from __future__ import annotations
+
+import attention_reference as aref
+import numpy as np
+import pydoc_data.topics
+import pytest
+import tokenselect_reference as tref
+import tvm
+
+from tsedge.compile.build import compile_library
+from tsedge.compile.targets import parse_target
+from tsedge.engine import Engine
+from tsedge.models.config import PolicyConfig
+from tsedge.tir_kernels.select_rows import make_select_rows
+from tsedge.weights import ModelSource, load_source
+
+BUDGETS = dict(n_init=16, n_local=64, top_k=128, chunk_size=64)
+MAX_CONTEXT = 1024
+TEXT = pydoc_data.topics.topics["execmodel"]  # natural English prose, ships with CPython
+
+
+@pytest.fixture(scope="module")
+def source() -> ModelSource:
+    return load_source("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def text_ids(source) -> list[int]:
+    return source.tokenizer.encode(TEXT)
+
+
+@pytest.fixture(scope="module")
+def engines(source, tmp_path_factory):
+    """``engines(**policy)``: an Engine (reset) on a library compiled once per policy."""
+    built: dict[tuple, Engine] = {}
+
+    def get(**policy) -> Engine:
+        key = tuple(sorted(policy.items()))
+        if key not in built:
+            path = tmp_path_factory.mktemp("lib") / "model.so"
+            compile_library(source.config, PolicyConfig(**policy), parse_target("llvm"), "float32",
+                            MAX_CONTEXT, path)
+            built[key] = Engine(path, source, prefill_chunk=BUDGETS["chunk_size"])
+        built[key].reset()
+        return built[key]
+
+    return get
+
+
+def dense(engines) -> Engine:
+    return engines(name="dense")
+
+
+def tokenselect(engines, **overrides) -> Engine:
+    return engines(**{"name": "tokenselect", **BUDGETS, **overrides})
+
+
+def streaming(engines) -> Engine:
+    return engines(**{"name": "streaming", **BUDGETS, "top_k": 0})
+
+
+def forced_logits(engine: Engine, prompt: list[int], tokens: list[int]) -> list[np.ndarray]:
+    """Logits after the prompt and after each of ``tokens`` fed in turn (teacher forcing)."""
+    return [engine.prefill(prompt)] + [engine.decode(t) for t in tokens]
+
+
+def greedy(engine: Engine, prompt: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy continuation: (tokens, logits before each token)."""
+    logits = [engine.prefill(prompt)]
+    tokens = [int(np.argmax(logits[0]))]
+    for _ in range(steps - 1):
+        logits.append(engine.decode(tokens[-1]))
+        tokens.append(int(np.argmax(logits[-1])))
+    return tokens, logits
+
+
+def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """KL(softmax(p) || softmax(q)) in nats."""
+    lp = p_logits - np.logaddexp.reduce(p_logits.astype(np.float64))
+    lq = q_logits - np.logaddexp.reduce(q_logits.astype(np.float64))
+    return float(np.sum(np.exp(lp) * (lp - lq)))
+
+
+class ReferenceModel:
+    """SmolLM2 in NumPy float64 with the policy's semantics (prefill in chunks, then decode)."""
+
+    def __init__(self, source: ModelSource, policy: PolicyConfig, capacity: int) -> None:
+        cfg = self.cfg = source.config
+        self.policy = policy
+        self.w = {name: a.astype(np.float64) for name, a in source.tensors()}
+        self.table = aref.rope_table(cfg.inv_freq(), capacity)
+        self.kv = np.zeros((cfg.num_layers, 2, cfg.num_kv_heads, capacity, cfg.head_dim))
+        self.cache_qbar = np.zeros((cfg.num_layers, cfg.num_heads, cfg.head_dim), np.float32)
+        self.cache_idx = np.zeros((cfg.num_layers, policy.top_k), np.int32)
+        self.state = np.zeros((cfg.num_layers, 4), np.int32)
+        self.past = 0
+
+    def rows(self, layer: int, q: np.ndarray, length: int, decode: bool) -> np.ndarray:
+        p = self.policy
+        if length <= p.budget:
+            return np.arange(length)
+        if p.name == "tokenselect":
+            qbar = tref.fingerprint(q, self.table.astype(np.float32), p.n_local).astype(np.float32)
+            if not tref.cache_check(qbar, self.cache_qbar, self.state, layer,
+                                    p.selection_threshold, force_miss=not decode):
+                crit = tref.criticality(qbar.astype(np.float64), self.kv, layer, length, p.n_init,
+                                        p.n_local, p.pool_kernel)
+                self.cache_idx[layer] = tref.topk_positions(crit, p.top_k, p.n_init)
+        return np.concatenate([np.arange(p.n_init), self.cache_idx[layer],
+                               np.arange(length - p.n_local, length)])
+
+    def step(self, ids: list[int], decode: bool) -> np.ndarray:
+        cfg, w = self.cfg, self.w
+        n, length = len(ids), self.past + len(ids)
+        x = w["model.embed_tokens.weight"][ids]
+        for layer in range(cfg.num_layers):
+            def p(name: str) -> np.ndarray:
+                return w[f"model.layers.{layer}.{name}.weight"]
+
+            h = self.norm(x, p("input_layernorm"))
+            q, k, v = (h @ p(f"self_attn.{m}_proj").T for m in "qkv")
+            q = q.reshape(n, cfg.num_heads, cfg.head_dim)
+            self.kv[layer, 0, :, self.past:length] = k.reshape(n, cfg.num_kv_heads, -1).transpose(1, 0, 2)
+            self.kv[layer, 1, :, self.past:length] = v.reshape(n, cfg.num_kv_heads, -1).transpose(1, 0, 2)
+            rows = self.rows(layer, q, length, decode)
+            o = aref.attention(q, self.kv[layer, 0][:, rows], self.kv[layer, 1][:, rows], self.table)
+            x = x + o.reshape(n, -1) @ p("self_attn.o_proj").T
+            h = self.norm(x, p("post_attention_layernorm"))
+            gate = h @ p("mlp.gate_proj").T
+            x = x + (gate / (1 + np.exp(-gate)) * (h @ p("mlp.up_proj").T)) @ p("mlp.down_proj").T
+        self.past = length
+        return self.norm(x[-1], w["model.norm.weight"]) @ w["model.embed_tokens.weight"].T
+
+    def norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.cfg.rms_norm_eps) * weight
+
+    def forced_logits(self, prompt: list[int], tokens: list[int], chunk: int) -> list[np.ndarray]:
+        for start in range(0, len(prompt), chunk):
+            logits = self.step(prompt[start:start + chunk], decode=False)
+        return [logits] + [self.step([t], decode=True) for t in tokens]
+
+
+# ---- the row-list kernel ---------------------------------------------------------------------------
+@pytest.mark.parametrize("n_init, top_k, n_local, length", [
+    (4, 10, 6, 60), (16, 128, 64, 209), (0, 33, 5, 1000), (3, 0, 7, 50), (1, 300, 2, 303)])
+def test_select_rows_matches_numpy(n_init, top_k, n_local, length):
+    rng = np.random.default_rng(length)
+    num_layers, layer = 3, 1
+    candidates = np.arange(n_init, length - n_local)
+    cache_idx = np.stack([np.sort(rng.choice(candidates, top_k, replace=False))
+                          for _ in range(num_layers)]).astype(np.int32)
+    func = make_select_rows(num_layers, n_init, top_k, n_local, tvm.target.Target("llvm"))
+    kernel = tvm.compile(tvm.IRModule({"main": func}), target="llvm")["main"]
+    rows = tvm.runtime.tensor(np.full(n_init + top_k + n_local, -7, np.int32))
+    if top_k:
+        kernel(tvm.runtime.tensor(cache_idx), layer, length, rows)
+    else:
+        kernel(length, rows)
+    want = np.concatenate([np.arange(n_init), cache_idx[layer, :top_k],
+                           np.arange(length - n_local, length)])
+    np.testing.assert_array_equal(rows.numpy(), want)
+
+
+@pytest.mark.parametrize("top_k", [128, 0])
+def test_select_rows_cuda_codegen(top_k):
+    cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    lib = tvm.compile(tvm.IRModule({"main": make_select_rows(4, 16, top_k, 64, cuda)}), target=cuda)
+    assert "__global__" in lib.mod.imports_[0].inspect_source()
+
+
+@pytest.mark.parametrize("name", ["tokenselect", "streaming"])
+def test_chunk_larger_than_local_window_rejected(name):
+    with pytest.raises(ValueError, match="chunk_size=128 > n_local=64"):
+        PolicyConfig(name=name, n_init=16, n_local=64, top_k=128, chunk_size=128)
+
+
+# ---- whole model ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", [tokenselect, streaming])
+def test_within_budget_equals_dense(engines, text_ids, policy):
+    """Up to exactly the budget the selecting library runs dense code: same bits, same tokens."""
+    engine = policy(engines)
+    steps = 16
+    prompt = text_ids[:engine.meta.policy.budget - steps + 1]  # the last step ends at the budget
+    tokens, logits = greedy(engine, prompt, steps)
+    assert len(engine.cache) == engine.meta.policy.budget
+    want_tokens, want_logits = greedy(dense(engines), prompt, steps)
+    assert tokens == want_tokens
+    for got, want in zip(logits, want_logits):
+        np.testing.assert_array_equal(got, want)
+    assert engine.selection_stats() in (None, {"hits": 0, "lookups": 0})
+
+
+@pytest.mark.parametrize("policy", [tokenselect, streaming])
+def test_beyond_budget_matches_numpy_reference(engines, source, text_ids, policy):
+    """Selection, cache decisions, row lists and re-assigned positions equal the reference."""
+    engine = policy(engines)
+    prompt, tokens = text_ids[:300], text_ids[300:306]
+    got = forced_logits(engine, prompt, tokens)
+    ref = ReferenceModel(source, engine.meta.policy, MAX_CONTEXT)
+    want = ref.forced_logits(prompt, tokens, BUDGETS["chunk_size"])
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-3)
+    if engine.meta.policy.name == "tokenselect":
+        lookups = len(tokens) * source.config.num_layers
+        assert engine.selection_stats() == {"hits": int(ref.state[:, 2].sum()), "lookups": lookups}
+
+
+def test_beyond_budget_close_to_dense(engines, text_ids):
+    """~600 tokens with a 208-token budget: next-token distributions stay near dense."""
+    prompt, steps = text_ids[:600], 16
+    tokens, want = greedy(dense(engines), prompt, steps + 1)
+    got = forced_logits(tokenselect(engines), prompt, tokens[:steps])
+    assert all(np.isfinite(g).all() for g in got)
+    top1 = np.mean([np.argmax(g) == np.argmax(w) for g, w in zip(got, want)])
+    kl = np.mean([kl_divergence(w, g) for g, w in zip(got, want)])
+    print(f"tokenselect vs dense over {steps + 1} steps: top-1 agreement {top1:.3f}, mean KL {kl:.4f}")
+    assert top1 >= 0.75
+    assert kl <= 0.25
+
+
+@pytest.mark.parametrize("threshold, all_hit", [(-1.0, True), (1.5, False)])
+def test_selection_cache_counters(engines, source, text_ids, threshold, all_hit):
+    """cos >= -1 always holds (every decode lookup hits), cos >= 1.5 never does; prefill chunks
+    are forced misses and not counted; ``reset`` clears the counters."""
+    engine = tokenselect(engines, selection_threshold=threshold)
+    steps = 5
+    logits = forced_logits(engine, text_ids[:300], text_ids[300:300 + steps])
+    assert all(np.isfinite(g).all() for g in logits)
+    lookups = steps * source.config.num_layers
+    assert engine.selection_stats() == {"hits": lookups if all_hit else 0, "lookups": lookups}
+    engine.reset()
+    assert engine.selection_stats() == {"hits": 0, "lookups": 0}

@@ -1,0 +1,270 @@
+"""``tsedge`` command line: compile, convert, generate, chat, models, bench, eval."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from tsedge.models.config import POLICIES, PRESETS, PolicyConfig
+
+DEFAULT_MODEL = "smollm2-135m"
+TARGET_HELP = "llvm | cuda | cuda:sm_XX (default: cuda when a CUDA GPU is visible, else llvm)"
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def _errors(func):
+    """Turn the toolkit's user-facing errors into one clean CLI error line."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from tsedge.fetch import FetchError
+
+        try:
+            return func(*args, **kwargs)
+        except (ValueError, FetchError, FileNotFoundError, NotImplementedError) as err:
+            _fail(str(err))
+
+    return wrapper
+
+
+def policy_options(func):
+    """--policy and the budgets of selecting policies (TokenSelect paper defaults)."""
+    defaults = PolicyConfig()
+    options = [
+        click.option("--policy", type=click.Choice(POLICIES), default="dense", show_default=True),
+        click.option("--n-init", type=int, default=defaults.n_init, show_default=True, help="sink tokens"),
+        click.option("--n-local", type=int, default=defaults.n_local, show_default=True, help="recent tokens"),
+        click.option("--top-k", type=int, default=defaults.top_k, show_default=True, help="selected tokens"),
+        click.option("--chunk-size", type=int, default=defaults.chunk_size, show_default=True,
+                     help="prefill chunk (tokens)"),
+        click.option("--selection-threshold", type=float, default=defaults.selection_threshold,
+                     show_default=True, help="Selection Cache cosine threshold"),
+        click.option("--pool-kernel", type=int, default=defaults.pool_kernel, show_default=True,
+                     help="max-pool smoothing of criticality (0 = off)"),
+        click.option("--max-context", type=int, default=None,
+                     help="KV cache size in tokens (default: the model's window, at most 8192; "
+                          "32768 for selecting policies)"),
+        click.option("--dtype", type=click.Choice(["auto", "float16", "float32"]), default="auto",
+                     show_default=True, help="auto: float16 on GPUs, float32 on CPUs"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _policy(kw: dict) -> PolicyConfig:
+    return PolicyConfig(kw["policy"], kw["n_init"], kw["n_local"], kw["top_k"], kw["chunk_size"],
+                        kw["selection_threshold"], kw["pool_kernel"])
+
+
+def _max_context(kw: dict, policy: PolicyConfig, window: int) -> int:
+    if kw["max_context"]:
+        return kw["max_context"]
+    return min(window, 8192) if policy.name == "dense" else 32768
+
+
+def _target(name: str | None) -> str:
+    from tsedge.compile.targets import default_target_name, parse_target, target_name
+
+    return target_name(parse_target(name or default_target_name()))
+
+
+def _engine(model: str, target: str | None, lib: str | None, kw: dict):
+    """Engine for ``model``: the given library, or the cached one (compiled on first use)."""
+    from tsedge.engine import Engine
+    from tsedge.library_cache import ensure_library
+    from tsedge.weights import load_source
+
+    source = load_source(model)
+    policy = _policy(kw)
+    if lib is None:
+        log = functools.partial(click.echo, err=True)
+        lib = ensure_library(source.config, policy, _target(target), kw["dtype"],
+                             _max_context(kw, policy, source.config.context_window), log=log)
+    return Engine(lib, source, prefill_chunk=policy.chunk_size)
+
+
+@click.group()
+@click.version_option(package_name="tsedge")
+def main() -> None:
+    """Compiled long-context LLM inference with TokenSelect KV-cache selection (Apache TVM)."""
+
+
+@main.command()
+def models() -> None:
+    """List model presets (any Llama-family HF folder or GGUF also works via --model PATH)."""
+    from tsedge.weights import EMBEDDED
+
+    for name, cfg in PRESETS.items():
+        weights = "embedded (downloaded on first use)" if name in EMBEDDED else "bring a HF folder/GGUF"
+        click.echo(f"{name:14s} layers={cfg.num_layers:<3d} hidden={cfg.hidden_size:<5d} "
+                   f"heads={cfg.num_heads}/{cfg.num_kv_heads} window={cfg.context_window:<7d} {weights}")
+
+
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="preset name, .gguf or HF folder")
+@click.option("--target", default=None, help=TARGET_HELP)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="library file (.so)")
+@policy_options
+@_errors
+def compile(model: str, target: str | None, output: str | None, **kw) -> None:  # noqa: A001
+    """Compile a model library (.so plus .json metadata)."""
+    from tsedge.compile.build import compile_library
+    from tsedge.compile.targets import parse_target
+    from tsedge.weights import load_source
+
+    cfg = PRESETS[model] if model in PRESETS and not Path(model).exists() else load_source(model).config
+    policy = _policy(kw)
+    target_name = _target(target)
+    out = Path(output or f"{cfg.name}-{policy.name}-{target_name.replace(':', '_')}.so")
+    meta = compile_library(cfg, policy, parse_target(target_name), kw["dtype"],
+                           _max_context(kw, policy, cfg.context_window), out)
+    click.echo(f"wrote {out} and {out.with_suffix('.json')} ({meta.target}, {meta.dtype}, "
+               f"max context {meta.max_context}, {meta.compile_seconds} s)")
+
+
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="weights folder")
+@_errors
+def convert(model: str, output: str) -> None:
+    """Write a weights folder (float16 safetensors, config, tokenizer) that loads without conversion."""
+    from tsedge.weights import load_source, save_weights_folder
+
+    source = load_source(model)
+    save_weights_folder(output, source.tensors(), source.config, source.tokenizer,
+                        {"model": source.config.name, "source": str(source.path)})
+    click.echo(f"wrote {output}")
+
+
+def _prompt_ids(engine, prompt: str, raw: bool) -> list[int]:
+    tok = engine.tokenizer
+    text = prompt if raw else tok.apply_chat_template([{"role": "user", "content": prompt}])
+    return tok.encode(text)
+
+
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--target", default=None, help=TARGET_HELP)
+@click.option("--lib", type=click.Path(dir_okay=False), default=None, help="use this compiled library")
+@click.option("--prompt", default=None)
+@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--raw", is_flag=True, help="no chat template")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@policy_options
+@_errors
+def generate(model, target, lib, prompt, prompt_file, max_new_tokens, temperature, top_p, seed,
+             raw, as_json, **kw) -> None:
+    """Generate a continuation of one prompt."""
+    from tsedge.sampling import SamplingParams
+
+    if (prompt is None) == (prompt_file is None):
+        _fail("give exactly one of --prompt or --prompt-file")
+    text = prompt if prompt is not None else Path(prompt_file).read_text()
+    engine = _engine(model, target, lib, kw)
+    ids = _prompt_ids(engine, text, raw)
+    stream = engine.tokenizer.stream(skip_special_tokens=True)
+
+    def echo(token: int) -> None:
+        if not as_json:
+            click.echo(stream.push(token), nl=False)
+
+    result = engine.generate(ids, max_new_tokens, SamplingParams(temperature, top_p, seed), on_token=echo)
+    if not as_json:
+        click.echo(stream.flush())
+        return
+    out = {"text": engine.tokenizer.decode(result.tokens, skip_special_tokens=True),
+           "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.tokens),
+           "ttft_s": round(result.ttft_s, 4), "decode_tok_per_s": round(result.decode_tok_per_s, 2),
+           "stopped": result.stopped, "policy": engine.meta.policy.name, "target": engine.meta.target}
+    stats = engine.selection_stats()
+    if stats is not None:
+        out["selection_cache_hit_rate"] = stats["hits"] / stats["lookups"] if stats["lookups"] else 0.0
+    click.echo(json.dumps(out))
+
+
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--target", default=None, help=TARGET_HELP)
+@click.option("--lib", type=click.Path(dir_okay=False), default=None)
+@click.option("--max-new-tokens", type=int, default=512, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@policy_options
+@_errors
+def chat(model, target, lib, max_new_tokens, temperature, seed, **kw) -> None:
+    """Interactive chat: /reset clears the conversation, /exit quits, Ctrl-C stops a reply."""
+    from tsedge.chat import ChatSession
+    from tsedge.sampling import SamplingParams
+
+    session = ChatSession(_engine(model, target, lib, kw), SamplingParams(temperature, 1.0, seed),
+                          max_new_tokens)
+    click.echo("tsedge chat — /reset to clear, /exit to quit, Ctrl-C stops a reply", err=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            session.reset()
+            click.echo("[conversation cleared]", err=True)
+            continue
+        if not line.strip():
+            continue
+        try:
+            session.send(line, lambda text: click.echo(text, nl=False))
+        except KeyboardInterrupt:
+            session.interrupted()
+            click.echo(" [stopped]", err=True)
+        click.echo()
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks (results written to bench/results/*.json)."""
+
+
+@bench.command("speed")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--target", default=None, help=TARGET_HELP)
+@click.option("--lib", type=click.Path(dir_okay=False), default=None)
+@click.option("--prefill", "prefill_lengths", default="2048,7168", show_default=True)
+@click.option("--decode-context", "decode_contexts", default="128,2048", show_default=True)
+@click.option("--steps", type=int, default=64, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
+@policy_options
+@_errors
+def bench_speed(model, target, lib, prefill_lengths, decode_contexts, steps, output, **kw) -> None:
+    """Prefill tok/s at the given lengths and decode tok/s after the given contexts."""
+    from tsedge.bench.speed import decode_speed, machine_info, prefill_speed
+
+    engine = _engine(model, target, lib, kw)
+    result = {"info": machine_info(engine), "prefill": [], "decode": []}
+    for length in map(int, prefill_lengths.split(",")):
+        result["prefill"].append(prefill_speed(engine, length))
+        click.echo(f"prefill {length:6d} tokens: {result['prefill'][-1]['tok_per_s']:8.1f} tok/s")
+    for context in map(int, decode_contexts.split(",")):
+        result["decode"].append(decode_speed(engine, context, steps, fill="prefill"))
+        click.echo(f"decode after {context:6d}: {result['decode'][-1]['tok_per_s']:8.1f} tok/s")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=1))
+        click.echo(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

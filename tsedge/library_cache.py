@@ -1,0 +1,50 @@
+"""Compile-on-first-use: model libraries cached by a hash of everything that shapes them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import tsedge
+from tsedge.fetch import cache_dir
+from tsedge.models.config import ModelConfig, PolicyConfig
+
+
+def _source_digest() -> str:
+    """Hash of the compiler-side sources, so a changed kernel never reuses a stale library."""
+    import tsedge.compile
+    import tsedge.models
+    import tsedge.tir_kernels
+
+    digest = hashlib.sha256()
+    for package in (tsedge.models, tsedge.tir_kernels, tsedge.compile):
+        for path in sorted(Path(package.__file__).parent.rglob("*.py")):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def library_path(cfg: ModelConfig, policy: PolicyConfig, target: str, dtype: str, max_context: int) -> Path:
+    """Where the library for these inputs lives in the cache."""
+    key = json.dumps({"model": cfg.to_dict(), "policy": policy.to_dict(), "target": target,
+                      "dtype": dtype, "max_context": max_context, "version": tsedge.__version__,
+                      "sources": _source_digest()}, sort_keys=True)
+    name = f"{cfg.name}-{policy.name}-{target.replace(':', '_')}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    return cache_dir() / "libs" / name
+
+
+def ensure_library(cfg: ModelConfig, policy: PolicyConfig, target: str, dtype: str, max_context: int,
+                   log=print) -> Path:
+    """The cached library for these inputs, compiled now if missing."""
+    from tsedge.compile.build import compile_library, resolve_dtype
+    from tsedge.compile.targets import parse_target, target_name
+
+    tvm_target = parse_target(target)
+    dtype = resolve_dtype(dtype, tvm_target)
+    path = library_path(cfg, policy, target_name(tvm_target), dtype, max_context)
+    if not (path.exists() and path.with_suffix(".json").exists()):
+        log(f"compiling {cfg.name} ({policy.name}, {target}, {dtype}, max context {max_context}) "
+            f"-> {path}")
+        meta = compile_library(cfg, policy, tvm_target, dtype, max_context, path)
+        log(f"compiled in {meta.compile_seconds} s")
+    return path
