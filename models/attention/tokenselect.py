@@ -88,9 +88,8 @@ class TokenSelectPolicy(DensePolicy):
             self.topk, "topk", args=[crit, sel_state, cache_idx, layer], inplace_indices=[2, -1],
             out=[_like(cache_idx), nn.Tensor.placeholder([WORKSPACE_SIZE], "int32")])
         step.state = [cache_qbar, cache_idx, sel_state]
-        size = self.policy.budget
         return op.tensor_ir_op(self.select_rows, "select_rows", args=[cache_idx, layer, length],
-                               out=nn.Tensor.placeholder([size], "int32"))
+                               out=nn.Tensor.placeholder([self.policy.budget], "int32"))
 
 
 class StreamingPolicy(DensePolicy):
