@@ -146,8 +146,9 @@ class PolicyConfig:
 
     @property
     def budget(self) -> int:
-        """Tokens attended per step when the context exceeds the budget (dense: unbounded)."""
-        return self.n_init + self.top_k + self.n_local
+        """Tokens attended per step once the context exceeds it (streaming selects no top-k)."""
+        selected = self.top_k if self.name == "tokenselect" else 0
+        return self.n_init + selected + self.n_local
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -166,6 +166,6 @@ class LlamaForCausalLM(nn.Module):
             "rope_table": {"num_pos": int, **mode},
         }
         if self.policy.selects:
-            functions["prefill_select"] = functions["prefill"]
-            functions["decode_select"] = functions["decode"]
+            functions["prefill_select"] = dict(functions["prefill"])  # from_raw pops "$"
+            functions["decode_select"] = dict(functions["decode"])
         return nn.spec.ModuleSpec.from_raw(functions, self)

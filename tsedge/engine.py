@@ -99,6 +99,8 @@ class Engine:
         if params is None:
             raise ValueError("Engine needs weights or params")
         self.params = params
+        if self.meta.policy.name != "dense":  # a chunk must fit the policy's local window
+            prefill_chunk = min(prefill_chunk, self.meta.policy.chunk_size)
         self.prefill_chunk = prefill_chunk
         capacity = max_context or self.meta.max_context
         if capacity > self.meta.max_context:
