@@ -266,5 +266,42 @@ def bench_speed(model, target, lib, prefill_lengths, decode_contexts, steps, out
         click.echo(f"wrote {output}")
 
 
+@main.group("eval")
+def eval_group() -> None:
+    """Accuracy tasks (results written to bench/results/*.json)."""
+
+
+@eval_group.command("passkey")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--target", default=None, help=TARGET_HELP)
+@click.option("--lib", type=click.Path(dir_okay=False), default=None)
+@click.option("--lengths", default="2048,4096,8192,16384,32768", show_default=True, help="prompt tokens")
+@click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True, help="key position (0-1)")
+@click.option("--keys", "keys_per_cell", type=int, default=10, show_default=True, help="keys per cell")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
+@policy_options
+@_errors
+def eval_passkey(model, target, lib, lengths, depths, keys_per_cell, seed, output, **kw) -> None:
+    """Passkey retrieval (TokenSelect README task) over lengths x depths."""
+    from tsedge.eval.passkey import format_table, run_passkey
+
+    lengths = [int(x) for x in lengths.split(",")]
+    if not kw["max_context"]:
+        kw["max_context"] = max(lengths) + 256
+    engine = _engine(model, target, lib, kw)
+
+    def progress(cell: dict) -> None:
+        click.echo(f"{cell['length']:6d} tokens, depth {cell['depth']:.2f}: {cell['score']:.0%}", err=True)
+
+    result = run_passkey(engine, lengths, [float(x) for x in depths.split(",")], keys_per_cell, seed,
+                         progress=progress)
+    click.echo(format_table(result))
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=1))
+        click.echo(f"wrote {output}", err=True)
+
+
 if __name__ == "__main__":
     sys.exit(main())
