@@ -3,7 +3,8 @@
 ``TSEDGE_KERNEL_MODE``:
 - unset / ``llvm``: compile for this CPU and run (CI);
 - ``cuda-build``: compile every kernel a test asks for into ``TSEDGE_KERNEL_DIR`` as a CUDA
-  library with an embedded fatbin, then skip the test (run here, before a device run);
+  library with an embedded fatbin and hand the test a no-op (its checks then fail: only the
+  libraries matter; run here, before a device run);
 - ``cuda-run``: load those libraries and run the same tests, with the same references, on GPU 0
   (``bench/device/run.sh`` does this on the lent H100; needs only the TVM runtime).
 """
@@ -13,15 +14,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 from pathlib import Path
 
-import pytest
 import tvm
 
 MODE = os.environ.get("TSEDGE_KERNEL_MODE", "llvm")
 LIB_DIR = Path(os.environ.get("TSEDGE_KERNEL_DIR", "build/kernels"))
 if MODE == "cuda-run":  # runtime-only TVM: no targets, no compiler, no TVMScript
-    import sys
     import types
 
     import torch  # noqa: F401  (loads libcudart for TVM's CUDA runtime)
@@ -52,7 +52,8 @@ def build(factory, *args):
     """The ``main`` function of ``factory(*args, target)`` for the current mode."""
     if MODE == "llvm":
         return tvm.compile(tvm.IRModule({"main": factory(*args, LLVM)}), target=LLVM)["main"]
-    key = hashlib.sha1(repr((factory.__module__, factory.__name__, args)).encode()).hexdigest()[:12]
+    source = Path(sys.modules[factory.__module__].__file__).read_bytes()  # a changed kernel rebuilds
+    key = hashlib.sha1(repr((factory.__name__, args)).encode() + source).hexdigest()[:12]
     path = LIB_DIR / f"{factory.__name__}-{key}.so"
     if MODE == "cuda-build":
         if not path.exists():
@@ -62,7 +63,7 @@ def build(factory, *args):
             with fatbin_build_context(CUDA):
                 lib = tvm.compile(tvm.IRModule({"main": factory(*args, CUDA)}), target=CUDA)
             lib.export_library(str(path))
-        pytest.skip(f"built {path.name} for CUDA; run with TSEDGE_KERNEL_MODE=cuda-run on a GPU")
+        return lambda *args: None
     if MODE != "cuda-run":
         raise ValueError(f"TSEDGE_KERNEL_MODE={MODE!r}: use llvm, cuda-build or cuda-run")
     return tvm.runtime.load_module(str(path))["main"]

@@ -36,10 +36,13 @@ def test_kv_append(n, pos):
     np.testing.assert_array_equal(out.numpy(), expected)
 
 
-def test_iota_and_last_row():
+def test_iota():
     rows = tensor(np.full(1000, -1, np.int32))
     build(cache_ops.make_iota)(1000, rows)
     np.testing.assert_array_equal(rows.numpy(), np.arange(1000))
+
+
+def test_last_row():
     x = np.random.default_rng(0).standard_normal((37, 576)).astype(np.float32)
     last = tensor(np.full((1, 576), np.nan, np.float32))
     build(cache_ops.make_last_row, 576, "float32")(tensor(x), last)

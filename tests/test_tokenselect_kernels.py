@@ -9,6 +9,7 @@ import tvm
 
 from kernel_harness import CUDA, MODE, build, tensor
 
+from tsedge.tir_kernels.select_rows import make_select_rows
 from tsedge.tir_kernels.selection_cache import make_selection_check
 from tsedge.tir_kernels.tokenselect_scoring import SCORE_BLOCKS, make_fingerprint, make_scoring
 from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
@@ -203,3 +204,22 @@ def test_cuda_codegen(dtype, head_dim):
         lib = tvm.compile(tvm.IRModule({"main": func}), target=CUDA)
         source = lib.mod.imports_[0].inspect_source()
         assert must_contain in source
+
+
+@pytest.mark.parametrize("n_init, top_k, n_local, length", [
+    (4, 10, 6, 60), (16, 128, 64, 209), (0, 33, 5, 1000), (3, 0, 7, 50), (1, 300, 2, 303)])
+def test_select_rows_matches_numpy(n_init, top_k, n_local, length):
+    rng = np.random.default_rng(length)
+    num_layers, layer = 3, 1
+    candidates = np.arange(n_init, length - n_local)
+    cache_idx = np.stack([np.sort(rng.choice(candidates, top_k, replace=False))
+                          for _ in range(num_layers)]).astype(np.int32)
+    kernel = build(make_select_rows, num_layers, n_init, top_k, n_local)
+    rows = tensor(np.full(n_init + top_k + n_local, -7, np.int32))
+    if top_k:
+        kernel(tensor(cache_idx), layer, length, rows)
+    else:
+        kernel(length, rows)
+    want = np.concatenate([np.arange(n_init), cache_idx[layer, :top_k],
+                           np.arange(length - n_local, length)])
+    np.testing.assert_array_equal(rows.numpy(), want)

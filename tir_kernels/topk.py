@@ -35,6 +35,11 @@ def order_key(x: tirx.PrimExpr) -> tirx.PrimExpr:
     return T.Cast("int64", flipped)
 
 
+def _active_chunk(state, layer, C, blocks):
+    """Candidates per block, 0 on a selection-cache hit (an expression evaluated on the device)."""
+    return T.if_then_else(state[layer, 0] == 0, T.ceildiv(C, blocks), T.int64(0))
+
+
 def make_topk(num_layers: int, top_k: int, n_init: int, target: Target) -> tirx.PrimFunc:
     """``cache_idx[layer] = sorted(n_init + top-k positions of crit)`` unless the cache hit.
 
@@ -79,12 +84,13 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target) -> tirx.
             out[0] = out[0] | (T.Cast("int64", ws[_DIGITS + q]) << T.int64(24 - 8 * q))
 
     @T.macro
-    def radix_pass(crit, state, ws, layer, C, chunk, p):
+    def radix_pass(crit, state, ws, layer, C, p):
         # p < 4: histogram of digit p over the keys matching digits 0..p-1 of tau;
         # p == 4: per-block counts of keys > tau and == tau
         for b in T.thread_binding(NB, thread="blockIdx.x"):
             for tx in T.thread_binding(threads, thread="threadIdx.x"):
                 with T.sblock("radix"):
+                    chunk: T.let[T.int64] = _active_chunk(state, layer, C, NB)
                     buf = T.sblock_alloc_buffer((bins,), "int32", scope="shared")
                     res = T.sblock_alloc_buffer((1,), "int32", scope="shared")
                     tmp = T.sblock_alloc_buffer((1,), "int32", scope="local")
@@ -133,23 +139,24 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target) -> tirx.
         cache_idx = T.match_buffer(cache_idx_h, (i64(num_layers), i64(k)), "int32")
         ws = T.match_buffer(ws_h, (i64(WORKSPACE_SIZE),), "int32")
         if gpu:
-            # on a cache hit every loop below runs zero times (no early return around barriers)
-            chunk: T.let[T.int64] = T.if_then_else(state[layer, 0] == 0, T.ceildiv(C, NB), T.int64(0))
+            # on a cache hit every loop below runs zero times (no early return around barriers);
+            # each kernel reads the hit flag itself (the host cannot read device memory)
             for tx in T.thread_binding(i64(_DIGITS), thread="threadIdx.x"):
                 with T.sblock("zero"):
                     if state[layer, 0] == 0:
                         ws[tx] = 0
                         if tx == 0:
                             ws[_KREM] = k
-            radix_pass(crit, state, ws, layer, C, chunk, 0)
-            radix_pass(crit, state, ws, layer, C, chunk, 1)
-            radix_pass(crit, state, ws, layer, C, chunk, 2)
-            radix_pass(crit, state, ws, layer, C, chunk, 3)
-            radix_pass(crit, state, ws, layer, C, chunk, 4)
+            radix_pass(crit, state, ws, layer, C, 0)
+            radix_pass(crit, state, ws, layer, C, 1)
+            radix_pass(crit, state, ws, layer, C, 2)
+            radix_pass(crit, state, ws, layer, C, 3)
+            radix_pass(crit, state, ws, layer, C, 4)
             # compaction: output slot = (#gt before) + min(#ties before, krem)
             for b in T.thread_binding(NB, thread="blockIdx.x"):
                 for tx in T.thread_binding(threads, thread="threadIdx.x"):
                     with T.sblock("compact"):
+                        chunk: T.let[T.int64] = _active_chunk(state, layer, C, NB)
                         buf = T.sblock_alloc_buffer((bins,), "int32", scope="shared")
                         tmp = T.sblock_alloc_buffer((1,), "int32", scope="local")
                         tau = T.sblock_alloc_buffer((1,), "int64", scope="local")

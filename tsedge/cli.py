@@ -88,7 +88,7 @@ def _engine(model: str, target: str | None, lib: str | None, kw: dict):
         log = functools.partial(click.echo, err=True)
         lib = ensure_library(source.config, policy, _target(target), kw["dtype"],
                              _max_context(kw, policy, source.config.context_window), log=log)
-    return Engine(lib, source, prefill_chunk=policy.chunk_size)
+    return Engine(lib, source, prefill_chunk=policy.chunk_size)  # capped by the library's policy
 
 
 @click.group()
@@ -301,6 +301,38 @@ def eval_passkey(model, target, lib, lengths, depths, keys_per_cell, seed, outpu
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=1))
         click.echo(f"wrote {output}", err=True)
+
+
+@eval_group.command("agreement")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--target", default=None, help=TARGET_HELP)
+@click.option("--dense-lib", type=click.Path(dir_okay=False), default=None, help="dense library")
+@click.option("--lib", type=click.Path(dir_okay=False), default=None, help="library of --policy")
+@click.option("--lengths", default="4096,8192", show_default=True, help="prompt tokens")
+@click.option("--steps", type=int, default=32, show_default=True, help="teacher-forced decode steps")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
+@policy_options
+@_errors
+def eval_agreement(model, target, dense_lib, lib, lengths, steps, output, **kw) -> None:
+    """Top-1 agreement and KL of --policy against dense on natural text (CPython's docs)."""
+    import pydoc_data.topics
+
+    from tsedge.eval.agreement import agreement
+
+    lengths = [int(x) for x in lengths.split(",")]
+    kw["max_context"] = kw["max_context"] or max(lengths) + steps + 256
+    candidate = _engine(model, target, lib, kw)
+    dense = _engine(model, target, dense_lib, {**kw, "policy": "dense"})
+    text_ids = dense.tokenizer.encode("\n\n".join(pydoc_data.topics.topics.values()))
+    results = []
+    for length in lengths:
+        results.append(agreement(dense, candidate, text_ids[:length], steps))
+        click.echo(f"{length:6d} tokens: top-1 agreement {results[-1]['top1_agreement']:.3f}, "
+                   f"mean KL {results[-1]['mean_kl']:.4f} nats, selection {results[-1]['selection']}")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps({"policy": candidate.meta.policy.to_dict(),
+                                            "target": candidate.meta.target, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

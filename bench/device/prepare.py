@@ -39,7 +39,7 @@ def main() -> None:
     result = engine.generate(prompt, max_new_tokens=32, stop_ids=[])
     (libs / "cpu_reference.json").write_text(json.dumps({"prompt": prompt, "greedy": result.tokens}))
     data = default_model_path().read_bytes()
-    half = len(data) // 2 + 8 * 2**20
+    half = 50 * 2**20  # part 1 travels with the kernel libraries, part 2 with the model libraries
     for i, part in enumerate((data[:half], data[half:]), 1):
         (CARRY / f"w{i}").mkdir(parents=True, exist_ok=True)
         (CARRY / f"w{i}" / "part").write_bytes(part)

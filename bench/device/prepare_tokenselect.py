@@ -1,0 +1,33 @@
+"""Libraries for the TokenSelect GPU run (passkey, agreement): SmolLM2-135M, cuda:sm_90, float16.
+
+Writes ``.carry/libs2/{dense,tokenselect,tokenselect-small}.so|json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tsedge.compile.build import compile_library
+from tsedge.compile.targets import parse_target
+from tsedge.models.config import PolicyConfig
+from tsedge.weights import load_source
+
+LONG = 65536 + 1024
+
+LIBS = {
+    "dense": (PolicyConfig(), LONG),
+    "tokenselect": (PolicyConfig("tokenselect"), LONG),  # paper budgets 128/512/2048, chunk 512
+    "tokenselect-small": (PolicyConfig("tokenselect", n_init=32, n_local=128, top_k=512, chunk_size=128),
+                          8192 + 512),
+}
+
+
+def main() -> None:
+    cfg = load_source("smollm2-135m").config
+    for name, (policy, context) in LIBS.items():
+        compile_library(cfg, policy, parse_target("cuda:sm_90"), "float16", context,
+                        Path(".carry/libs2") / f"{name}.so")
+
+
+if __name__ == "__main__":
+    main()
