@@ -64,6 +64,8 @@ SCORING_CASES = [
     (16, 2, 128, "float32", 1, 3, 300, 5),   # group 8
     (8, 1, 64, "float16", 5, 7, 13, 4),      # group 8, C = 1 < pool
     (8, 4, 128, "float16", 16, 64, 5001, 0),  # C not a multiple of any tile, many chunks
+    (9, 3, 64, "float16", 128, 512, 20011, 6),  # SmolLM2 heads at 20K: several rows per CUDA lane
+    (8, 2, 128, "float16", 128, 512, 70000, 0),  # Llama-3 heads at 70K tokens
 ]
 
 

@@ -163,12 +163,16 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target) -> tirx.
                         val = T.sblock_alloc_buffer((1,), "int32", scope="local")
                         n_gt = T.sblock_alloc_buffer((1,), "int32", scope="local")
                         n_eq = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                        run = T.sblock_alloc_buffer((2,), "int32", scope="local")  # (#gt, #eq) before
                         key_prefix(ws, 4, tau)
                         krem: T.let[T.int32] = ws[_KREM + 4]
                         val[0] = T.if_then_else(tx < b, ws[_COUNTS + 2 * tx], 0)
                         allreduce_sum_i32(val, n_gt, tx)
                         val[0] = T.if_then_else(tx < b, ws[_COUNTS + 2 * tx + 1], 0)
                         allreduce_sum_i32(val, n_eq, tx)
+                        # allreduce results are read-only: count on in a buffer of our own
+                        run[0] = n_gt[0]
+                        run[1] = n_eq[0]
                         for it in range(T.ceildiv(chunk, threads)):
                             t: T.let[T.int64] = b * chunk + it * threads + tx
                             inside: T.let[T.bool] = it * threads + tx < chunk and t < C
@@ -178,14 +182,14 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target) -> tirx.
                             T.tvm_storage_sync("shared")
                             buf[tx] = flag
                             block_scan(buf, tmp, tx)
-                            gt_before: T.let[T.int32] = n_gt[0] + ((buf[tx] - flag) >> 16)
-                            eq_before: T.let[T.int32] = n_eq[0] + ((buf[tx] - flag) & 65535)
+                            gt_before: T.let[T.int32] = run[0] + ((buf[tx] - flag) >> 16)
+                            eq_before: T.let[T.int32] = run[1] + ((buf[tx] - flag) & 65535)
                             if key > tau[0]:
                                 cache_idx[layer, gt_before + T.min(eq_before, krem)] = T.Cast("int32", n_init + t)
                             if key == tau[0] and eq_before < krem:
                                 cache_idx[layer, gt_before + eq_before] = T.Cast("int32", n_init + t)
-                            n_gt[0] = n_gt[0] + (buf[threads - 1] >> 16)
-                            n_eq[0] = n_eq[0] + (buf[threads - 1] & 65535)
+                            run[0] = run[0] + (buf[threads - 1] >> 16)
+                            run[1] = run[1] + (buf[threads - 1] & 65535)
         else:
             with T.sblock("topk"):
                 prefix = T.sblock_alloc_buffer((1,), "int64")
