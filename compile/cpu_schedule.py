@@ -22,16 +22,23 @@ def _static(extent) -> int | None:
     return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
 
 
+def _normalized(func, target: Target):
+    """(schedule, block infos) of a PrimFunc for an llvm target, or None."""
+    if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        return None
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    return None if infos is None else (sch, infos)
+
+
 class CpuMatmul(dl.ScheduleRule):
     """``C[i, j] = sum_k A[i, k] * B[k, j]`` (+ element-wise epilogue)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        normalized = _normalized(func, target)
+        if normalized is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
+        sch, infos = normalized
         reductions = [b for b in infos if b.is_reduction()]
         if len(reductions) != 1 or [it.kind for it in reductions[0].iters] not in (["S", "S", "R"], ["S", "R"]):
             return None
@@ -79,12 +86,10 @@ class CpuParallel(dl.ScheduleRule):
     """Parallel outer spatial loop of every block, vectorised inner loop when it is static."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        normalized = _normalized(func, target)
+        if normalized is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
+        sch, infos = normalized
         for info in infos:
             loops = sch.get_loops(info.block_rv)
             if loops and info.iters and info.iters[0].kind == "S":

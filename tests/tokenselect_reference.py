@@ -6,14 +6,14 @@ Layouts follow ``tir_kernels/common.py``: ``q[n, H, d]`` before RoPE, keys in
 
 from __future__ import annotations
 
+import attention_reference
 import numpy as np
 
 
 def rope_table(positions: int, head_dim: int, theta: float = 10000.0) -> np.ndarray:
     """``rope[p] = [cos(p * inv_freq), sin(p * inv_freq)]`` as float32."""
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    angles = np.outer(np.arange(positions, dtype=np.float64), inv_freq)
-    return np.concatenate([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    return attention_reference.rope_table(inv_freq, positions).astype(np.float32)
 
 
 def rope_rotate(x: np.ndarray, rope_row: np.ndarray) -> np.ndarray:
