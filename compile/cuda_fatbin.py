@@ -16,8 +16,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import tvm
 from tvm.target import Target
+
+from tsedge.engine import load_cuda_runtime
 
 _STUB_SYMBOLS = ("cuGetErrorName", "cuGetErrorString", "cuDeviceGetName", "cuFuncSetAttribute",
                  "cuLaunchKernelEx", "cuModuleGetFunction", "cuModuleLoadData", "cuModuleUnload",
@@ -41,7 +42,7 @@ def _build_stub(path: Path) -> None:
         os.unlink(src.name)
 
 
-def _load_cuda_runtime() -> None:
+def _load_cuda_runtime_with_driver() -> None:
     """Load TVM's CUDA runtime (with a stub driver where no real one exists)."""
     try:
         ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
@@ -50,8 +51,7 @@ def _load_cuda_runtime() -> None:
         if not stub.exists():
             _build_stub(stub)
         ctypes.CDLL(str(stub), mode=ctypes.RTLD_GLOBAL)
-    lib_dir = Path(tvm.__file__).parent / "lib"
-    ctypes.CDLL(str(lib_dir / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
+    load_cuda_runtime()
 
 
 @contextlib.contextmanager
@@ -60,7 +60,7 @@ def fatbin_build_context(target: Target) -> Iterator[None]:
     if target.kind.name != "cuda":
         yield
         return
-    _load_cuda_runtime()
+    _load_cuda_runtime_with_driver()
     old = os.environ.get("TVM_CUDA_COMPILE_MODE")
     os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
     try:

@@ -36,9 +36,9 @@ if MODE == "cuda-run":  # runtime-only TVM: no targets, no compiler, no TVMScrip
     sys.modules["tvm.script"] = types.ModuleType("tvm.script")
     sys.modules["tvm.script"].tirx = sys.modules["tvm.script.tirx"] = _NoScript("tvm.script.tirx")
 
-    from tsedge.engine import _load_cuda_runtime
+    from tsedge.engine import load_cuda_runtime
 
-    _load_cuda_runtime()
+    load_cuda_runtime()
     DEV = tvm.cuda(0)
     LLVM = CUDA = None
 else:

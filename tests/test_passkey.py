@@ -6,24 +6,15 @@ import json
 
 import pytest
 
-from tsedge.compile.build import compile_library
-from tsedge.compile.targets import parse_target
 from tsedge.engine import Engine
 from tsedge.eval.passkey import (FILLER_SENTENCES, KEY_SENTENCE, QUESTION, build_prompt,
                                  format_table, run_passkey)
-from tsedge.models.config import PolicyConfig
-from tsedge.weights import load_source
-
-
-@pytest.fixture(scope="module")
-def source():
-    return load_source("smollm2-135m")
 
 
 @pytest.mark.parametrize("length", [600, 2048])
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 1.0])
-def test_prompt_length_and_depth(source, length, depth):
-    tok = source.tokenizer
+def test_prompt_length_and_depth(smol_source, length, depth):
+    tok = smol_source.tokenizer
     ids = build_prompt(tok, length, depth, 31415)
     longest_sentence = max(len(tok.encode(" " + s)) for s in FILLER_SENTENCES)
     assert length - longest_sentence <= len(ids) <= length
@@ -38,16 +29,14 @@ def test_prompt_length_and_depth(source, length, depth):
     assert abs(count - depth * total) <= 0.5
 
 
-def test_prompt_rejects_too_short_length(source):
+def test_prompt_rejects_too_short_length(smol_source):
     with pytest.raises(ValueError, match="shorter than the prompt"):
-        build_prompt(source.tokenizer, 20, 0.5, 12345)
+        build_prompt(smol_source.tokenizer, 20, 0.5, 12345)
 
 
-def test_short_cell_end_to_end(source, tmp_path):
+def test_short_cell_end_to_end(smol_lib, smol_source):
     """Dense SmolLM2 finds the key in a ~600-token prompt."""
-    lib = tmp_path / "dense.so"
-    compile_library(source.config, PolicyConfig(), parse_target("llvm"), "float32", 1024, lib)
-    engine = Engine(lib, source)
+    engine = Engine(smol_lib, smol_source)
     seen = []
     result = run_passkey(engine, [600], [0.5], keys_per_cell=3, seed=0, progress=seen.append)
     (cell,) = result["cells"]

@@ -21,7 +21,7 @@ from tsedge.engine import Engine
 from tsedge.eval.agreement import agreement, forced_logits, greedy
 from tsedge.models.config import PolicyConfig
 from tsedge.tir_kernels.select_rows import make_select_rows
-from tsedge.weights import ModelSource, load_source
+from tsedge.weights import ModelSource
 
 BUDGETS = dict(n_init=16, n_local=64, top_k=128, chunk_size=64)
 MAX_CONTEXT = 1024
@@ -29,8 +29,8 @@ TEXT = pydoc_data.topics.topics["execmodel"]  # natural English prose, ships wit
 
 
 @pytest.fixture(scope="module")
-def source() -> ModelSource:
-    return load_source("smollm2-135m")
+def source(smol_source) -> ModelSource:
+    return smol_source
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def _partial_gpu(num_layers, n_heads, n_kv, head_dim, dtype):
     scale = LOG2E / math.sqrt(head_dim)
     keys_per_warp = CHUNK // _WARPS
     out_rounds = (group + _WARPS - 1) // _WARPS
-    H, G, D, HKV = i64(n_heads), i64(group), i64(head_dim), i64(n_kv)
+    H, D, HKV = i64(n_heads), i64(head_dim), i64(n_kv)
 
     @T.prim_func(s_tir=True)
     def attention_partial(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
@@ -85,6 +85,7 @@ def _partial_gpu(num_layers, n_heads, n_kv, head_dim, dtype):
                                 kf = T.sblock_alloc_buffer((vec,), "float32", scope="local")
                                 part = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                 red = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                merged = T.sblock_alloc_buffer((2,), "float32", scope="local")  # max, sum
                                 o_sh = T.sblock_alloc_buffer((_WARPS, group, head_dim), "float32", scope="shared")
                                 md_sh = T.sblock_alloc_buffer((_WARPS, group, 2), "float32", scope="shared")
                                 qpos: T.let[T.int64] = m_keys - n + bz
@@ -131,27 +132,25 @@ def _partial_gpu(num_layers, n_heads, n_kv, head_dim, dtype):
                                     md_sh[ty, g, 0] = m_run[g]
                                     md_sh[ty, g, 1] = d_run[g]
                                 T.tvm_storage_sync("shared")
-                                for r in T.serial(T.int64(out_rounds)):
+                                for r in T.serial(T.int64(out_rounds)):  # merge the warps' states
                                     g: T.let[T.int64] = r * _WARPS + ty
                                     if g < group:
-                                        m_all: T.let[T.float32] = T.max(T.max(md_sh[0, g, 0], md_sh[1, g, 0]),
-                                                                         T.max(md_sh[2, g, 0], md_sh[3, g, 0]))
-                                        d_all: T.let[T.float32] = (
-                                            md_sh[0, g, 1] * T.exp2(md_sh[0, g, 0] - m_all)
-                                            + md_sh[1, g, 1] * T.exp2(md_sh[1, g, 0] - m_all)
-                                            + md_sh[2, g, 1] * T.exp2(md_sh[2, g, 0] - m_all)
-                                            + md_sh[3, g, 1] * T.exp2(md_sh[3, g, 0] - m_all))
+                                        merged[0] = T.float32(NEG_INF)
+                                        for w in T.serial(T.int64(_WARPS)):
+                                            merged[0] = T.max(merged[0], md_sh[w, g, 0])
+                                        merged[1] = T.float32(0)
+                                        for v in T.serial(T.int64(vec)):
+                                            kf[v] = T.float32(0)
+                                        for w in T.serial(T.int64(_WARPS)):
+                                            merged[1] = merged[1] + md_sh[w, g, 1] * T.exp2(md_sh[w, g, 0] - merged[0])
+                                            for v in T.serial(T.int64(vec)):
+                                                kf[v] = kf[v] + o_sh[w, g, tx * vec + v] * T.exp2(md_sh[w, g, 0] - merged[0])
                                         for v in T.serial(T.int64(vec)):
                                             o[bz, bx, by * group + g, tx * vec + v] = T.if_then_else(
-                                                d_all > T.float32(0),
-                                                (o_sh[0, g, tx * vec + v] * T.exp2(md_sh[0, g, 0] - m_all)
-                                                 + o_sh[1, g, tx * vec + v] * T.exp2(md_sh[1, g, 0] - m_all)
-                                                 + o_sh[2, g, tx * vec + v] * T.exp2(md_sh[2, g, 0] - m_all)
-                                                 + o_sh[3, g, tx * vec + v] * T.exp2(md_sh[3, g, 0] - m_all)) / d_all,
-                                                T.float32(0))
+                                                merged[1] > T.float32(0), kf[v] / merged[1], T.float32(0))
                                         if tx == 0:
                                             lse[bz, bx, by * group + g] = T.if_then_else(
-                                                d_all > T.float32(0), m_all + T.log2(d_all), T.float32(NEG_INF))
+                                                merged[1] > T.float32(0), merged[0] + T.log2(merged[1]), T.float32(NEG_INF))
 
     return attention_partial
 

@@ -63,11 +63,11 @@ def load_library(lib: str | Path) -> tuple[LibraryMeta, tvm.runtime.Module]:
                            "with `tsedge compile`")
     meta = LibraryMeta.load(meta_path)
     if meta.target.startswith("cuda"):
-        _load_cuda_runtime()
+        load_cuda_runtime()
     return meta, tvm.runtime.load_module(str(lib))
 
 
-def _load_cuda_runtime() -> None:
+def load_cuda_runtime() -> None:
     """The CUDA runtime module is not loaded by a runtime-only TVM install; load it."""
     import ctypes
 

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import torch  # noqa: F401  (loads libcudart for TVM's CUDA runtime; random weights)
-import tvm
 import tvm_ffi
 
 from tsedge.bench.speed import decode_speed, machine_info, prefill_speed
