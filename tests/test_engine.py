@@ -36,7 +36,7 @@ def test_logits_match_transformers(engine, hf_smol, prompt):
     ours = engine.prefill(prompt)
     with torch.no_grad():
         ref = hf_smol(torch.tensor([prompt])).logits[0, -1].double().numpy()
-    assert np.abs(ours - ref).max() < 2e-3, np.abs(ours - ref).max()
+    assert np.abs(ours - ref).max() < 5e-4, np.abs(ours - ref).max()  # measured 5.9e-5
     assert ours.argmax() == ref.argmax()
 
 
