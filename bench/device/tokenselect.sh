@@ -17,7 +17,7 @@ case $2 in
     $ts eval agreement --model /tmp/smollm2.gguf --dense-lib $libs/dense.so --lib $libs/tokenselect.so \
       --lengths 4096,8192 --steps 32 -o "$out/agreement_paper.json" ;;
   passkey-ts)
-    $ts eval passkey --model /tmp/smollm2.gguf --lib $libs/tokenselect.so --keys "${KEYS:-10}" \
+    $ts eval passkey --model /tmp/smollm2.gguf --lib $libs/tokenselect.so --keys "${KEYS:-10}" --depths "${DEPTHS:-0,0.25,0.5,0.75,1}" \
       --lengths "${LENGTHS:-2048,4096,8192,16384,32768,65536}" -o "$out/passkey_tokenselect.json" ;;
   passkey-dense)
     $ts eval passkey --model /tmp/smollm2.gguf --lib $libs/dense.so --keys "${KEYS:-10}" \
