@@ -66,6 +66,7 @@ SCORING_CASES = [
     (8, 4, 128, "float16", 16, 64, 5001, 0),  # C not a multiple of any tile, many chunks
     (9, 3, 64, "float16", 128, 512, 20011, 6),  # SmolLM2 heads at 20K: several rows per CUDA lane
     (8, 2, 128, "float16", 128, 512, 70000, 0),  # Llama-3 heads at 70K tokens
+    (9, 3, 64, "float16", 128, 512, 63488, 0),  # SmolLM2 heads at 62K (passkey cliff, see README)
 ]
 
 
@@ -92,7 +93,7 @@ def test_scoring_skipped_on_hit():
     assert np.isnan(crit).all()
 
 
-@pytest.mark.parametrize("c, k", [(300, 300), (301, 300), (5003, 64), (100_000, 2048)])
+@pytest.mark.parametrize("c, k", [(300, 300), (301, 300), (5003, 64), (62_848, 2048), (100_000, 2048)])
 def test_topk_ties_and_order(c, k):
     rng = np.random.default_rng(c)
     crit = rng.integers(0, 40, c).astype(np.float32) / 7  # many exact ties
