@@ -317,6 +317,7 @@ def eval_agreement(model, target, dense_lib, lib, lengths, steps, output, **kw) 
     """Top-1 agreement and KL of --policy against dense on natural text (CPython's docs)."""
     import pydoc_data.topics
 
+    from tsedge.bench.speed import machine_info
     from tsedge.eval.agreement import agreement
 
     lengths = [int(x) for x in lengths.split(",")]
@@ -332,7 +333,7 @@ def eval_agreement(model, target, dense_lib, lib, lengths, steps, output, **kw) 
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps({"policy": candidate.meta.policy.to_dict(),
-                                            "target": candidate.meta.target, "results": results}, indent=1))
+                                            **machine_info(candidate), "results": results}, indent=1))
 
 
 if __name__ == "__main__":

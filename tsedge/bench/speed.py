@@ -71,7 +71,7 @@ def decode_speed(engine: Engine, context: int, steps: int = 64, fill: str = "ran
 
 def machine_info(engine: Engine) -> dict[str, Any]:
     info = {"target": engine.meta.target, "dtype": engine.meta.dtype, "model": engine.meta.model.name,
-            "policy": engine.meta.policy.name, "host": platform.node(), "cpu": platform.processor()}
+            "host": platform.node(), "cpu": platform.processor()}
     if engine.meta.target.startswith("cuda"):
         info["device"] = engine.device.device_name
     return info

@@ -11,6 +11,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from tsedge.bench.speed import machine_info
+
 from tsedge.sampling import SamplingParams
 
 FILLER_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
@@ -80,8 +82,7 @@ def run_passkey(engine, lengths: list[int], depths: list[float], keys_per_cell: 
                 progress(cell)
     meta = engine.meta
     config = {"lengths": lengths, "depths": depths, "keys_per_cell": keys_per_cell, "seed": seed,
-              "max_new_tokens": max_new_tokens, "model": meta.model.name,
-              "policy": meta.policy.to_dict(), "target": meta.target, "dtype": meta.dtype}
+              "max_new_tokens": max_new_tokens, "policy": meta.policy.to_dict(), **machine_info(engine)}
     return {"task": "passkey", "config": config, "cells": cells}
 
 
