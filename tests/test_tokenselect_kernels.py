@@ -49,8 +49,8 @@ def run_topk(crit, k, n_init, state, cache_idx):
 def test_fingerprint(n, n_heads, head_dim, dtype):
     rng = np.random.default_rng(n)
     q = rng.standard_normal((n, n_heads, head_dim)).astype(dtype)
-    rope = ref.rope_table(64, head_dim)
     n_local = 37
+    rope = ref.rope_table(n_local + n + 3, head_dim)  # query i at n_local + i
     qbar = poisoned((n_heads, head_dim))
     build(make_fingerprint, n_heads, head_dim, n_local, dtype)(tensor(q), tensor(rope), qbar)
     np.testing.assert_allclose(qbar.numpy(), ref.fingerprint(q, rope, n_local), rtol=1e-5, atol=1e-5)

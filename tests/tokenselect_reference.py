@@ -25,8 +25,10 @@ def rope_rotate(x: np.ndarray, rope_row: np.ndarray) -> np.ndarray:
 
 
 def fingerprint(q: np.ndarray, rope: np.ndarray, n_local: int) -> np.ndarray:
-    """``qbar[H, d]``: mean of the step's queries per head, rotated at position ``n_local``."""
-    return rope_rotate(q.astype(np.float64).mean(axis=0), rope[n_local])
+    """``qbar[H, d]``: mean over the step's queries ``i`` of query ``i`` rotated at position
+    ``n_local + i``."""
+    rotated = [rope_rotate(qi.astype(np.float64), rope[n_local + i]) for i, qi in enumerate(q)]
+    return np.mean(rotated, axis=0)
 
 
 def head_scores(qbar: np.ndarray, kv: np.ndarray, layer: int, length: int, n_init: int,

@@ -56,9 +56,11 @@ allreduce_sum_i32 = thread_allreduce(lambda a, b: a + b, T.int32(0))
 
 def make_fingerprint(n_heads: int, head_dim: int, n_local: int, dtype: str,
                      target: Target) -> tirx.PrimFunc:
-    """Query fingerprint ``qbar[h] = rope(mean_i q[i, h], position n_local)``.
+    """Query fingerprint ``qbar[h] = mean_i rope(q[i, h], position n_local + i)``.
 
-    Args (in order): q[n, H, d] ``dtype`` (before RoPE), rope[P, d] float32 (P > n_local).
+    Query ``i`` of the step is rotated as if it sat ``n_local + i`` tokens after a candidate (as
+    the reference does, ``QUERY_ROTATE``); a decode step's single query sits at ``n_local``.
+    Args (in order): q[n, H, d] ``dtype`` (before RoPE), rope[P, d] float32 (P >= n_local + n).
     Output: qbar[H, d] float32.
     """
     gpu = is_gpu(target)
@@ -70,14 +72,12 @@ def make_fingerprint(n_heads: int, head_dim: int, n_local: int, dtype: str,
         j: T.let[T.int64] = T.if_then_else(i < half, i + half, i - half)
         sign: T.let[T.float32] = T.if_then_else(i < half, T.float32(-1), T.float32(1))
         with T.sblock("mean"):
-            acc = T.sblock_alloc_buffer((2,), "float32", scope="local")
+            acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
             acc[0] = T.float32(0)
-            acc[1] = T.float32(0)
             for r in range(n):
-                acc[0] += T.Cast("float32", q[r, h, i])
-                acc[1] += T.Cast("float32", q[r, h, j])
-            out[h, i] = (acc[0] * rope[n_local, i % half]
-                         + sign * acc[1] * rope[n_local, half + i % half]) / T.Cast("float32", n)
+                acc[0] += (T.Cast("float32", q[r, h, i]) * rope[n_local + r, i % half]
+                           + sign * T.Cast("float32", q[r, h, j]) * rope[n_local + r, half + i % half])
+            out[h, i] = acc[0] / T.Cast("float32", n)
 
     @T.prim_func(s_tir=True)
     def fingerprint(q_h: T.handle, rope_h: T.handle, qbar_h: T.handle):
