@@ -8,6 +8,7 @@ import torch
 import transformers
 from tiny_model import make_tiny_hf_model
 
+from tsedge.bench.speed import decode_speed, fill_random, prefill_chunk_speed
 from tsedge.chat import ChatSession
 from tsedge.compile.build import compile_library
 from tsedge.compile.targets import parse_target
@@ -89,6 +90,17 @@ def test_context_overflow_is_an_error(engine, smol_source):
     with pytest.raises(ContextOverflowError, match="exceeds the KV cache of 1024 tokens"):
         engine.generate(list(range(100, 1100)), max_new_tokens=100)
     assert len(engine.cache) == 0  # nothing was run or truncated silently
+
+
+def test_speed_helpers_fill_and_extend_the_cache(engine):
+    fill_random(engine, 200)
+    assert len(engine.cache) == 200
+    decode = decode_speed(engine, 100, steps=4)
+    assert len(engine.cache) == 100 + 1 + 4 and decode["tok_per_s"] > 0
+    chunk = prefill_chunk_speed(engine, 300, 48)
+    assert len(engine.cache) == 300 + 48 and chunk["seconds"] > 0
+    with pytest.raises(ContextOverflowError):
+        fill_random(engine, 5000)
 
 
 @pytest.mark.parametrize("qkv_bias, tie", [(False, False), (True, True)])

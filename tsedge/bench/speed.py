@@ -69,6 +69,19 @@ def decode_speed(engine: Engine, context: int, steps: int = 64, fill: str = "ran
             "tok_per_s": round(steps / seconds, 2)}
 
 
+def prefill_chunk_speed(engine: Engine, context: int, chunk: int) -> dict[str, float]:
+    """Time of one ``chunk``-token prefill call appended to ``context`` random cached tokens."""
+    ids = random_ids(engine, chunk)
+    fill_random(engine, context)
+    engine.prefill(ids)  # warm-up at the same shapes
+    fill_random(engine, context)
+    start = time.perf_counter()
+    engine.prefill(ids)
+    seconds = time.perf_counter() - start
+    return {"context": context, "tokens": chunk, "seconds": round(seconds, 4),
+            "tok_per_s": round(chunk / seconds, 2)}
+
+
 def machine_info(engine: Engine) -> dict[str, Any]:
     info = {"target": engine.meta.target, "dtype": engine.meta.dtype, "model": engine.meta.model.name,
             "host": platform.node(), "cpu": platform.processor()}
