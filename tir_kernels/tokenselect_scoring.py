@@ -10,8 +10,9 @@ these kernels match:
   (so top-k takes it only when ``k == C``, where the reference would fail);
 - keys in the cache are stored without RoPE; the fingerprint is rotated, the keys are not;
 - it maps query head ``h`` to KV head ``h % n_kv``; we use the correct GQA map ``h // group``;
-- it rotates query ``i`` of the step at position ``n_local + i`` and then averages; DESIGN.md asks
-  for the mean rotated at ``n_local`` (identical for decode, ``n = 1``), which we follow.
+- it rotates query ``i`` of the step at position ``n_local + i`` and then averages, and so do we
+  (DESIGN.md words it as the mean rotated once at ``n_local``: identical for decode, ``n = 1``;
+  for prefill chunks the reference's form retrieves better, see README "Passkey").
 
 Pipeline per layer and step: ``make_fingerprint`` → selection-cache check (selection_cache.py) →
 ``make_scoring`` (skipped on the device on a cache hit) → top-k (topk.py).
@@ -178,20 +179,21 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
         C: T.let[T.int64] = L - offset
         chunk: T.let[T.int64] = T.ceildiv(C, NB)
         if gpu:
-            # pass 1: block b scores tokens [b*chunk, (b+1)*chunk); lanes over d, rows over tokens
+            # pass 1: block (b, g) scores tokens [b*chunk, (b+1)*chunk) of KV head g for the
+            # query heads of its group; lanes over d, rows over tokens
             for b in T.thread_binding(NB, thread="blockIdx.x"):
-                for ty in T.thread_binding(rows, thread="threadIdx.y"):
-                    for tx in T.thread_binding(i64(lanes), thread="threadIdx.x"):
-                        with T.sblock("score"):
-                            qv = T.sblock_alloc_buffer((group, vec), "float32", scope="local")
-                            kl = T.sblock_alloc_buffer((vec,), dtype, scope="local")
-                            part = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                            s = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                            m = T.sblock_alloc_buffer((group,), "float32", scope="local")
-                            z = T.sblock_alloc_buffer((group,), "float32", scope="local")
-                            red = T.sblock_alloc_buffer((rows, group, 2), "float32", scope="shared")
-                            if state[layer, 0] == 0:
-                                for g in range(n_kv_heads):
+                for g in T.thread_binding(i64(n_kv_heads), thread="blockIdx.y"):
+                    for ty in T.thread_binding(rows, thread="threadIdx.y"):
+                        for tx in T.thread_binding(i64(lanes), thread="threadIdx.x"):
+                            with T.sblock("score"):
+                                qv = T.sblock_alloc_buffer((group, vec), "float32", scope="local")
+                                kl = T.sblock_alloc_buffer((vec,), dtype, scope="local")
+                                part = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                s = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                m = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                                z = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                                red = T.sblock_alloc_buffer((rows, group, 2), "float32", scope="shared")
+                                if state[layer, 0] == 0:
                                     for j in range(group):
                                         m[j] = T.float32(_NEG)
                                         z[j] = T.float32(0)
