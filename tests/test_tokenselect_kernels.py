@@ -93,7 +93,8 @@ def test_scoring_skipped_on_hit():
     assert np.isnan(crit).all()
 
 
-@pytest.mark.parametrize("c, k", [(300, 300), (301, 300), (5003, 64), (62_848, 2048), (100_000, 2048)])
+@pytest.mark.parametrize("c, k", [(300, 300), (301, 300), (5003, 64), (62_848, 2048), (100_000, 2048),
+                                  (1_048_576, 2048)])
 def test_topk_ties_and_order(c, k):
     rng = np.random.default_rng(c)
     crit = rng.integers(0, 40, c).astype(np.float32) / 7  # many exact ties

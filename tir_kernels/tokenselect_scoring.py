@@ -125,11 +125,7 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
     pad = (p - 1) // 2
     tile = i64(_THREADS)
     width = tile + p - 1  # pooled tile plus its halo
-    # CUDA geometry of pass 1: `lanes` threads split one key row into 16-byte vectors.
-    vec = 16 // (2 if dtype in ("float16", "bfloat16") else 4)
-    lanes = head_dim // vec
-    rows = i64(_THREADS // lanes)
-    assert group <= lanes
+    vec = 16 // (2 if dtype in ("float16", "bfloat16") else 4)  # 16-byte loads of key rows
 
     @T.macro
     def online_update(m, z, j, s):
@@ -179,52 +175,52 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
         C: T.let[T.int64] = L - offset
         chunk: T.let[T.int64] = T.ceildiv(C, NB)
         if gpu:
-            # pass 1: block (b, g) scores tokens [b*chunk, (b+1)*chunk) of KV head g for the
-            # query heads of its group; lanes over d, rows over tokens
+            # pass 1: block (b, g) scores tokens [b*chunk, (b+1)*chunk) of KV head g for the query
+            # heads of its group: one token row per thread (16-byte loads, no shuffles per token),
+            # then a block reduction of the per-thread online-softmax states
             for b in T.thread_binding(NB, thread="blockIdx.x"):
                 for g in T.thread_binding(i64(n_kv_heads), thread="blockIdx.y"):
-                    for ty in T.thread_binding(rows, thread="threadIdx.y"):
-                        for tx in T.thread_binding(i64(lanes), thread="threadIdx.x"):
-                            with T.sblock("score"):
-                                qv = T.sblock_alloc_buffer((group, vec), "float32", scope="local")
-                                kl = T.sblock_alloc_buffer((vec,), dtype, scope="local")
-                                part = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                s = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                m = T.sblock_alloc_buffer((group,), "float32", scope="local")
-                                z = T.sblock_alloc_buffer((group,), "float32", scope="local")
-                                red = T.sblock_alloc_buffer((rows, group, 2), "float32", scope="shared")
-                                if state[layer, 0] == 0:
-                                    for j in range(group):
-                                        m[j] = T.float32(_NEG)
-                                        z[j] = T.float32(0)
-                                        for v in T.vectorized(vec):
-                                            qv[j, v] = qbar[g * group + j, tx * vec + v]
-                                    for it in range(T.ceildiv(chunk, rows)):
-                                        t: T.let[T.int64] = b * chunk + it * rows + ty
-                                        valid: T.let[T.bool] = it * rows + ty < chunk and t < C
-                                        tk: T.let[T.int64] = T.if_then_else(valid, t, T.int64(0))
-                                        for v in T.vectorized(vec):
-                                            kl[v] = kv[layer, 0, g, n_init + tk, tx * vec + v]
+                    for tx in T.thread_binding(tile, thread="threadIdx.x"):
+                        with T.sblock("score"):
+                            qs = T.sblock_alloc_buffer((group, d), "float32", scope="shared")
+                            kl = T.sblock_alloc_buffer((vec,), dtype, scope="local")
+                            acc = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                            m = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                            z = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                            val = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            mx = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            total = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            if state[layer, 0] == 0:
+                                for it in range(T.ceildiv(group * d, tile)):
+                                    e: T.let[T.int64] = it * tile + tx
+                                    if e < group * d:
+                                        qs[e // d, e % d] = qbar[g * group + e // d, e % d]
+                                T.tvm_storage_sync("shared")
+                                for j in range(group):
+                                    m[j] = T.float32(_NEG)
+                                    z[j] = T.float32(0)
+                                for it in range(T.ceildiv(chunk, tile)):
+                                    t: T.let[T.int64] = b * chunk + it * tile + tx
+                                    if it * tile + tx < chunk and t < C:
                                         for j in range(group):
-                                            part[0] = T.float32(0)
-                                            for v in T.unroll(vec):
-                                                part[0] += qv[j, v] * T.Cast("float32", kl[v])
-                                            allreduce_sum_f32(part, s, tx)
-                                            if valid:
-                                                online_update(m, z, j, s[0])
-                                                if tx == 0:
-                                                    scores[g * group + j, t] = s[0]
+                                            acc[j] = T.float32(0)
+                                        for c in range(d // vec):
+                                            for v in T.vectorized(vec):
+                                                kl[v] = kv[layer, 0, g, n_init + t, c * vec + v]
+                                            for j in range(group):
+                                                for v in T.unroll(vec):
+                                                    acc[j] += qs[j, c * vec + v] * T.Cast("float32", kl[v])
+                                        for j in range(group):
+                                            online_update(m, z, j, acc[j])
+                                            scores[g * group + j, t] = acc[j]
+                                for j in range(group):
+                                    val[0] = m[j]
+                                    allreduce_max_f32(val, mx, tx)
+                                    val[0] = z[j] * T.exp(m[j] - mx[0])
+                                    allreduce_sum_f32(val, total, tx)
                                     if tx == 0:
-                                        for j in range(group):
-                                            red[ty, j, 0] = m[j]
-                                            red[ty, j, 1] = z[j]
-                                    T.tvm_storage_sync("shared")
-                                    if ty == 0 and tx < group:
-                                        for r in range(1, rows):
-                                            merge_partial(m, z, tx, red[r, tx, 0], red[r, tx, 1])
-                                        partials[g * group + tx, b, 0] = m[tx]
-                                        partials[g * group + tx, b, 1] = z[tx]
-                                    T.tvm_storage_sync("shared")
+                                        partials[g * group + j, b, 0] = mx[0]
+                                        partials[g * group + j, b, 1] = total[0]
             # pass 2: one block per head merges the chunk partials
             for h in T.thread_binding(H, thread="blockIdx.x"):
                 for tx in T.thread_binding(NB, thread="threadIdx.x"):
