@@ -15,21 +15,20 @@ import json
 import sys
 from pathlib import Path
 
+from tsedge.models.config import PRESETS, PolicyConfig
+
 LIBS = Path(".carry/libs3")
 CONTEXTS = (32768, 65536, 131072)
 CAPACITY = CONTEXTS[-1] + 1024
-NAMES = ("dense", "tokenselect", "tokenselect-reselect")
+POLICIES = {"dense": PolicyConfig(), "tokenselect": PolicyConfig("tokenselect"),
+            "tokenselect-reselect": PolicyConfig("tokenselect", selection_threshold=1.5)}
 
 
 def prepare() -> None:
     from tsedge.compile.build import compile_library
     from tsedge.compile.targets import parse_target
-    from tsedge.models.config import PRESETS, PolicyConfig
 
-    policies = {"dense": PolicyConfig(), "tokenselect": PolicyConfig("tokenselect"),
-                "tokenselect-reselect": PolicyConfig("tokenselect", selection_threshold=1.5)}
-
-    for name, policy in policies.items():
+    for name, policy in POLICIES.items():
         compile_library(PRESETS["llama3-8b"], policy, parse_target("cuda:sm_90"), "float16", CAPACITY,
                         LIBS / f"{name}.so")
 
@@ -42,7 +41,7 @@ def run(out_path: Path) -> None:
 
     keep, params = random_params(LIBS / "dense.so")
     results = []
-    for name in NAMES:
+    for name in POLICIES:
         engine = Engine(LIBS / f"{name}.so", None, params=params)
         for context in CONTEXTS:
             row = {"policy": name, **decode_speed(engine, context, steps=32),
