@@ -168,7 +168,7 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype):
     group = n_heads // n_kv
     half = head_dim // 2
     scale = LOG2E / math.sqrt(head_dim)
-    lanes = 16
+    lanes = 8  # one AVX2 float32 vector
     H, D, HKV = i64(n_heads), i64(head_dim), i64(n_kv)
 
     @T.prim_func(s_tir=True)
@@ -186,9 +186,11 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype):
             with T.sblock("attn"):
                 T.reads()
                 T.writes()
-                kt = T.sblock_alloc_buffer((head_dim, CHUNK), "float32")
+                kr = T.sblock_alloc_buffer((CHUNK, head_dim), "float32")  # keys, rotated
+                kt = T.sblock_alloc_buffer((head_dim, CHUNK), "float32")  # kr transposed (prefill)
                 vt = T.sblock_alloc_buffer((CHUNK, head_dim), "float32")
                 sc = T.sblock_alloc_buffer((CHUNK,), "float32")
+                part = T.sblock_alloc_buffer((lanes,), "float32")
                 qr = T.sblock_alloc_buffer((head_dim,), "float32")
                 acc = T.sblock_alloc_buffer((head_dim,), "float32")
                 stat = T.sblock_alloc_buffer((2,), "float32")
@@ -196,18 +198,19 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype):
                 kvh: T.let[T.int64] = task % HKV
                 j0: T.let[T.int64] = c * CHUNK
                 cnt: T.let[T.int64] = T.min(T.int64(CHUNK), m_keys - j0)
-                for jj in T.serial(T.int64(CHUNK)):
-                    if jj < cnt:
-                        for dd in T.serial(T.int64(half)):
-                            kt[dd, jj] = (T.Cast("float32", kv[layer, 0, kvh, T.Cast("int64", rows[j0 + jj]), dd]) * rope[j0 + jj, dd]
-                                          - T.Cast("float32", kv[layer, 0, kvh, T.Cast("int64", rows[j0 + jj]), dd + half]) * rope[j0 + jj, half + dd])
-                            kt[dd + half, jj] = (T.Cast("float32", kv[layer, 0, kvh, T.Cast("int64", rows[j0 + jj]), dd + half]) * rope[j0 + jj, dd]
-                                                 + T.Cast("float32", kv[layer, 0, kvh, T.Cast("int64", rows[j0 + jj]), dd]) * rope[j0 + jj, half + dd])
-                        for dd in T.vectorized(T.int64(head_dim)):
-                            vt[jj, dd] = T.Cast("float32", kv[layer, 1, kvh, T.Cast("int64", rows[j0 + jj]), dd])
-                    else:
-                        for dd in T.serial(T.int64(head_dim)):
-                            kt[dd, jj] = T.float32(0)
+                for jj in T.serial(cnt):
+                    row: T.let[T.int64] = T.Cast("int64", rows[j0 + jj])
+                    for dd in T.vectorized(T.int64(half)):
+                        kr[jj, dd] = (T.Cast("float32", kv[layer, 0, kvh, row, dd]) * rope[j0 + jj, dd]
+                                      - T.Cast("float32", kv[layer, 0, kvh, row, dd + half]) * rope[j0 + jj, half + dd])
+                        kr[jj, dd + half] = (T.Cast("float32", kv[layer, 0, kvh, row, dd + half]) * rope[j0 + jj, dd]
+                                             + T.Cast("float32", kv[layer, 0, kvh, row, dd]) * rope[j0 + jj, half + dd])
+                    for dd in T.vectorized(T.int64(head_dim)):
+                        vt[jj, dd] = T.Cast("float32", kv[layer, 1, kvh, row, dd])
+                if n > 1:  # several queries reuse the chunk: score it lanes keys at a time
+                    for dd in T.serial(T.int64(head_dim)):
+                        for jj in T.serial(T.int64(CHUNK)):
+                            kt[dd, jj] = T.if_then_else(jj < cnt, kr[jj, dd], T.float32(0))
                 for i in T.serial(n):
                     for g in T.serial(T.int64(group)):
                         # number of keys of this chunk that query i sees (may be <= 0)
@@ -215,13 +218,24 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype):
                         if lim > 0:
                             for dd in T.serial(T.int64(head_dim)):
                                 qr[dd] = _rot(q, i, kvh * group + g, dd, rope, m_keys - n + i, half) * scale
-                            for jo in T.serial(T.int64(CHUNK // lanes)):
-                                for ji in T.vectorized(T.int64(lanes)):
-                                    sc[jo * lanes + ji] = T.float32(0)
-                            for dd in T.serial(T.int64(head_dim)):
+                            if n > 1:
                                 for jo in T.serial(T.int64(CHUNK // lanes)):
                                     for ji in T.vectorized(T.int64(lanes)):
-                                        sc[jo * lanes + ji] = sc[jo * lanes + ji] + qr[dd] * kt[dd, jo * lanes + ji]
+                                        sc[jo * lanes + ji] = T.float32(0)
+                                for dd in T.serial(T.int64(head_dim)):
+                                    for jo in T.serial(T.int64(CHUNK // lanes)):
+                                        for ji in T.vectorized(T.int64(lanes)):
+                                            sc[jo * lanes + ji] = sc[jo * lanes + ji] + qr[dd] * kt[dd, jo * lanes + ji]
+                            else:  # decode: per key, lanes-wide partial dot products, then their sum
+                                for jj in T.serial(lim):
+                                    for ll in T.vectorized(T.int64(lanes)):
+                                        part[ll] = T.float32(0)
+                                    for do in T.serial(T.int64(head_dim // lanes)):
+                                        for ll in T.vectorized(T.int64(lanes)):
+                                            part[ll] = part[ll] + qr[do * lanes + ll] * kr[jj, do * lanes + ll]
+                                    sc[jj] = T.float32(0)
+                                    for ll in T.serial(T.int64(lanes)):
+                                        sc[jj] = sc[jj] + part[ll]
                             stat[0] = T.float32(NEG_INF)
                             for jj in T.serial(lim):
                                 stat[0] = T.max(stat[0], sc[jj])
