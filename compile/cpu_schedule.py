@@ -16,6 +16,8 @@ from tvm.target import Target
 
 _ROWS = 6
 _COLS = 64
+_SPLIT_K = 2  # one share of the reduction per core of the 2-core target machines
+_SPLIT_K_MAX_COLS = 4096
 
 
 def _static(extent) -> int | None:
@@ -48,6 +50,9 @@ class CpuMatmul(dl.ScheduleRule):
             sch.compute_inline(info.block_rv)
         epilogues = [b.block_rv for b in infos[infos.index(main) + 1:]]
         loops = sch.get_loops(block)
+        cols = _static(sch.get(loops[-2]).extent) or 0
+        if len(loops) == 2 and cols % _COLS == 0 and 0 < cols <= _SPLIT_K_MAX_COLS:
+            return _split_k_gemv(sch, block)
         if len(loops) == 2:  # GEMV: one row
             j, k = loops
             jo, ji = sch.split(j, [None, _COLS])
@@ -74,6 +79,26 @@ class CpuMatmul(dl.ScheduleRule):
         sch.vectorize(inner[-1])
         sch.decompose_reduction(block, k)
         return sch
+
+
+def _split_k_gemv(sch: s_tir.Schedule, block) -> s_tir.Schedule:
+    """A GEMV with few columns: each core streams whole weight rows of its share of the reduction
+    (contiguous in memory) into a row of partial sums; the partial rows are added afterwards (with
+    any element-wise epilogue, both left serial: a few thousand values)."""
+    j, k = sch.get_loops(block)
+    ko, ki = sch.split(k, [_SPLIT_K, None])
+    partial = sch.rfactor(ko, 0)
+    j, ko, ki = sch.get_loops(partial)
+    jo, ji = sch.split(j, [None, _COLS])
+    sch.reorder(ko, ki, jo, ji)
+    sch.parallel(ko)
+    acc = sch.cache_write(partial, 0, "local")
+    sch.reverse_compute_at(acc, ko)
+    _, acc_inner = sch.split(sch.get_loops(acc)[-1], [None, _COLS])
+    sch.vectorize(acc_inner)
+    sch.vectorize(ji)
+    sch.decompose_reduction(partial, ki)
+    return sch
 
 
 def _vectorize_tail(sch: s_tir.Schedule, loop) -> None:
