@@ -1,13 +1,17 @@
 """Schedule rules for ``llvm`` targets (TVM's default CPU build neither fuses nor schedules).
 
 The fused PrimFuncs get:
-- matmul/GEMV (weights stored [in, out]): register tiles of 6 rows x 64 columns, the column tile
+- matmul (weights stored [in, out]): register tiles of 6 rows x 64 columns, the column tile
   vectorised, tiles spread over cores, reduction kept in a local accumulator;
+- GEMV (decode, one row): the reduction split over the cores (``rfactor``) when the output has at
+  most ``_SPLIT_K_MAX_COLS`` columns, else 64-column tiles spread over cores;
 - everything else (norms, element-wise, embedding): outer spatial loop parallel.
 Hand-written kernels (``tirx.is_scheduled``) are left alone.
 """
 
 from __future__ import annotations
+
+import os
 
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
@@ -16,7 +20,7 @@ from tvm.target import Target
 
 _ROWS = 6
 _COLS = 64
-_SPLIT_K = 2  # one share of the reduction per core of the 2-core target machines
+_SPLIT_K = min(os.cpu_count() or 1, 16)  # one share of a GEMV's reduction per core of this host
 _SPLIT_K_MAX_COLS = 4096
 
 
