@@ -157,12 +157,16 @@ class Engine:
     def reset(self) -> None:
         self.cache.truncate(0)
 
+    def state(self, name: str) -> np.ndarray | None:
+        """A copy of the library state tensor ``name`` (e.g. ``cache_idx``), or None if it has none."""
+        names = [n for n, _, _ in self.meta.state]
+        return self.cache.state[names.index(name)].numpy() if name in names else None
+
     def selection_stats(self) -> dict[str, int] | None:
         """Selection-cache hits and lookups since the last reset (selecting policies only)."""
-        names = [name for name, _, _ in self.meta.state]
-        if "sel_state" not in names:
+        state = self.state("sel_state")
+        if state is None:
             return None
-        state = self.cache.state[names.index("sel_state")].numpy()
         return {"hits": int(state[:, 2].sum()), "lookups": int(state[:, 3].sum())}
 
     # ---- generation ----------------------------------------------------------------------------

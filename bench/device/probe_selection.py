@@ -25,8 +25,7 @@ def probe(engine: Engine, length: int, depth: float, key: int) -> dict:
     sentence = set(range(min(digits) - 4, max(digits) + 6))  # "The pass key is N…N … the pass key."
     engine.reset()
     logits = engine.prefill(prompt)
-    names = [name for name, _, _ in engine.meta.state]
-    selected = engine.cache.state[names.index("cache_idx")].numpy()
+    selected = engine.state("cache_idx")
     layers = []
     for layer, rows in enumerate(selected):
         counts = collections.Counter(prompt[r] for r in rows)
