@@ -3,7 +3,7 @@
 repo=$PWD
 out=$1
 shift
-cd /tmp && TSEDGE_KERNEL_MODE=cuda-run TSEDGE_KERNEL_DIR=$repo/.carry/kernels python3 -m pytest -q \
+cd /tmp && TSEDGE_KERNEL_MODE=cuda-run TSEDGE_KERNEL_DIR=$repo/.carry/kernels python3 -m pytest -q -rs \
   -p no:cacheprovider --tb=short --rootdir "$repo/tests" "$repo/tests/test_attention_kernels.py" \
   "$repo/tests/test_tokenselect_kernels.py" "$@" > "$out/kernels.txt" 2>&1
 echo "kernel tests exit code $?" >> "$out/kernels.txt"
