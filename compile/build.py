@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import tvm
@@ -47,15 +48,33 @@ def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str)
     return mod, specs, state, functions
 
 
+@tvm.instrument.pass_instrument
+class _PassReporter:
+    """Reports the name of each TVM pass as it starts (compile progress)."""
+
+    def __init__(self, stage: Callable[[str], None]) -> None:
+        self.stage = stage
+
+    def run_before_pass(self, _mod: tvm.ir.IRModule, info: tvm.transform.PassInfo) -> None:
+        self.stage(f"pass {info.name}")
+
+
 def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str,
-                    max_context: int, out: Path) -> LibraryMeta:
-    """Compile and export ``out`` (.so) with its metadata next to it (``out`` with .json)."""
+                    max_context: int, out: Path, stage: Callable[[str], None] | None = None
+                    ) -> LibraryMeta:
+    """Compile and export ``out`` (.so) with its metadata next to it (``out`` with .json).
+
+    ``stage(name)`` is called as each stage (model IR, each TVM pass, export) starts.
+    """
+    stage = stage or (lambda _name: None)
     dtype = resolve_dtype(dtype, target)
+    stage("model IR")
     mod, params, state, functions = build_ir(cfg, policy, target, dtype)
     start = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with fatbin_build_context(target):
+    with fatbin_build_context(target), tvm.transform.PassContext(instruments=[_PassReporter(stage)]):
         executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
+        stage("export (host compiler" + (", nvcc)" if target.kind.name == "cuda" else ")"))
         tmp = out.with_suffix(".tmp.so")
         executable.export_library(str(tmp))
     os.replace(tmp, out)

@@ -24,6 +24,27 @@ def _local_cuda_arch() -> str | None:
     return f"sm_{major.value}{minor.value}"
 
 
+# The limits TVM's schedules plan for, the same on every arch from sm_70 (CUDA Programming Guide,
+# "Compute Capabilities" table). ``max_shared_memory_per_block`` is the *static* per-block limit
+# that TVM's ``shared`` buffers face (ptxas rejects more; it is what cudaDevAttrMaxSharedMemoryPerBlock
+# reports and what TVM's own nvidia/* target tags carry); the larger opt-in limit (227 KB on sm_90)
+# applies only to dynamic shared memory, which a kernel must request itself.
+_CUDA_LIMITS = {"max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+                "max_num_threads": 1024, "thread_warp_size": 32, "registers_per_block": 65536}
+CUDA_ARCHS = ("sm_70", "sm_72", "sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_90a",
+              "sm_100", "sm_100a", "sm_120", "sm_120a")
+
+
+def cuda_target(arch: str) -> Target:
+    """CUDA target for ``arch`` (e.g. ``sm_90``) carrying the device limits its schedules plan for.
+
+    Raises ValueError for an arch not in ``CUDA_ARCHS``.
+    """
+    if arch not in CUDA_ARCHS:
+        raise ValueError(f"bad CUDA arch {arch!r}: use one of {', '.join(CUDA_ARCHS)}")
+    return Target({"kind": "cuda", "arch": arch, **_CUDA_LIMITS})
+
+
 def has_cuda_gpu() -> bool:
     return _local_cuda_arch() is not None
 
@@ -40,9 +61,7 @@ def parse_target(name: str) -> Target:
         return Target({"kind": "llvm", "mcpu": _host_cpu()})
     if kind == "cuda":
         arch = arch or _local_cuda_arch() or "sm_90"
-        if not (arch.startswith("sm_") and arch[3:].rstrip("a").isdigit()):
-            raise ValueError(f"bad CUDA arch {arch!r}: expected e.g. cuda:sm_80 or cuda:sm_90")
-        return Target({"kind": "cuda", "arch": arch})
+        return cuda_target(arch)
     raise ValueError(f"unknown target {name!r}; use {TARGET_HELP}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
@@ -114,8 +115,14 @@ class LlamaForCausalLM(nn.Module):
         self.last_row_kernel = cache_ops.make_last_row(cfg.hidden_size, dtype, policy.target)
         self.inv_freq = cfg.inv_freq()
 
+    def _embed(self, ids: nn.Tensor) -> nn.Tensor:
+        """Embedding rows of ``ids`` [n] -> [n, hidden]; "clip" mode, so an id outside the table
+        never reads outside it (TVM's default "fast" take does, and warns at every compile)."""
+        table = self.model.embed_tokens.weight
+        return op.wrap_nested(relax.op.take(table._expr, ids._expr, axis=0, mode="clip"), name="embed")
+
     def _forward(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past, state, select=False):
-        x = self.model.embed_tokens(ids)
+        x = self._embed(ids)
         step = Step(kv, rope, past, ids.shape[0], list(state), select)
         self.policy.begin_step(step)
         for layer_id, layer in enumerate(self.model.layers):

@@ -44,7 +44,9 @@ if MODE == "cuda-run":  # runtime-only TVM: no targets, no compiler, no TVMScrip
 else:
     DEV = tvm.cpu(0)
     LLVM = tvm.target.Target("llvm")
-    CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    from tsedge.compile.targets import cuda_target
+
+    CUDA = cuda_target("sm_90")
 
 
 @functools.lru_cache(maxsize=None)

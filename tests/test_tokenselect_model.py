@@ -130,7 +130,7 @@ class ReferenceModel:
 # ---- the row-list kernel ---------------------------------------------------------------------------
 @pytest.mark.parametrize("top_k", [128, 0])
 def test_select_rows_cuda_codegen(top_k):
-    cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    cuda = parse_target("cuda:sm_90")
     lib = tvm.compile(tvm.IRModule({"main": make_select_rows(4, 16, top_k, 64, cuda)}), target=cuda)
     assert "__global__" in lib.mod.imports_[0].inspect_source()
 

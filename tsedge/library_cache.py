@@ -9,6 +9,7 @@ from pathlib import Path
 import tsedge
 from tsedge.fetch import cache_dir
 from tsedge.models.config import ModelConfig, PolicyConfig
+from tsedge.progress import stage_progress
 
 
 def _source_digest() -> str:
@@ -43,8 +44,8 @@ def ensure_library(cfg: ModelConfig, policy: PolicyConfig, target: str, dtype: s
     dtype = resolve_dtype(dtype, tvm_target)
     path = library_path(cfg, policy, target_name(tvm_target), dtype, max_context)
     if not (path.exists() and path.with_suffix(".json").exists()):
-        log(f"compiling {cfg.name} ({policy.name}, {target}, {dtype}, max context {max_context}) "
-            f"-> {path}")
-        meta = compile_library(cfg, policy, tvm_target, dtype, max_context, path)
-        log(f"compiled in {meta.compile_seconds} s")
+        what = f"compiling {cfg.name} ({policy.name}, {target}, {dtype}, max context {max_context})"
+        with stage_progress(what) as stage:
+            meta = compile_library(cfg, policy, tvm_target, dtype, max_context, path, stage=stage)
+        log(f"compiled {path.name} in {meta.compile_seconds} s")
     return path
