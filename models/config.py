@@ -6,7 +6,9 @@ No TVM import here: the runtime reads these from a library's metadata.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,15 +27,25 @@ class ModelConfig:
     vocab_size: int
     head_dim: int = 0  # 0: hidden_size // num_heads
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # HF "rope_scaling" of type llama3, or None
+    rope_scaling: dict[str, Any] | None = None  # Llama-3 scaling (keys of _LLAMA31_SCALING)
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False
     context_window: int = 8192  # training context (max_position_embeddings)
 
     def __post_init__(self) -> None:
+        sizes = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "vocab_size")
+        bad = [f"{k}={getattr(self, k)}" for k in sizes if getattr(self, k) <= 0]
+        if bad:
+            raise ValueError(f"{self.name}: {', '.join(bad)}; sizes must be positive")
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        scaling = self.rope_scaling
+        if scaling is not None and (set(scaling) != set(_LLAMA31_SCALING)
+                                    or scaling["rope_type"] != "llama3"):
+            raise ValueError(f"{self.name}: rope_scaling {scaling} is not Llama-3 "
+                             "scaling, the only RoPE scaling tsedge computes")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"{self.name}: num_heads={self.num_heads} is not a multiple of "
@@ -55,8 +67,8 @@ class ModelConfig:
         """RoPE inverse frequencies (float32, head_dim/2), with Llama-3.1 scaling if configured."""
         d = self.head_dim
         inv = 1.0 / (self.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-        scaling = self.rope_scaling or {}
-        if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        scaling = self.rope_scaling
+        if scaling:  # Llama 3.1 (transformers' _compute_llama3_parameters)
             factor = scaling["factor"]
             low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
             old_ctx = scaling["original_max_position_embeddings"]
@@ -96,27 +108,190 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+class ConfigError(ValueError):
+    """A ``config.json`` that tsedge cannot compile faithfully (one line: the field and the fix)."""
+
+
+_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                  "MistralForCausalLM": "mistral"}
+_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "vocab_size")  # required: no default
+_ROPE_FIELDS = ("rope_theta", "rope_scaling", "rope_parameters")  # read by _rope
+_COMMON = {"head_dim": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+           "hidden_act": "silu", "rope_interleaved": False}  # the last: nanotron's (SmolLM2)
+# Values of absent fields, from transformers' LlamaConfig, Qwen2Config and MistralConfig; each
+# table names every field of that architecture that can change the computation.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {**_COMMON, "num_key_value_heads": None, "max_position_embeddings": 2048,
+              "attention_bias": False, "mlp_bias": False},
+    "qwen2": {**_COMMON, "num_key_value_heads": 32, "max_position_embeddings": 32768,
+              "use_sliding_window": False, "layer_types": None},
+    "mistral": {**_COMMON, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                "sliding_window": 4096},
+}
+# Fields whose null means "absent, derive it" in transformers (typed ``X | None`` there).
+_NULLABLE = {"num_key_value_heads", "head_dim", "rope_scaling", "rope_parameters",
+             "sliding_window", "layer_types", "architectures", "model_type"}
+# Fields that never change the forward pass: metadata, tokenizer ids, training-only settings
+# (dropout, init, pretraining_tp: transformers 4.x slices the same matmuls) and generation
+# defaults; Qwen2's window fields are inert while use_sliding_window is false (checked).
+_INERT = frozenset({
+    "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype",
+    "dtype", "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "initializer_range",
+    "attention_dropout", "pretraining_tp", "is_llama_config", "transformers.js_config",
+    "output_attentions", "output_hidden_states", "return_dict", "use_bfloat16", "torchscript",
+    "tokenizer_class", "max_length", "do_sample", "temperature", "top_p", "top_k",
+})
+_ARCH_INERT = {"llama": frozenset(), "mistral": frozenset(),
+               "qwen2": frozenset({"sliding_window", "max_window_layers"})}
+# Fields whose other values select computations tsedge's model does not implement:
+# field -> (JSON type, accepts(value), what other values select).
+_IMPLEMENTED: dict[str, tuple[type, Callable[[Any], bool], str]] = {
+    "hidden_act": (str, lambda v: v in ("silu", "swish"), "an MLP activation other than SiLU"),
+    "attention_bias": (bool, lambda v: not v, "biases on the attention projections (incl. o_proj)"),
+    "mlp_bias": (bool, lambda v: not v, "biases on the MLP projections"),
+    "rope_interleaved": (bool, lambda v: not v, "interleaved RoPE pairs"),
+    "use_sliding_window": (bool, lambda v: not v, "sliding-window attention"),
+    "sliding_window": (int, lambda v: v is None, "sliding-window attention"),
+    "layer_types": (list, lambda v: all(t == "full_attention" for t in v or ()),
+                    "attention kinds other than full attention"),
+}
+# RoPE types tsedge computes -> their parameters (transformers' modeling_rope_utils).
+_ROPE_KEYS = {
+    "default": (),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               dict: "an object", list: "a list"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    """JSON typing: a float may be written as an integer; a bool is not a number."""
+    kinds = (int, float) if kind is float else kind
+    return isinstance(value, kinds) and (kind is bool or not isinstance(value, bool))
+
+
+def _value(data: dict[str, Any], key: str, kind: type, defaults: dict[str, Any],
+           where: str = "") -> Any:
+    """``data[key]`` checked to be a ``kind``; absent: ``defaults[key]`` (none there: required).
+
+    null is kept only for the fields transformers types as optional (``_NULLABLE``).
+    """
+    name = where + key
+    if key not in data:
+        if key not in defaults:
+            raise ConfigError(f"{name} is missing; set it to {_KIND_NAMES[kind]}")
+        return defaults[key]
+    value = data[key]
+    if value is None and key in _NULLABLE:
+        return None
+    if value is None:
+        raise ConfigError(f"{name} is null; set it to the model's value ({_KIND_NAMES[kind]})")
+    if not _is(value, kind):
+        raise ConfigError(f"{name}={json.dumps(value)} is not {_KIND_NAMES[kind]}; set it to "
+                          "the model's value")
+    return value
+
+
+def _architecture(cfg: dict[str, Any]) -> str:
+    """``architectures[0]`` (else ``model_type``; else Llama) as a key of ``_DEFAULTS``."""
+    absent = {"architectures": None, "model_type": None}
+    name = str((_value(cfg, "architectures", list, absent) or [None])[0]
+               or _value(cfg, "model_type", str, absent) or "llama")
+    arch = _ARCHITECTURES.get(name, name if name in _DEFAULTS else None)
+    if arch is None:
+        raise ConfigError(f"unsupported architecture {name!r}: tsedge compiles Llama-family "
+                          f"models ({', '.join(_ARCHITECTURES)})")
+    return arch
+
+
+def _check_fields(cfg: dict[str, Any], arch: str) -> None:
+    """Refuse unknown fields and values of known ones that the model does not implement."""
+    defaults = _DEFAULTS[arch]
+    unknown = sorted(set(cfg) - _INERT - _ARCH_INERT[arch] - set(defaults) - set(_SIZES)
+                     - set(_ROPE_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(unknown)}: tsedge cannot tell whether "
+                          "they change the model; remove them if they are only metadata")
+    for key in (k for k in _IMPLEMENTED if k in defaults):
+        kind, accepts, what = _IMPLEMENTED[key]
+        value = _value(cfg, key, kind, defaults)
+        if not accepts(value):
+            default = "" if key in cfg else " (transformers' default when absent)"
+            raise ConfigError(f"{key}={json.dumps(value)}{default} selects {what}, which tsedge "
+                              "does not implement; use a model without it")
+
+
+def _rope(cfg: dict[str, Any], context_window: int) -> tuple[float, dict[str, Any] | None]:
+    """RoPE base and scaling from transformers 5.x ``rope_parameters`` or 4.x ``rope_theta`` +
+    ``rope_scaling`` (transformers' ``convert_rope_params_to_dict``: a theta inside the dict
+    beats the top-level one, default 10000; llama3's ``original_max_position_embeddings``
+    defaults to ``max_position_embeddings``)."""
+    field, params = _rope_params(cfg)
+    theta = _rope_theta(cfg, field, params)
+    kind = params.get("rope_type", params.get("type", "default"))
+    if not isinstance(kind, str) or kind not in _ROPE_KEYS:
+        raise ConfigError(f"{field}.rope_type={json.dumps(kind)} is not implemented; tsedge "
+                          f"computes {' and '.join(_ROPE_KEYS)} RoPE")
+    extra = sorted(set(params) - {"rope_type", "type", "rope_theta", *_ROPE_KEYS[kind]})
+    if extra:
+        raise ConfigError(f"{field}.{extra[0]} is not implemented for rope_type {kind!r}; "
+                          "remove it or use a model without it")
+    if kind == "default":
+        return theta, None
+    defaults = {"original_max_position_embeddings": context_window}
+    return theta, {"rope_type": kind} | {
+        key: _value(params, key, float, defaults, f"{field}.") for key in _ROPE_KEYS[kind]}
+
+
+def _rope_params(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The RoPE dictionary and its field name (``rope_scaling`` first, as transformers 5.x)."""
+    scaling = _value(cfg, "rope_scaling", dict, {"rope_scaling": None})
+    params = _value(cfg, "rope_parameters", dict, {"rope_parameters": None})
+    if scaling and params and scaling != params:
+        raise ConfigError("rope_scaling and rope_parameters disagree; keep rope_parameters "
+                          "(transformers 5.x) only")
+    return ("rope_scaling", scaling) if scaling else ("rope_parameters", params or {})
+
+
+def _rope_theta(cfg: dict[str, Any], field: str, params: dict[str, Any]) -> float:
+    absent = {"rope_theta": None}
+    top = _value(cfg, "rope_theta", float, absent)
+    inner = _value(params, "rope_theta", float, absent, f"{field}.")
+    if top is not None and inner is not None and top != inner:
+        raise ConfigError(f"rope_theta={top} disagrees with {field}.rope_theta={inner}; keep one")
+    return float(next((t for t in (inner, top) if t is not None), 10000.0))
+
+
 def from_hf_config(cfg: dict[str, Any], name: str = "custom") -> ModelConfig:
-    """Build a ModelConfig from a Hugging Face ``config.json`` dictionary."""
-    arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
-    if arch not in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"):
-        raise ValueError(f"unsupported architecture {arch!r}: tsedge compiles Llama-family models")
-    heads = cfg["num_attention_heads"]
+    """Build a ModelConfig from a Hugging Face ``config.json``; refuse what it cannot compute.
+
+    Absent fields take transformers' defaults for the architecture, null ones only where
+    transformers derives them (``num_key_value_heads``: the head count, as LlamaConfig).
+    """
+    arch = _architecture(cfg)
+    _check_fields(cfg, arch)
+    defaults = _DEFAULTS[arch]
+    get = lambda key, kind: _value(cfg, key, kind, defaults)  # noqa: E731
+    heads, hidden = get("num_attention_heads", int), get("hidden_size", int)
+    kv_heads, head_dim = get("num_key_value_heads", int), get("head_dim", int)
+    context = get("max_position_embeddings", int)
+    theta, scaling = _rope(cfg, context)
     return ModelConfig(
         name=name,
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_layers=cfg["num_hidden_layers"],
+        hidden_size=hidden,
+        intermediate_size=get("intermediate_size", int),
+        num_layers=get("num_hidden_layers", int),
         num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads", heads),
-        vocab_size=cfg["vocab_size"],
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        rope_scaling=cfg.get("rope_scaling"),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-        context_window=int(cfg.get("max_position_embeddings", 8192)),
+        num_kv_heads=heads if kv_heads is None else kv_heads,
+        vocab_size=get("vocab_size", int),
+        head_dim=head_dim or 0,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rms_norm_eps=float(get("rms_norm_eps", float)),
+        tie_embeddings=get("tie_word_embeddings", bool),
+        qkv_bias=arch == "qwen2",
+        context_window=context,
     )
 
 

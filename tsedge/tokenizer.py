@@ -202,10 +202,13 @@ class Tokenizer:
     def eos_token(self) -> str | None:
         return None if self.eos_token_id is None else self.backend.id_to_token(self.eos_token_id)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (special tokens in it matched), with BOS if the model adds it."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` (special tokens in it matched), as transformers' ``encode``:
+        BOS first if ``add_special_tokens`` and the model adds it."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
-        return [self.bos_token_id, *ids] if self.add_bos and self.bos_token_id is not None else ids
+        if add_special_tokens and self.add_bos and self.bos_token_id is not None:
+            return [self.bos_token_id, *ids]
+        return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -217,15 +220,24 @@ class Tokenizer:
     # ---- chat ---------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` with the model's Jinja chat template, as transformers does."""
+        """Render ``messages`` with the model's Jinja chat template, as transformers does
+        (message keys whose value is None dropped first, as its ``_normalize_chat_messages``)."""
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat template; use plain generation")
         return _compile_template(self.chat_template).render(
-            messages=messages,
+            messages=[{k: v for k, v in m.items() if v is not None} for m in messages],
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
         )
+
+    def encode_chat(self, messages: list[dict[str, Any]],
+                    add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids of a conversation: the rendered template tokenized without added special
+        tokens, so the only BOS is one the template writes (transformers 5.x
+        ``apply_chat_template(tokenize=True)`` passes ``add_special_tokens=False``)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt),
+                           add_special_tokens=False)
 
 
 def _raise_exception(message: str) -> None:
