@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -20,6 +21,7 @@ import gguf
 import numpy as np
 
 from tsedge.fetch import default_model_path
+from tsedge.gguf_check import GGUFCheckError, check_counts, check_layout
 from tsedge.models.config import PRESETS, ModelConfig, from_hf_config
 from tsedge.tokenizer import Tokenizer, TokenizerError
 
@@ -28,9 +30,10 @@ Tensors = Iterator[tuple[str, np.ndarray]]
 # Presets tsedge can fetch by name.
 EMBEDDED = {"smollm2-135m": default_model_path}
 
-GGUF_TYPES = {q.name for q in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                               gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1,
-                               gguf.GGMLQuantizationType.Q8_0)}
+# GGML tensor types tsedge reads: those gguf.quants dequantizes, each tested against an
+# independent decoding (tests/test_weights_untrusted.py)
+GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
+              "Q5_K", "Q6_K", "TQ1_0", "TQ2_0", "MXFP4", "IQ4_NL", "IQ4_XS")
 
 _GGUF_NAMES = {  # GGUF tensor name (without ".weight"/".bias") -> Hugging Face name
     "token_embd": "model.embed_tokens",
@@ -48,6 +51,8 @@ _GGUF_NAMES = {  # GGUF tensor name (without ".weight"/".bias") -> Hugging Face 
 }
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+_ST_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+             "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 class WeightsError(ValueError):
@@ -121,6 +126,10 @@ def _checked(config: ModelConfig, found: dict[str, tuple[int, ...]],
              read: Callable[[str], np.ndarray], origin: Path) -> Callable[[], Tensors]:
     """Check ``found`` names/shapes against the config now; return a stream in load order."""
     shapes = expected_shapes(config)
+    unused = sorted(n for n in set(found) - set(shapes) if not _ignorable(n, config))
+    if unused:
+        raise WeightsError(f"{origin}: tensor {unused[0]} is not part of {config.name} ({len(unused)} "
+                           "such tensors); the config or metadata does not describe these weights")
     for name, shape in shapes.items():
         if name not in found:
             missing = len(set(shapes) - set(found))
@@ -130,6 +139,12 @@ def _checked(config: ModelConfig, found: dict[str, tuple[int, ...]],
             raise WeightsError(f"{origin}: tensor {name} has shape {found[name]}, expected "
                                f"{shape} for {config.name}")
     return lambda: ((name, read(name)) for name in shapes)
+
+
+def _ignorable(name: str, config: ModelConfig) -> bool:
+    """Tensors a checkpoint may carry that the model recomputes: RoPE tables, a tied head."""
+    return name.endswith(".rotary_emb.inv_freq") or (name == "lm_head.weight"
+                                                     and config.tie_embeddings)
 
 
 def _match_preset(config: ModelConfig) -> ModelConfig:
@@ -143,30 +158,75 @@ def _match_preset(config: ModelConfig) -> ModelConfig:
 
 # ---- safetensors (own reader: lazy, and BF16 without torch) -------------------------------------
 def _safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """Tensor entries of a safetensors file, with offsets made absolute; checks truncation."""
+    """Tensor entries of a safetensors file, offsets made absolute; each checked against the file.
+
+    ``dtype`` × ``shape`` must fill the entry's byte span, and the spans must tile the data.
+    """
     size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > size - 8:
-                raise ValueError(f"header of {n} bytes in a {size}-byte file")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8:
+            raise _corrupt(path, f"{size} bytes, less than the 8-byte header length")
+        if n > size - 8:
+            raise _corrupt(path, f"header of {n} bytes in a {size}-byte file")
+        try:
             header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise WeightsError(f"{path}: corrupt safetensors file (header unreadable: {e})") from e
-    if 8 + n + end > size:
-        raise WeightsError(f"{path}: truncated safetensors file ({size} bytes, needs "
-                           f"{8 + n + end})")
-    for entry in header.values():
-        entry["file"], entry["start"] = path, 8 + n + entry["data_offsets"][0]
-    return header
+        except ValueError as e:
+            raise _corrupt(path, f"header unreadable: {e}") from e
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    header.pop("__metadata__", None)
+    entries = {name: _safetensors_entry(path, name, entry) for name, entry in header.items()}
+    end = 0
+    for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"]):
+        begin, stop = entry["data_offsets"]
+        if begin != end:
+            raise _corrupt(path, f"tensor {name} starts at byte {begin} of the data, expected {end} "
+                                 "(tensors overlap or leave a gap)")
+        end = stop
+    if 8 + n + end != size:
+        what = "truncated" if 8 + n + end > size else "corrupt"
+        raise WeightsError(f"{path}: {what} safetensors file ({size} bytes, the header describes "
+                           f"{8 + n + end}); re-download or re-save it")
+    for name, entry in entries.items():
+        entry["file"], entry["name"], entry["start"] = path, name, 8 + n + entry["data_offsets"][0]
+    return entries
+
+
+def _safetensors_entry(path: Path, name: str, entry: Any) -> dict[str, Any]:
+    """A header entry with ``dtype``, ``shape`` and ``data_offsets`` that agree with each other."""
+    if not isinstance(entry, dict):
+        raise _corrupt(path, f"tensor {name}: header entry is not a JSON object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise _corrupt(path, f"tensor {name} has no {key!r} in the header")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in _ST_SIZES:
+        raise _corrupt(path, f"tensor {name} has unknown dtype {dtype!r}")
+    if not _naturals(shape):
+        raise _corrupt(path, f"tensor {name} has shape {shape!r}, not a list of sizes")
+    if not (_naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+        raise _corrupt(path, f"tensor {name} has data_offsets {offsets!r}, not [begin, end]")
+    need = math.prod(shape) * _ST_SIZES[dtype]
+    if offsets[1] - offsets[0] != need:
+        raise _corrupt(path, f"tensor {name} is {dtype} of shape {shape} ({need} bytes), but its "
+                             f"data_offsets span {offsets[1] - offsets[0]} bytes")
+    return entry
+
+
+def _naturals(value: Any) -> bool:
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+
+def _corrupt(path: Path, detail: str) -> WeightsError:
+    return WeightsError(f"{path}: corrupt safetensors file ({detail}); re-download or re-save it")
 
 
 def _read_safetensor(entry: dict[str, Any]) -> np.ndarray:
     if entry["dtype"] not in _ST_DTYPES:
-        raise WeightsError(f"{entry['file']}: unsupported tensor dtype {entry['dtype']} "
-                           f"(supported: {', '.join(_ST_DTYPES)})")
+        raise WeightsError(f"{entry['file']}: tensor {entry['name']} has dtype {entry['dtype']}, "
+                           f"which tsedge does not read (supported: {', '.join(_ST_DTYPES)}); "
+                           "save the weights as one of those")
     count = int(np.prod(entry["shape"]))
     array = np.fromfile(entry["file"], _ST_DTYPES[entry["dtype"]], count, offset=entry["start"])
     if entry["dtype"] == "BF16":
@@ -230,7 +290,14 @@ def _folder_entries(path: Path) -> dict[str, dict[str, Any]]:
         files = sorted(path.glob("*.safetensors"))
     if not files:
         raise WeightsError(f"{path}: no *.safetensors weights in the folder")
-    return {name: e for f in files for name, e in _safetensors_header(f).items()}
+    entries: dict[str, dict[str, Any]] = {}
+    for f in files:
+        for name, entry in _safetensors_header(f).items():
+            if name in entries:
+                raise WeightsError(f"{path}: tensor {name} is in both {entries[name]['file'].name} "
+                                   f"and {f.name}; remove one copy")
+            entries[name] = entry
+    return entries
 
 
 def _folder_tokenizer(path: Path) -> Tokenizer:
@@ -274,26 +341,42 @@ def _weights_manifest(directory: Path) -> tuple[dict[str, Any], list[str], dict[
 
 # ---- GGUF ---------------------------------------------------------------------------------------
 def _load_gguf(path: Path) -> ModelSource:
+    reader = _open_gguf(path)
     try:
-        reader = gguf.GGUFReader(path)
-        arch = reader.fields["general.architecture"].contents()
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        raise WeightsError(f"{path}: corrupt or truncated GGUF file ({e!r})") from e
+        return _gguf_source(reader, path)
+    except GGUFCheckError as e:
+        raise WeightsError(f"{path}: {e}; fix the GGUF metadata or re-convert the model") from e
+
+
+def _open_gguf(path: Path) -> gguf.GGUFReader:
+    """``GGUFReader`` of a file whose lengths, counts and offsets were checked first."""
+    try:
+        check_layout(path)
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise WeightsError(f"{path}: corrupt or truncated GGUF file ({e}); re-download or "
+                           "re-convert it") from e
+
+
+def _gguf_source(reader: gguf.GGUFReader, path: Path) -> ModelSource:
+    arch = _meta(reader, "general.architecture", str)
     if arch not in ("llama", "qwen2"):
         raise WeightsError(f"{path}: unsupported GGUF architecture {arch!r} (llama, qwen2)")
     tensors = {t.name: t for t in reader.tensors}
     for t in reader.tensors:
         if t.tensor_type.name not in GGUF_TYPES:
-            raise WeightsError(f"{path}: tensor {t.name} has unsupported GGUF type "
-                               f"{t.tensor_type.name} (supported: {', '.join(sorted(GGUF_TYPES))})")
+            raise WeightsError(f"{path}: tensor {t.name} has GGML type {t.tensor_type.name}, which "
+                               f"tsedge cannot read (supported: {', '.join(GGUF_TYPES)}); "
+                               "re-quantize the model to one of those")
+    # GGUF shapes are [ne0 (inner), ne1, ...]: reversed, they are numpy/HF shapes
+    shapes = {name: tuple(reversed(t.shape.tolist())) for name, t in tensors.items()}
+    config = _gguf_config(reader, arch, path, shapes, _check_token_arrays(reader))
     try:
         tokenizer = Tokenizer.from_gguf(reader)
     except TokenizerError as e:
         raise WeightsError(f"{path}: {e}") from e
-    config = _gguf_config(reader, arch, path.stem, set(tensors))
-    hf_to_gguf = {_hf_name(name): name for name in tensors}
-    # GGUF shapes are [ne0 (inner), ne1, ...]: reversed, they are numpy/HF shapes
-    found = {hf: tuple(reversed(tensors[g].shape.tolist())) for hf, g in hf_to_gguf.items()}
+    hf_to_gguf = {_hf_name(name): name for name in tensors if name != "rope_freqs.weight"}
+    found = {hf: shapes[g] for hf, g in hf_to_gguf.items()}
 
     def read(name: str) -> np.ndarray:
         t = tensors[hf_to_gguf[name]]
@@ -304,6 +387,53 @@ def _load_gguf(path: Path) -> ModelSource:
         return array
 
     return ModelSource(config, tokenizer, path, _checked(config, found, read, path))
+
+
+_REQUIRED = object()
+_V = gguf.GGUFValueType
+_INTS = {_V.UINT8, _V.INT8, _V.UINT16, _V.INT16, _V.UINT32, _V.INT32, _V.UINT64, _V.INT64}
+_KINDS = {int: _INTS, float: _INTS | {_V.FLOAT32, _V.FLOAT64}, str: {_V.STRING}}
+
+
+def _meta(reader: gguf.GGUFReader, key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """The scalar metadata value ``key`` as ``kind`` (int, float, str); ``default`` if absent."""
+    field = reader.fields.get(key)
+    if field is None:
+        if default is _REQUIRED:
+            raise GGUFCheckError(f"metadata {key} is missing")
+        return default
+    if len(field.types) != 1 or field.types[0] not in _KINDS[kind]:
+        raise GGUFCheckError(f"metadata {key} has type {_type_name(field)}, expected {kind.__name__}")
+    return kind(field.contents())
+
+
+def _type_name(field: gguf.ReaderField) -> str:
+    return "[".join(t.name for t in field.types) + "]" * (len(field.types) - 1)
+
+
+def _check_token_arrays(reader: gguf.GGUFReader) -> int:
+    """Types and lengths of the ``tokenizer.ggml.*`` arrays and token ids; the token count."""
+    arrays = {"tokens": {_V.STRING}, "token_type": _INTS, "scores": {_V.FLOAT32},
+              "merges": {_V.STRING}}
+    n_tokens = None
+    for name, items in arrays.items():
+        field = reader.fields.get(f"tokenizer.ggml.{name}")
+        if field is None:
+            continue
+        if field.types[0] != _V.ARRAY or len(field.types) != 2 or field.types[1] not in items:
+            raise GGUFCheckError(f"metadata tokenizer.ggml.{name} has type {_type_name(field)}")
+        n_tokens = len(field.data) if n_tokens is None else n_tokens
+        if name in ("token_type", "scores") and len(field.data) != n_tokens:
+            raise GGUFCheckError(f"metadata tokenizer.ggml.{name} has {len(field.data)} entries, "
+                                 f"but tokenizer.ggml.tokens has {n_tokens}")
+    if n_tokens is None:
+        raise GGUFCheckError("metadata tokenizer.ggml.tokens is missing")
+    for key in ("bos_token_id", "eos_token_id"):
+        token = _meta(reader, f"tokenizer.ggml.{key}", int, 0)
+        if not 0 <= token < n_tokens:
+            raise GGUFCheckError(f"metadata tokenizer.ggml.{key} is {token}, but "
+                                 f"tokenizer.ggml.tokens has {n_tokens} tokens")
+    return n_tokens
 
 
 def _hf_name(gguf_name: str) -> str:
@@ -321,33 +451,45 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_config(reader: gguf.GGUFReader, arch: str, name: str, tensors: set[str]
-                 ) -> ModelConfig:
-    def get(key: str, default: Any = None) -> Any:  # no default: the key is required
-        field = reader.fields.get(f"{arch}.{key}")
-        if field is None and default is None:
-            raise WeightsError(f"GGUF metadata {arch}.{key} is missing")
-        return default if field is None else field.contents()
+_COUNTS = ("block_count", "context_length", "embedding_length", "feed_forward_length",
+           "attention.head_count")
+_OPTIONAL_COUNTS = ("attention.head_count_kv", "attention.key_length", "attention.value_length",
+                    "rope.dimension_count", "vocab_size")
 
-    heads = get("attention.head_count")
-    hidden = get("embedding_length")
+
+def _gguf_config(reader: gguf.GGUFReader, arch: str, path: Path,
+                 shapes: dict[str, tuple[int, ...]], n_tokens: int) -> ModelConfig:
+    meta = {key: _meta(reader, f"{arch}.{key}", int) for key in _COUNTS}
+    meta |= {key: _meta(reader, f"{arch}.{key}", int) for key in _OPTIONAL_COUNTS
+             if f"{arch}.{key}" in reader.fields}
+    meta.setdefault("attention.head_count_kv", meta["attention.head_count"])
+    head_dim = check_counts(arch, meta, shapes, n_tokens)
+    rope_theta = _positive(reader, f"{arch}.rope.freq_base", 10000.0)
+    eps = _positive(reader, f"{arch}.attention.layer_norm_rms_epsilon", _REQUIRED)
     config = ModelConfig(
-        name=name,
-        hidden_size=hidden,
-        intermediate_size=get("feed_forward_length"),
-        num_layers=get("block_count"),
-        num_heads=heads,
-        num_kv_heads=get("attention.head_count_kv", heads),
-        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
-        head_dim=get("attention.key_length", hidden // heads),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rms_norm_eps=float(f"{get('attention.layer_norm_rms_epsilon'):.6g}"),  # stored as float32
-        tie_embeddings="output.weight" not in tensors,
-        qkv_bias="blk.0.attn_q.bias" in tensors,
-        context_window=get("context_length"),
+        name=path.stem,
+        hidden_size=meta["embedding_length"],
+        intermediate_size=meta["feed_forward_length"],
+        num_layers=meta["block_count"],
+        num_heads=meta["attention.head_count"],
+        num_kv_heads=meta["attention.head_count_kv"],
+        vocab_size=n_tokens,
+        head_dim=head_dim,
+        rope_theta=rope_theta,
+        rms_norm_eps=float(f"{eps:.6g}"),  # stored as float32
+        tie_embeddings="output.weight" not in shapes,
+        qkv_bias="blk.0.attn_q.bias" in shapes,
+        context_window=meta["context_length"],
     )
     matched = _match_preset(config)
-    if "rope_freqs.weight" in tensors and matched is config:
-        raise WeightsError(f"{name}: RoPE frequency scaling (rope_freqs) of a model that matches "
+    if "rope_freqs.weight" in shapes and matched is config:
+        raise WeightsError(f"{path}: RoPE frequency scaling (rope_freqs) of a model that matches "
                            "no preset; convert it from its Hugging Face folder instead")
     return matched
+
+
+def _positive(reader: gguf.GGUFReader, key: str, default: Any) -> float:
+    value = _meta(reader, key, float, default)
+    if not 0 < value < math.inf:
+        raise GGUFCheckError(f"metadata {key} is {value}; it must be a positive number")
+    return value
