@@ -7,10 +7,15 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_chat import tiny_folder, tiny_lib  # noqa: F401 (fixtures: a tiny model, 64-token cache)
 from tiny_model import make_tiny_hf_model
 
+import tsedge.cli_options
 from tsedge.cli import main
+from tsedge.cli_options import PrefillDisplay, sampling_params
 from tsedge.engine import Engine
+from tsedge.sampling import SamplingParams
+from tsedge.weights import load_source
 
 
 def run(*args: str, input: str | None = None):
@@ -26,12 +31,67 @@ def test_models_lists_presets():
 
 def test_generate_json(smol_lib):
     result = run("generate", "--lib", str(smol_lib), "--prompt", "What is the capital of France?",
-                 "--max-new-tokens", "16", "--json")
+                 "--max-new-tokens", "16", "--temperature", "0", "--json")
     assert result.exit_code == 0, result.output
-    out = json.loads(result.output.strip().splitlines()[-1])
+    out = json.loads(result.stdout)  # stdout holds one JSON object and nothing else
     assert "Paris" in out["text"]
     assert out["prompt_tokens"] > 10 and 1 <= out["generated_tokens"] <= 16
-    assert out["ttft_s"] > 0 and out["decode_tok_per_s"] > 0 and out["policy"] == "dense"
+    assert out["ttft_s"] > 0 and out["prefill_tok_per_s"] > 0 and out["decode_tok_per_s"] > 0
+    assert out["policy"] == "dense"
+
+
+def tiny_generate(folder, lib, *args: str) -> dict:
+    result = run("generate", "--model", str(folder), "--lib", str(lib), "--prompt", "Hi there.",
+                 "--temperature", "0", "--json", *args)
+    assert result.exit_code == 0, result.output
+    return {"json": json.loads(result.stdout), "stderr": result.stderr}
+
+
+def test_generate_stops_cleanly_at_a_full_cache(tiny_folder, tiny_lib):
+    tokenizer = load_source(str(tiny_folder)).tokenizer
+    prompt = len(tokenizer.encode_chat([{"role": "user", "content": "Hi there."}]))
+    out = tiny_generate(tiny_folder, tiny_lib, "--max-new-tokens", "100")
+    assert out["json"]["stopped"] == "context_full"
+    assert out["json"]["generated_tokens"] == 64 - prompt + 1  # the last one never enters the cache
+    assert out["stderr"] == ("[stopped: the KV cache of 64 tokens is full; use a library compiled "
+                             "with a larger --max-context for longer replies]\n")
+
+
+def test_max_new_tokens_one(tiny_folder, tiny_lib):
+    assert tiny_generate(tiny_folder, tiny_lib, "--max-new-tokens", "1")["json"]["generated_tokens"] == 1
+
+
+def test_sampling_defaults_come_from_the_generation_config(tmp_path):
+    kw = {"temperature": None, "top_p": 0.5, "top_k": None, "repetition_penalty": None,
+          "presence_penalty": 0.0, "seed": None}
+    assert sampling_params(tmp_path, kw) == SamplingParams(0.7, 0.5, 0, 1.0, 0.0)
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.3, "top_k": 20, "repetition_penalty": 1.1}))
+    assert sampling_params(tmp_path, kw) == SamplingParams(0.3, 0.5, 20, 1.1, 0.0)
+    assert sampling_params(tmp_path, {**kw, "temperature": 0.0}).temperature == 0.0  # greedy
+
+
+def test_prefill_display_only_for_long_prefills_on_a_terminal(monkeypatch):
+    bars = []
+
+    class Bar:
+        def __init__(self, _description, total):
+            self.total, self.done, self.open = total, [], True
+            bars.append(self)
+
+        def __enter__(self):
+            return self.done.append
+
+        def __exit__(self, *exc_info):
+            self.open = False
+
+    monkeypatch.setattr(tsedge.cli_options, "token_progress", Bar)
+    for tty in (False, True):
+        monkeypatch.setattr(tsedge.cli_options, "interactive", lambda tty=tty: tty)
+        with PrefillDisplay(chunk=512) as display:
+            for done, total in [(0, 300), (300, 300), (0, 1000), (512, 1000), (1000, 1000)]:
+                display(done, total)
+    assert [(bar.total, bar.done, bar.open) for bar in bars] == [(1000, [0, 512, 1000], False)]
 
 
 def test_chat_reset_and_exit(smol_lib):
@@ -61,6 +121,67 @@ def test_bad_inputs_are_clear_errors(args, message):
     result = run(*args)
     assert result.exit_code != 0
     assert message in result.output
+
+
+NOT_UTF8 = ("not UTF-8 text (byte 0xe9 at offset 3); re-encode it as UTF-8, e.g. with iconv -f "
+            "latin1 -t utf-8")
+
+
+def test_non_utf8_prompt_and_prompt_file(tmp_path):
+    prompt_file = tmp_path / "latin1.txt"
+    prompt_file.write_bytes(b"Caf\xe9")
+    argv = "Caf\udce9"  # what click gets for the argument $'Caf\xe9' (PEP 383)
+    assert run("generate", "--prompt", argv).stderr.splitlines()[-1] == (
+        f"Error: Invalid value for '--prompt': {NOT_UTF8}")
+    assert run("chat", "--system", argv).stderr.splitlines()[-1] == (
+        f"Error: Invalid value for '--system': {NOT_UTF8}")
+    result = run("generate", "--prompt-file", str(prompt_file))
+    assert result.exit_code == 1 and result.stderr == f"Error: {prompt_file}: {NOT_UTF8}\n"
+
+
+def _range(option: str, value: str, rule: str) -> str:
+    return f"Error: Invalid value for '{option}': {value} is not in the range {rule}."
+
+
+def _not_finite(option: str, value: str) -> str:
+    return f"Error: Invalid value for '{option}': '{value}' is not a finite number."
+
+
+@pytest.mark.parametrize("args, error", [
+    (["generate", "--max-new-tokens", "0"], _range("--max-new-tokens", "0", "x>=1")),
+    (["generate", "--max-new-tokens", "-5"], _range("--max-new-tokens", "-5", "x>=1")),
+    (["chat", "--max-new-tokens", "0"], _range("--max-new-tokens", "0", "x>=1")),
+    (["generate", "--temperature", "-0.5"], _range("--temperature", "-0.5", "x>=0")),
+    (["generate", "--temperature", "nan"], _not_finite("--temperature", "nan")),
+    (["chat", "--temperature", "inf"], _not_finite("--temperature", "inf")),
+    (["generate", "--top-p", "0"], _range("--top-p", "0.0", "0<x<=1")),
+    (["chat", "--top-p", "1.5"], _range("--top-p", "1.5", "0<x<=1")),
+    (["generate", "--top-k", "-1"], _range("--top-k", "-1", "x>=0")),
+    (["chat", "--repetition-penalty", "0"], _range("--repetition-penalty", "0.0", "x>0")),
+    (["generate", "--presence-penalty", "2.5"], _range("--presence-penalty", "2.5", "-2<=x<=2")),
+    (["generate", "--seed", "-1"], _range("--seed", "-1", "x>=0")),
+    (["compile", "--n-init", "-1"], _range("--n-init", "-1", "x>=0")),
+    (["compile", "--n-local", "0"], _range("--n-local", "0", "x>=1")),
+    (["compile", "--select-top-k", "0"], _range("--select-top-k", "0", "x>=1")),
+    (["compile", "--chunk-size", "0"], _range("--chunk-size", "0", "x>=1")),
+    (["compile", "--selection-threshold", "nan"], _not_finite("--selection-threshold", "nan")),
+    (["compile", "--selection-threshold", "-2"], _range("--selection-threshold", "-2.0", "x>=-1")),
+    (["compile", "--pool-kernel", "-1"], _range("--pool-kernel", "-1", "x>=0")),
+    (["compile", "--max-context", "0"], _range("--max-context", "0", "x>=1")),
+    (["bench", "speed", "--steps", "0"], _range("--steps", "0", "x>=1")),
+    (["bench", "speed", "--prefill", "2048,0"], _range("--prefill", "0", "x>=1")),
+    (["bench", "speed", "--decode-context", "1k"],
+     "Error: Invalid value for '--decode-context': '1k' is not a valid integer range."),
+    (["eval", "passkey", "--lengths", "-4096"], _range("--lengths", "-4096", "x>=1")),
+    (["eval", "passkey", "--depths", "0,1.5"], _range("--depths", "1.5", "0<=x<=1")),
+    (["eval", "passkey", "--keys", "0"], _range("--keys", "0", "x>=1")),
+    (["eval", "passkey", "--seed", "-1"], _range("--seed", "-1", "x>=0")),
+    (["eval", "agreement", "--steps", "0"], _range("--steps", "0", "x>=1")),
+    (["eval", "agreement", "--lengths", "0"], _range("--lengths", "0", "x>=1")),
+])
+def test_numeric_options_out_of_range(args, error):
+    result = run(*args)
+    assert result.exit_code == 2 and result.stderr.splitlines()[-1] == error
 
 
 def test_context_longer_than_cache(smol_lib, tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from test_chat import tiny_folder, tiny_lib  # noqa: F401 (fixtures: a tiny model, 64-token cache)
 from tiny_model import make_tiny_hf_model
 
 from tsedge.bench.speed import decode_speed, fill_random, prefill_chunk_speed
@@ -64,14 +65,13 @@ def test_chunked_prefill_and_decode_equal_one_shot(smol_lib, smol_source, prompt
 def test_chat_turns_reuse_the_cache(engine, smol_source):
     engine.reset()
     session = ChatSession(engine, max_new_tokens=12)
-    first = session.send("Name a planet.")
-    second = session.send("And another one?")
+    first = session.send("Name a planet.").result
+    second = session.send("And another one?").result
     assert second.reused_tokens > first.prompt_tokens  # the first turn (and more) stayed cached
     # the reused cache gives exactly what a fresh engine gives for the whole conversation
     cached_tokens = second.tokens
     engine.reset()
-    tok = smol_source.tokenizer
-    ids = tok.encode(tok.apply_chat_template(session.messages[:-1]))
+    ids = smol_source.tokenizer.encode_chat(session.messages[:-1])
     fresh = engine.generate(ids, max_new_tokens=12)
     assert fresh.reused_tokens == 0 and fresh.tokens == cached_tokens
 
@@ -85,11 +85,30 @@ def test_sampling_is_seeded(engine, prompt):
     assert runs[0] == runs[1]
 
 
-def test_context_overflow_is_an_error(engine, smol_source):
+def test_prompt_longer_than_the_cache_is_an_error(engine):
     engine.reset()
-    with pytest.raises(ContextOverflowError, match="exceeds the KV cache of 1024 tokens"):
-        engine.generate(list(range(100, 1100)), max_new_tokens=100)
+    with pytest.raises(ContextOverflowError) as err:
+        engine.generate(list(range(100, 1125)), max_new_tokens=1)
+    assert str(err.value) == ("prompt of 1025 tokens exceeds the KV cache of 1024 tokens; shorten it "
+                              "or use a library compiled with a larger --max-context")
     assert len(engine.cache) == 0  # nothing was run or truncated silently
+
+
+def test_generation_stops_at_a_full_cache(tiny_folder, tiny_lib):
+    engine = Engine(tiny_lib, load_source(str(tiny_folder)))
+    result = engine.generate(list(range(3, 63)), max_new_tokens=100, stop_ids=[])
+    assert result.stopped == "context_full" and len(result.tokens) == 64 - 60 + 1
+    assert engine.cache.tokens == list(range(3, 63)) + result.tokens[:-1]
+
+
+def test_prefill_reports_progress(tiny_folder, tiny_lib):
+    engine = Engine(tiny_lib, load_source(str(tiny_folder)), prefill_chunk=16)
+    calls = []
+    engine.generate(list(range(3, 43)), max_new_tokens=1, on_prefill=lambda *c: calls.append(c))
+    assert calls == [(0, 40), (16, 40), (32, 40), (40, 40)]
+    calls.clear()
+    engine.generate(list(range(3, 43)) + [50, 51], max_new_tokens=1, on_prefill=lambda *c: calls.append(c))
+    assert calls == [(0, 2), (2, 2)]  # only the tokens that were not cached
 
 
 def test_speed_helpers_fill_and_extend_the_cache(engine):

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import click
 
-from tsedge.models.config import POLICIES, PRESETS, PolicyConfig
+from tsedge.cli_options import (POSITIVE_INTS, FiniteFloatRange, PrefillDisplay, context_full_note,
+                                 number_list, policy_config, policy_options, read_text_file,
+                                 sampling_options, sampling_params, utf8_option)
+from tsedge.models.config import PRESETS, PolicyConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 TARGET_HELP = "llvm | cuda | cuda:sm_XX (default: cuda when a CUDA GPU is visible, else llvm)"
@@ -34,36 +37,6 @@ def _errors(func):
     return wrapper
 
 
-def policy_options(func):
-    """--policy and the budgets of selecting policies (TokenSelect paper defaults)."""
-    defaults = PolicyConfig()
-    options = [
-        click.option("--policy", type=click.Choice(POLICIES), default="dense", show_default=True),
-        click.option("--n-init", type=int, default=defaults.n_init, show_default=True, help="sink tokens"),
-        click.option("--n-local", type=int, default=defaults.n_local, show_default=True, help="recent tokens"),
-        click.option("--top-k", type=int, default=defaults.top_k, show_default=True, help="selected tokens"),
-        click.option("--chunk-size", type=int, default=defaults.chunk_size, show_default=True,
-                     help="prefill chunk (tokens)"),
-        click.option("--selection-threshold", type=float, default=defaults.selection_threshold,
-                     show_default=True, help="Selection Cache cosine threshold"),
-        click.option("--pool-kernel", type=int, default=defaults.pool_kernel, show_default=True,
-                     help="max-pool smoothing of criticality (0 = off; the reference uses 6 for passkey)"),
-        click.option("--max-context", type=int, default=None,
-                     help="KV cache size in tokens (default: the model's window, at most 8192; "
-                          "32768 for selecting policies)"),
-        click.option("--dtype", type=click.Choice(["auto", "float16", "float32"]), default="auto",
-                     show_default=True, help="auto: float16 on GPUs, float32 on CPUs"),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _policy(kw: dict) -> PolicyConfig:
-    return PolicyConfig(kw["policy"], kw["n_init"], kw["n_local"], kw["top_k"], kw["chunk_size"],
-                        kw["selection_threshold"], kw["pool_kernel"])
-
-
 def _max_context(kw: dict, policy: PolicyConfig, window: int) -> int:
     if kw["max_context"]:
         return kw["max_context"]
@@ -76,14 +49,15 @@ def _target(name: str | None) -> str:
     return target_name(parse_target(name or default_target_name()))
 
 
-def _engine(model: str, target: str | None, lib: str | None, kw: dict):
-    """Engine for ``model``: the given library, or the cached one (compiled on first use)."""
+def _engine(model, target: str | None, lib: str | None, kw: dict):
+    """Engine for ``model`` (a name or a loaded ModelSource): the given library, or the cached
+    one (compiled on first use)."""
     from tsedge.engine import Engine
     from tsedge.library_cache import ensure_library
-    from tsedge.weights import load_source
+    from tsedge.weights import ModelSource, load_source
 
-    source = load_source(model)
-    policy = _policy(kw)
+    source = model if isinstance(model, ModelSource) else load_source(model)
+    policy = policy_config(kw)
     if lib is None:
         log = functools.partial(click.echo, err=True)
         lib = ensure_library(source.config, policy, _target(target), kw["dtype"],
@@ -121,7 +95,7 @@ def compile(model: str, target: str | None, output: str | None, **kw) -> None:  
     from tsedge.weights import load_source
 
     cfg = PRESETS[model] if model in PRESETS and not Path(model).exists() else load_source(model).config
-    policy = _policy(kw)
+    policy = policy_config(kw)
     target_name = _target(target)
     out = Path(output or f"{cfg.name}-{policy.name}-{target_name.replace(':', '_')}.so")
     meta = compile_library(cfg, policy, parse_target(target_name), kw["dtype"],
@@ -146,33 +120,44 @@ def convert(model: str, output: str) -> None:
 
 def _prompt_ids(engine, prompt: str, raw: bool) -> list[int]:
     tok = engine.tokenizer
-    text = prompt if raw else tok.apply_chat_template([{"role": "user", "content": prompt}])
-    return tok.encode(text)
+    return tok.encode(prompt) if raw else tok.encode_chat([{"role": "user", "content": prompt}])
+
+
+def _generate_json(engine, result) -> str:
+    out = {"text": engine.tokenizer.decode(result.tokens, skip_special_tokens=True),
+           "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.tokens),
+           "ttft_s": round(result.ttft_s, 4), "prefill_tok_per_s": round(result.prefill_tok_per_s, 2),
+           "decode_tok_per_s": round(result.decode_tok_per_s, 2), "stopped": result.stopped,
+           "policy": engine.meta.policy.name, "target": engine.meta.target}
+    stats = engine.selection_stats()
+    if stats is not None:
+        out["selection_cache_hit_rate"] = stats["hits"] / stats["lookups"] if stats["lookups"] else 0.0
+    return json.dumps(out)
 
 
 @main.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
 @click.option("--target", default=None, help=TARGET_HELP)
 @click.option("--lib", type=click.Path(dir_okay=False), default=None, help="use this compiled library")
-@click.option("--prompt", default=None)
-@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None)
+@click.option("--prompt", default=None, callback=utf8_option, help="UTF-8 text")
+@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="UTF-8 text file")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@sampling_options
 @click.option("--raw", is_flag=True, help="no chat template")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @policy_options
 @_errors
-def generate(model, target, lib, prompt, prompt_file, max_new_tokens, temperature, top_p, seed,
-             raw, as_json, **kw) -> None:
-    """Generate a continuation of one prompt."""
-    from tsedge.sampling import SamplingParams
+def generate(model, target, lib, prompt, prompt_file, max_new_tokens, raw, as_json, **kw) -> None:
+    """Generate a continuation of one prompt (sampled like chat; --temperature 0 for greedy)."""
+    from tsedge.weights import load_source
 
     if (prompt is None) == (prompt_file is None):
         _fail("give exactly one of --prompt or --prompt-file")
-    text = prompt if prompt is not None else Path(prompt_file).read_text()
-    engine = _engine(model, target, lib, kw)
+    text = prompt if prompt is not None else read_text_file(prompt_file)
+    source = load_source(model)
+    sampling = sampling_params(source.path, kw)
+    engine = _engine(source, target, lib, kw)
     ids = _prompt_ids(engine, text, raw)
     stream = engine.tokenizer.stream(skip_special_tokens=True)
 
@@ -180,57 +165,31 @@ def generate(model, target, lib, prompt, prompt_file, max_new_tokens, temperatur
         if not as_json:
             click.echo(stream.push(token), nl=False)
 
-    result = engine.generate(ids, max_new_tokens, SamplingParams(temperature, top_p, seed), on_token=echo)
-    if not as_json:
-        click.echo(stream.flush())
-        return
-    out = {"text": engine.tokenizer.decode(result.tokens, skip_special_tokens=True),
-           "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.tokens),
-           "ttft_s": round(result.ttft_s, 4), "decode_tok_per_s": round(result.decode_tok_per_s, 2),
-           "stopped": result.stopped, "policy": engine.meta.policy.name, "target": engine.meta.target}
-    stats = engine.selection_stats()
-    if stats is not None:
-        out["selection_cache_hit_rate"] = stats["hits"] / stats["lookups"] if stats["lookups"] else 0.0
-    click.echo(json.dumps(out))
+    with PrefillDisplay(engine.prefill_chunk) as progress:
+        result = engine.generate(ids, max_new_tokens, sampling, on_token=echo, on_prefill=progress)
+    click.echo(_generate_json(engine, result) if as_json else stream.flush())
+    if result.stopped == "context_full":
+        click.echo(context_full_note(engine.cache.capacity), err=True)
 
 
 @main.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
 @click.option("--target", default=None, help=TARGET_HELP)
 @click.option("--lib", type=click.Path(dir_okay=False), default=None)
-@click.option("--max-new-tokens", type=int, default=512, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=int, default=None)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--system", default=None, callback=utf8_option, help="system prompt (UTF-8 text)")
+@sampling_options
 @policy_options
 @_errors
-def chat(model, target, lib, max_new_tokens, temperature, seed, **kw) -> None:
-    """Interactive chat: /reset clears the conversation, /exit quits, Ctrl-C stops a reply."""
+def chat(model, target, lib, max_new_tokens, system, **kw) -> None:
+    """Interactive chat: /help lists the commands (/stats, /reset, /exit); Ctrl-C stops a reply."""
     from tsedge.chat import ChatSession
-    from tsedge.sampling import SamplingParams
+    from tsedge.cli_chat import repl
+    from tsedge.weights import load_source
 
-    session = ChatSession(_engine(model, target, lib, kw), SamplingParams(temperature, 1.0, seed),
-                          max_new_tokens)
-    click.echo("tsedge chat — /reset to clear, /exit to quit, Ctrl-C stops a reply", err=True)
-    while True:
-        try:
-            line = input(">>> ")
-        except (EOFError, KeyboardInterrupt):
-            click.echo()
-            return
-        if line.strip() == "/exit":
-            return
-        if line.strip() == "/reset":
-            session.reset()
-            click.echo("[conversation cleared]", err=True)
-            continue
-        if not line.strip():
-            continue
-        try:
-            session.send(line, lambda text: click.echo(text, nl=False))
-        except KeyboardInterrupt:
-            session.interrupted()
-            click.echo(" [stopped]", err=True)
-        click.echo()
+    source = load_source(model)
+    sampling = sampling_params(source.path, kw)
+    repl(ChatSession(_engine(source, target, lib, kw), sampling, max_new_tokens, system))
 
 
 @main.group()
@@ -242,9 +201,11 @@ def bench() -> None:
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
 @click.option("--target", default=None, help=TARGET_HELP)
 @click.option("--lib", type=click.Path(dir_okay=False), default=None)
-@click.option("--prefill", "prefill_lengths", default="2048,7168", show_default=True)
-@click.option("--decode-context", "decode_contexts", default="128,2048", show_default=True)
-@click.option("--steps", type=int, default=64, show_default=True)
+@click.option("--prefill", "prefill_lengths", default="2048,7168", show_default=True,
+              callback=POSITIVE_INTS, help="prompt lengths (tokens)")
+@click.option("--decode-context", "decode_contexts", default="128,2048", show_default=True,
+              callback=POSITIVE_INTS, help="context before decoding (tokens)")
+@click.option("--steps", type=click.IntRange(min=1), default=64, show_default=True, help="decode steps")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
 @policy_options
 @_errors
@@ -254,10 +215,10 @@ def bench_speed(model, target, lib, prefill_lengths, decode_contexts, steps, out
 
     engine = _engine(model, target, lib, kw)
     result = {"info": machine_info(engine), "prefill": [], "decode": []}
-    for length in map(int, prefill_lengths.split(",")):
+    for length in prefill_lengths:
         result["prefill"].append(prefill_speed(engine, length))
         click.echo(f"prefill {length:6d} tokens: {result['prefill'][-1]['tok_per_s']:8.1f} tok/s")
-    for context in map(int, decode_contexts.split(",")):
+    for context in decode_contexts:
         result["decode"].append(decode_speed(engine, context, steps, fill="prefill"))
         click.echo(f"decode after {context:6d}: {result['decode'][-1]['tok_per_s']:8.1f} tok/s")
     if output:
@@ -275,10 +236,13 @@ def eval_group() -> None:
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
 @click.option("--target", default=None, help=TARGET_HELP)
 @click.option("--lib", type=click.Path(dir_okay=False), default=None)
-@click.option("--lengths", default="2048,4096,8192,16384,32768", show_default=True, help="prompt tokens")
-@click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True, help="key position (0-1)")
-@click.option("--keys", "keys_per_cell", type=int, default=10, show_default=True, help="keys per cell")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lengths", default="2048,4096,8192,16384,32768", show_default=True,
+              callback=POSITIVE_INTS, help="prompt tokens")
+@click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True,
+              callback=number_list(FiniteFloatRange(0, 1)), help="key position (0-1)")
+@click.option("--keys", "keys_per_cell", type=click.IntRange(min=1), default=10, show_default=True,
+              help="keys per cell")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
 @policy_options
 @_errors
@@ -286,7 +250,6 @@ def eval_passkey(model, target, lib, lengths, depths, keys_per_cell, seed, outpu
     """Passkey retrieval (TokenSelect README task) over lengths x depths."""
     from tsedge.eval.passkey import format_table, run_passkey
 
-    lengths = [int(x) for x in lengths.split(",")]
     if not kw["max_context"]:
         kw["max_context"] = max(lengths) + 256
     engine = _engine(model, target, lib, kw)
@@ -294,8 +257,7 @@ def eval_passkey(model, target, lib, lengths, depths, keys_per_cell, seed, outpu
     def progress(cell: dict) -> None:
         click.echo(f"{cell['length']:6d} tokens, depth {cell['depth']:.2f}: {cell['score']:.0%}", err=True)
 
-    result = run_passkey(engine, lengths, [float(x) for x in depths.split(",")], keys_per_cell, seed,
-                         progress=progress)
+    result = run_passkey(engine, lengths, depths, keys_per_cell, seed, progress=progress)
     click.echo(format_table(result))
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -308,8 +270,10 @@ def eval_passkey(model, target, lib, lengths, depths, keys_per_cell, seed, outpu
 @click.option("--target", default=None, help=TARGET_HELP)
 @click.option("--dense-lib", type=click.Path(dir_okay=False), default=None, help="dense library")
 @click.option("--lib", type=click.Path(dir_okay=False), default=None, help="library of --policy")
-@click.option("--lengths", default="4096,8192", show_default=True, help="prompt tokens")
-@click.option("--steps", type=int, default=32, show_default=True, help="teacher-forced decode steps")
+@click.option("--lengths", default="4096,8192", show_default=True, callback=POSITIVE_INTS,
+              help="prompt tokens")
+@click.option("--steps", type=click.IntRange(min=1), default=32, show_default=True,
+              help="teacher-forced decode steps")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
 @policy_options
 @_errors
@@ -320,7 +284,6 @@ def eval_agreement(model, target, dense_lib, lib, lengths, steps, output, **kw) 
     from tsedge.bench.speed import machine_info
     from tsedge.eval.agreement import agreement
 
-    lengths = [int(x) for x in lengths.split(",")]
     kw["max_context"] = kw["max_context"] or max(lengths) + steps + 256
     candidate = _engine(model, target, lib, kw)
     dense = _engine(model, target, dense_lib, {**kw, "policy": "dense"})

@@ -29,14 +29,26 @@ class LibraryError(ValueError):
     """A model library is missing, unreadable, or does not fit this host or these weights."""
 
 
+# Called during prefill with (tokens done, tokens in all) before the first chunk and after each.
+PrefillProgress = Callable[[int, int], None]
+
+
 @dataclasses.dataclass
 class GenerationResult:
+    """One generation: its tokens, why it stopped, and its timings (seconds, wall clock)."""
+
     tokens: list[int]
     prompt_tokens: int
-    reused_tokens: int
-    ttft_s: float
-    decode_s: float
-    stopped: str  # "stop_token" | "length" | "cancelled"
+    reused_tokens: int  # prompt tokens already in the KV cache (not prefilled again)
+    prefill_s: float  # prefill of the new prompt tokens
+    ttft_s: float  # prefill plus picking the first token
+    decode_s: float  # the remaining tokens
+    stopped: str  # "stop_token" | "length" | "cancelled" | "context_full" (the KV cache is full)
+
+    @property
+    def prefill_tok_per_s(self) -> float:
+        new = self.prompt_tokens - self.reused_tokens
+        return new / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def decode_tok_per_s(self) -> float:
@@ -141,13 +153,19 @@ class Engine:
         self.cache.tokens.extend(ids)
         return logits
 
-    def prefill(self, ids: list[int]) -> np.ndarray:
-        """Append ``ids`` to the cache in chunks; float32 logits of the last one."""
+    def prefill(self, ids: list[int], on_progress: PrefillProgress | None = None) -> np.ndarray:
+        """Append ``ids`` to the cache in chunks of ``prefill_chunk`` tokens; float32 logits of
+        the last token. ``on_progress(done, total)`` is called before the first chunk and after
+        each one."""
         if not ids:
             raise ValueError("prefill needs at least one token")
         self.cache.check_room(len(ids))
         for start in range(0, len(ids), self.prefill_chunk):
+            if on_progress is not None:
+                on_progress(start, len(ids))
             logits = self._run("prefill", ids[start:start + self.prefill_chunk])
+        if on_progress is not None:
+            on_progress(len(ids), len(ids))
         return logits.numpy()[0]
 
     def decode(self, token: int) -> np.ndarray:
@@ -172,32 +190,47 @@ class Engine:
     # ---- generation ----------------------------------------------------------------------------
     def generate(self, prompt: list[int], max_new_tokens: int = 256,
                  sampling: SamplingParams = SamplingParams(), stop_ids: list[int] | None = None,
-                 on_token: Callable[[int], bool | None] | None = None) -> GenerationResult:
+                 on_token: Callable[[int], bool | None] | None = None,
+                 on_prefill: PrefillProgress | None = None) -> GenerationResult:
         """Continue the cached sequence with ``prompt``; reuse the longest cached prefix.
 
         ``on_token`` gets each new token; returning False stops. Raises ContextOverflowError
-        before any work when the prompt plus ``max_new_tokens`` exceed the cache.
+        before any work when the prompt alone exceeds the KV cache; a generation that fills the
+        cache stops with ``stopped == "context_full"``. ``on_prefill`` sees the prefill's progress.
         """
+        if not prompt:
+            raise ValueError("the prompt has no tokens; give some text")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if len(prompt) > self.cache.capacity:
+            raise ContextOverflowError(
+                f"prompt of {len(prompt)} tokens exceeds the KV cache of {self.cache.capacity} "
+                "tokens; shorten it or use a library compiled with a larger --max-context")
         reused = min(self.cache.common_prefix(prompt), len(prompt) - 1)
         self.cache.truncate(reused)
-        self.cache.check_room(len(prompt) - reused + max_new_tokens)
         stop = set(self.tokenizer.eos_token_ids if stop_ids is None else stop_ids)
-        sampler = Sampler(sampling)
+        sampler = Sampler(sampling, prompt)
         start = time.perf_counter()
-        token = sampler(self.prefill(prompt[reused:]))
+        logits = self.prefill(prompt[reused:], on_prefill)
+        prefill_s = time.perf_counter() - start
+        token = sampler(logits)
         ttft = time.perf_counter() - start
-        tokens, stopped = [token], "length"
-        decode_start = time.perf_counter()
+        tokens = [token]
+        stopped = self._continue(tokens, sampler, stop, max_new_tokens, on_token)
+        return GenerationResult(tokens, len(prompt), reused, prefill_s, ttft,
+                                time.perf_counter() - start - ttft, stopped)
+
+    def _continue(self, tokens: list[int], sampler: Sampler, stop: set[int], max_new_tokens: int,
+                  on_token: Callable[[int], bool | None] | None) -> str:
+        """Decode after ``tokens`` (appended in place) until a stop; returns why it stopped."""
         while True:
+            token = tokens[-1]
             if token in stop:
-                stopped = "stop_token"
-                break
+                return "stop_token"
             if on_token is not None and on_token(token) is False:
-                stopped = "cancelled"
-                break
+                return "cancelled"
             if len(tokens) >= max_new_tokens:
-                break
-            token = sampler(self.decode(token))
-            tokens.append(token)
-        return GenerationResult(tokens, len(prompt), reused, ttft,
-                                time.perf_counter() - decode_start, stopped)
+                return "length"
+            if len(self.cache) >= self.cache.capacity:
+                return "context_full"
+            tokens.append(sampler(self.decode(token)))

@@ -1,44 +1,144 @@
-"""Token sampling on the host: greedy, or temperature + top-p with a seeded generator."""
+"""Token sampling on the host: penalties, then greedy or temperature + top-k + top-p (seeded).
+
+Order per step, as transformers' ``generate`` and vLLM apply them: repetition penalty, presence
+penalty, then greedy (temperature 0) or temperature, top-k, top-p and a draw.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
+
+# Sampling defaults when the weights carry none (llama.cpp, Ollama and MLC-LLM sample by default).
+PEER_DEFAULTS = {"temperature": 0.7, "top_p": 0.9}
+# Fields of a Hugging Face generation_config.json that set our sampling defaults.
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0: greedy
+    """How the next token is picked; the default is greedy (the library API stays deterministic).
+
+    ``temperature`` divides the logits (0: greedy); ``top_p`` keeps the smallest set of tokens
+    whose probability reaches it; ``top_k`` keeps the k most likely tokens (0: off);
+    ``repetition_penalty`` (CTRL, arXiv 1909.05858; 1: off) and ``presence_penalty`` (OpenAI's,
+    in logits; 0: off) are defined in ``repetition_penalty`` and ``presence_penalty`` below.
+    """
+
+    temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        checks = [
+            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature", ">= 0"),
+            (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
+            (self.top_k >= 0, "top_k", ">= 0 (0 = off)"),
+            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+             "repetition_penalty", "> 0 (1 = off)"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2] (0 = off)"),
+            (self.seed is None or self.seed >= 0, "seed", ">= 0"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
+
+
+def generation_config_defaults(model_path: Path) -> dict[str, float]:
+    """The sampling fields (``GENERATION_CONFIG_FIELDS``) of the ``generation_config.json`` in a
+    Hugging Face model folder, as transformers reads them; {} for a file (GGUF) or a folder
+    without one."""
+    path = model_path / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable generation config ({err}); fix or delete it") from err
+    found = {name: config[name] for name in GENERATION_CONFIG_FIELDS if config.get(name) is not None}
+    try:
+        SamplingParams(**found)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}; fix the file or give the option") from None
+    return found
+
+
+def repetition_penalty(logits: np.ndarray, seen: Iterable[int], penalty: float) -> np.ndarray:
+    """CTRL's repetition penalty, as transformers' ``RepetitionPenaltyLogitsProcessor``: the logit
+    of every token in ``seen`` (prompt and output so far) is divided by ``penalty`` when positive
+    and multiplied by it when negative (each token once, however often it occurred)."""
+    ids = np.unique(np.fromiter(seen, dtype=np.int64))
+    out = logits.copy()
+    picked = out[ids]
+    out[ids] = np.where(picked > 0, picked / penalty, picked * penalty)
+    return out
+
+
+def presence_penalty(logits: np.ndarray, generated: Iterable[int], penalty: float) -> np.ndarray:
+    """OpenAI's presence penalty: ``penalty`` is subtracted once from the logit of every token
+    present in the output so far (``generated``), however often it occurred."""
+    ids = np.unique(np.fromiter(generated, dtype=np.int64))
+    out = logits.copy()
+    out[ids] -= penalty
+    return out
+
+
+def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the ``k`` largest logits (and any tied with the k-th), as transformers' TopKLogitsWarper."""
+    if k == 0 or k >= logits.size:
+        return logits
+    kth = np.partition(logits, -k)[-k]
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def _top_p(probs: np.ndarray, p: float) -> np.ndarray:
+    """Keep the most likely tokens until their probability reaches ``p``; renormalize."""
+    if p >= 1:
+        return probs
+    order = np.argsort(-probs, kind="stable")
+    keep = order[: int(np.searchsorted(np.cumsum(probs[order]), p)) + 1]
+    kept = np.zeros_like(probs)
+    kept[keep] = probs[keep]
+    return kept / kept.sum()
 
 
 class Sampler:
-    """Picks the next token from float32 logits."""
+    """Picks each next token of one generation from float32 logits; remembers the prompt and
+    its own picks for the penalties."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, prompt: Iterable[int] = ()) -> None:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.seen = set(prompt)
+        self.generated: set[int] = set()
 
     def __call__(self, logits: np.ndarray) -> int:
-        logits = np.asarray(logits, dtype=np.float64).reshape(-1)
-        if self.params.temperature == 0:
+        token = self._pick(self._penalized(np.asarray(logits, dtype=np.float64).reshape(-1)))
+        self.seen.add(token)
+        self.generated.add(token)
+        return token
+
+    def _penalized(self, logits: np.ndarray) -> np.ndarray:
+        p = self.params
+        if p.repetition_penalty != 1 and self.seen:
+            logits = repetition_penalty(logits, self.seen, p.repetition_penalty)
+        if p.presence_penalty != 0 and self.generated:
+            logits = presence_penalty(logits, self.generated, p.presence_penalty)
+        return logits
+
+    def _pick(self, logits: np.ndarray) -> int:
+        p = self.params
+        if p.temperature == 0:
             return int(np.argmax(logits))
-        z = logits / self.params.temperature
+        z = _top_k(logits / p.temperature, p.top_k)
         probs = np.exp(z - z.max())
-        probs /= probs.sum()
-        if self.params.top_p < 1:
-            order = np.argsort(-probs, kind="stable")
-            cum = np.cumsum(probs[order])
-            keep = order[: int(np.searchsorted(cum, self.params.top_p)) + 1]
-            mask = np.zeros_like(probs)
-            mask[keep] = probs[keep]
-            probs = mask / mask.sum()
-        return int(self.rng.choice(len(probs), p=probs))
+        probs = _top_p(probs / probs.sum(), p.top_p)
+        return int(self.rng.choice(probs.size, p=probs))

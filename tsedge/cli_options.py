@@ -1,0 +1,170 @@
+"""Options the ``tsedge`` verbs share, each checked at the command line (one error line naming the
+accepted range), and what ``generate`` and ``chat`` share: prompt text, sampling, prefill display."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tsedge.models.config import POLICIES, PolicyConfig
+from tsedge.progress import interactive, token_progress
+from tsedge.sampling import PEER_DEFAULTS, SamplingParams, generation_config_defaults
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also rejects NaN and infinities (which compare False to any bound)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+def number_list(item_type: click.ParamType) -> Callable[[click.Context, click.Parameter, str], list]:
+    """Callback parsing a comma-separated option into a list, each item checked by ``item_type``."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str) -> list:
+        return [item_type.convert(item.strip(), param, ctx) for item in value.split(",")]
+
+    return parse
+
+
+POSITIVE_INTS = number_list(click.IntRange(min=1))
+
+
+# ---- text ---------------------------------------------------------------------------------------
+def utf8_text(data: bytes) -> str:
+    """``data`` decoded as UTF-8, or a ValueError naming the first bad byte and the fix."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                         "re-encode it as UTF-8, e.g. with iconv -f latin1 -t utf-8") from None
+
+
+def utf8_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Callback for text options: click passes argv bytes that are not UTF-8 as lone surrogates
+    (PEP 383); recover the bytes and reject them as ``--prompt-file`` rejects such a file."""
+    if value is None:
+        return None
+    try:
+        return utf8_text(os.fsencode(value))
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx, param) from None
+
+
+def read_text_file(path: str) -> str:
+    """The UTF-8 text of ``path`` (a ValueError naming the file and the fix otherwise)."""
+    try:
+        return utf8_text(Path(path).read_bytes())
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+# ---- policy -------------------------------------------------------------------------------------
+def policy_options(func):
+    """--policy and the budgets of selecting policies (TokenSelect paper defaults), --max-context
+    and --dtype."""
+    defaults = PolicyConfig()
+    options = [
+        click.option("--policy", type=click.Choice(POLICIES), default="dense", show_default=True),
+        click.option("--n-init", type=click.IntRange(min=0), default=defaults.n_init,
+                     show_default=True, help="sink tokens"),
+        click.option("--n-local", type=click.IntRange(min=1), default=defaults.n_local,
+                     show_default=True, help="recent tokens"),
+        click.option("--select-top-k", type=click.IntRange(min=1), default=defaults.top_k,
+                     show_default=True, help="tokens TokenSelect selects"),
+        click.option("--chunk-size", type=click.IntRange(min=1), default=defaults.chunk_size,
+                     show_default=True, help="prefill chunk (tokens)"),
+        click.option("--selection-threshold", type=FiniteFloatRange(min=-1),
+                     default=defaults.selection_threshold, show_default=True,
+                     help="Selection Cache cosine threshold (above 1: never reuse a selection)"),
+        click.option("--pool-kernel", type=click.IntRange(min=0), default=defaults.pool_kernel,
+                     show_default=True,
+                     help="max-pool smoothing of criticality (0 = off; the reference uses 6 for passkey)"),
+        click.option("--max-context", type=click.IntRange(min=1), default=None,
+                     help="KV cache size in tokens (default: the model's window, at most 8192; "
+                          "32768 for selecting policies)"),
+        click.option("--dtype", type=click.Choice(["auto", "float16", "float32"]), default="auto",
+                     show_default=True, help="auto: float16 on GPUs, float32 on CPUs"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def policy_config(kw: dict[str, Any]) -> PolicyConfig:
+    return PolicyConfig(kw["policy"], kw["n_init"], kw["n_local"], kw["select_top_k"],
+                        kw["chunk_size"], kw["selection_threshold"], kw["pool_kernel"])
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+def sampling_options(func):
+    """--temperature, --top-p, --top-k, --repetition-penalty (default: the model's
+    generation_config.json, else ``PEER_DEFAULTS``), --presence-penalty and --seed."""
+    model = "default: the model's generation_config.json, else"
+    options = [
+        click.option("--temperature", type=FiniteFloatRange(min=0), default=None,
+                     help=f"0 = greedy ({model} {PEER_DEFAULTS['temperature']})"),
+        click.option("--top-p", type=FiniteFloatRange(0, 1, min_open=True), default=None,
+                     help=f"nucleus sampling: keep the likeliest tokens up to this probability "
+                          f"({model} {PEER_DEFAULTS['top_p']})"),
+        click.option("--top-k", type=click.IntRange(min=0), default=None,
+                     help=f"keep the k likeliest tokens, 0 = off ({model} 0)"),
+        click.option("--repetition-penalty", type=FiniteFloatRange(min=0, min_open=True), default=None,
+                     help=f"CTRL's: divide positive (multiply negative) logits of tokens in the "
+                          f"prompt or output; 1 = off ({model} 1)"),
+        click.option("--presence-penalty", type=FiniteFloatRange(-2, 2), default=0.0, show_default=True,
+                     help="OpenAI's: subtract from the logits of tokens already in the output"),
+        click.option("--seed", type=click.IntRange(min=0), default=None, help="sampling seed"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def sampling_params(model_path: Path, kw: dict[str, Any]) -> SamplingParams:
+    """Options given on the command line, else the model's generation config, else PEER_DEFAULTS."""
+    given = {name: kw[name] for name in ("temperature", "top_p", "top_k", "repetition_penalty")
+             if kw[name] is not None}
+    return SamplingParams(**{**PEER_DEFAULTS, **generation_config_defaults(model_path), **given},
+                          presence_penalty=kw["presence_penalty"], seed=kw["seed"])
+
+
+# ---- progress and notes -------------------------------------------------------------------------
+class PrefillDisplay(contextlib.AbstractContextManager):
+    """Engine ``on_prefill`` callback: tokens done / total and tok/s on stderr, drawn only when
+    stderr is a terminal and the prefill takes more than one chunk of ``chunk`` tokens."""
+
+    def __init__(self, chunk: int) -> None:
+        self.chunk = chunk
+        self._bar = contextlib.ExitStack()
+        self._update: Callable[[int], None] | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._update is None and done == 0 and total > self.chunk and interactive():
+            self._update = self._bar.enter_context(token_progress("prefill", total))
+        if self._update is not None:
+            self._update(done)
+            if done == total:
+                self.close()
+
+    def close(self) -> None:
+        """Take the bar off the terminal (before the reply is printed)."""
+        self._update = None
+        self._bar.close()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def context_full_note(capacity: int) -> str:
+    return (f"[stopped: the KV cache of {capacity} tokens is full; use a library compiled with a "
+            "larger --max-context for longer replies]")
