@@ -159,7 +159,8 @@ def _check_tensor_infos(cur: _Cursor, count: int, alignment: int
         names.add(name)
         n_dims = cur.scalar("I", f"dimension count of tensor {name}")
         if not 1 <= n_dims <= _MAX_DIMS:
-            raise GGUFCheckError(f"tensor {name} has {n_dims} dimensions (1 to {_MAX_DIMS} allowed)")
+            raise GGUFCheckError(f"tensor {name} has {n_dims} dimensions (1 to {_MAX_DIMS} "
+                                 "allowed)")
         dims = [cur.scalar("Q", f"dimensions of tensor {name}") for _ in range(n_dims)]
         qtype = _tensor_type(cur.scalar("I", f"type of tensor {name}"), name)
         offset = cur.scalar("Q", f"data offset of tensor {name}")
@@ -239,10 +240,12 @@ def _check_block0(arch: str, meta: dict[str, int], shapes: dict[str, tuple[int, 
         rows = _shape(shapes, f"blk.0.{tensor}.weight")[0]
         if meta[key] * head_dim != rows:
             raise _disagree(arch, meta, key, f"with head dim {head_dim} ({source}) that is "
-                                f"{meta[key] * head_dim} rows, and blk.0.{tensor}.weight has {rows}")
+                                             f"{meta[key] * head_dim} rows, and "
+                                             f"blk.0.{tensor}.weight has {rows}")
     rows = _shape(shapes, "blk.0.ffn_gate.weight")[0]
     if meta["feed_forward_length"] != rows:
-        raise _disagree(arch, meta, "feed_forward_length", f"blk.0.ffn_gate.weight has {rows} rows")
+        raise _disagree(arch, meta, "feed_forward_length",
+                        f"blk.0.ffn_gate.weight has {rows} rows")
 
 
 def _disagree(arch: str, meta: dict[str, int], key: str, fact: str) -> GGUFCheckError:

@@ -128,8 +128,9 @@ def _checked(config: ModelConfig, found: dict[str, tuple[int, ...]],
     shapes = expected_shapes(config)
     unused = sorted(n for n in set(found) - set(shapes) if not _ignorable(n, config))
     if unused:
-        raise WeightsError(f"{origin}: tensor {unused[0]} is not part of {config.name} ({len(unused)} "
-                           "such tensors); the config or metadata does not describe these weights")
+        raise WeightsError(f"{origin}: tensor {unused[0]} is not part of {config.name} "
+                           f"({len(unused)} such tensors); the config or metadata does not "
+                           "describe these weights")
     for name, shape in shapes.items():
         if name not in found:
             missing = len(set(shapes) - set(found))
@@ -181,8 +182,8 @@ def _safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"]):
         begin, stop = entry["data_offsets"]
         if begin != end:
-            raise _corrupt(path, f"tensor {name} starts at byte {begin} of the data, expected {end} "
-                                 "(tensors overlap or leave a gap)")
+            raise _corrupt(path, f"tensor {name} starts at byte {begin} of the data, expected "
+                                 f"{end} (tensors overlap or leave a gap)")
         end = stop
     if 8 + n + end != size:
         what = "truncated" if 8 + n + end > size else "corrupt"
@@ -403,7 +404,8 @@ def _meta(reader: gguf.GGUFReader, key: str, kind: type, default: Any = _REQUIRE
             raise GGUFCheckError(f"metadata {key} is missing")
         return default
     if len(field.types) != 1 or field.types[0] not in _KINDS[kind]:
-        raise GGUFCheckError(f"metadata {key} has type {_type_name(field)}, expected {kind.__name__}")
+        raise GGUFCheckError(f"metadata {key} has type {_type_name(field)}, expected "
+                             f"{kind.__name__}")
     return kind(field.contents())
 
 
