@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from attention_reference import attention, rope_table
-from kernel_harness import build, tensor
+from kernel_harness import CUDA, MODE, build, tensor
 
 from tsedge.tir_kernels import attention as attn
 from tsedge.tir_kernels import cache_ops
+from tsedge.tir_kernels import decode_attention as dec
 
 NUM_LAYERS, LAYER = 3, 2
 
@@ -77,3 +78,49 @@ def test_attention(n_heads, n_kv, head_dim, dtype, n, m, capacity):
     expected = attention(q, kv[LAYER, 0][:, rows], kv[LAYER, 1][:, rows], table)
     tol = 2e-3 if dtype == "float16" else 1e-5
     np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=tol, atol=tol)
+
+
+DECODE_CASES = [
+    # n_heads, n_kv, head_dim, dtype, M (attended rows), capacity
+    (32, 8, 128, "float16", 1, 16),          # Llama-3-8B heads, one key, one split
+    (32, 8, 128, "float16", 97, 200),        # splits of 25 keys, last one short
+    (32, 8, 128, "float16", 2689, 40000),    # a Selection Cache hit's gathered rows
+    (32, 8, 128, "float16", 40961, 41000),   # 256 splits of 161 keys
+    (9, 3, 64, "float16", 300, 1200),        # SmolLM2 heads (group 3)
+    (9, 3, 64, "float32", 4099, 5000),       # float32 library: 4-element loads
+    (4, 4, 64, "float32", 33, 64),           # group 1, a split of one key
+]
+
+
+@pytest.mark.skipif(MODE == "llvm", reason="GPU-only kernel (CPU decode runs attention_partial, tested above)")
+@pytest.mark.parametrize("n_heads, n_kv, head_dim, dtype, m, capacity", DECODE_CASES)
+def test_decode_attention(n_heads, n_kv, head_dim, dtype, m, capacity):
+    rng = np.random.default_rng(m)
+    kv = rng.standard_normal((NUM_LAYERS, 2, n_kv, capacity, head_dim)).astype(dtype)
+    q = rng.standard_normal((1, n_heads, head_dim)).astype(dtype)
+    rows = np.sort(rng.choice(capacity, m, replace=False)).astype(np.int32)
+    table = rope_table(inv_freq(head_dim, 5e5), m)
+    splits = dec.decode_splits(m)
+    o = tensor(np.full((1, splits, n_heads, head_dim), np.nan, np.float32))
+    lse = tensor(np.full((1, splits, n_heads), np.nan, np.float32))
+    out = tensor(np.full((1, n_heads, head_dim), np.nan, dtype))
+    build(dec.make_decode_attention, NUM_LAYERS, n_heads, n_kv, head_dim, dtype)(
+        tensor(q), tensor(kv), tensor(table.astype(np.float32)), tensor(rows), LAYER, o, lse)
+    build(attn.make_attention_merge, n_heads, head_dim, dtype)(o, lse, out)
+    expected = attention(q, kv[LAYER, 0][:, rows], kv[LAYER, 1][:, rows], table)
+    tol = 2e-3 if dtype == "float16" else 1e-5
+    np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(MODE != "llvm", reason="codegen check runs where the compiler is")
+@pytest.mark.parametrize("dtype, load", [("float16", "uint4"), ("float32", "float4")])
+def test_decode_attention_cuda_loads_16_bytes(dtype, load):
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"main": dec.make_decode_attention(2, 32, 8, 128, dtype)}), target=CUDA)
+    source = lib.mod.imports_[0].inspect_source()
+    assert f"*({load}*)(kv_ptr" in source  # K and V rows read 16 bytes per thread
+
+
+def test_decode_splits():
+    assert [dec.decode_splits(m) for m in (1, 32, 33, 8192, 8193, 131072)] == [1, 1, 2, 256, 256, 256]

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import click
 
-from tsedge.cli_options import (POSITIVE_INTS, FiniteFloatRange, PrefillDisplay, context_full_note,
-                                 number_list, policy_config, policy_options, read_text_file,
-                                 sampling_options, sampling_params, utf8_option)
+from tsedge.cli_bench import bench_decode, bench_prefill
+from tsedge.cli_options import (POSITIVE_INTS, TARGET_HELP, FiniteFloatRange, PrefillDisplay,
+                                 context_full_note, number_list, policy_config, policy_options,
+                                 read_text_file, resolve_target, sampling_options, sampling_params,
+                                 utf8_option)
 from tsedge.models.config import PRESETS, PolicyConfig
 
 DEFAULT_MODEL = "smollm2-135m"
-TARGET_HELP = "llvm | cuda | cuda:sm_XX (default: cuda when a CUDA GPU is visible, else llvm)"
 
 
 def _fail(message: str) -> None:
@@ -43,12 +44,6 @@ def _max_context(kw: dict, policy: PolicyConfig, window: int) -> int:
     return min(window, 8192) if policy.name == "dense" else 32768
 
 
-def _target(name: str | None) -> str:
-    from tsedge.compile.targets import default_target_name, parse_target, target_name
-
-    return target_name(parse_target(name or default_target_name()))
-
-
 def _engine(model, target: str | None, lib: str | None, kw: dict):
     """Engine for ``model`` (a name or a loaded ModelSource): the given library, or the cached
     one (compiled on first use)."""
@@ -60,7 +55,7 @@ def _engine(model, target: str | None, lib: str | None, kw: dict):
     policy = policy_config(kw)
     if lib is None:
         log = functools.partial(click.echo, err=True)
-        lib = ensure_library(source.config, policy, _target(target), kw["dtype"],
+        lib = ensure_library(source.config, policy, resolve_target(target), kw["dtype"],
                              _max_context(kw, policy, source.config.context_window), log=log)
     return Engine(lib, source, prefill_chunk=policy.chunk_size)  # capped by the library's policy
 
@@ -92,14 +87,16 @@ def compile(model: str, target: str | None, output: str | None, **kw) -> None:  
     """Compile a model library (.so plus .json metadata)."""
     from tsedge.compile.build import compile_library
     from tsedge.compile.targets import parse_target
+    from tsedge.progress import stage_progress
     from tsedge.weights import load_source
 
     cfg = PRESETS[model] if model in PRESETS and not Path(model).exists() else load_source(model).config
     policy = policy_config(kw)
-    target_name = _target(target)
+    target_name = resolve_target(target)
     out = Path(output or f"{cfg.name}-{policy.name}-{target_name.replace(':', '_')}.so")
-    meta = compile_library(cfg, policy, parse_target(target_name), kw["dtype"],
-                           _max_context(kw, policy, cfg.context_window), out)
+    with stage_progress(f"compiling {cfg.name} ({policy.name}, {target_name})") as stage:
+        meta = compile_library(cfg, policy, parse_target(target_name), kw["dtype"],
+                               _max_context(kw, policy, cfg.context_window), out, stage=stage)
     click.echo(f"wrote {out} and {out.with_suffix('.json')} ({meta.target}, {meta.dtype}, "
                f"max context {meta.max_context}, {meta.compile_seconds} s)")
 
@@ -225,6 +222,10 @@ def bench_speed(model, target, lib, prefill_lengths, decode_contexts, steps, out
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=1))
         click.echo(f"wrote {output}")
+
+
+bench.add_command(bench_decode)
+bench.add_command(bench_prefill)
 
 
 @main.group("eval")

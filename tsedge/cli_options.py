@@ -17,6 +17,16 @@ from tsedge.progress import interactive, token_progress
 from tsedge.sampling import PEER_DEFAULTS, SamplingParams, generation_config_defaults
 
 
+TARGET_HELP = "llvm | cuda | cuda:sm_XX (default: cuda when a CUDA GPU is visible, else llvm)"
+
+
+def resolve_target(name: str | None) -> str:
+    """The canonical target name for ``--target`` (the local GPU's arch for a bare ``cuda``)."""
+    from tsedge.compile.targets import default_target_name, parse_target, target_name
+
+    return target_name(parse_target(name or default_target_name()))
+
+
 class FiniteFloatRange(click.FloatRange):
     """click.FloatRange that also rejects NaN and infinities (which compare False to any bound)."""
 

@@ -35,7 +35,7 @@ def main() -> None:
     cpu_lib = Path("build/smol-cpu.so")
     compile_library(smol.config, PolicyConfig(), parse_target("llvm"), "float32", 4096, cpu_lib)
     engine = Engine(cpu_lib, smol)
-    prompt = smol.tokenizer.encode(smol.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]))
+    prompt = smol.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
     result = engine.generate(prompt, max_new_tokens=32, stop_ids=[])
     (libs / "cpu_reference.json").write_text(json.dumps({"prompt": prompt, "greedy": result.tokens}))
     data = default_model_path().read_bytes()

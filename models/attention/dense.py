@@ -6,8 +6,8 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.target import Target
 
-from tsedge.tir_kernels import attention, cache_ops
-from tsedge.tir_kernels.common import i64
+from tsedge.tir_kernels import attention, cache_ops, decode_attention
+from tsedge.tir_kernels.common import i64, is_gpu
 
 from ..config import ModelConfig
 
@@ -28,6 +28,7 @@ class DensePolicy:
         self.iota = cache_ops.make_iota(target)
         self.partial = attention.make_attention_partial(n_layers, h, hkv, d, dtype, target)
         self.merge = attention.make_attention_merge(h, d, dtype, target)
+        self.decode = decode_attention.make_decode_attention(n_layers, h, hkv, d, dtype) if is_gpu(target) else None
 
     selects = False  # exports no *_select functions
 
@@ -51,9 +52,12 @@ class DensePolicy:
         """Attention of ``q`` over ``kv[layer_id]`` rows ``rows`` (positions re-assigned 0..M-1)."""
         n, h, d = q.shape
         m = rows.shape[0]
-        chunks = attention.num_chunks(m)
+        if n == 1 and self.decode is not None:  # one query: split the rows over the whole GPU
+            kernel, name, chunks = self.decode, "attention_decode", decode_attention.decode_splits(m)
+        else:
+            kernel, name, chunks = self.partial, "attention_partial", attention.num_chunks(m)
         o, lse = op.tensor_ir_op(
-            self.partial, "attention_partial", args=[q, kv, rope, rows, i64(layer_id)],
+            kernel, name, args=[q, kv, rope, rows, i64(layer_id)],
             out=[nn.Tensor.placeholder([n, chunks, h, d], "float32"),
                  nn.Tensor.placeholder([n, chunks, h], "float32")])
         return op.tensor_ir_op(self.merge, "attention_merge", args=[o, lse],

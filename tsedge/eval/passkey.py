@@ -27,8 +27,7 @@ def _prompt(tokenizer, sentences: int, depth: float, key: int) -> list[int]:
     filler = [FILLER_SENTENCES[i % len(FILLER_SENTENCES)] for i in range(sentences)]
     at = round(depth * sentences)
     haystack = " ".join(filler[:at] + [KEY_SENTENCE.format(key=key)] + filler[at:])
-    text = tokenizer.apply_chat_template([{"role": "user", "content": f"{haystack}\n\n{QUESTION}"}])
-    return tokenizer.encode(text)
+    return tokenizer.encode_chat([{"role": "user", "content": f"{haystack}\n\n{QUESTION}"}])
 
 
 def build_prompt(tokenizer, length_tokens: int, depth: float, key: int) -> list[int]:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# GPU run of issue 8/9's benchmark (on the device machine, TVM runtime only):
+#   kernel tests of the attention kernels, then `tsedge bench decode` and `tsedge bench prefill`
+#   over the libraries that `bench/device/decode_prefill.sh prepare` compiled into .carry/bench.
+# Usage: bash bench/device/decode_prefill.sh prepare        (build machine)
+#        bash bench/device/decode_prefill.sh run OUT_DIR    (device; prints the tables last)
+set -uo pipefail
+DEPTHS=${DEPTHS:-0,4k,32k,128k}
+if [ "$1" = prepare ]; then
+  bash bench/device/make_bundle.sh
+  TSEDGE_KERNEL_MODE=cuda-build TSEDGE_KERNEL_DIR=.carry/kernels python -m pytest -q -p no:cacheprovider \
+    tests/test_attention_kernels.py > /dev/null  # builds the CUDA kernel libraries (checks are no-ops)
+  # decode's variants (dense, tokenselect, tokenselect-reselect) cover prefill's too
+  python -m tsedge.cli_bench decode --compile-only --lib-dir .carry/bench --target cuda:sm_90 --depths "$DEPTHS"
+  exit 0
+fi
+out=$2
+mkdir -p "$out"
+source bench/device/setup.sh
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+bash bench/device/kernels.sh "$out" -k "attention" > /dev/null; tail -3 "$out/kernels.txt"
+for kind in decode prefill; do
+  python3 -m tsedge.cli_bench "$kind" --lib-dir .carry/bench --depths "$DEPTHS" -o "$out" 2> "$out/$kind.log"
+  tail -2 "$out/$kind.log"
+done

@@ -1,0 +1,39 @@
+"""``tsedge bench decode|prefill``: depth parsing, the table beside llama.cpp and the PNG plot."""
+
+from __future__ import annotations
+
+import pytest
+
+from tsedge.bench import long_context as lc
+
+
+def test_parse_depths():
+    assert lc.parse_depths("0, 4k,32K,131072") == [0, 4096, 32768, 131072]
+    with pytest.raises(ValueError, match="bad depth '4m': use token counts like 0,4k,32k,128k"):
+        lc.parse_depths("0,4m")
+    with pytest.raises(ValueError, match="unknown policy 'tidal'"):
+        lc.variants(["dense", "tidal"], "decode")
+
+
+def test_variants_add_reselect_for_decode_only():
+    assert list(lc.variants(["dense", "tokenselect"], "decode")) == ["dense", "tokenselect", "tokenselect-reselect"]
+    assert list(lc.variants(["tokenselect"], "prefill")) == ["tokenselect"]
+    assert lc.variants(["tokenselect"], "decode")["tokenselect-reselect"].selection_threshold > 1
+
+
+def _result(device: str) -> dict:
+    rows = [{"policy": p, "depth": d, "ms_per_token": v} for p, d, v in
+            [("dense", 0, 4.5), ("dense", 131072, 9.0), ("tokenselect", 131072, 4.4)]]
+    return {"info": {"model": "llama3-8b", "device": device, "target": "cuda:sm_90"}, "kind": "decode", "rows": rows}
+
+
+def test_table_puts_llamacpp_beside_on_the_same_gpu_only():
+    table = lc.table(_result("NVIDIA H200"))
+    assert table.splitlines()[0] == "| depth (ms per token) | dense | tokenselect | llama.cpp F16 |"
+    assert "| 131072 | 9.00 | 4.40 | 12.21 |" in table and "| 0 | 4.50 | — | 4.85 |" in table
+    assert "llama.cpp" not in lc.table(_result("NVIDIA A100"))
+
+
+def test_plot_writes_png(tmp_path):
+    lc.plot(_result("NVIDIA H200"), tmp_path / "decode.png")
+    assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,152 @@
+"""Long-context speed by policy and depth: ``tsedge bench decode`` and ``tsedge bench prefill``.
+
+Decode is ms per token after ``depth`` cached tokens; prefill is tok/s of one ``chunk``-token
+prefill call appended to ``depth`` cached tokens (llama-bench's ``-d DEPTH`` convention). The KV
+cache is filled with random values (time depends on the length, not the content). Without
+weights, the preset's shapes get random float16 weights (made on the GPU through torch when it is
+there). TokenSelect decode is reported twice: ``tokenselect`` (the decode token repeats, so the
+Selection Cache hits almost every step; hit counts recorded) and ``tokenselect-reselect``
+(θ = 1.5: never hits, so every layer scores and selects at every step).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tsedge.bench.speed import decode_speed, machine_info, prefill_chunk_speed
+from tsedge.engine import Engine
+from tsedge.models.config import PolicyConfig
+from tsedge.models.library import LibraryMeta
+
+VARIANTS = {"dense": PolicyConfig(), "tokenselect": PolicyConfig("tokenselect"),
+            "tokenselect-reselect": PolicyConfig("tokenselect", selection_threshold=1.5)}
+PEERS = Path(__file__).with_name("peers.json")
+
+
+def parse_depths(text: str) -> list[int]:
+    """``"0,4k,32k,128k"`` -> ``[0, 4096, 32768, 131072]``; raises ValueError on a bad entry."""
+    depths = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        scale = 1024 if item.endswith("k") else 1
+        try:
+            depths.append(int(item.rstrip("k")) * scale)
+        except ValueError:
+            raise ValueError(f"bad depth {item!r}: use token counts like 0,4k,32k,128k") from None
+        if depths[-1] < 0:
+            raise ValueError(f"bad depth {item!r}: depths are >= 0")
+    return depths
+
+
+def variants(policies: list[str], kind: str) -> dict[str, PolicyConfig]:
+    """Library variants measured for ``policies`` (decode adds ``tokenselect-reselect``)."""
+    names = []
+    for policy in policies:
+        if policy not in ("dense", "tokenselect"):
+            raise ValueError(f"unknown policy {policy!r} for bench: use dense,tokenselect")
+        names.append(policy)
+        if policy == "tokenselect" and kind == "decode":
+            names.append("tokenselect-reselect")
+    return {name: VARIANTS[name] for name in names}
+
+
+def random_params(meta: LibraryMeta) -> tuple[list, Any]:
+    """Random N(0, 0.02) weights of the library's shapes on its device: (params, keep-alive)."""
+    import tvm
+
+    if meta.target.startswith("cuda"):  # make them on the GPU (16 GB for an 8B model) with torch
+        import torch
+        import tvm_ffi
+
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        keep = [torch.randn(p.shape, generator=gen, device="cuda", dtype=getattr(torch, meta.dtype)) * 0.02
+                for p in meta.params]
+        return [tvm_ffi.from_dlpack(t) for t in keep], keep
+    rng = np.random.default_rng(0)
+    return [tvm.runtime.tensor((rng.standard_normal(p.shape, np.float32) * 0.02).astype(meta.dtype),
+                               tvm.cpu(0)) for p in meta.params], None
+
+
+def run(kind: str, libs: dict[str, Path], depths: list[int], steps: int = 32, chunk: int = 512,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure ``kind`` ("decode" or "prefill") for each library variant at each depth.
+
+    All variants share one set of random weights (same model and dtype). Returns ``{"info",
+    "kind", "rows": [{"policy", "depth", "ms_per_token" or "tok_per_s", ...}]}``.
+    """
+    params, keep = random_params(LibraryMeta.load(next(iter(libs.values())).with_suffix(".json")))
+    capacity = max(depths) + steps + chunk + 8
+    rows, info = [], {}
+    for name, lib in libs.items():
+        engine = Engine(lib, None, params=params, max_context=capacity)
+        info = machine_info(engine)
+        for depth in depths:
+            if kind == "decode":
+                row = decode_speed(engine, depth, steps)
+                if engine.selection_stats() is not None:
+                    row["selection_cache"] = engine.selection_stats()
+                value = f"{row['ms_per_token']:8.2f} ms/token"
+            else:
+                row = prefill_chunk_speed(engine, depth, chunk)
+                value = f"{row['tok_per_s']:10.1f} tok/s"
+            rows.append({"policy": name, "depth": depth, **row})
+            log(f"{kind} {name:21s} depth {depth:7d}: {value}")
+        del engine
+    del keep
+    return {"info": info, "kind": kind, "rows": rows}
+
+
+def peer_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """llama.cpp's numbers (``peers.json``, with its source) when measured on the same GPU and model."""
+    peers = json.loads(PEERS.read_text())
+    info = result["info"]
+    if peers["device"] not in str(info.get("device")) or info.get("model") not in peers["models"]:
+        return []
+    return [{"policy": "llama.cpp F16", "depth": int(depth), **values[result["kind"]]}
+            for depth, values in peers["models"][info["model"]].items()]
+
+
+def table(result: dict[str, Any]) -> str:
+    """A markdown table: one row per depth, one column per policy (and llama.cpp)."""
+    kind = result["kind"]
+    key = "ms_per_token" if kind == "decode" else "tok_per_s"
+    rows = result["rows"] + [r for r in peer_rows(result) if any(r["depth"] == x["depth"] for x in result["rows"])]
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    depths = sorted({r["depth"] for r in rows})
+    cell = {(r["policy"], r["depth"]): r[key] for r in rows}
+    unit = "ms per token" if kind == "decode" else "tok/s, 512-token chunk"
+    lines = [f"| depth ({unit}) | " + " | ".join(policies) + " |", "|---" * (len(policies) + 1) + "|"]
+    for depth in depths:
+        lines.append(f"| {depth} | " + " | ".join(
+            f"{cell[(p, depth)]:,.2f}" if (p, depth) in cell else "—" for p in policies) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """PNG: ms/token (decode) or tok/s (prefill) against depth, one line per policy + llama.cpp."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kind = result["kind"]
+    key = "ms_per_token" if kind == "decode" else "tok_per_s"
+    rows = result["rows"] + peer_rows(result)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        points = sorted((max(r["depth"], 512), r[key]) for r in rows if r["policy"] == policy)
+        ax.plot(*zip(*points), marker="o", linestyle="--" if "llama.cpp" in policy else "-", label=policy)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("depth (cached tokens; 0 drawn at 512)")
+    ax.set_ylabel("ms per decoded token" if kind == "decode" else "prefill tok/s (512-token chunk)")
+    ax.set_title(f"{result['info'].get('model', '')} {kind}, {result['info'].get('device', result['info']['target'])}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

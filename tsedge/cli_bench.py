@@ -1,0 +1,109 @@
+"""``tsedge bench decode`` and ``tsedge bench prefill``: long-context speed by policy and depth."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import click
+
+from tsedge.cli_options import TARGET_HELP, resolve_target
+from tsedge.models.config import PRESETS
+
+
+def _driver() -> str | None:
+    """The NVIDIA driver version, when nvidia-smi is there."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _libraries(preset: str, variants: dict, target: str | None, lib_dir: str | None,
+               capacity: int) -> dict[str, Path]:
+    """``<lib_dir>/<variant>.so`` for each variant, or cached libraries compiled on first use."""
+    if lib_dir:
+        libs = {name: Path(lib_dir) / f"{name}.so" for name in variants}
+        missing = [str(p) for p in libs.values() if not p.exists()]
+        if missing:
+            raise click.ClickException(f"missing {', '.join(missing)}: compile them with "
+                                       f"`tsedge bench {{decode,prefill}} --compile-only --lib-dir {lib_dir}`")
+        return libs
+    from tsedge.library_cache import ensure_library
+
+    return {name: ensure_library(PRESETS[preset], policy, resolve_target(target), "auto", capacity,
+                                 log=lambda m: click.echo(m, err=True)) for name, policy in variants.items()}
+
+
+def _bench_command(kind: str):
+    @click.command(kind)
+    @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="llama3-8b", show_default=True,
+                  help="model shapes (random float16 weights)")
+    @click.option("--depths", default="0,4k,32k,128k", show_default=True, help="cached tokens before the step")
+    @click.option("--policies", default="dense,tokenselect", show_default=True)
+    @click.option("--target", default=None, help=TARGET_HELP)
+    @click.option("--lib-dir", type=click.Path(file_okay=False), default=None,
+                  help="prebuilt libraries <variant>.so (a runtime-only host); written with --compile-only")
+    @click.option("--compile-only", is_flag=True, help="compile the libraries into --lib-dir and stop")
+    @click.option("--steps", type=click.IntRange(1), default=32, show_default=True, help="decode steps timed")
+    @click.option("--chunk", type=click.IntRange(1), default=512, show_default=True, help="prefill chunk (tokens)")
+    @click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="bench/results",
+                  show_default=True, help="JSON and PNG go here")
+    @click.option("--tag", default=None, help="file name stem (default: <kind>_<preset>_<device>)")
+    def command(preset, depths, policies, target, lib_dir, compile_only, steps, chunk, output_dir, tag):
+        from tsedge.bench import long_context as lc
+
+        try:
+            depth_list = lc.parse_depths(depths)
+            variants = lc.variants([p.strip() for p in policies.split(",")], kind)
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
+        capacity = max(depth_list) + steps + chunk + 8
+        if compile_only:
+            if not lib_dir:
+                raise click.ClickException("--compile-only needs --lib-dir DIR")
+            _compile_into(preset, variants, target, Path(lib_dir), capacity)
+            return
+        libs = _libraries(preset, variants, target, lib_dir, capacity)
+        result = lc.run(kind, libs, depth_list, steps, chunk, log=lambda m: click.echo(m, err=True))
+        import tvm
+
+        import tsedge
+
+        result["info"].update(driver=_driver(), tvm=tvm.__version__, tsedge=tsedge.__version__,
+                              python=platform.python_version(), peer=json.loads(lc.PEERS.read_text())["source"])
+        device = str(result["info"].get("device", result["info"]["target"])).replace(" ", "-")
+        stem = Path(output_dir) / (tag or f"{kind}_{preset}_{device}")
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        lc.plot(result, stem.with_suffix(".png"))
+        click.echo(lc.table(result))
+        click.echo(f"wrote {stem}.json and {stem}.png", err=True)
+
+    command.help = (f"{kind.capitalize()} speed of dense and TokenSelect at each depth, beside llama.cpp "
+                    "(random weights of the preset's shapes).")
+    return command
+
+
+def _compile_into(preset: str, variants: dict, target: str | None, lib_dir: Path, capacity: int) -> None:
+    from tsedge.compile.build import compile_library
+    from tsedge.compile.targets import parse_target
+
+    for name, policy in variants.items():
+        meta = compile_library(PRESETS[preset], policy, parse_target(resolve_target(target)), "auto", capacity,
+                               lib_dir / f"{name}.so")
+        click.echo(f"wrote {lib_dir / name}.so ({meta.target}, {meta.compile_seconds} s)", err=True)
+
+
+bench_decode = _bench_command("decode")
+bench_prefill = _bench_command("prefill")
+
+
+if __name__ == "__main__":  # `python -m tsedge.cli_bench decode|prefill ...` (runtime-only hosts)
+    import sys
+
+    {"decode": bench_decode, "prefill": bench_prefill}[sys.argv.pop(1)]()
