@@ -4,6 +4,7 @@ headers, and every GGML type tsedge accepts against an independent decoding."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import shutil
@@ -472,3 +473,23 @@ def test_gguf_type_against_reference(tmp_path, qtype):
     for name, hf in COMPARED.items():
         atol = QUANTIZED_ATOL.get(qtype, 0) * np.abs(expected[name]).max()
         np.testing.assert_allclose(tensors[hf], expected[name], rtol=1e-6, atol=atol, err_msg=hf)
+
+
+def test_gguf_rope_scaling_type_refused(tmp_path):
+    matrices = {f"{n}.weight": (np.ones(s, np.float32), Q.F32) for n, s in MATRICES.items()}
+    norms = {n: (np.ones(HIDDEN, np.float32), Q.F32)
+             for n in ("output_norm.weight", "blk.0.attn_norm.weight", "blk.0.ffn_norm.weight")}
+    meta = {**TINY_META, "tokenizer.ggml.tokens": [f"t{i}" for i in range(VOCAB)], "llama.rope.scaling.type": "yarn"}
+    path = write_gguf(tmp_path / "yarn.gguf", meta, {**matrices, **norms})
+    refused(path, r"metadata llama.rope.scaling.type is 'yarn', which tsedge does not implement "
+                  r"\(Llama 3.1's rope_freqs scaling is supported\); use another model")
+
+
+def test_hf_folder_keeps_its_own_rope_scaling(tmp_path):
+    """A folder with a preset's shapes takes the preset's name, never its RoPE scaling."""
+    from tsedge.models.config import PRESETS
+    from tsedge.weights import _match_preset
+
+    plain = dataclasses.replace(PRESETS["llama3.1-8b"], name="mine", rope_scaling=None)
+    assert _match_preset(plain).rope_scaling is None
+    assert _match_preset(plain, adopt_rope_scaling=True) == PRESETS["llama3.1-8b"]

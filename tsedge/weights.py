@@ -148,10 +148,15 @@ def _ignorable(name: str, config: ModelConfig) -> bool:
                                                      and config.tie_embeddings)
 
 
-def _match_preset(config: ModelConfig) -> ModelConfig:
-    """The preset with the same shapes (its name and RoPE scaling), else ``config`` itself."""
+def _match_preset(config: ModelConfig, adopt_rope_scaling: bool = False) -> ModelConfig:
+    """The preset equal to ``config`` but for its name, else ``config`` itself.
+
+    ``adopt_rope_scaling``: also take the preset's RoPE scaling (a GGUF file carries Llama 3.1's
+    scaling only as a ``rope_freqs`` tensor, not as parameters).
+    """
     for preset in PRESETS.values():
-        same = dataclasses.replace(config, name=preset.name, rope_scaling=preset.rope_scaling)
+        scaling = preset.rope_scaling if adopt_rope_scaling else config.rope_scaling
+        same = dataclasses.replace(config, name=preset.name, rope_scaling=scaling)
         if same == preset:
             return preset
     return config
@@ -271,8 +276,8 @@ def _load_folder(path: Path) -> ModelSource:
         return ModelSource(ModelConfig.from_dict(cfg), tokenizer, path, read)
     try:
         config = _match_preset(from_hf_config(cfg, name=path.name))
-    except (KeyError, ValueError) as e:
-        raise WeightsError(f"{path / 'config.json'}: cannot use this config ({e!r})") from e
+    except ValueError as e:
+        raise WeightsError(f"{path / 'config.json'}: {e}") from e
     entries = _folder_entries(path)
     found = {name: tuple(e["shape"]) for name, e in entries.items()}
     read = _checked(config, found, lambda name: _read_safetensor(entries[name]), path)
@@ -483,7 +488,11 @@ def _gguf_config(reader: gguf.GGUFReader, arch: str, path: Path,
         qkv_bias="blk.0.attn_q.bias" in shapes,
         context_window=meta["context_length"],
     )
-    matched = _match_preset(config)
+    scaling = _meta(reader, f"{arch}.rope.scaling.type", str, "none")
+    if scaling != "none":
+        raise WeightsError(f"{path}: metadata {arch}.rope.scaling.type is {scaling!r}, which tsedge does "
+                           "not implement (Llama 3.1's rope_freqs scaling is supported); use another model")
+    matched = _match_preset(config, adopt_rope_scaling="rope_freqs.weight" in shapes)
     if "rope_freqs.weight" in shapes and matched is config:
         raise WeightsError(f"{path}: RoPE frequency scaling (rope_freqs) of a model that matches "
                            "no preset; convert it from its Hugging Face folder instead")
