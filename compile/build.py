@@ -41,10 +41,7 @@ def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str)
     for name, param in named:
         shape = [int(s) for s in param.shape]
         transposed = in_out and (name.endswith("_proj.weight") or name == "lm_head.weight")
-        source = name
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            source = "model.embed_tokens.weight"
-        specs.append(ParamSpec(name, shape, source, transposed))
+        specs.append(ParamSpec(name, shape, _sources(name, cfg), transposed))
     return mod, specs, state, functions
 
 
@@ -57,6 +54,18 @@ class _PassReporter:
 
     def run_before_pass(self, _mod: tvm.ir.IRModule, info: tvm.transform.PassInfo) -> None:
         self.stage(f"pass {info.name}")
+
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _sources(name: str, cfg: ModelConfig) -> list[str]:
+    """The HF tensors a library parameter is made of (fused projections concatenate several)."""
+    if name == "lm_head.weight" and cfg.tie_embeddings:
+        return ["model.embed_tokens.weight"]
+    prefix, _, rest = name.rpartition(".")[0].rpartition(".")
+    parts = FUSED.get(rest)
+    return [f"{prefix}.{part}.{name.rpartition('.')[2]}" for part in parts] if parts else [name]
 
 
 def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str,

@@ -9,16 +9,17 @@ from typing import Any
 
 from .config import ModelConfig, PolicyConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
-    """One library parameter: filled from source tensor ``source`` (HF name), transposed or not."""
+    """One library parameter: the source tensors ``sources`` (HF names) concatenated along their
+    first (output) dimension — e.g. q, k and v for a fused ``qkv_proj`` — then transposed or not."""
 
     name: str
     shape: list[int]
-    source: str
+    sources: list[str]
     transposed: bool = False
 
 

@@ -49,30 +49,30 @@ class Linear(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool):
         h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, h * d, cfg.qkv_bias, dtype, in_out)
-        self.k_proj = Linear(cfg.hidden_size, hkv * d, cfg.qkv_bias, dtype, in_out)
-        self.v_proj = Linear(cfg.hidden_size, hkv * d, cfg.qkv_bias, dtype, in_out)
+        self.qkv_proj = Linear(cfg.hidden_size, (h + 2 * hkv) * d, cfg.qkv_bias, dtype, in_out)
         self.o_proj = Linear(h * d, cfg.hidden_size, False, dtype, in_out)
         self.shape = (h, hkv, d)
 
     def forward(self, x, layer_id, policy, step):
         n = x.shape[0]
         h, hkv, d = self.shape
-        q = op.reshape(self.q_proj(x), [n, h, d])
-        k = op.reshape(self.k_proj(x), [n, hkv, d])
-        v = op.reshape(self.v_proj(x), [n, hkv, d])
+        q, k, v = op.split(self.qkv_proj(x), [h * d, (h + hkv) * d], axis=-1)
+        q = op.reshape(q, [n, h, d])
+        k = op.reshape(k, [n, hkv, d])
+        v = op.reshape(v, [n, hkv, d])
         out = policy.attend(layer_id, q, k, v, step)
         return self.o_proj(op.reshape(out, [n, h * d]))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool):
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, in_out)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype, in_out)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype, in_out)
+        self.intermediate = cfg.intermediate_size
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, in_out)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = op.split(self.gate_up_proj(x), [self.intermediate], axis=-1)
+        return self.down_proj(op.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -83,7 +83,8 @@ def test_attention(n_heads, n_kv, head_dim, dtype, n, m, capacity):
 DECODE_CASES = [
     # n_heads, n_kv, head_dim, dtype, M (attended rows), capacity
     (32, 8, 128, "float16", 1, 16),          # Llama-3-8B heads, one key, one split
-    (32, 8, 128, "float16", 97, 200),        # splits of 25 keys, last one short
+    (32, 8, 128, "float16", 97, 200),        # splits of 9 keys, last one short
+    (32, 8, 128, "float16", 2049, 2100),     # 256 splits of 9 keys, the last ones empty
     (32, 8, 128, "float16", 2689, 40000),    # a Selection Cache hit's gathered rows
     (32, 8, 128, "float16", 40961, 41000),   # 256 splits of 161 keys
     (9, 3, 64, "float16", 300, 1200),        # SmolLM2 heads (group 3)
@@ -117,10 +118,10 @@ def test_decode_attention(n_heads, n_kv, head_dim, dtype, m, capacity):
 def test_decode_attention_cuda_loads_16_bytes(dtype, load):
     import tvm
 
-    lib = tvm.compile(tvm.IRModule({"main": dec.make_decode_attention(2, 32, 8, 128, dtype)}), target=CUDA)
+    lib = tvm.compile(tvm.IRModule({"main": dec.make_decode_attention(2, 32, 8, 128, dtype, CUDA)}), target=CUDA)
     source = lib.mod.imports_[0].inspect_source()
     assert f"*({load}*)(kv_ptr" in source  # K and V rows read 16 bytes per thread
 
 
 def test_decode_splits():
-    assert [dec.decode_splits(m) for m in (1, 32, 33, 8192, 8193, 131072)] == [1, 1, 2, 256, 256, 256]
+    assert [dec.decode_splits(m) for m in (1, 8, 9, 2048, 2049, 131072)] == [1, 1, 2, 256, 256, 256]

@@ -14,7 +14,8 @@ from tsedge.models.config import PRESETS, PolicyConfig, from_hf_config
 def test_inv_freq_matches_transformers(name):
     cfg = PRESETS[name]
     hf = LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
-                     rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+                     rope_theta=cfg.rope_theta,  # a copy: transformers 5 adds keys to it
+                     rope_scaling=dict(cfg.rope_scaling) if cfg.rope_scaling else None,
                      max_position_embeddings=cfg.context_window)
     kind = "llama3" if cfg.rope_scaling else "default"
     if kind == "default":

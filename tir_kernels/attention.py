@@ -27,6 +27,7 @@ NEG_INF = -1e30
 LOG2E = math.log2(math.e)
 CHUNK = 256
 _WARPS = 4
+MERGE_GROUPS = 8  # GPU merge: thread groups over the chunks
 
 
 def num_chunks(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
@@ -260,7 +261,14 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype):
 
 
 def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target) -> tirx.PrimFunc:
-    """Combine chunk partials. Args: o[n, S, H, d] f32, lse[n, S, H] f32; output out[n, H, d]."""
+    """Combine chunk partials. Args: o[n, S, H, d] f32, lse[n, S, H] f32; output out[n, H, d].
+
+    A chunk with ``lse = NEG_INF`` (no visible key) has no weight; at least one must have keys.
+    On GPUs one block per (query, head): ``MERGE_GROUPS`` groups of ``head_dim / 4`` threads walk
+    every ``MERGE_GROUPS``-th chunk with a running max (16-byte loads), then combine the groups.
+    """
+    if is_gpu(target) and head_dim % 4:
+        raise ValueError(f"GPU attention merge needs head_dim divisible by 4, got {head_dim}")
     H, D = i64(n_heads), i64(head_dim)
     gpu = is_gpu(target)
 
@@ -271,18 +279,55 @@ def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target
         o = T.match_buffer(o_h, (n, s, H, D), "float32")
         lse = T.match_buffer(lse_h, (n, s, H), "float32")
         out = T.match_buffer(out_h, (n, H, D), dtype)
-        if gpu:
+        if gpu:  # MERGE_GROUPS groups of threads walk the chunks (online), then combine
             for bx in T.thread_binding(n * H, thread="blockIdx.x"):
-                for tx in T.thread_binding(D, thread="threadIdx.x"):
-                    with T.sblock("merge"):
-                        T.reads()
-                        T.writes()
-                        stat = T.sblock_alloc_buffer((3,), "float32", scope="local")
-                        _merge_stats(lse, bx // H, bx % H, s, stat)
-                        stat[2] = T.float32(0)
-                        for c in T.serial(s):
-                            stat[2] = stat[2] + T.exp2(lse[bx // H, c, bx % H] - stat[0]) * o[bx // H, c, bx % H, tx]
-                        out[bx // H, bx % H, tx] = T.Cast(dtype, stat[2] / stat[1])
+                for ty in T.thread_binding(i64(MERGE_GROUPS), thread="threadIdx.y"):
+                    for tx in T.thread_binding(D // 4, thread="threadIdx.x"):
+                        with T.sblock("merge"):
+                            T.reads()
+                            T.writes()
+                            st = T.sblock_alloc_buffer((2,), "float32", scope="local")  # max, sum
+                            acc = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                            ov = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                            acc_sh = T.sblock_alloc_buffer((MERGE_GROUPS, head_dim), "float32", scope="shared")
+                            st_sh = T.sblock_alloc_buffer((MERGE_GROUPS, 2), "float32", scope="shared")
+                            i: T.let[T.int64] = bx // H
+                            h: T.let[T.int64] = bx % H
+                            st[0] = T.float32(NEG_INF)
+                            st[1] = T.float32(0)
+                            for v in T.unroll(4):
+                                acc[v] = T.float32(0)
+                            for c in T.serial((s + MERGE_GROUPS - 1 - ty) // MERGE_GROUPS):
+                                lv: T.let[T.float32] = lse[i, c * MERGE_GROUPS + ty, h]
+                                m_new: T.let[T.float32] = T.max(st[0], lv)
+                                decay: T.let[T.float32] = T.exp2(st[0] - m_new)
+                                w: T.let[T.float32] = T.if_then_else(lv > T.float32(NEG_INF / 2),
+                                                                     T.exp2(lv - m_new), T.float32(0))
+                                for v in T.vectorized(4):
+                                    ov[v] = o[i, c * MERGE_GROUPS + ty, h, tx * 4 + v]
+                                for v in T.unroll(4):
+                                    acc[v] = acc[v] * decay + w * ov[v]
+                                st[1] = st[1] * decay + w
+                                st[0] = m_new
+                            for v in T.unroll(4):
+                                acc_sh[ty, tx * 4 + v] = acc[v]
+                            st_sh[ty, 0] = st[0]
+                            st_sh[ty, 1] = st[1]
+                            T.tvm_storage_sync("shared")
+                            if ty == 0:
+                                st[0] = T.float32(NEG_INF)
+                                for g in T.serial(MERGE_GROUPS):
+                                    st[0] = T.max(st[0], st_sh[g, 0])
+                                st[1] = T.float32(0)
+                                for v in T.unroll(4):
+                                    acc[v] = T.float32(0)
+                                for g in T.serial(MERGE_GROUPS):
+                                    w: T.let[T.float32] = T.exp2(st_sh[g, 0] - st[0])
+                                    st[1] = st[1] + st_sh[g, 1] * w
+                                    for v in T.unroll(4):
+                                        acc[v] = acc[v] + acc_sh[g, tx * 4 + v] * w
+                                for v in T.unroll(4):
+                                    out[i, h, tx * 4 + v] = T.Cast(dtype, acc[v] / st[1])
         else:
             for bx in T.parallel(n * H):
                 with T.sblock("merge"):

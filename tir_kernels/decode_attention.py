@@ -6,11 +6,11 @@ out for one query: the ``M`` rows are split into ``decode_splits(M)`` chunks, on
 the whole GPU streams K/V at any length (Dao et al., "Flash-Decoding for long-context
 inference", 2023). Inside a block, ``THREADS // (head_dim / VEC)`` slots of ``head_dim / VEC``
 threads each own one KV head and walk its keys; a thread loads 16 bytes of a key and of a value
-at a time, so one key row is read by a few threads in one coalesced access. RoPE never touches
-a key: the query is rotated once to its position and each key's score is
-``k · (qa ⊙ cos_j + qb ⊙ sin_j)`` (``qa = R(M - 1) q``, ``qb`` its rotate-half partner), so a key
-costs one 16-byte load of K, one of V and the position's cos/sin row, which the block's slots of
-the other KV heads share through the L1 cache. All softmax arithmetic is float32 (log2 domain).
+at a time, so one key row is read by a few threads in one coalesced access. The query is rotated
+once (to position ``M - 1``); each thread rotates its 16 bytes of a key itself, reading its
+rotate-half partner's 16 bytes too (the same sector, so from L1, not DRAM) and the position's
+cos/sin, which the block's slots of the other KV heads share through L1; the next rows' indices
+are fetched a step ahead. All softmax arithmetic is float32 (log2 domain).
 """
 
 from __future__ import annotations
@@ -19,33 +19,37 @@ import math
 
 from tvm import tirx
 from tvm.script import tirx as T
+from tvm.target import Target
 
 from .attention import LOG2E, NEG_INF, _rot
-from .common import i64
+from .common import i64, is_gpu
 
 THREADS = 256  # threads per block
-MIN_KEYS_PER_SPLIT = 32
+MIN_KEYS_PER_SPLIT = 8
 MAX_SPLITS = 256  # about two blocks per multiprocessor on a 132-SM H100/H200
-UNROLL = 2  # keys a slot loads before it computes (loads in flight)
+UNROLL = 1  # keys a slot loads before it computes: 1 keeps 126 registers, two blocks per SM
 
 
 def decode_splits(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
-    """Chunks (blocks, partial outputs) for ``num_keys`` rows: ≥ 32 keys each, at most 256 chunks."""
+    """Chunks (blocks, partial outputs) for ``num_keys`` rows: ≥ 8 keys each, at most 256 chunks."""
     per_min = (num_keys + MIN_KEYS_PER_SPLIT - 1) // MIN_KEYS_PER_SPLIT
     if isinstance(per_min, int):
         return min(per_min, MAX_SPLITS)
     return tirx.min(per_min, i64(MAX_SPLITS))
 
 
-def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int,
-                          dtype: str) -> tirx.PrimFunc:
+def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
+                          target: Target, unroll: int = UNROLL) -> tirx.PrimFunc:
     """Args: q[1, H, d], kv[layers, 2, Hkv, cap, d], rope[P, d] f32, rows[M] int32, layer (int64).
 
     Outputs: o[1, S, H, d] float32 (each chunk's normalised output), lse[1, S, H] float32
     (log2-sum-exp of the chunk's scaled scores, ``NEG_INF`` for an empty chunk), with
-    ``S = decode_splits(M)``. Raises ValueError when ``head_dim`` is not a multiple of 16 bytes'
-    elements or the block's merge buffers exceed 48 KB of shared memory.
+    ``S = decode_splits(M)``. ``unroll``: keys each slot loads before it computes. Raises ValueError for a CPU target (CPU decode uses
+    ``attention_partial``), a ``head_dim`` that is not a multiple of 16 bytes' elements, or merge
+    buffers over 48 KB of shared memory.
     """
+    if not is_gpu(target):
+        raise ValueError(f"decode attention is a GPU kernel; {target.kind.name} uses attention_partial")
     group = n_heads // n_kv
     half = head_dim // 2
     vec = 16 // (2 if dtype == "float16" else 4)  # elements in 16 bytes
@@ -58,7 +62,7 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
         raise ValueError(f"GPU decode attention: {n_kv} KV heads x head_dim {head_dim} exceed one block")
     scale = LOG2E / math.sqrt(head_dim)
     H, D, HKV = i64(n_heads), i64(head_dim), i64(n_kv)
-    G, V, U, PH = i64(group), i64(vec), i64(UNROLL), i64(per_head)
+    G, V, U, PH = i64(group), i64(vec), i64(unroll), i64(per_head)
 
     @T.prim_func(s_tir=True)
     def attention_decode(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
@@ -78,13 +82,14 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                         T.reads()
                         T.writes()
                         qa = T.sblock_alloc_buffer((group, vec), "float32", scope="local")
-                        qb = T.sblock_alloc_buffer((group, vec), "float32", scope="local")
                         acc = T.sblock_alloc_buffer((group, vec), "float32", scope="local")
                         m_run = T.sblock_alloc_buffer((group,), "float32", scope="local")
                         d_run = T.sblock_alloc_buffer((group,), "float32", scope="local")
-                        kh = T.sblock_alloc_buffer((UNROLL, vec), dtype, scope="local")
-                        vh = T.sblock_alloc_buffer((UNROLL, vec), dtype, scope="local")
-                        cs = T.sblock_alloc_buffer((UNROLL, 2, vec), "float32", scope="local")
+                        kh = T.sblock_alloc_buffer((unroll, 2, vec), dtype, scope="local")  # own, partner
+                        vh = T.sblock_alloc_buffer((unroll, vec), dtype, scope="local")
+                        cs = T.sblock_alloc_buffer((unroll, 2, vec), "float32", scope="local")
+                        kr = T.sblock_alloc_buffer((vec,), "float32", scope="local")
+                        nxt = T.sblock_alloc_buffer((unroll,), "int64", scope="local")  # next rows
                         part = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         red = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         merged = T.sblock_alloc_buffer((2,), "float32", scope="local")
@@ -94,6 +99,8 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                         kvh: T.let[T.int64] = ty // PH
                         lane: T.let[T.int64] = ty % PH
                         d0: T.let[T.int64] = tx * V
+                        dp: T.let[T.int64] = (d0 + half) % head_dim  # the partner dims under RoPE
+                        sign: T.let[T.float32] = T.if_then_else(d0 < half, T.float32(-1), T.float32(1))
                         # chunk bounds in a local buffer: computed once, not re-derived per use
                         span = T.sblock_alloc_buffer((3,), "int64", scope="local")
                         span[0] = (m_keys + decode_splits(m_keys) - 1) // decode_splits(m_keys)
@@ -102,34 +109,38 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                         chunk: T.let[T.int64] = span[0]
                         j0: T.let[T.int64] = span[1]
                         j1: T.let[T.int64] = span[2]
-                        qpos: T.let[T.int64] = m_keys - 1
-                        for g in T.unroll(G):
+                        for g in T.unroll(G):  # the query, rotated to its position M - 1
                             m_run[g] = T.float32(NEG_INF)
                             d_run[g] = T.float32(0)
                             for v in T.unroll(V):
                                 acc[g, v] = T.float32(0)
-                                qa[g, v] = _rot(q, 0, kvh * group + g, d0 + v, rope, qpos, half) * scale
-                                qb[g, v] = T.if_then_else(d0 < half, T.float32(1), T.float32(-1)) * scale * _rot(
-                                    q, 0, kvh * group + g, (d0 + v + half) % head_dim, rope, qpos, half)
+                                qa[g, v] = _rot(q, 0, kvh * group + g, d0 + v, rope, m_keys - 1, half) * scale
+                        for u in T.unroll(U):
+                            nxt[u] = T.Cast("int64", rows[T.min(j0 + u * PH + lane, m_keys - 1)])
                         for it in T.serial((chunk + PH * U - 1) // (PH * U)):
                             for u in T.unroll(U):  # issue every load first
                                 # an out-of-chunk slot reads a valid row and drops its score below
                                 j: T.let[T.int64] = T.min(j0 + (it * U + u) * PH + lane, m_keys - 1)
-                                row: T.let[T.int64] = T.Cast("int64", rows[j])
+                                row: T.let[T.int64] = nxt[u]
                                 for v in T.vectorized(V):
-                                    kh[u, v] = kv[layer, 0, kvh, row, d0 + v]
+                                    kh[u, 0, v] = kv[layer, 0, kvh, row, d0 + v]
+                                for v in T.vectorized(V):
+                                    kh[u, 1, v] = kv[layer, 0, kvh, row, dp + v]
                                 for v in T.vectorized(V):
                                     vh[u, v] = kv[layer, 1, kvh, row, d0 + v]
                                 for v in T.vectorized(V):
                                     cs[u, 0, v] = rope[j, d0 % half + v]
                                 for v in T.vectorized(V):
                                     cs[u, 1, v] = rope[j, half + d0 % half + v]
+                                nxt[u] = T.Cast("int64", rows[T.min(j + PH * U, m_keys - 1)])
                             for u in T.serial(U):  # serial: one allreduce site (nvcc unrolls)
+                                for v in T.unroll(V):  # the key, rotated to its position j
+                                    kr[v] = (T.Cast("float32", kh[u, 0, v]) * cs[u, 0, v]
+                                             + sign * T.Cast("float32", kh[u, 1, v]) * cs[u, 1, v])
                                 for g in T.serial(G):
                                     part[0] = T.float32(0)
                                     for v in T.unroll(V):
-                                        part[0] = part[0] + T.Cast("float32", kh[u, v]) * (
-                                            qa[g, v] * cs[u, 0, v] + qb[g, v] * cs[u, 1, v])
+                                        part[0] = part[0] + kr[v] * qa[g, v]
                                     with T.sblock("key_sum"):
                                         T.reads(part[0])
                                         T.writes(red[0])

@@ -122,19 +122,30 @@ class Engine:
         self.rope = self.vm["rope_table"](tvm.runtime.ShapeTuple([capacity]), self.params)
 
     def _load_params(self, source: ModelSource) -> list[tvm.runtime.Tensor]:
-        by_source: dict[str, list[int]] = {}
+        """Each library parameter from its source tensors (streamed once; fused projections wait
+        for all their parts, then concatenate them along the output dimension)."""
+        wanted: dict[str, list[int]] = {}
         for i, spec in enumerate(self.meta.params):
-            by_source.setdefault(spec.source, []).append(i)
+            for name in spec.sources:
+                wanted.setdefault(name, []).append(i)
+        parts: dict[int, dict[str, np.ndarray]] = {}
         params: list[tvm.runtime.Tensor | None] = [None] * len(self.meta.params)
         for name, array in source.tensors():
-            for i in by_source.get(name, []):
+            for i in wanted.get(name, []):
                 spec = self.meta.params[i]
-                value = array.T if spec.transposed else array
+                got = parts.setdefault(i, {})
+                got[name] = array
+                if len(got) < len(spec.sources):
+                    continue
+                whole = np.concatenate([got[n] for n in spec.sources]) if len(got) > 1 else array
+                value = whole.T if spec.transposed else whole
                 if list(value.shape) != spec.shape:
-                    raise WeightsError(f"tensor {name}: shape {list(array.shape)} does not fit "
-                                       f"library parameter {spec.name} {spec.shape}")
+                    raise WeightsError(f"tensor {'+'.join(spec.sources)}: shape {list(whole.shape)} does not "
+                                       f"fit library parameter {spec.name} {spec.shape}")
                 params[i] = tvm.runtime.tensor(np.ascontiguousarray(value, dtype=self.meta.dtype), self.device)
-        missing = [self.meta.params[i].source for i, p in enumerate(params) if p is None]
+                del parts[i]
+        missing = [n for i, p in enumerate(params) if p is None for n in self.meta.params[i].sources
+                   if n not in parts.get(i, {})]
         if missing:
             raise WeightsError(f"weights {source.path} lack tensor {missing[0]} "
                                f"({len(missing)} missing in all)")

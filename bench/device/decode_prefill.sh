@@ -19,7 +19,9 @@ mkdir -p "$out"
 source bench/device/setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 bash bench/device/kernels.sh "$out" -k "attention" > /dev/null; tail -3 "$out/kernels.txt"
+repo=$PWD
+cd /tmp  # import tsedge from setup.sh's package, not the checkout's folders
 for kind in decode prefill; do
-  python3 -m tsedge.cli_bench "$kind" --lib-dir .carry/bench --depths "$DEPTHS" -o "$out" 2> "$out/$kind.log"
+  python3 -m tsedge.cli_bench "$kind" --lib-dir "$repo/.carry/bench" --depths "$DEPTHS" -o "$out" 2> "$out/$kind.log"
   tail -2 "$out/$kind.log"
 done

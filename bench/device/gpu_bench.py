@@ -10,9 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch  # noqa: F401  (loads libcudart for TVM's CUDA runtime; random weights)
-import tvm_ffi
+import torch  # noqa: F401  (loads libcudart for TVM's CUDA runtime)
 
+from tsedge.bench.long_context import random_params
 from tsedge.bench.speed import decode_speed, machine_info, prefill_speed
 from tsedge.engine import Engine
 from tsedge.models.library import LibraryMeta
@@ -41,15 +41,6 @@ def speed(engine: Engine) -> dict:
     return out
 
 
-def random_params(lib: Path) -> tuple[list, list]:
-    """Random float16 parameters of the library's shapes, made on the GPU (kept alive by torch)."""
-    meta = LibraryMeta.load(lib.with_suffix(".json"))
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    keep = [torch.randn(p.shape, generator=gen, device="cuda", dtype=torch.float16) * 0.02
-            for p in meta.params]
-    return keep, [tvm_ffi.from_dlpack(t) for t in keep]
-
-
 def main() -> None:
     gguf, libs, out_path = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     reference = json.loads((libs / "cpu_reference.json").read_text())
@@ -57,7 +48,7 @@ def main() -> None:
     results = {"greedy": [greedy_check(libs / f"smol-{d}.so", source, reference)
                           for d in ("float32", "float16")]}
     results["smollm2-135m"] = speed(Engine(libs / "smol-float16.so", source))
-    keep, params = random_params(libs / "llama3-8b.so")
+    params, keep = random_params(LibraryMeta.load(libs / "llama3-8b.json"))
     results["llama3-8b-random"] = speed(Engine(libs / "llama3-8b.so", None, params=params))
     del keep
     out_path.write_text(json.dumps(results, indent=1))

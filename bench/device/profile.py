@@ -1,43 +1,67 @@
-"""Per-kernel GPU time of one decode step (device machine). Usage: profile.py LIB CONTEXT"""
+"""Where a decode step's time goes (device machine): kernels by GPU time, launches, gaps.
+
+Usage: python3 bench/device/profile.py OUT_JSON LIB:DEPTH [LIB:DEPTH ...]
+For each library (random weights) and depth: the step's wall time without the profiler, then
+torch.profiler's CUDA kernel records over 10 steps: GPU time per step, kernel launches per step,
+the gap (wall − kernel time: launch and host overhead) and the top kernels.
+"""
 
 from __future__ import annotations
 
 import collections
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from tsedge.bench.long_context import random_params
 from tsedge.bench.speed import fill_random
 from tsedge.engine import Engine
+from tsedge.models.library import LibraryMeta
 
-sys.path.insert(0, str(Path(__file__).parent))
-from gpu_bench import random_params  # noqa: E402
+STEPS = 10
+
+
+def profile(lib: Path, depth: int) -> dict:
+    meta = LibraryMeta.load(lib.with_suffix(".json"))
+    params, keep = random_params(meta)
+    engine = Engine(lib, None, params=params, max_context=depth + 4 * STEPS + 8)
+    fill_random(engine, depth)
+    for _ in range(3):
+        engine.decode(1)
+    start = time.perf_counter()
+    for _ in range(STEPS):
+        engine.decode(1)
+    wall_ms = (time.perf_counter() - start) * 1e3 / STEPS
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(STEPS):
+            engine.decode(1)
+    times, counts = collections.defaultdict(float), collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.name] += event.device_time / 1e3 / STEPS  # ms per step
+            counts[event.name] += 1
+    kernel_ms = sum(times.values())
+    top = sorted(times, key=times.get, reverse=True)[:12]
+    del engine, keep
+    return {"lib": lib.name, "depth": depth, "wall_ms": round(wall_ms, 3), "kernel_ms": round(kernel_ms, 3),
+            "gap_ms": round(wall_ms - kernel_ms, 3), "launches": sum(counts.values()) // STEPS,
+            "top": [{"kernel": k[:80], "ms": round(times[k], 3), "per_step": counts[k] // STEPS} for k in top]}
 
 
 def main() -> None:
-    lib, context = Path(sys.argv[1]), int(sys.argv[2])
-    keep, params = random_params(lib)
-    engine = Engine(lib, None, params=params)
-    fill_random(engine, context)
-    engine.decode(1)
-    totals, counts, start = collections.defaultdict(float), collections.Counter(), {}
-
-    def instrument(func, name, before, ret, *args):
-        torch.cuda.synchronize()
-        if before:
-            start[name] = time.perf_counter()
-        else:
-            totals[name] += time.perf_counter() - start[name]
-            counts[name] += 1
-        return 0
-
-    engine.vm.set_instrument(instrument)
-    engine.decode(1)
-    print(f"{lib.name} decode at {context}: per-kernel time (synchronised)")
-    for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1])[:14]:
-        print(f"{seconds * 1e3:9.3f} ms {counts[name]:4d}x  {name}")
+    out, runs = Path(sys.argv[1]), []
+    for item in sys.argv[2:]:
+        lib, depth = item.rsplit(":", 1)
+        runs.append(profile(Path(lib), int(depth)))
+        r = runs[-1]
+        print(f"{r['lib']} depth {r['depth']}: wall {r['wall_ms']} ms, kernels {r['kernel_ms']} ms, "
+              f"gap {r['gap_ms']} ms, {r['launches']} launches", flush=True)
+        for k in r["top"][:6]:
+            print(f"   {k['ms']:8.3f} ms {k['per_step']:4d}x  {k['kernel']}")
+    out.write_text(json.dumps(runs, indent=1))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ class DensePolicy:
         self.iota = cache_ops.make_iota(target)
         self.partial = attention.make_attention_partial(n_layers, h, hkv, d, dtype, target)
         self.merge = attention.make_attention_merge(h, d, dtype, target)
-        self.decode = decode_attention.make_decode_attention(n_layers, h, hkv, d, dtype) if is_gpu(target) else None
+        self.decode = decode_attention.make_decode_attention(n_layers, h, hkv, d, dtype, target) if is_gpu(target) else None
 
     selects = False  # exports no *_select functions
 

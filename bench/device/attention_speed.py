@@ -1,0 +1,111 @@
+"""Decode attention kernels alone: time and K/V bandwidth per layer at Llama-3-8B shapes (issue 9).
+
+``python bench/device/attention_speed.py prepare`` (build machine) compiles the variants for
+cuda:sm_90 into ``.carry/attn``; ``python3 bench/device/attention_speed.py run OUT_JSON`` (device,
+after ``source bench/device/setup.sh``) times each over dense rows ``0..M-1`` and over a Selection
+Cache hit's 2,688 gathered rows of a 128K cache. Each call reads another layer of an 8-layer cache,
+so K/V come from HBM, not the 60 MB L2. Bandwidth counts the K and V bytes of the attended rows
+once (the floor), so it is comparable with the copy bandwidth (~4.3 TB/s read + write).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+LIBS = Path(".carry/attn")
+LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 8, 32, 8, 128, 131072 + 64
+CASES = [("dense", m) for m in (128, 4096, 32768, 131072)] + [("gathered", 2688)]
+VARIANTS = {"partial (split-K per query, before)": ("partial", {}),
+            "decode unroll 1": ("decode", {"unroll": 1}),
+            "decode unroll 2": ("decode", {"unroll": 2})}
+
+
+def prepare() -> None:
+    import tvm
+
+    from tsedge.compile.cuda_fatbin import fatbin_build_context
+    from tsedge.compile.targets import parse_target
+    from tsedge.tir_kernels import attention, decode_attention
+
+    target = parse_target("cuda:sm_90")
+    LIBS.mkdir(parents=True, exist_ok=True)
+    kernels = {"merge": attention.make_attention_merge(HEADS, HEAD_DIM, "float16", target),
+               "partial": attention.make_attention_partial(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target)}
+    for name, (kind, kw) in VARIANTS.items():
+        if kind == "decode":
+            kernels[name] = decode_attention.make_decode_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16",
+                                                                   target, **kw)
+    with fatbin_build_context(target):
+        for name, func in kernels.items():
+            tvm.compile(tvm.IRModule({"main": func}), target=target).export_library(str(LIBS / f"{_file(name)}.so"))
+
+
+def _file(name: str) -> str:
+    return name.split(" (")[0].replace(" ", "_")
+
+
+def run(out_path: Path) -> None:
+    import os
+
+    os.environ["TSEDGE_KERNEL_MODE"] = "cuda-run"  # kernel modules import without TVMScript
+    import kernel_harness  # noqa: F401  (tests/ is on PYTHONPATH: bench/device/setup.sh)
+    import numpy as np
+    import torch
+    import tvm
+    import tvm_ffi
+
+    from tsedge.tir_kernels import attention, decode_attention
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    kv = torch.randn((LAYERS, 2, KV_HEADS, CAPACITY, HEAD_DIM), generator=gen, device=dev, dtype=torch.float16)
+    q = torch.randn((1, HEADS, HEAD_DIM), generator=gen, device=dev, dtype=torch.float16)
+    pos = torch.arange(CAPACITY, device=dev, dtype=torch.float64)[:, None]
+    inv = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device=dev, dtype=torch.float64) / HEAD_DIM)
+    rope = torch.cat([torch.cos(pos * inv), torch.sin(pos * inv)], 1).float()
+    merge = tvm.runtime.load_module(str(LIBS / "merge.so"))["main"]
+    ffi = tvm_ffi.from_dlpack
+    results = []
+    for name, (kind, _) in VARIANTS.items():
+        kernel = tvm.runtime.load_module(str(LIBS / f"{_file(name) if kind == 'decode' else 'partial'}.so"))["main"]
+        for case, m in CASES:
+            rows = (torch.arange(m, device=dev) if case == "dense" else
+                    torch.from_numpy(np.sort(np.random.default_rng(0).choice(CAPACITY, m, replace=False))).to(dev))
+            rows = rows.to(torch.int32)
+            splits = decode_attention.decode_splits(m) if kind == "decode" else attention.num_chunks(m)
+            o = torch.empty((1, splits, HEADS, HEAD_DIM), device=dev, dtype=torch.float32)
+            lse = torch.empty((1, splits, HEADS), device=dev, dtype=torch.float32)
+            out = torch.empty((1, HEADS, HEAD_DIM), device=dev, dtype=torch.float16)
+            args = [ffi(t) for t in (q, kv, rope, rows)]
+
+            def call(layer: int) -> None:
+                kernel(*args[:4], layer, ffi(o), ffi(lse))
+                merge(ffi(o), ffi(lse), ffi(out))
+
+            for layer in range(LAYERS):
+                call(layer)
+            calls = 8 * LAYERS if m >= 32768 else 64 * LAYERS
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for i in range(calls):
+                call(i % LAYERS)
+            end.record()
+            torch.cuda.synchronize()
+            us = start.elapsed_time(end) * 1000 / calls
+            gbs = m * KV_HEADS * HEAD_DIM * 2 * 2 / us / 1e3
+            results.append({"variant": name, "rows": case, "m": m, "us_per_layer": round(us, 2),
+                            "kv_gb_per_s": round(gbs, 1)})
+            print(f"{name:38s} {case:8s} M={m:7d}: {us:9.2f} us/layer  {gbs:8.1f} GB/s", flush=True)
+    out_path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "shapes": {
+        "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "float16"},
+        "note": "per layer: attention kernel + merge; GB/s = K+V bytes of the attended rows / time",
+        "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "prepare":
+        prepare()
+    else:
+        run(Path(sys.argv[2]))
