@@ -6,6 +6,7 @@
 #        bash bench/device/decode_prefill.sh run OUT_DIR    (device; prints the tables last)
 set -uo pipefail
 DEPTHS=${DEPTHS:-0,4k,32k,128k}
+KINDS=${KINDS:-decode prefill}
 if [ "$1" = prepare ]; then
   bash bench/device/make_bundle.sh
   TSEDGE_KERNEL_MODE=cuda-build TSEDGE_KERNEL_DIR=.carry/kernels python -m pytest -q -p no:cacheprovider \
@@ -21,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 bash bench/device/kernels.sh "$out" -k "attention" > /dev/null; tail -3 "$out/kernels.txt"
 repo=$PWD
 cd /tmp  # import tsedge from setup.sh's package, not the checkout's folders
-for kind in decode prefill; do
+for kind in $KINDS; do
   python3 -m tsedge.cli_bench "$kind" --lib-dir "$repo/.carry/bench" --depths "$DEPTHS" -o "$out" 2> "$out/$kind.log"
   tail -2 "$out/$kind.log"
 done
