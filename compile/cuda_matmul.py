@@ -16,6 +16,11 @@ is never stored. N and K are static. The kernel:
   step's math;
 - the accumulators go through shared memory to a coalesced epilogue (float32 -> float16 and
   whatever element-wise work was fused after the matmul).
+
+Status (H200, bench/results/matmul_speed_h200.txt): correct, but ~2 TFLOP/s and not used by the
+pipeline. TVM 0.27's LowerWarpMemory lowers only the first "warp" buffer of a kernel (the
+accumulator); the x/W fragments stay whole-warp arrays in local memory. Needs tvm-ffi
+0.1.14.post0 (``sch.tensorize`` segfaults with 0.1.15.post2).
 """
 
 from __future__ import annotations
