@@ -11,21 +11,41 @@ from tvm.target import Target
 from .cpu_schedule import CpuMatmul, CpuParallel
 
 
-@tvm.transform.module_pass(opt_level=0, name="NoTensorCoreMatmul")
-def _no_tensorize(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
-    """Keep dlight off its tensor-core matmul path (TVM 0.27 segfaults in Tensorize on our
-    float16 prefill matmuls); the SIMT matmul schedule is used instead."""
+_MATMUL = tvm.ir.Op.get("relax.matmul")
+
+
+@relax.expr_functor.mutator
+class _AccumulateF32(relax.PyExprMutator):
+    """``matmul(a, b)`` of float16 operands with a float16 result -> ``astype(matmul(a, b,
+    out_dtype=float32), float16)``: the reduction runs in float32 (on tensor cores at the same
+    speed) and the cast fuses into the matmul kernel's epilogue."""
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if call.op.same_as(_MATMUL) and call.ty.dtype == "float16" and all(
+                isinstance(arg.ty, relax.TensorType) and arg.ty.dtype == "float16" for arg in call.args):
+            return relax.op.astype(self.builder_.normalize(relax.op.matmul(*call.args, out_dtype="float32")),
+                                   "float16")
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="AccumulateMatmulF32")
+def fp32_accumulate(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+    """Every float16 ``matmul`` accumulates in float32 (see ``_AccumulateF32``)."""
     for gv, func in list(mod.functions.items()):
-        if isinstance(func, tvm.tirx.PrimFunc):
-            mod[gv] = func.with_attr("dlight.do_not_tensorize", True)
+        if isinstance(func, relax.Function):
+            mod[gv] = _AccumulateF32().visit_expr(func)
     return mod
 
 
 def schedule_passes(target: Target) -> list:
+    """dlight on GPUs: prefill matmuls on tensor cores (wmma, float32 accumulation), decode GEMVs,
+    reductions; our own schedules on CPUs. (dlight's tensor-core rule needs apache-tvm-ffi
+    0.1.14.post0, the ABI apache-tvm 0.27.0.post1 was built for: with 0.1.15 Tensorize segfaults.)"""
     if target.kind.name == "llvm":
         return [dl.ApplyDefaultSchedule(CpuMatmul(), CpuParallel())]
-    return [_no_tensorize, dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                                   dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+    return [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                    dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
 
 
 def relax_pipeline(target: Target):
@@ -35,6 +55,8 @@ def relax_pipeline(target: Target):
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
         # x @ W^T as one matmul kernel (else W^T is materialised on every call)
         fuse = [relax.transform.FuseTransposeMatmul()] + cuda_passes.legalize_passes(target)[:-1]
+        if target.kind.name == "cuda":
+            fuse = [fp32_accumulate] + fuse
         finalize = cuda_passes.finalize_passes(target)
         if target.kind.name == "llvm":
             finalize = [p for p in finalize if p.info.name != "RewriteCUDAGraph"]

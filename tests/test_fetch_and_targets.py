@@ -50,7 +50,8 @@ def test_unknown_cuda_arch_is_one_line():
 
 @pytest.mark.parametrize("target_name", ["llvm", "cuda:sm_90"])
 def test_model_compile_prints_no_tvm_warnings(target_name, capfd):
-    """A 1-layer model through the whole pipeline: no missing-limit or "fast" take warnings."""
+    """A 1-layer model through the whole pipeline: no missing-limit or "fast" take warnings, and
+    (CUDA) its prefill matmuls on tensor cores."""
     from tsedge.compile.build import build_ir
     from tsedge.compile.pipeline import relax_pipeline
     from tsedge.models.config import ModelConfig, PolicyConfig
@@ -62,6 +63,8 @@ def test_model_compile_prints_no_tvm_warnings(target_name, capfd):
     mod = build_ir(cfg, PolicyConfig(), target, dtype)[0]
     capfd.readouterr()
     with target:
-        tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
+        executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
     err = capfd.readouterr().err
     assert "missing 'max_shared_memory_per_block'" not in err and "Fast mode" not in err
+    if target_name.startswith("cuda"):  # prefill matmuls on tensor cores (needs tvm-ffi 0.1.14)
+        assert "wmma::mma_sync" in executable.mod.imports_[0].imports_[0].inspect_source()

@@ -4,8 +4,8 @@ For each Llama-3-8B linear (N x K) and each schedule, ``y[n, N] = x[n, K] @ W[N,
 float32 accumulation, dynamic n) goes through the model's own steps (``fp32_accumulate``,
 ``FuseTransposeMatmul``, legalization) and one schedule rule, then into
 ``OUT/<schedule>-<N>x<K>.so`` with an embedded sm_90 fatbin.
-Schedules: ``mma`` (``compile.cuda_matmul.TensorCoreMatmul``), ``wmma`` (dlight's tensor-core
-rule), ``simt`` (dlight's Matmul rule without tensor cores: what the pipeline used before).
+Schedules: ``wmma`` (dlight's tensor-core rule: what the pipeline uses), ``simt`` (dlight's Matmul
+rule without tensor cores: what it used before apache-tvm-ffi was pinned to 0.1.14.post0).
 Usage: python3 bench/device/build_matmul.py OUT_DIR
 """
 
@@ -20,12 +20,12 @@ from tvm.relax.backend.cuda import pipeline as cuda_passes
 from tvm.s_tir import dlight as dl
 
 from tsedge.compile.cuda_fatbin import fatbin_build_context
-from tsedge.compile.cuda_matmul import TensorCoreMatmul, fp32_accumulate
+from tsedge.compile.pipeline import fp32_accumulate
 from tsedge.compile.targets import cuda_target
 
 SHAPES = {"q": (4096, 4096), "kv": (1024, 4096), "gate_up": (14336, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096), "qkv_fused": (6144, 4096), "gate_up_fused": (28672, 4096)}
-RULES = {"mma": TensorCoreMatmul(), "wmma": dl.gpu.Matmul(), "simt": dl.gpu.Matmul()}
+RULES = {"wmma": dl.gpu.Matmul(), "simt": dl.gpu.Matmul()}
 
 
 def linear_module(n_out: int, n_in: int) -> tvm.IRModule:
