@@ -439,6 +439,11 @@ DECODERS = {Q.Q2_K: (decode_q2_k, (80, 82)), Q.Q3_K: (decode_q3_k, (108,)),
             Q.Q5_K: (lambda b: decode_q45_k(b, True), (0, 2)), Q.Q6_K: (decode_q6_k, (208,)),
             Q.IQ4_NL: (lambda b: decode_iq4(b[:, 2:], f16(b, 0)), (0,)),
             Q.IQ4_XS: (decode_iq4_xs, (0,))}
+# codebook formats (their grids are hundreds of table entries): the reference is gguf's own decoder,
+# so these check the loader's plumbing (block sizes, row layout, names), not the decoding math
+DECODERS.update({q: (lambda b, q=q: gguf.quants.dequantize(b, q), scales) for q, scales in (
+    (Q.IQ1_S, (0,)), (Q.IQ1_M, ()), (Q.IQ2_XXS, (0,)), (Q.IQ2_XS, (0,)), (Q.IQ2_S, (0,)),
+    (Q.IQ3_XXS, (0,)), (Q.IQ3_S, (0,)), (Q.NVFP4, ()))})
 
 
 def random_blocks(qtype: Q, rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -448,6 +453,8 @@ def random_blocks(qtype: Q, rng: np.random.Generator, shape: tuple[int, int]) ->
     for at in DECODERS[qtype][1]:
         blocks[:, at:at + 2] = rng.uniform(-0.1, 0.1, (len(blocks), 1)).astype(np.float16).view(
             np.uint8)
+    if qtype == Q.IQ1_M:  # its float16 scale is spread over the top nibbles; these bits keep it finite
+        blocks[:, -1] &= 0x3F
     return blocks.reshape(shape[0], -1)
 
 

@@ -33,7 +33,8 @@ EMBEDDED = {"smollm2-135m": default_model_path}
 # GGML tensor types tsedge reads: those gguf.quants dequantizes, each tested against an
 # independent decoding (tests/test_weights_untrusted.py)
 GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
-              "Q5_K", "Q6_K", "TQ1_0", "TQ2_0", "MXFP4", "IQ4_NL", "IQ4_XS")
+              "Q5_K", "Q6_K", "TQ1_0", "TQ2_0", "MXFP4", "IQ4_NL", "IQ4_XS", "IQ1_S", "IQ1_M", "IQ2_XXS",
+              "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "NVFP4")
 
 _GGUF_NAMES = {  # GGUF tensor name (without ".weight"/".bias") -> Hugging Face name
     "token_embd": "model.embed_tokens",
