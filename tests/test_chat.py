@@ -53,7 +53,8 @@ def test_piped_chat_outgrows_the_cache_and_answers_every_line(tiny_folder, tiny_
     result = chat(tiny_folder, tiny_lib, lines)
     assert result.exit_code == 0, result.output
     assert result.stdout.count(">>> ") == len(lines)  # every line was read
-    assert result.stderr.splitlines()[1:] == [
+    cut = "[reply cut at --max-new-tokens 8; raise it for longer replies]"
+    assert [n for n in result.stderr.splitlines()[1:] if n != cut] == [
         "[dropped the 1 oldest turn to fit the KV cache of 64 tokens]",  # before line 2
         "[dropped the 1 oldest turn to fit the KV cache of 64 tokens]",  # before line 3
         "[conversation cleared]",
@@ -66,7 +67,7 @@ def test_chat_commands(tiny_folder, tiny_lib):
     result = chat(tiny_folder, tiny_lib, ["/stats", "/help", "Hi there.", "/stats", "/nope", LONG,
                                           "/stats"], "--system", "Be brief.")
     assert result.exit_code == 0, result.output
-    notes = result.stderr.splitlines()[1:]
+    notes = [n for n in result.stderr.splitlines()[1:] if not n.startswith("[reply cut at")]
     assert notes[0] == "[no reply yet]"
     assert notes[1:6] == [
         "/help   list these commands",
@@ -84,6 +85,11 @@ def test_chat_commands(tiny_folder, tiny_lib):
     assert notes[7] == "[unknown command /nope; /help lists the commands]"
     assert notes[8] == f"[{too_long(tokenizer, 'Be brief.')}]"
     assert notes[9] == notes[6]  # the conversation is as it was before the long message
+
+
+def test_a_reply_cut_by_max_new_tokens_says_so(tiny_folder, tiny_lib):
+    result = chat(tiny_folder, tiny_lib, ["Hi there."], "--max-new-tokens", "2")
+    assert result.stderr.splitlines()[1:] == ["[reply cut at --max-new-tokens 2; raise it for longer replies]"]
 
 
 def test_turns_are_dropped_oldest_first_and_the_system_prompt_stays(tiny_engine):

@@ -63,11 +63,11 @@ def test_max_new_tokens_one(tiny_folder, tiny_lib):
 
 def test_sampling_defaults_come_from_the_generation_config(tmp_path):
     kw = {"temperature": None, "top_p": 0.5, "top_k": None, "repetition_penalty": None,
-          "presence_penalty": 0.0, "seed": None}
-    assert sampling_params(tmp_path, kw) == SamplingParams(0.7, 0.5, 0, 1.0, 0.0)
+          "presence_penalty": 0.0, "repeat_last_n": 64, "seed": None}
+    assert sampling_params(tmp_path, kw) == SamplingParams(0.7, 0.5, 0, 1.1, 0.0)
     (tmp_path / "generation_config.json").write_text(
-        json.dumps({"temperature": 0.3, "top_k": 20, "repetition_penalty": 1.1}))
-    assert sampling_params(tmp_path, kw) == SamplingParams(0.3, 0.5, 20, 1.1, 0.0)
+        json.dumps({"temperature": 0.3, "top_k": 20, "repetition_penalty": 1.05}))
+    assert sampling_params(tmp_path, kw) == SamplingParams(0.3, 0.5, 20, 1.05, 0.0)
     assert sampling_params(tmp_path, {**kw, "temperature": 0.0}).temperature == 0.0  # greedy
 
 
@@ -211,3 +211,21 @@ def test_missing_library(tmp_path):
     result = run("generate", "--lib", str(tmp_path / "nothing.so"), "--prompt", "x")
     assert result.exit_code != 0
     assert "tsedge compile" in result.output
+
+
+def test_usage_errors_are_one_line():
+    result = run("generate", "--max-new-tokens", "0", "--prompt", "x")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [_range("--max-new-tokens", "0", "x>=1")]
+    assert run("nonsense").output.strip() == "Error: No such command 'nonsense'."
+
+
+def test_bad_target_fails_before_the_model_loads(monkeypatch):
+    import tsedge.weights
+
+    def never(*_args):
+        raise AssertionError("the model was loaded before the target was checked")
+
+    monkeypatch.setattr(tsedge.weights, "load_source", never)
+    result = run("generate", "--target", "cuda:sm_61", "--prompt", "x")
+    assert result.exit_code == 1 and result.output.startswith("Error: bad CUDA arch 'sm_61'")

@@ -49,6 +49,15 @@ def test_greedy_sampler_applies_penalties():
     assert [sampler(logits), sampler(logits)] == [4, 6]  # 4 is in the output after the first pick
 
 
+def test_repetition_penalty_looks_at_the_last_n_tokens():
+    logits = np.zeros(VOCAB)
+    logits[[4, 6]] = [2.0, 1.9]
+    old = [4] + [9] * 64  # token 4 left the 64-token window
+    assert Sampler(SamplingParams(repetition_penalty=1.1), prompt=old)(logits) == 4
+    assert Sampler(SamplingParams(repetition_penalty=1.1, repeat_last_n=0), prompt=old)(logits) == 6
+    assert Sampler(SamplingParams(repetition_penalty=1.1, repeat_last_n=66), prompt=old)(logits) == 6
+
+
 def test_top_k_keeps_the_k_likeliest(logits):
     sampler = Sampler(SamplingParams(temperature=1.0, top_k=3, seed=0))
     picks = {sampler(logits) for _ in range(300)}

@@ -44,6 +44,16 @@ def _max_context(kw: dict, policy: PolicyConfig, window: int) -> int:
     return min(window, 8192) if policy.name == "dense" else 32768
 
 
+def _checked_target(target: str | None, lib: str | None) -> str | None:
+    """The resolved ``--target`` (or a check that ``--lib`` exists), before any model is loaded."""
+    from tsedge.engine import check_library
+
+    if lib is not None:
+        check_library(lib)
+        return None
+    return resolve_target(target)
+
+
 def _engine(model, target: str | None, lib: str | None, kw: dict):
     """Engine for ``model`` (a name or a loaded ModelSource): the given library, or the cached
     one (compiled on first use)."""
@@ -51,16 +61,42 @@ def _engine(model, target: str | None, lib: str | None, kw: dict):
     from tsedge.library_cache import ensure_library
     from tsedge.weights import ModelSource, load_source
 
+    target = _checked_target(target, lib)
     source = model if isinstance(model, ModelSource) else load_source(model)
     policy = policy_config(kw)
     if lib is None:
         log = functools.partial(click.echo, err=True)
-        lib = ensure_library(source.config, policy, resolve_target(target), kw["dtype"],
+        lib = ensure_library(source.config, policy, target, kw["dtype"],
                              _max_context(kw, policy, source.config.context_window), log=log)
     return Engine(lib, source, prefill_chunk=policy.chunk_size)  # capped by the library's policy
 
 
-@click.group()
+class _OneLineUsageErrors(click.Group):
+    """Usage errors (a bad option value, a missing argument) print one ``Error: ...`` line, like
+    the toolkit's own errors, instead of click's usage line, hint line and error."""
+
+    def main(self, *args, **kwargs):
+        standalone = kwargs.pop("standalone_mode", True)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as err:
+            if not standalone:
+                raise
+            click.echo(f"Error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            if not standalone:
+                raise
+            err.show()
+            sys.exit(err.exit_code)
+        except click.exceptions.Abort:
+            if not standalone:
+                raise
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_OneLineUsageErrors)
 @click.version_option(package_name="tsedge")
 def main() -> None:
     """Compiled long-context LLM inference with TokenSelect KV-cache selection (Apache TVM)."""
@@ -152,6 +188,7 @@ def generate(model, target, lib, prompt, prompt_file, max_new_tokens, raw, as_js
     if (prompt is None) == (prompt_file is None):
         _fail("give exactly one of --prompt or --prompt-file")
     text = prompt if prompt is not None else read_text_file(prompt_file)
+    target = _checked_target(target, lib)
     source = load_source(model)
     sampling = sampling_params(source.path, kw)
     engine = _engine(source, target, lib, kw)
@@ -184,6 +221,7 @@ def chat(model, target, lib, max_new_tokens, system, **kw) -> None:
     from tsedge.cli_chat import repl
     from tsedge.weights import load_source
 
+    target = _checked_target(target, lib)
     source = load_source(model)
     sampling = sampling_params(source.path, kw)
     repl(ChatSession(_engine(source, target, lib, kw), sampling, max_new_tokens, system))

@@ -83,6 +83,8 @@ def _answer(session: ChatSession, line: str) -> None:
         _note(_dropped_note(reply, capacity))
     if reply.result.stopped == "context_full":
         _note(context_full_note(capacity))
+    elif reply.result.stopped == "length":
+        _note(f"[reply cut at --max-new-tokens {session.max_new_tokens}; raise it for longer replies]")
 
 
 def repl(session: ChatSession) -> None:

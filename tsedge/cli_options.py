@@ -118,7 +118,7 @@ def policy_config(kw: dict[str, Any]) -> PolicyConfig:
 # ---- sampling -----------------------------------------------------------------------------------
 def sampling_options(func):
     """--temperature, --top-p, --top-k, --repetition-penalty (default: the model's
-    generation_config.json, else ``PEER_DEFAULTS``), --presence-penalty and --seed."""
+    generation_config.json, else ``PEER_DEFAULTS``), --repeat-last-n, --presence-penalty, --seed."""
     model = "default: the model's generation_config.json, else"
     options = [
         click.option("--temperature", type=FiniteFloatRange(min=0), default=None,
@@ -129,8 +129,10 @@ def sampling_options(func):
         click.option("--top-k", type=click.IntRange(min=0), default=None,
                      help=f"keep the k likeliest tokens, 0 = off ({model} 0)"),
         click.option("--repetition-penalty", type=FiniteFloatRange(min=0, min_open=True), default=None,
-                     help=f"CTRL's: divide positive (multiply negative) logits of tokens in the "
-                          f"prompt or output; 1 = off ({model} 1)"),
+                     help=f"CTRL's: divide positive (multiply negative) logits of the last "
+                          f"--repeat-last-n tokens; 1 = off ({model} {PEER_DEFAULTS['repetition_penalty']})"),
+        click.option("--repeat-last-n", type=click.IntRange(min=0), default=64, show_default=True,
+                     help="tokens (prompt + output) the repetition penalty looks at; 0 = all"),
         click.option("--presence-penalty", type=FiniteFloatRange(-2, 2), default=0.0, show_default=True,
                      help="OpenAI's: subtract from the logits of tokens already in the output"),
         click.option("--seed", type=click.IntRange(min=0), default=None, help="sampling seed"),
@@ -145,7 +147,8 @@ def sampling_params(model_path: Path, kw: dict[str, Any]) -> SamplingParams:
     given = {name: kw[name] for name in ("temperature", "top_p", "top_k", "repetition_penalty")
              if kw[name] is not None}
     return SamplingParams(**{**PEER_DEFAULTS, **generation_config_defaults(model_path), **given},
-                          presence_penalty=kw["presence_penalty"], seed=kw["seed"])
+                          presence_penalty=kw["presence_penalty"], repeat_last_n=kw["repeat_last_n"],
+                          seed=kw["seed"])
 
 
 # ---- progress and notes -------------------------------------------------------------------------

@@ -66,14 +66,19 @@ def _device(target: str) -> tvm.runtime.Device:
     return tvm.cpu(0)
 
 
+def check_library(lib: str | Path) -> Path:
+    """``lib`` if it and its metadata (.json next to it) exist; raises LibraryError otherwise."""
+    lib = Path(lib)
+    if not lib.exists() or not lib.with_suffix(".json").exists():
+        raise LibraryError(f"{lib}: library or its metadata {lib.with_suffix('.json').name} not found; "
+                           "build one with `tsedge compile`")
+    return lib
+
+
 def load_library(lib: str | Path) -> tuple[LibraryMeta, tvm.runtime.Module]:
     """Read ``lib`` (.so) and its metadata (.json next to it)."""
-    lib = Path(lib)
-    meta_path = lib.with_suffix(".json")
-    if not lib.exists() or not meta_path.exists():
-        raise LibraryError(f"{lib}: library or its metadata {meta_path.name} not found; build one "
-                           "with `tsedge compile`")
-    meta = LibraryMeta.load(meta_path)
+    lib = check_library(lib)
+    meta = LibraryMeta.load(lib.with_suffix(".json"))
     if meta.target.startswith("cuda"):
         load_cuda_runtime()
     return meta, tvm.runtime.load_module(str(lib))

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 # Sampling defaults when the weights carry none (llama.cpp, Ollama and MLC-LLM sample by default).
-PEER_DEFAULTS = {"temperature": 0.7, "top_p": 0.9}
+# Repetition penalty 1.1 over the last 64 tokens is Ollama's default (llama.cpp's repeat_last_n):
+# without it small models such as SmolLM2-135M loop on long replies at T 0.7.
+PEER_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
 # Fields of a Hugging Face generation_config.json that set our sampling defaults.
 GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
@@ -27,7 +29,9 @@ class SamplingParams:
     ``temperature`` divides the logits (0: greedy); ``top_p`` keeps the smallest set of tokens
     whose probability reaches it; ``top_k`` keeps the k most likely tokens (0: off);
     ``repetition_penalty`` (CTRL, arXiv 1909.05858; 1: off) and ``presence_penalty`` (OpenAI's,
-    in logits; 0: off) are defined in ``repetition_penalty`` and ``presence_penalty`` below.
+    in logits; 0: off) are defined in ``repetition_penalty`` and ``presence_penalty`` below;
+    the repetition penalty looks at the last ``repeat_last_n`` tokens of prompt + output
+    (llama.cpp's ``repeat_last_n``; 0: all of them, as transformers).
     """
 
     temperature: float = 0.0
@@ -35,6 +39,7 @@ class SamplingParams:
     top_k: int = 0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
+    repeat_last_n: int = 64
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -45,6 +50,7 @@ class SamplingParams:
             (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
              "repetition_penalty", "> 0 (1 = off)"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2] (0 = off)"),
+            (self.repeat_last_n >= 0, "repeat_last_n", ">= 0 (0 = all tokens)"),
             (self.seed is None or self.seed >= 0, "seed", ">= 0"),
         ]
         for ok, name, rule in checks:
@@ -117,19 +123,20 @@ class Sampler:
     def __init__(self, params: SamplingParams, prompt: Iterable[int] = ()) -> None:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
-        self.seen = set(prompt)
+        self.history = list(prompt)
         self.generated: set[int] = set()
 
     def __call__(self, logits: np.ndarray) -> int:
         token = self._pick(self._penalized(np.asarray(logits, dtype=np.float64).reshape(-1)))
-        self.seen.add(token)
+        self.history.append(token)
         self.generated.add(token)
         return token
 
     def _penalized(self, logits: np.ndarray) -> np.ndarray:
         p = self.params
-        if p.repetition_penalty != 1 and self.seen:
-            logits = repetition_penalty(logits, self.seen, p.repetition_penalty)
+        if p.repetition_penalty != 1 and self.history:
+            window = self.history[-p.repeat_last_n:] if p.repeat_last_n else self.history
+            logits = repetition_penalty(logits, window, p.repetition_penalty)
         if p.presence_penalty != 0 and self.generated:
             logits = presence_penalty(logits, self.generated, p.presence_penalty)
         return logits

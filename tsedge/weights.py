@@ -139,8 +139,20 @@ def _checked(config: ModelConfig, found: dict[str, tuple[int, ...]],
                                f"for {config.name}")
         if found[name] != shape:
             raise WeightsError(f"{origin}: tensor {name} has shape {found[name]}, expected "
-                               f"{shape} for {config.name}")
+                               f"{shape} for {config.name}{_shape_hint(name, config)}")
     return lambda: ((name, read(name)) for name in shapes)
+
+
+def _shape_hint(name: str, config: ModelConfig) -> str:
+    """Which config values an attention projection's expected shape came from."""
+    heads = {"q_proj": ("num_attention_heads", config.num_heads),
+             "k_proj": ("num_key_value_heads", config.num_kv_heads),
+             "v_proj": ("num_key_value_heads", config.num_kv_heads)}
+    for proj, (field, count) in heads.items():
+        if f".{proj}." in name:
+            return (f" ({field} {count} x head_dim {config.head_dim} x hidden_size {config.hidden_size}): "
+                    f"check {field} and head_dim in the config")
+    return ""
 
 
 def _ignorable(name: str, config: ModelConfig) -> bool:
