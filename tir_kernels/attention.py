@@ -84,8 +84,6 @@ def _partial_gpu(num_layers, n_heads, n_kv, head_dim, dtype):
                                 d_run = T.sblock_alloc_buffer((group,), "float32", scope="local")
                                 score = T.sblock_alloc_buffer((group,), "float32", scope="local")
                                 kf = T.sblock_alloc_buffer((vec,), "float32", scope="local")
-                                part = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                red = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                 merged = T.sblock_alloc_buffer((2,), "float32", scope="local")  # max, sum
                                 o_sh = T.sblock_alloc_buffer((_WARPS, group, head_dim), "float32", scope="shared")
                                 md_sh = T.sblock_alloc_buffer((_WARPS, group, 2), "float32", scope="shared")
@@ -105,19 +103,16 @@ def _partial_gpu(num_layers, n_heads, n_kv, head_dim, dtype):
                                         row: T.let[T.int64] = T.Cast("int64", rows[j])
                                         for v in T.serial(T.int64(vec)):
                                             kf[v] = T.Cast("float32", kv[layer, 0, by, row, tx * vec + v])
-                                        for g in T.serial(T.int64(group)):
-                                            part[0] = T.float32(0)
-                                            for v in T.serial(T.int64(vec)):
-                                                part[0] = part[0] + kf[v] * (
+                                        for g in T.unroll(T.int64(group)):
+                                            score[g] = T.float32(0)
+                                            for v in T.unroll(T.int64(vec)):
+                                                score[g] = score[g] + kf[v] * (
                                                     qa[g, v] * rope[j, (tx * vec + v) % half]
                                                     + qb[g, v] * rope[j, half + (tx * vec + v) % half])
-                                            with T.sblock("warp_sum"):
-                                                T.reads(part[0])
-                                                T.writes(red[0])
-                                                T.attr(T.comm_reducer(lambda x, y: x + y, [T.float32(0)]),
-                                                       "reduce_scope", T.int32(0))
-                                                T.tvm_thread_allreduce(T.uint32(1), part[0], True, red[0], tx, dtype="void")
-                                            score[g] = red[0]
+                                        for r in T.unroll(5):  # warp butterfly, the heads' chains interleaved
+                                            for g in T.unroll(T.int64(group)):
+                                                score[g] = score[g] + T.tvm_warp_shuffle(
+                                                    T.uint32(0xFFFFFFFF), score[g], tx ^ (T.int64(16) >> r), 32, 32)
                                         for g in T.serial(T.int64(group)):
                                             m_new: T.let[T.float32] = T.max(m_run[g], score[g])
                                             decay: T.let[T.float32] = T.exp2(m_run[g] - m_new)
