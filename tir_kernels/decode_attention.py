@@ -61,6 +61,7 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
     if slots * td > 1024 or 4 * slots * group * (head_dim + 2) > 49152:
         raise ValueError(f"GPU decode attention: {n_kv} KV heads x head_dim {head_dim} exceed one block")
     scale = LOG2E / math.sqrt(head_dim)
+    REDUCE_STEPS = int(math.log2(td))
     H, D, HKV = i64(n_heads), i64(head_dim), i64(n_kv)
     G, V, U, PH = i64(group), i64(vec), i64(unroll), i64(per_head)
 
@@ -90,8 +91,7 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                         cs = T.sblock_alloc_buffer((unroll, 2, vec), "float32", scope="local")
                         kr = T.sblock_alloc_buffer((vec,), "float32", scope="local")
                         nxt = T.sblock_alloc_buffer((unroll,), "int64", scope="local")  # next rows
-                        part = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        red = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        part = T.sblock_alloc_buffer((group,), "float32", scope="local")
                         merged = T.sblock_alloc_buffer((2,), "float32", scope="local")
                         out = T.sblock_alloc_buffer((vec,), "float32", scope="local")
                         o_sh = T.sblock_alloc_buffer((slots, group, head_dim), "float32", scope="shared")
@@ -133,24 +133,23 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                                 for v in T.vectorized(V):
                                     cs[u, 1, v] = rope[j, half + d0 % half + v]
                                 nxt[u] = T.Cast("int64", rows[T.min(j + PH * U, m_keys - 1)])
-                            for u in T.serial(U):  # serial: one allreduce site (nvcc unrolls)
+                            for u in T.unroll(U):
                                 for v in T.unroll(V):  # the key, rotated to its position j
                                     kr[v] = (T.Cast("float32", kh[u, 0, v]) * cs[u, 0, v]
                                              + sign * T.Cast("float32", kh[u, 1, v]) * cs[u, 1, v])
-                                for g in T.serial(G):
-                                    part[0] = T.float32(0)
+                                for g in T.unroll(G):
+                                    part[g] = T.float32(0)
                                     for v in T.unroll(V):
-                                        part[0] = part[0] + kr[v] * qa[g, v]
-                                    with T.sblock("key_sum"):
-                                        T.reads(part[0])
-                                        T.writes(red[0])
-                                        T.attr(T.comm_reducer(lambda x, y: x + y, [T.float32(0)]),
-                                               "reduce_scope", T.int32(0))
-                                        T.tvm_thread_allreduce(T.uint32(1), part[0], True, red[0], tx, dtype="void")
-                                    if j0 + (it * U + u) * PH + lane < j1:
-                                        m_new: T.let[T.float32] = T.max(m_run[g], red[0])
+                                        part[g] = part[g] + kr[v] * qa[g, v]
+                                for r in T.unroll(i64(REDUCE_STEPS)):  # butterfly: every lane gets each sum
+                                    for g in T.unroll(G):  # the heads' shuffles are independent
+                                        part[g] = part[g] + T.tvm_warp_shuffle(
+                                            T.uint32(0xFFFFFFFF), part[g], tx ^ (i64(td // 2) >> r), td, 32)
+                                if j0 + (it * U + u) * PH + lane < j1:
+                                    for g in T.unroll(G):
+                                        m_new: T.let[T.float32] = T.max(m_run[g], part[g])
                                         decay: T.let[T.float32] = T.exp2(m_run[g] - m_new)
-                                        p: T.let[T.float32] = T.exp2(red[0] - m_new)
+                                        p: T.let[T.float32] = T.exp2(part[g] - m_new)
                                         d_run[g] = d_run[g] * decay + p
                                         m_run[g] = m_new
                                         for v in T.unroll(V):
