@@ -10,7 +10,9 @@ at a time, so one key row is read by a few threads in one coalesced access. The 
 once (to position ``M - 1``); each thread rotates its 16 bytes of a key itself, reading its
 rotate-half partner's 16 bytes too (the same sector, so from L1, not DRAM) and the position's
 cos/sin, which the block's slots of the other KV heads share through L1; the next rows' indices
-are fetched a step ahead. All softmax arithmetic is float32 (log2 domain).
+are fetched a step ahead. A key's scores for the GQA group's query heads are summed over the
+slot's threads by one butterfly of warp shuffles whose chains interleave (every thread ends with
+every sum). All softmax arithmetic is float32 (log2 domain).
 """
 
 from __future__ import annotations
