@@ -51,10 +51,12 @@ def _bench_command(kind: str):
     @click.option("--compile-only", is_flag=True, help="compile the libraries into --lib-dir and stop")
     @click.option("--steps", type=click.IntRange(1), default=32, show_default=True, help="decode steps timed")
     @click.option("--chunk", type=click.IntRange(1), default=512, show_default=True, help="prefill chunk (tokens)")
+    @click.option("--ttft", type=click.IntRange(0), default=0, show_default=True,
+                  help="prefill: also time to first token of a prompt of this many tokens (0: off)")
     @click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="bench/results",
                   show_default=True, help="JSON and PNG go here")
     @click.option("--tag", default=None, help="file name stem (default: <kind>_<preset>_<device>)")
-    def command(preset, depths, policies, target, lib_dir, compile_only, steps, chunk, output_dir, tag):
+    def command(preset, depths, policies, target, lib_dir, compile_only, steps, chunk, ttft, output_dir, tag):
         from tsedge.bench import long_context as lc
 
         try:
@@ -62,14 +64,14 @@ def _bench_command(kind: str):
             variants = lc.variants([p.strip() for p in policies.split(",")], kind)
         except ValueError as err:
             raise click.ClickException(str(err)) from None
-        capacity = max(depth_list) + steps + chunk + 8
+        capacity = max(max(depth_list) + steps + chunk, ttft) + 8
         if compile_only:
             if not lib_dir:
                 raise click.ClickException("--compile-only needs --lib-dir DIR")
             _compile_into(preset, variants, target, Path(lib_dir), capacity)
             return
         libs = _libraries(preset, variants, target, lib_dir, capacity)
-        result = lc.run(kind, libs, depth_list, steps, chunk, log=lambda m: click.echo(m, err=True))
+        result = lc.run(kind, libs, depth_list, steps, chunk, log=lambda m: click.echo(m, err=True), ttft=ttft)
         import tvm
 
         import tsedge
@@ -82,6 +84,9 @@ def _bench_command(kind: str):
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
         lc.plot(result, stem.with_suffix(".png"))
         click.echo(lc.table(result))
+        for row in result["ttft"]:
+            click.echo(f"TTFT of a {row['tokens']}-token prompt, {row['policy']}: {row['seconds']:.3f} s "
+                       f"({row['tok_per_s']:,.0f} tok/s)")
         click.echo(f"wrote {stem}.json and {stem}.png", err=True)
 
     command.help = (f"{kind.capitalize()} speed of dense and TokenSelect at each depth, beside llama.cpp "

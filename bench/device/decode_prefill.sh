@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # GPU run of issue 8/9's benchmark (on the device machine, TVM runtime only):
 #   kernel tests of the attention kernels, then `tsedge bench decode` and `tsedge bench prefill`
-#   over the libraries that `bench/device/decode_prefill.sh prepare` compiled into .carry/bench.
+#   over the libraries that `bench/device/decode_prefill.sh prepare` compiled into .carry/bench-PRESET.
 # Usage: bash bench/device/decode_prefill.sh prepare        (build machine)
 #        bash bench/device/decode_prefill.sh run OUT_DIR    (device; prints the tables last)
+# Environment: PRESET (llama3-8b), DEPTHS (0,4k,32k,128k), KINDS ("decode prefill"),
+#              TTFT (0: prefill also times a prompt of this many tokens from empty).
 set -uo pipefail
+PRESET=${PRESET:-llama3-8b}
 DEPTHS=${DEPTHS:-0,4k,32k,128k}
 KINDS=${KINDS:-decode prefill}
+TTFT=${TTFT:-0}
+LIBS=.carry/bench-$PRESET
 if [ "$1" = prepare ]; then
   bash bench/device/make_bundle.sh
   TSEDGE_KERNEL_MODE=cuda-build TSEDGE_KERNEL_DIR=.carry/kernels python -m pytest -q -p no:cacheprovider \
     tests/test_attention_kernels.py > /dev/null  # builds the CUDA kernel libraries (checks are no-ops)
   # decode's variants (dense, tokenselect, tokenselect-reselect) cover prefill's too
-  python -m tsedge.cli_bench decode --compile-only --lib-dir .carry/bench --target cuda:sm_90 --depths "$DEPTHS"
+  python -m tsedge.cli_bench decode --compile-only --lib-dir "$LIBS" --target cuda:sm_90 --preset "$PRESET" \
+    --depths "$DEPTHS" --ttft "$TTFT"
   exit 0
 fi
 out=$2
@@ -23,6 +29,7 @@ bash bench/device/kernels.sh "$out" -k "attention" > /dev/null; tail -3 "$out/ke
 repo=$PWD
 cd /tmp  # import tsedge from setup.sh's package, not the checkout's folders
 for kind in $KINDS; do
-  python3 -m tsedge.cli_bench "$kind" --lib-dir "$repo/.carry/bench" --depths "$DEPTHS" -o "$out" 2> "$out/$kind.log"
-  tail -2 "$out/$kind.log"
+  python3 -m tsedge.cli_bench "$kind" --lib-dir "$repo/$LIBS" --preset "$PRESET" --depths "$DEPTHS" \
+    --ttft "$TTFT" -o "$out" 2> "$out/$kind-$PRESET.log"
+  tail -2 "$out/$kind-$PRESET.log"
 done

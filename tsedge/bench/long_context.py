@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tsedge.bench.speed import decode_speed, machine_info, prefill_chunk_speed
+from tsedge.bench.speed import decode_speed, machine_info, prefill_chunk_speed, prefill_speed
 from tsedge.engine import Engine
 from tsedge.models.config import PolicyConfig
 from tsedge.models.library import LibraryMeta
@@ -73,15 +73,16 @@ def random_params(meta: LibraryMeta) -> tuple[list, Any]:
 
 
 def run(kind: str, libs: dict[str, Path], depths: list[int], steps: int = 32, chunk: int = 512,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] = print, ttft: int = 0) -> dict[str, Any]:
     """Measure ``kind`` ("decode" or "prefill") for each library variant at each depth.
 
     All variants share one set of random weights (same model and dtype). Returns ``{"info",
-    "kind", "rows": [{"policy", "depth", "ms_per_token" or "tok_per_s", ...}]}``.
+    "kind", "rows": [{"policy", "depth", "ms_per_token" or "tok_per_s", ...}], "ttft": [...]}``;
+    ``ttft`` > 0 (prefill): also the time to first token of a ``ttft``-token prompt from empty.
     """
     params, keep = random_params(LibraryMeta.load(next(iter(libs.values())).with_suffix(".json")))
-    capacity = max(depths) + steps + chunk + 8
-    rows, info = [], {}
+    capacity = max(max(depths) + steps + chunk, ttft) + 8
+    rows, info, ttfts = [], {}, []
     for name, lib in libs.items():
         engine = Engine(lib, None, params=params, max_context=capacity)
         info = machine_info(engine)
@@ -96,9 +97,12 @@ def run(kind: str, libs: dict[str, Path], depths: list[int], steps: int = 32, ch
                 value = f"{row['tok_per_s']:10.1f} tok/s"
             rows.append({"policy": name, "depth": depth, **row})
             log(f"{kind} {name:21s} depth {depth:7d}: {value}")
+        if ttft and kind == "prefill":
+            ttfts.append({"policy": name, **prefill_speed(engine, ttft)})
+            log(f"TTFT {name:21s} {ttft:7d}-token prompt: {ttfts[-1]['seconds']:.3f} s")
         del engine
     del keep
-    return {"info": info, "kind": kind, "rows": rows}
+    return {"info": info, "kind": kind, "rows": rows, "ttft": ttfts}
 
 
 def peer_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
