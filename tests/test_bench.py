@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from test_chat import tiny_folder, tiny_lib  # noqa: F401 (fixtures: a tiny model, 64-token cache)
 
 from tsedge.bench import long_context as lc
 
@@ -37,3 +38,15 @@ def test_table_puts_llamacpp_beside_on_the_same_gpu_only():
 def test_plot_writes_png(tmp_path):
     lc.plot(_result("NVIDIA H200"), tmp_path / "decode.png")
     assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_measures_every_variant_and_depth(tiny_lib):
+    """On the CPU with a tiny library (random weights): one row per variant and depth, and TTFT."""
+    libs = {"dense": tiny_lib, "again": tiny_lib}
+    decode = lc.run("decode", libs, [0, 16], steps=4, chunk=8, log=lambda _m: None)
+    assert [(r["policy"], r["depth"], r["steps"]) for r in decode["rows"]] == [
+        ("dense", 0, 4), ("dense", 16, 4), ("again", 0, 4), ("again", 16, 4)]
+    assert all(r["ms_per_token"] > 0 for r in decode["rows"]) and decode["info"]["target"] == "llvm"
+    prefill = lc.run("prefill", {"dense": tiny_lib}, [0, 16], chunk=8, log=lambda _m: None, ttft=40)
+    assert [(r["depth"], r["tokens"]) for r in prefill["rows"]] == [(0, 8), (16, 8)]
+    assert prefill["ttft"][0]["tokens"] == 40 and prefill["ttft"][0]["seconds"] > 0
