@@ -50,3 +50,28 @@ def test_run_measures_every_variant_and_depth(tiny_lib):
     prefill = lc.run("prefill", {"dense": tiny_lib}, [0, 16], chunk=8, log=lambda _m: None, ttft=40)
     assert [(r["depth"], r["tokens"]) for r in prefill["rows"]] == [(0, 8), (16, 8)]
     assert prefill["ttft"][0]["tokens"] == 40 and prefill["ttft"][0]["seconds"] > 0
+
+
+def test_bench_command_writes_json_png_and_table(tiny_lib, tmp_path):
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from tsedge.cli import main
+
+    libs = tmp_path / "libs"
+    libs.mkdir()
+    for suffix in (".so", ".json"):
+        shutil.copy(tiny_lib.with_suffix(suffix), libs / f"dense{suffix}")
+    result = CliRunner().invoke(main, ["bench", "prefill", "--policies", "dense", "--lib-dir", str(libs),
+                                       "--depths", "0,16", "--chunk", "8", "--ttft", "24", "-o",
+                                       str(tmp_path), "--tag", "t"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == "| depth (tok/s, 8-token chunk) | dense |"
+    assert "TTFT of a 24-token prompt, dense:" in result.stdout
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert [r["depth"] for r in saved["rows"]] == [0, 16] and saved["info"]["tvm"]
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    missing = CliRunner().invoke(main, ["bench", "decode", "--lib-dir", str(libs)])
+    assert missing.exit_code == 1 and "tokenselect.so" in missing.output  # names the missing library

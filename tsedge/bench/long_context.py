@@ -123,7 +123,7 @@ def table(result: dict[str, Any]) -> str:
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     depths = sorted({r["depth"] for r in rows})
     cell = {(r["policy"], r["depth"]): r[key] for r in rows}
-    unit = "ms per token" if kind == "decode" else "tok/s, 512-token chunk"
+    unit = "ms per token" if kind == "decode" else f"tok/s, {result['rows'][0]['tokens']}-token chunk"
     lines = [f"| depth ({unit}) | " + " | ".join(policies) + " |", "|---" * (len(policies) + 1) + "|"]
     for depth in depths:
         lines.append(f"| {depth} | " + " | ".join(
@@ -147,7 +147,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.plot(*zip(*points), marker="o", linestyle="--" if "llama.cpp" in policy else "-", label=policy)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("depth (cached tokens; 0 drawn at 512)")
-    ax.set_ylabel("ms per decoded token" if kind == "decode" else "prefill tok/s (512-token chunk)")
+    ax.set_ylabel("ms per decoded token" if kind == "decode"
+                  else f"prefill tok/s ({result['rows'][0]['tokens']}-token chunk)")
     ax.set_title(f"{result['info'].get('model', '')} {kind}, {result['info'].get('device', result['info']['target'])}")
     ax.grid(alpha=0.3)
     ax.legend()
