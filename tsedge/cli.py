@@ -138,7 +138,7 @@ def compile(model: str, target: str | None, output: str | None, **kw) -> None:  
 
 
 @main.command()
-@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="preset name, .gguf or HF folder")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="weights folder")
 @_errors
 def convert(model: str, output: str) -> None:
@@ -169,7 +169,7 @@ def _generate_json(engine, result) -> str:
 
 
 @main.command()
-@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="preset name, .gguf or HF folder")
 @click.option("--target", default=None, help=TARGET_HELP)
 @click.option("--lib", type=click.Path(dir_okay=False), default=None, help="use this compiled library")
 @click.option("--prompt", default=None, callback=utf8_option, help="UTF-8 text")
@@ -207,9 +207,9 @@ def generate(model, target, lib, prompt, prompt_file, max_new_tokens, raw, as_js
 
 
 @main.command()
-@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="preset name, .gguf or HF folder")
 @click.option("--target", default=None, help=TARGET_HELP)
-@click.option("--lib", type=click.Path(dir_okay=False), default=None)
+@click.option("--lib", type=click.Path(dir_okay=False), default=None, help="use this compiled library")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--system", default=None, callback=utf8_option, help="system prompt (UTF-8 text)")
 @sampling_options
@@ -233,15 +233,15 @@ def bench() -> None:
 
 
 @bench.command("speed")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="preset name, .gguf or HF folder")
 @click.option("--target", default=None, help=TARGET_HELP)
-@click.option("--lib", type=click.Path(dir_okay=False), default=None)
+@click.option("--lib", type=click.Path(dir_okay=False), default=None, help="use this compiled library")
 @click.option("--prefill", "prefill_lengths", default="2048,7168", show_default=True,
               callback=POSITIVE_INTS, help="prompt lengths (tokens)")
 @click.option("--decode-context", "decode_contexts", default="128,2048", show_default=True,
               callback=POSITIVE_INTS, help="context before decoding (tokens)")
 @click.option("--steps", type=click.IntRange(min=1), default=64, show_default=True, help="decode steps")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="write the results as JSON here")
 @policy_options
 @_errors
 def bench_speed(model, target, lib, prefill_lengths, decode_contexts, steps, output, **kw) -> None:
@@ -272,9 +272,9 @@ def eval_group() -> None:
 
 
 @eval_group.command("passkey")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="preset name, .gguf or HF folder")
 @click.option("--target", default=None, help=TARGET_HELP)
-@click.option("--lib", type=click.Path(dir_okay=False), default=None)
+@click.option("--lib", type=click.Path(dir_okay=False), default=None, help="use this compiled library")
 @click.option("--lengths", default="2048,4096,8192,16384,32768", show_default=True,
               callback=POSITIVE_INTS, help="prompt tokens")
 @click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True,
@@ -282,7 +282,7 @@ def eval_group() -> None:
 @click.option("--keys", "keys_per_cell", type=click.IntRange(min=1), default=10, show_default=True,
               help="keys per cell")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="write the results as JSON here")
 @policy_options
 @_errors
 def eval_passkey(model, target, lib, lengths, depths, keys_per_cell, seed, output, **kw) -> None:
@@ -305,7 +305,7 @@ def eval_passkey(model, target, lib, lengths, depths, keys_per_cell, seed, outpu
 
 
 @eval_group.command("agreement")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="preset name, .gguf or HF folder")
 @click.option("--target", default=None, help=TARGET_HELP)
 @click.option("--dense-lib", type=click.Path(dir_okay=False), default=None, help="dense library")
 @click.option("--lib", type=click.Path(dir_okay=False), default=None, help="library of --policy")
@@ -313,7 +313,7 @@ def eval_passkey(model, target, lib, lengths, depths, keys_per_cell, seed, outpu
               help="prompt tokens")
 @click.option("--steps", type=click.IntRange(min=1), default=32, show_default=True,
               help="teacher-forced decode steps")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="write the results as JSON here")
 @policy_options
 @_errors
 def eval_agreement(model, target, dense_lib, lib, lengths, steps, output, **kw) -> None:

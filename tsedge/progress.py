@@ -26,19 +26,20 @@ def interactive() -> bool:
 
 
 @contextlib.contextmanager
-def _bar(description: str, total: int | None, *columns) -> Iterator[Callable[[int], None]]:
+def _bar(description: str, total: int | None, *columns, keep: bool = False) -> Iterator[Callable[[int], None]]:
+    """A bar on a terminal (``keep``: it stays on screen when done), else one line."""
     if not interactive():
         print(f"tsedge: {description}", file=sys.stderr)
         yield lambda _done: None
         return
-    with Progress(TextColumn("{task.description}"), *columns, console=_console(), transient=True) as bar:
+    with Progress(TextColumn("{task.description}"), *columns, console=_console(), transient=not keep) as bar:
         task = bar.add_task(description, total=total)
         yield lambda done: bar.update(task, completed=done)
 
 
 def download_progress(description: str, total_bytes: int) -> contextlib.AbstractContextManager:
     """Context giving ``update(bytes_done)`` for a download of ``total_bytes`` bytes."""
-    return _bar(description, total_bytes, BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    return _bar(description, total_bytes, BarColumn(), DownloadColumn(), TransferSpeedColumn(), keep=True)
 
 
 def token_progress(description: str, total_tokens: int) -> contextlib.AbstractContextManager:
