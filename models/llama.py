@@ -56,11 +56,8 @@ class Attention(nn.Module):
     def forward(self, x, layer_id, policy, step):
         n = x.shape[0]
         h, hkv, d = self.shape
-        q, k, v = op.split(self.qkv_proj(x), [h * d, (h + hkv) * d], axis=-1)
-        q = op.reshape(q, [n, h, d])
-        k = op.reshape(k, [n, hkv, d])
-        v = op.reshape(v, [n, hkv, d])
-        out = policy.attend(layer_id, q, k, v, step)
+        qkv = op.reshape(self.qkv_proj(x), [n, h + 2 * hkv, d])  # heads: q, then k, then v
+        out = policy.attend(layer_id, qkv, step)
         return self.o_proj(op.reshape(out, [n, h * d]))
 
 

@@ -30,7 +30,9 @@ def test_kv_append(n, pos):
     kv = rng.standard_normal((NUM_LAYERS, 2, 3, 1400, 64)).astype(np.float16)
     k, v = (rng.standard_normal((n, 3, 64)).astype(np.float16) for _ in range(2))
     out = tensor(kv)
-    build(cache_ops.make_kv_append, NUM_LAYERS, 3, 64, "float16")(out, tensor(k), tensor(v), LAYER, pos)
+    q = rng.standard_normal((n, 6, 64)).astype(np.float16)  # the fused projection's q heads come first
+    build(cache_ops.make_kv_append, NUM_LAYERS, 3, 64, "float16")(
+        out, tensor(np.concatenate([q, k, v], axis=1)), LAYER, pos)
     expected = kv.copy()
     expected[LAYER, 0, :, pos:pos + n] = k.transpose(1, 0, 2)
     expected[LAYER, 1, :, pos:pos + n] = v.transpose(1, 0, 2)
@@ -72,8 +74,9 @@ def test_attention(n_heads, n_kv, head_dim, dtype, n, m, capacity):
     o = tensor(np.full((n, chunks, n_heads, head_dim), np.nan, np.float32))
     lse = tensor(np.full((n, chunks, n_heads), np.nan, np.float32))
     out = tensor(np.full((n, n_heads, head_dim), np.nan, dtype))
+    qkv = np.concatenate([q, rng.standard_normal((n, 2 * n_kv, head_dim)).astype(dtype)], axis=1)
     partial = build(attn.make_attention_partial, NUM_LAYERS, n_heads, n_kv, head_dim, dtype)
-    partial(tensor(q), tensor(kv), tensor(table.astype(np.float32)), tensor(rows), LAYER, o, lse)
+    partial(tensor(qkv), tensor(kv), tensor(table.astype(np.float32)), tensor(rows), LAYER, o, lse)
     build(attn.make_attention_merge, n_heads, head_dim, dtype)(o, lse, out)
     expected = attention(q, kv[LAYER, 0][:, rows], kv[LAYER, 1][:, rows], table)
     tol = 2e-3 if dtype == "float16" else 1e-5
@@ -105,8 +108,9 @@ def test_decode_attention(n_heads, n_kv, head_dim, dtype, m, capacity):
     o = tensor(np.full((1, splits, n_heads, head_dim), np.nan, np.float32))
     lse = tensor(np.full((1, splits, n_heads), np.nan, np.float32))
     out = tensor(np.full((1, n_heads, head_dim), np.nan, dtype))
+    qkv = np.concatenate([q, rng.standard_normal((1, 2 * n_kv, head_dim)).astype(dtype)], axis=1)
     build(dec.make_decode_attention, NUM_LAYERS, n_heads, n_kv, head_dim, dtype)(
-        tensor(q), tensor(kv), tensor(table.astype(np.float32)), tensor(rows), LAYER, o, lse)
+        tensor(qkv), tensor(kv), tensor(table.astype(np.float32)), tensor(rows), LAYER, o, lse)
     build(attn.make_attention_merge, n_heads, head_dim, dtype)(o, lse, out)
     expected = attention(q, kv[LAYER, 0][:, rows], kv[LAYER, 1][:, rows], table)
     tol = 2e-3 if dtype == "float16" else 1e-5

@@ -37,7 +37,8 @@ def num_chunks(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
 
 def make_attention_partial(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
                            target: Target) -> tirx.PrimFunc:
-    """Per-chunk attention. Args: q[n, H, d], kv, rope[P, d], rows[M] int32, layer (int64).
+    """Per-chunk attention. Args: q[n, >= H, d] (its first H heads are the queries, so the fused
+    QKV projection's output passes as it is), kv, rope[P, d], rows[M] int32, layer (int64).
 
     Outputs: o[n, S, H, d] float32 (each chunk's normalised output), lse[n, S, H] float32
     (log2-sum-exp of the chunk's scaled scores, ``NEG_INF`` when the chunk has no visible key),
@@ -62,8 +63,8 @@ def _partial_gpu(num_layers, n_heads, n_kv, head_dim, dtype):
     def attention_partial(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
                           layer: T.int64, o_h: T.handle, lse_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        n, cap, num_pos, m_keys = T.int64(), T.int64(), T.int64(), T.int64()
-        q = T.match_buffer(q_h, (n, H, D), dtype)
+        n, cap, num_pos, m_keys, heads = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (n, heads, D), dtype)  # queries: the first H heads
         kv = T.match_buffer(kv_h, (num_layers, T.int64(2), HKV, cap, D), dtype)
         rope = T.match_buffer(rope_h, (num_pos, D), "float32")
         rows = T.match_buffer(rows_h, (m_keys,), "int32")
@@ -171,8 +172,8 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype):
     def attention_partial(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
                           layer: T.int64, o_h: T.handle, lse_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        n, cap, num_pos, m_keys = T.int64(), T.int64(), T.int64(), T.int64()
-        q = T.match_buffer(q_h, (n, H, D), dtype)
+        n, cap, num_pos, m_keys, heads = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (n, heads, D), dtype)  # queries: the first H heads
         kv = T.match_buffer(kv_h, (num_layers, T.int64(2), HKV, cap, D), dtype)
         rope = T.match_buffer(rope_h, (num_pos, D), "float32")
         rows = T.match_buffer(rows_h, (m_keys,), "int32")

@@ -14,18 +14,19 @@ _THREADS = 256
 def make_kv_append(num_layers: int, n_kv: int, head_dim: int, dtype: str, target: Target) -> tirx.PrimFunc:
     """``kv[layer, 0|1, :, pos + i, :] = k|v[i]`` for the step's ``n`` new tokens, in place.
 
-    Args (in order): kv, k[n, n_kv, d], v[n, n_kv, d], layer (int64), pos (int64).
+    Args (in order): kv, new[n, heads, d] whose last ``2 n_kv`` heads are k then v (the fused QKV
+    projection's output as it is, or k and v alone), layer (int64), pos (int64).
     """
     gpu = is_gpu(target)
     num_layers, n_kv, head_dim = i64(num_layers), i64(n_kv), i64(head_dim)
 
     @T.prim_func(s_tir=True)
-    def kv_append(kv_h: T.handle, k_h: T.handle, v_h: T.handle, layer: T.int64, pos: T.int64):
+    def kv_append(kv_h: T.handle, new_h: T.handle, layer: T.int64, pos: T.int64):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        cap, n = T.int64(), T.int64()
+        cap, n, heads = T.int64(), T.int64(), T.int64()
         kv = T.match_buffer(kv_h, (num_layers, T.int64(2), n_kv, cap, head_dim), dtype)
-        k = T.match_buffer(k_h, (n, n_kv, head_dim), dtype)
-        v = T.match_buffer(v_h, (n, n_kv, head_dim), dtype)
+        new = T.match_buffer(new_h, (n, heads, head_dim), dtype)
+        k0: T.let[T.int64] = heads - 2 * n_kv  # first key head
         if gpu:
             total: T.let[T.int64] = n * n_kv * head_dim
             for bx in T.thread_binding(T.ceildiv(total, _THREADS), thread="blockIdx.x"):
@@ -36,15 +37,15 @@ def make_kv_append(num_layers: int, n_kv: int, head_dim: int, dtype: str, target
                             i: T.let[T.int64] = f // (n_kv * head_dim)
                             h: T.let[T.int64] = f // head_dim % n_kv
                             d: T.let[T.int64] = f % head_dim
-                            kv[layer, 0, h, pos + i, d] = k[i, h, d]
-                            kv[layer, 1, h, pos + i, d] = v[i, h, d]
+                            kv[layer, 0, h, pos + i, d] = new[i, k0 + h, d]
+                            kv[layer, 1, h, pos + i, d] = new[i, k0 + n_kv + h, d]
         else:
             for i in T.parallel(n):
                 for h in T.serial(n_kv):
                     for d in T.vectorized(head_dim):
                         with T.sblock("append"):
-                            kv[layer, 0, h, pos + i, d] = k[i, h, d]
-                            kv[layer, 1, h, pos + i, d] = v[i, h, d]
+                            kv[layer, 0, h, pos + i, d] = new[i, k0 + h, d]
+                            kv[layer, 1, h, pos + i, d] = new[i, k0 + n_kv + h, d]
 
     return kv_append
 

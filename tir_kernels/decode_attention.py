@@ -42,7 +42,8 @@ def decode_splits(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
 
 def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
                           target: Target, unroll: int = UNROLL) -> tirx.PrimFunc:
-    """Args: q[1, H, d], kv[layers, 2, Hkv, cap, d], rope[P, d] f32, rows[M] int32, layer (int64).
+    """Args: q[1, >= H, d] (the first H heads are the query's), kv[layers, 2, Hkv, cap, d],
+    rope[P, d] f32, rows[M] int32, layer (int64).
 
     Outputs: o[1, S, H, d] float32 (each chunk's normalised output), lse[1, S, H] float32
     (log2-sum-exp of the chunk's scaled scores, ``NEG_INF`` for an empty chunk), with
@@ -71,8 +72,8 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
     def attention_decode(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
                          layer: T.int64, o_h: T.handle, lse_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        n, cap, num_pos, m_keys = T.int64(), T.int64(), T.int64(), T.int64()
-        q = T.match_buffer(q_h, (n, H, D), dtype)
+        n, cap, num_pos, m_keys, heads = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (n, heads, D), dtype)  # queries: the first H heads
         kv = T.match_buffer(kv_h, (num_layers, T.int64(2), HKV, cap, D), dtype)
         rope = T.match_buffer(rope_h, (num_pos, D), "float32")
         rows = T.match_buffer(rows_h, (m_keys,), "int32")

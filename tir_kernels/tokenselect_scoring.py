@@ -61,7 +61,8 @@ def make_fingerprint(n_heads: int, head_dim: int, n_local: int, dtype: str,
 
     Query ``i`` of the step is rotated as if it sat ``n_local + i`` tokens after a candidate (as
     the reference does, ``QUERY_ROTATE``); a decode step's single query sits at ``n_local``.
-    Args (in order): q[n, H, d] ``dtype`` (before RoPE), rope[P, d] float32 (P >= n_local + n).
+    Args (in order): q[n, >= H, d] ``dtype`` (before RoPE; its first H heads are the queries),
+    rope[P, d] float32 (P >= n_local + n).
     Output: qbar[H, d] float32.
     """
     gpu = is_gpu(target)
@@ -83,8 +84,8 @@ def make_fingerprint(n_heads: int, head_dim: int, n_local: int, dtype: str,
     @T.prim_func(s_tir=True)
     def fingerprint(q_h: T.handle, rope_h: T.handle, qbar_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        n, P = T.int64(), T.int64()
-        q = T.match_buffer(q_h, (n, H, d), dtype)
+        n, P, heads = T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (n, heads, d), dtype)  # queries: the first H heads
         rope = T.match_buffer(rope_h, (P, d), "float32")
         qbar = T.match_buffer(qbar_h, (H, d), "float32")
         if gpu:

@@ -42,15 +42,16 @@ class DensePolicy:
         step.rows = op.tensor_ir_op(self.iota, "iota", args=[total],
                                     out=nn.Tensor.placeholder([total], "int32"))
 
-    def append(self, layer_id: int, k: nn.Tensor, v: nn.Tensor, step) -> None:
-        """Write the step's K (no RoPE) and V into the cache."""
+    def append(self, layer_id: int, qkv: nn.Tensor, step) -> None:
+        """Write the step's K (no RoPE) and V (the last 2 Hkv heads of ``qkv``) into the cache."""
         step.kv = op.tensor_ir_inplace_op(
-            self.kv_append, "kv_append", args=[step.kv, k, v, i64(layer_id), step.past],
+            self.kv_append, "kv_append", args=[step.kv, qkv, i64(layer_id), step.past],
             inplace_indices=[0], out=nn.Tensor.placeholder(step.kv.shape, step.kv.dtype))
 
     def attend_rows(self, layer_id: int, q: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, rows: nn.Tensor):
-        """Attention of ``q`` over ``kv[layer_id]`` rows ``rows`` (positions re-assigned 0..M-1)."""
-        n, h, d = q.shape
+        """Attention of ``q`` (the first H heads of ``q[n, >= H, d]``) over ``kv[layer_id]`` rows
+        ``rows`` (positions re-assigned 0..M-1) -> [n, H, d]."""
+        n, h, d = q.shape[0], self.cfg.num_heads, self.cfg.head_dim
         m = rows.shape[0]
         if n == 1 and self.decode is not None:  # one query: split the rows over the whole GPU
             kernel, name, chunks = self.decode, "attention_decode", decode_attention.decode_splits(m)
@@ -63,6 +64,7 @@ class DensePolicy:
         return op.tensor_ir_op(self.merge, "attention_merge", args=[o, lse],
                                out=nn.Tensor.placeholder([n, h, d], self.dtype))
 
-    def attend(self, layer_id: int, q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, step) -> nn.Tensor:
-        self.append(layer_id, k, v, step)
-        return self.attend_rows(layer_id, q, step.kv, step.rope, step.rows)
+    def attend(self, layer_id: int, qkv: nn.Tensor, step) -> nn.Tensor:
+        """``qkv[n, H + 2 Hkv, d]``: the step's query, key and value heads -> attention [n, H, d]."""
+        self.append(layer_id, qkv, step)
+        return self.attend_rows(layer_id, qkv, step.kv, step.rope, step.rows)

@@ -61,11 +61,11 @@ class TokenSelectPolicy(DensePolicy):
         if not step.select:
             super().begin_step(step)
 
-    def attend(self, layer_id: int, q: nn.Tensor, k: nn.Tensor, v: nn.Tensor, step) -> nn.Tensor:
+    def attend(self, layer_id: int, qkv: nn.Tensor, step) -> nn.Tensor:
         if not step.select:
-            return super().attend(layer_id, q, k, v, step)
-        self.append(layer_id, k, v, step)
-        return self.attend_rows(layer_id, q, step.kv, step.rope, self.select(layer_id, q, step))
+            return super().attend(layer_id, qkv, step)
+        self.append(layer_id, qkv, step)
+        return self.attend_rows(layer_id, qkv, step.kv, step.rope, self.select(layer_id, qkv, step))
 
     def select(self, layer_id: int, q: nn.Tensor, step) -> nn.Tensor:
         """Update the layer's selection (in ``step.state``) and return its attended rows."""
