@@ -63,7 +63,7 @@ def prepare() -> None:
 
 
 def run(out: Path) -> None:
-    import torch  # noqa: F401  (loads libcudart for TVM's CUDA runtime)
+    import torch  # loads libcudart for TVM's CUDA runtime
 
     from tsedge.engine import load_cuda_runtime
 
@@ -80,7 +80,8 @@ def run(out: Path) -> None:
             results.append({"policy": policy_name, "build": build, "max_rel_diff": rel, "top1_agreement": top1})
             print(f"{policy_name:12s} {build:13s} max |Δlogit| / max|logit| = {rel:.2e}, "
                   f"top-1 agreement {top1:.3f} over {len(ref)} positions", flush=True)
-    out.write_text(json.dumps({"config": CONFIG.to_dict(), "prompt": PROMPT, "steps": STEPS,
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "config": CONFIG.to_dict(),
+                               "prompt": PROMPT, "steps": STEPS,
                                "reference": "cpu-float32 (llvm)", "results": results}, indent=1))
 
 

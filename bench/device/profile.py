@@ -61,7 +61,7 @@ def main() -> None:
               f"gap {r['gap_ms']} ms, {r['launches']} launches", flush=True)
         for k in r["top"][:6]:
             print(f"   {k['ms']:8.3f} ms {k['per_step']:4d}x  {k['kernel']}")
-    out.write_text(json.dumps(runs, indent=1))
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":
