@@ -9,6 +9,7 @@ from kernel_harness import CUDA, MODE, build, tensor
 
 from tsedge.tir_kernels import attention as attn
 from tsedge.tir_kernels import cache_ops
+from tsedge.tir_kernels import chunk_attention as chunk
 from tsedge.tir_kernels import decode_attention as dec
 
 NUM_LAYERS, LAYER = 3, 2
@@ -115,6 +116,57 @@ def test_decode_attention(n_heads, n_kv, head_dim, dtype, m, capacity):
     expected = attention(q, kv[LAYER, 0][:, rows], kv[LAYER, 1][:, rows], table)
     tol = 2e-3 if dtype == "float16" else 1e-5
     np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=tol, atol=tol)
+
+
+CHUNK_CASES = [
+    # n_heads, n_kv, head_dim, n (queries), M (attended rows), capacity
+    (32, 8, 128, 512, 512, 600),             # Llama-3-8B heads, a 512-token chunk from empty
+    (32, 8, 128, 64, 257, 300),              # a key tile one key past full
+    (9, 3, 64, 40, 1000, 1200),              # SmolLM2 heads: 120 rows, a ragged last row tile
+    (16, 2, 128, 7, 513, 900),               # group 8, 56 rows: one tile, part empty
+    (4, 4, 64, 33, 8192 + 77, 8300),         # group 1, the rows cross a split
+    (8, 2, 128, 300, 2 * 8192 + 5, 17000),   # three splits, the last of 5 keys
+]
+
+
+@pytest.mark.skipif(MODE == "llvm", reason="CUDA tensor-core kernel (CPU prefill runs attention_partial, tested above)")
+@pytest.mark.parametrize("n_heads, n_kv, head_dim, n, m, capacity", CHUNK_CASES)
+def test_chunk_attention(n_heads, n_kv, head_dim, n, m, capacity):
+    rng = np.random.default_rng(m * 7 + n)
+    kv = rng.standard_normal((NUM_LAYERS, 2, n_kv, capacity, head_dim)).astype(np.float16)
+    q = rng.standard_normal((n, n_heads, head_dim)).astype(np.float16)
+    rows = np.sort(rng.choice(capacity, m, replace=False)).astype(np.int32)
+    table = rope_table(inv_freq(head_dim, 5e5), m)
+    splits = chunk.chunk_splits(m)
+    o = tensor(np.full((n, splits, n_heads, head_dim), np.nan, np.float32))
+    lse = tensor(np.full((n, splits, n_heads), np.nan, np.float32))
+    out = tensor(np.full((n, n_heads, head_dim), np.nan, np.float16))
+    qkv = np.concatenate([q, rng.standard_normal((n, 2 * n_kv, head_dim)).astype(np.float16)], axis=1)
+    build(chunk.make_chunk_attention, NUM_LAYERS, n_heads, n_kv, head_dim, "float16")(
+        tensor(qkv), tensor(kv), tensor(table.astype(np.float32)), tensor(rows), LAYER, o, lse)
+    build(attn.make_attention_merge, n_heads, head_dim, "float16")(o, lse, out)
+    expected = attention(q, kv[LAYER, 0][:, rows], kv[LAYER, 1][:, rows], table)
+    np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=4e-3, atol=4e-3)
+
+
+@pytest.mark.skipif(MODE != "llvm", reason="codegen check runs where the compiler is")
+def test_chunk_attention_cuda_uses_tensor_cores():
+    import tvm
+
+    func = chunk.make_chunk_attention(2, 32, 8, 128, "float16", CUDA)
+    source = tvm.compile(tvm.IRModule({"main": func}), target=CUDA).mod.imports_[0].inspect_source()
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in source
+    assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in source
+    assert f"k_sh_ptr[{63 * (128 + chunk.PAD) + 128}]" in source  # padded rows survive buffer compaction
+
+
+@pytest.mark.skipif(MODE != "llvm", reason="target checks run where the compiler is")
+def test_chunk_attention_support():
+    assert chunk.supported("float16", 128, CUDA)
+    assert not chunk.supported("float32", 128, CUDA)
+    assert not chunk.supported("float16", 72, CUDA)
+    with pytest.raises(ValueError, match="attention_partial"):
+        chunk.make_chunk_attention(2, 32, 8, 128, "float32", CUDA)
 
 
 @pytest.mark.skipif(MODE != "llvm", reason="codegen check runs where the compiler is")

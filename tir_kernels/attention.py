@@ -95,8 +95,8 @@ def _partial_gpu(num_layers, n_heads, n_kv, head_dim, dtype):
                                     d_run[g] = T.float32(0)
                                     for v in T.serial(T.int64(vec)):
                                         acc[g, v] = T.float32(0)
-                                        qa[g, v] = _rot(q, bz, by * group + g, tx * vec + v, rope, qpos, half) * scale
-                                        qb[g, v] = T.if_then_else(tx * vec + v < half, T.float32(1), T.float32(-1)) * scale * _rot(
+                                        qa[g, v] = rope_rotated(q, bz, by * group + g, tx * vec + v, rope, qpos, half) * scale
+                                        qb[g, v] = T.if_then_else(tx * vec + v < half, T.float32(1), T.float32(-1)) * scale * rope_rotated(
                                             q, bz, by * group + g, (tx * vec + v + half) % head_dim, rope, qpos, half)
                                 for it in T.serial(T.int64(keys_per_warp)):
                                     j: T.let[T.int64] = bx * CHUNK + it * _WARPS + ty
@@ -152,7 +152,7 @@ def _partial_gpu(num_layers, n_heads, n_kv, head_dim, dtype):
     return attention_partial
 
 
-def _rot(x, i, h, dim, rope, pos, half):
+def rope_rotated(x, i, h, dim, rope, pos, half):
     """Element ``dim`` of ``R(pos) x[i, h]`` (rotate-half RoPE), float32."""
     c = rope[pos, dim % half]
     s = rope[pos, half + dim % half]
@@ -214,7 +214,7 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype):
                         lim: T.let[T.int64] = T.min(cnt, m_keys - n + i - j0 + 1)
                         if lim > 0:
                             for dd in T.serial(T.int64(head_dim)):
-                                qr[dd] = _rot(q, i, kvh * group + g, dd, rope, m_keys - n + i, half) * scale
+                                qr[dd] = rope_rotated(q, i, kvh * group + g, dd, rope, m_keys - n + i, half) * scale
                             if n > 1:
                                 for jo in T.serial(T.int64(CHUNK // lanes)):
                                     for ji in T.vectorized(T.int64(lanes)):

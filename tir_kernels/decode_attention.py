@@ -23,7 +23,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from .attention import LOG2E, NEG_INF, _rot
+from .attention import LOG2E, NEG_INF, rope_rotated
 from .common import i64, is_gpu
 
 THREADS = 256  # threads per block
@@ -117,7 +117,7 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                             d_run[g] = T.float32(0)
                             for v in T.unroll(V):
                                 acc[g, v] = T.float32(0)
-                                qa[g, v] = _rot(q, 0, kvh * group + g, d0 + v, rope, m_keys - 1, half) * scale
+                                qa[g, v] = rope_rotated(q, 0, kvh * group + g, d0 + v, rope, m_keys - 1, half) * scale
                         for u in T.unroll(U):
                             nxt[u] = T.Cast("int64", rows[T.min(j0 + u * PH + lane, m_keys - 1)])
                         for it in T.serial((chunk + PH * U - 1) // (PH * U)):

@@ -1,4 +1,4 @@
-"""Decode attention kernels alone: time and K/V bandwidth per layer at Llama-3-8B shapes (issue 9).
+"""Attention kernels alone at Llama-3-8B shapes: decode (issue 9) and prefill chunks (issue 8).
 
 ``python bench/device/attention_speed.py prepare`` (build machine) compiles the variants for
 cuda:sm_90 into ``.carry/attn``; ``python3 bench/device/attention_speed.py run OUT_JSON`` (device,
@@ -6,6 +6,8 @@ after ``source bench/device/setup.sh``) times each over dense rows ``0..M-1`` an
 Cache hit's 2,688 gathered rows of a 128K cache. Each call reads another layer of an 8-layer cache,
 so K/V come from HBM, not the 60 MB L2. Bandwidth counts the K and V bytes of the attended rows
 once (the floor), so it is comparable with the copy bandwidth (~4.3 TB/s read + write).
+Prefill: a 512-query chunk after DEPTH cached rows, the tensor-core chunk kernel vs the split-K
+kernel before it; TFLOP/s count the causal multiply-adds of Q·Kᵀ and P·V (4·H·d per visible pair).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ CASES = [("dense", m) for m in (128, 4096, 32768, 131072)] + [("gathered", 2688)
 VARIANTS = {"partial (split-K per query, before)": ("partial", {}),
             "decode unroll 1": ("decode", {"unroll": 1}),
             "decode unroll 2": ("decode", {"unroll": 2})}
+PREFILL_N = 512
+PREFILL_DEPTHS = (0, 4096, 32768, 131072)
+PREFILL_VARIANTS = {"chunk (tensor cores)": ("chunk", PREFILL_DEPTHS), "partial (split-K per query, before)":
+                    ("partial", (0, 4096))}
 
 
 def prepare() -> None:
@@ -27,12 +33,13 @@ def prepare() -> None:
 
     from tsedge.compile.cuda_fatbin import fatbin_build_context
     from tsedge.compile.targets import parse_target
-    from tsedge.tir_kernels import attention, decode_attention
+    from tsedge.tir_kernels import attention, chunk_attention, decode_attention
 
     target = parse_target("cuda:sm_90")
     LIBS.mkdir(parents=True, exist_ok=True)
     kernels = {"merge": attention.make_attention_merge(HEADS, HEAD_DIM, "float16", target),
-               "partial": attention.make_attention_partial(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target)}
+               "partial": attention.make_attention_partial(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target),
+               "chunk": chunk_attention.make_chunk_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target)}
     for name, (kind, kw) in VARIANTS.items():
         if kind == "decode":
             kernels[name] = decode_attention.make_decode_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16",
@@ -56,51 +63,70 @@ def run(out_path: Path) -> None:
     import tvm
     import tvm_ffi
 
-    from tsedge.tir_kernels import attention, decode_attention
+    from tsedge.tir_kernels import attention, chunk_attention, decode_attention
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     kv = torch.randn((LAYERS, 2, KV_HEADS, CAPACITY, HEAD_DIM), generator=gen, device=dev, dtype=torch.float16)
-    q = torch.randn((1, HEADS, HEAD_DIM), generator=gen, device=dev, dtype=torch.float16)
+    q = torch.randn((PREFILL_N, HEADS, HEAD_DIM), generator=gen, device=dev, dtype=torch.float16)
     pos = torch.arange(CAPACITY, device=dev, dtype=torch.float64)[:, None]
     inv = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device=dev, dtype=torch.float64) / HEAD_DIM)
     rope = torch.cat([torch.cos(pos * inv), torch.sin(pos * inv)], 1).float()
     merge = tvm.runtime.load_module(str(LIBS / "merge.so"))["main"]
     ffi = tvm_ffi.from_dlpack
+
+    def timed(kernel, queries, rows, splits: int, calls: int) -> float:
+        """Microseconds per layer of kernel + merge, each call on another layer."""
+        o = torch.empty((len(queries), splits, HEADS, HEAD_DIM), device=dev, dtype=torch.float32)
+        lse = torch.empty((len(queries), splits, HEADS), device=dev, dtype=torch.float32)
+        out = torch.empty((len(queries), HEADS, HEAD_DIM), device=dev, dtype=torch.float16)
+        args = [ffi(t) for t in (queries, kv, rope, rows)]
+
+        def call(layer: int) -> None:
+            kernel(*args, layer, ffi(o), ffi(lse))
+            merge(ffi(o), ffi(lse), ffi(out))
+
+        for layer in range(LAYERS):
+            call(layer)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(calls):
+            call(i % LAYERS)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1000 / calls
+
+    def load(name: str):
+        return tvm.runtime.load_module(str(LIBS / f"{name}.so"))["main"]
+
     results = []
     for name, (kind, _) in VARIANTS.items():
-        kernel = tvm.runtime.load_module(str(LIBS / f"{_file(name) if kind == 'decode' else 'partial'}.so"))["main"]
+        kernel = load(_file(name) if kind == "decode" else "partial")
         for case, m in CASES:
             rows = (torch.arange(m, device=dev) if case == "dense" else
                     torch.from_numpy(np.sort(np.random.default_rng(0).choice(CAPACITY, m, replace=False))).to(dev))
-            rows = rows.to(torch.int32)
             splits = decode_attention.decode_splits(m) if kind == "decode" else attention.num_chunks(m)
-            o = torch.empty((1, splits, HEADS, HEAD_DIM), device=dev, dtype=torch.float32)
-            lse = torch.empty((1, splits, HEADS), device=dev, dtype=torch.float32)
-            out = torch.empty((1, HEADS, HEAD_DIM), device=dev, dtype=torch.float16)
-            args = [ffi(t) for t in (q, kv, rope, rows)]
-
-            def call(layer: int) -> None:
-                kernel(*args[:4], layer, ffi(o), ffi(lse))
-                merge(ffi(o), ffi(lse), ffi(out))
-
-            for layer in range(LAYERS):
-                call(layer)
-            calls = 8 * LAYERS if m >= 32768 else 64 * LAYERS
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for i in range(calls):
-                call(i % LAYERS)
-            end.record()
-            torch.cuda.synchronize()
-            us = start.elapsed_time(end) * 1000 / calls
+            us = timed(kernel, q[:1], rows.to(torch.int32), splits, 8 * LAYERS if m >= 32768 else 64 * LAYERS)
             gbs = m * KV_HEADS * HEAD_DIM * 2 * 2 / us / 1e3
-            results.append({"variant": name, "rows": case, "m": m, "us_per_layer": round(us, 2),
+            results.append({"variant": name, "kind": "decode", "rows": case, "m": m, "us_per_layer": round(us, 2),
                             "kv_gb_per_s": round(gbs, 1)})
             print(f"{name:38s} {case:8s} M={m:7d}: {us:9.2f} us/layer  {gbs:8.1f} GB/s", flush=True)
+    for name, (kind, depths) in PREFILL_VARIANTS.items():
+        kernel = load(kind)
+        for depth in depths:
+            m = depth + PREFILL_N
+            splits = chunk_attention.chunk_splits(m) if kind == "chunk" else attention.num_chunks(m)
+            us = timed(kernel, q, torch.arange(m, device=dev, dtype=torch.int32), splits, 2 * LAYERS)
+            pairs = PREFILL_N * depth + PREFILL_N * (PREFILL_N + 1) // 2
+            tflops = 4 * HEADS * HEAD_DIM * pairs / us / 1e6
+            results.append({"variant": name, "kind": "prefill", "queries": PREFILL_N, "depth": depth,
+                            "us_per_layer": round(us, 2), "tflop_per_s": round(tflops, 1)})
+            print(f"{name:38s} prefill {PREFILL_N} after {depth:7d}: {us:10.1f} us/layer {tflops:7.1f} TFLOP/s",
+                  flush=True)
     out_path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "shapes": {
         "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "float16"},
-        "note": "per layer: attention kernel + merge; GB/s = K+V bytes of the attended rows / time",
+        "note": "per layer: attention kernel + merge; decode GB/s = K+V bytes of the attended rows / time; "
+                "prefill TFLOP/s = 4 H d x (visible query-key pairs) / time",
         "results": results}, indent=1))
 
 

@@ -6,7 +6,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.target import Target
 
-from tsedge.tir_kernels import attention, cache_ops, decode_attention
+from tsedge.tir_kernels import attention, cache_ops, chunk_attention, decode_attention
 from tsedge.tir_kernels.common import i64, is_gpu
 
 from ..config import ModelConfig
@@ -29,6 +29,8 @@ class DensePolicy:
         self.partial = attention.make_attention_partial(n_layers, h, hkv, d, dtype, target)
         self.merge = attention.make_attention_merge(h, d, dtype, target)
         self.decode = decode_attention.make_decode_attention(n_layers, h, hkv, d, dtype, target) if is_gpu(target) else None
+        self.chunk = (chunk_attention.make_chunk_attention(n_layers, h, hkv, d, dtype, target)
+                      if chunk_attention.supported(dtype, d, target) else None)
 
     selects = False  # exports no *_select functions
 
@@ -55,6 +57,8 @@ class DensePolicy:
         m = rows.shape[0]
         if n == 1 and self.decode is not None:  # one query: split the rows over the whole GPU
             kernel, name, chunks = self.decode, "attention_decode", decode_attention.decode_splits(m)
+        elif self.chunk is not None:  # a prefill chunk on tensor cores
+            kernel, name, chunks = self.chunk, "chunk_attention", chunk_attention.chunk_splits(m)
         else:
             kernel, name, chunks = self.partial, "attention_partial", attention.num_chunks(m)
         o, lse = op.tensor_ir_op(

@@ -1,0 +1,234 @@
+"""Prefill chunk attention on tensor cores over any list of cached rows (CUDA, float16).
+
+Same contract as ``attention.make_attention_partial`` (key ``j`` of ``rows`` at RoPE position ``j``,
+query ``i`` of the ``n`` at ``M - n + i`` seeing keys ``j <= M - n + i``; partial outputs merged by
+``attention.make_attention_merge``), laid out as FlashAttention-2 (Dao, "FlashAttention-2: Faster
+Attention with Better Parallelism and Work Partitioning", 2023):
+
+- the chunk's (query, head of the GQA group) pairs are flattened, ``f = i * group + g``, so every
+  query head of a KV head shares each key tile; one block of 4 warps owns ``ROWS = 64`` of them
+  (16 per warp, the M of ``mma.m16n8k16``) for one KV head and one split of ``SPLIT`` keys;
+- the block walks its split ``KEYS = 64`` keys at a time: the tile's keys are gathered through
+  ``rows``, rotated (RoPE at their list position) and stored as float16 in shared memory with the
+  values (rows padded by 16 bytes, so fragment loads are free of bank conflicts);
+- ``S = Q Kᵀ`` and ``O += P V`` run on tensor cores (float16 operands, float32 accumulators); the
+  query fragment (rotated, scaled by log2(e)/sqrt(d)) and ``P`` stay in registers (the accumulator
+  layout of ``S`` is the operand layout of ``P``), value fragments come through ``ldmatrix.trans``;
+- online softmax in float32 in the log2 domain, causal mask per row, keys past the causal limit of
+  the block's last row never loaded.
+
+Splitting the keys keeps the GPU full when a short chunk meets a long context; ``S`` partial
+outputs per query (``chunk_splits``) are merged like the other attention kernels' chunks.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import tirx
+from tvm.script import tirx as T
+from tvm.target import Target
+
+from .attention import LOG2E, NEG_INF, rope_rotated
+from .common import i64
+
+ROWS = 64  # (query, head) rows per block: 4 warps x 16
+KEYS = 64  # keys per shared-memory tile
+SPLIT = 8192  # keys per split (partial output)
+PAD = 8  # float16 elements of padding per shared-memory row
+_THREADS = 128
+
+
+def chunk_splits(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
+    """Partial outputs per query for ``num_keys`` attended rows: one per ``SPLIT`` keys."""
+    return (num_keys + SPLIT - 1) // SPLIT
+
+
+def supported(dtype: str, head_dim: int, target: Target) -> bool:
+    """True where the kernel runs: CUDA sm_80 or newer, float16, ``head_dim`` a multiple of 16."""
+    if target.kind.name != "cuda" or dtype != "float16" or head_dim % 16:
+        return False
+    arch = str(target.attrs.get("arch", "sm_0"))
+    return int("".join(ch for ch in arch if ch.isdigit()) or 0) >= 80
+
+
+def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
+                         target: Target) -> tirx.PrimFunc:
+    """Args: q[n, >= H, d] float16 (its first H heads are the queries), kv[layers, 2, Hkv, cap, d]
+    float16, rope[P, d] float32, rows[M] int32, layer (int64).
+
+    Outputs: o[n, S, H, d] float32 (each split's normalised output), lse[n, S, H] float32
+    (log2-sum-exp of the split's scaled scores, ``NEG_INF`` where the split has no visible key),
+    with ``S = chunk_splits(M)``. Raises ValueError where ``supported`` is False.
+    """
+    if not supported(dtype, head_dim, target):
+        raise ValueError("tensor-core chunk attention needs CUDA sm_80+, float16 and head_dim a multiple "
+                         f"of 16 (got {target.kind.name}, {dtype}, head_dim {head_dim}); use attention_partial")
+    group = n_heads // n_kv
+    half = head_dim // 2
+    stride = head_dim + PAD
+    k_steps = head_dim // 16  # k-steps of Q Kᵀ
+    d_blocks = head_dim // 8  # n-blocks of P V (output dims)
+    key_blocks = KEYS // 8  # n-blocks of Q Kᵀ (keys)
+    pv_steps = KEYS // 16  # k-steps of P V
+    k_vecs = half // 8  # 16-byte vectors of a key's first half
+    k_items = KEYS * k_vecs // _THREADS
+    v_items = KEYS * (head_dim // 8) // _THREADS
+    scale = LOG2E / math.sqrt(head_dim)
+    H, D, HKV, G = i64(n_heads), i64(head_dim), i64(n_kv), i64(group)
+
+    def mma(a, a_off, b, b_off, c, c_off):
+        return T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                           a.data, a_off, b.data, b_off, c.data, c_off, False, dtype="float32"))
+
+    @T.prim_func(s_tir=True)
+    def chunk_attention(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
+                        layer: T.int64, o_h: T.handle, lse_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        n, cap, num_pos, m_keys, heads = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (n, heads, D), "float16")
+        kv = T.match_buffer(kv_h, (num_layers, T.int64(2), HKV, cap, D), "float16")
+        rope = T.match_buffer(rope_h, (num_pos, D), "float32")
+        rows = T.match_buffer(rows_h, (m_keys,), "int32")
+        o = T.match_buffer(o_h, (n, (m_keys + SPLIT - 1) // SPLIT, H, D), "float32")
+        lse = T.match_buffer(lse_h, (n, (m_keys + SPLIT - 1) // SPLIT, H), "float32")
+        for bx in T.thread_binding((m_keys + SPLIT - 1) // SPLIT, thread="blockIdx.x"):
+            for by in T.thread_binding(HKV, thread="blockIdx.y"):
+                for bz in T.thread_binding((n * G + ROWS - 1) // ROWS, thread="blockIdx.z"):
+                    for ty in T.thread_binding(T.int64(4), thread="threadIdx.y"):
+                        for tx in T.thread_binding(T.int64(32), thread="threadIdx.x"):
+                            with T.sblock("attn"):
+                                T.reads()
+                                T.writes()
+                                k_sh = T.sblock_alloc_buffer((KEYS * stride,), "float16", scope="shared")  # flat: padding kept
+                                v_sh = T.sblock_alloc_buffer((KEYS * stride,), "float16", scope="shared")
+                                qf = T.sblock_alloc_buffer((k_steps * 8,), "float16", scope="local")
+                                sf = T.sblock_alloc_buffer((key_blocks * 4,), "float32", scope="local")
+                                pf = T.sblock_alloc_buffer((pv_steps * 8,), "float16", scope="local")
+                                of = T.sblock_alloc_buffer((d_blocks * 4,), "float32", scope="local")
+                                bk = T.sblock_alloc_buffer((4,), "float16", scope="local")  # B fragment of K
+                                bv = T.sblock_alloc_buffer((8,), "float16", scope="local")  # B fragments of V (2)
+                                kx = T.sblock_alloc_buffer((16,), "float16", scope="local")  # a key's d0.., d0+half..
+                                cs = T.sblock_alloc_buffer((16,), "float32", scope="local")  # their cos | sin
+                                kr = T.sblock_alloc_buffer((16,), "float16", scope="local")  # rotated
+                                m_run = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                                l_run = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                                red = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                                qp = T.sblock_alloc_buffer((2,), "int64", scope="local")
+                                tid: T.let[T.int64] = ty * 32 + tx
+                                row0: T.let[T.int64] = bz * ROWS + ty * 16 + tx // 4  # flat row of c0, c1
+                                key_start: T.let[T.int64] = bx * SPLIT
+                                key_lim: T.let[T.int64] = T.min(key_start + SPLIT, m_keys)
+                                last_q: T.let[T.int64] = T.min(n * G - 1, bz * ROWS + ROWS - 1) // G
+                                key_end: T.let[T.int64] = T.min(key_lim, m_keys - n + last_q + 1)
+                                for rr in T.unroll(2):  # rows row0 and row0 + 8: query positions
+                                    qp[rr] = T.if_then_else(row0 + 8 * rr < n * G, m_keys - n + (row0 + 8 * rr) // G,
+                                                            T.int64(-1))
+                                    m_run[rr] = T.float32(NEG_INF)
+                                    l_run[rr] = T.float32(0)
+                                for ks in T.unroll(k_steps):  # A fragments of Q (rotated, scaled)
+                                    for e in T.unroll(8):
+                                        f: T.let[T.int64] = row0 + 8 * ((e // 2) % 2)
+                                        qf[ks * 8 + e] = T.if_then_else(
+                                            f < n * G, T.Cast("float16", scale * rope_rotated(
+                                                q, f // G, by * G + f % G, ks * 16 + (tx % 4) * 2 + e % 2 + 8 * (e // 4),
+                                                rope, m_keys - n + f // G, half)), T.float16(0))
+                                for e in T.unroll(d_blocks * 4):
+                                    of[e] = T.float32(0)
+                                for t in T.serial(T.max(key_end - key_start + KEYS - 1, T.int64(0)) // KEYS):
+                                    j0: T.let[T.int64] = key_start + t * KEYS
+                                    for it in T.unroll(k_items):  # keys: gather, rotate, store float16
+                                        jj: T.let[T.int64] = (it * _THREADS + tid) // k_vecs
+                                        d0: T.let[T.int64] = (it * _THREADS + tid) % k_vecs * 8
+                                        if j0 + jj < key_lim:
+                                            for e in T.vectorized(8):
+                                                kx[e] = kv[layer, 0, by, T.Cast("int64", rows[j0 + jj]), d0 + e]
+                                            for e in T.vectorized(8):
+                                                kx[8 + e] = kv[layer, 0, by, T.Cast("int64", rows[j0 + jj]), half + d0 + e]
+                                            for e in T.vectorized(8):
+                                                cs[e] = rope[j0 + jj, d0 + e]
+                                            for e in T.vectorized(8):
+                                                cs[8 + e] = rope[j0 + jj, half + d0 + e]
+                                            for e in T.unroll(8):
+                                                kr[e] = T.Cast("float16", T.Cast("float32", kx[e]) * cs[e]
+                                                               - T.Cast("float32", kx[8 + e]) * cs[8 + e])
+                                                kr[8 + e] = T.Cast("float16", T.Cast("float32", kx[8 + e]) * cs[e]
+                                                                   + T.Cast("float32", kx[e]) * cs[8 + e])
+                                        else:
+                                            for e in T.unroll(16):
+                                                kr[e] = T.float16(0)
+                                        for e in T.vectorized(8):
+                                            k_sh[jj * stride + d0 + e] = kr[e]
+                                        for e in T.vectorized(8):
+                                            k_sh[jj * stride + half + d0 + e] = kr[8 + e]
+                                    for it in T.unroll(v_items):  # values
+                                        jj: T.let[T.int64] = (it * _THREADS + tid) // (head_dim // 8)
+                                        d0: T.let[T.int64] = (it * _THREADS + tid) % (head_dim // 8) * 8
+                                        if j0 + jj < key_lim:
+                                            for e in T.vectorized(8):
+                                                v_sh[jj * stride + d0 + e] = kv[layer, 1, by, T.Cast("int64", rows[j0 + jj]), d0 + e]
+                                        else:
+                                            for e in T.vectorized(8):
+                                                v_sh[jj * stride + d0 + e] = T.float16(0)
+                                    T.tvm_storage_sync("shared")
+                                    for nb in T.unroll(key_blocks):  # S = Q Kᵀ
+                                        for e in T.unroll(4):
+                                            sf[nb * 4 + e] = T.float32(0)
+                                        for ks in T.unroll(k_steps):
+                                            for e in T.vectorized(2):
+                                                bk[e] = k_sh[(nb * 8 + tx // 4) * stride + ks * 16 + (tx % 4) * 2 + e]
+                                            for e in T.vectorized(2):
+                                                bk[2 + e] = k_sh[(nb * 8 + tx // 4) * stride + ks * 16 + 8 + (tx % 4) * 2 + e]
+                                            mma(qf, ks * 8, bk, 0, sf, nb * 4)
+                                    for rr in T.unroll(2):  # mask, online softmax of rows row0 + 8 rr
+                                        red[0] = T.float32(NEG_INF)
+                                        for nb in T.unroll(key_blocks):
+                                            for c in T.unroll(2):
+                                                key: T.let[T.int64] = j0 + nb * 8 + (tx % 4) * 2 + c
+                                                sf[nb * 4 + rr * 2 + c] = T.if_then_else(
+                                                    key < key_lim and key <= qp[rr], sf[nb * 4 + rr * 2 + c],
+                                                    T.float32(NEG_INF))
+                                                red[0] = T.max(red[0], sf[nb * 4 + rr * 2 + c])
+                                        for r in T.unroll(2):  # over the 4 threads holding the row
+                                            red[0] = T.max(red[0], T.tvm_warp_shuffle(
+                                                T.uint32(0xFFFFFFFF), red[0], tx ^ (T.int64(1) << r), 32, 32))
+                                        red[1] = T.max(m_run[rr], red[0])  # new running max
+                                        red[0] = T.exp2(m_run[rr] - red[1])  # decay of the old state
+                                        m_run[rr] = red[1]
+                                        l_run[rr] = l_run[rr] * red[0]
+                                        for nd in T.unroll(d_blocks):
+                                            for c in T.unroll(2):
+                                                of[nd * 4 + rr * 2 + c] = of[nd * 4 + rr * 2 + c] * red[0]
+                                        for nb in T.unroll(key_blocks):
+                                            for c in T.unroll(2):
+                                                sf[nb * 4 + rr * 2 + c] = T.if_then_else(
+                                                    sf[nb * 4 + rr * 2 + c] > T.float32(NEG_INF / 2),
+                                                    T.exp2(sf[nb * 4 + rr * 2 + c] - red[1]), T.float32(0))
+                                                l_run[rr] = l_run[rr] + sf[nb * 4 + rr * 2 + c]
+                                    for e in T.unroll(key_blocks * 4):  # P as A fragments (same layout)
+                                        pf[e] = T.Cast("float16", sf[e])
+                                    for kk in T.unroll(pv_steps):  # O += P V
+                                        for nd in T.unroll(d_blocks // 2):
+                                            T.evaluate(T.ptx_legacy.ldmatrix(
+                                                True, 4, ".b16", bv.data, 0, v_sh.data,
+                                                (kk * 16 + (tx // 8) % 2 * 8 + tx % 8) * stride + (2 * nd + tx // 16) * 8,
+                                                dtype="float16"))
+                                            mma(pf, kk * 8, bv, 0, of, 2 * nd * 4)
+                                            mma(pf, kk * 8, bv, 4, of, (2 * nd + 1) * 4)
+                                    T.tvm_storage_sync("shared")
+                                for rr in T.unroll(2):  # normalise, write the split's output
+                                    red[0] = l_run[rr]
+                                    for r in T.unroll(2):
+                                        red[0] = red[0] + T.tvm_warp_shuffle(
+                                            T.uint32(0xFFFFFFFF), red[0], tx ^ (T.int64(1) << r), 32, 32)
+                                    if row0 + 8 * rr < n * G:
+                                        for nd in T.unroll(d_blocks):
+                                            for c in T.unroll(2):
+                                                o[(row0 + 8 * rr) // G, bx, by * G + (row0 + 8 * rr) % G,
+                                                  nd * 8 + (tx % 4) * 2 + c] = T.if_then_else(
+                                                    red[0] > T.float32(0), of[nd * 4 + rr * 2 + c] / red[0], T.float32(0))
+                                        if tx % 4 == 0:
+                                            lse[(row0 + 8 * rr) // G, bx, by * G + (row0 + 8 * rr) % G] = T.if_then_else(
+                                                red[0] > T.float32(0), m_run[rr] + T.log2(red[0]), T.float32(NEG_INF))
+
+    return chunk_attention
