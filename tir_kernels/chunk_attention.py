@@ -6,14 +6,19 @@ query ``i`` of the ``n`` at ``M - n + i`` seeing keys ``j <= M - n + i``; partia
 Attention with Better Parallelism and Work Partitioning", 2023):
 
 - the chunk's (query, head of the GQA group) pairs are flattened, ``f = i * group + g``, so every
-  query head of a KV head shares each key tile; one block of 4 warps owns ``ROWS = 64`` of them
-  (16 per warp, the M of ``mma.m16n8k16``) for one KV head and one split of ``SPLIT`` keys;
-- the block walks its split ``KEYS = 64`` keys at a time: the tile's keys are gathered through
+  query head of a KV head shares each key tile; one block of ``WARPS`` warps owns 16 of them per
+  warp (the M of ``mma.m16n8k16``) for one KV head and one split of ``SPLIT`` keys;
+- the block's queries are rotated to their positions, scaled by log2(e)/sqrt(d) and staged as
+  float16 in shared memory once; their fragments are re-read per key tile (``ldmatrix``), which
+  keeps registers low enough for four blocks per multiprocessor;
+- the block walks its split ``KEYS`` keys at a time: the tile's keys are gathered through
   ``rows``, rotated (RoPE at their list position) and stored as float16 in shared memory with the
   values (rows padded by 16 bytes, so fragment loads are free of bank conflicts);
-- ``S = Q Kᵀ`` and ``O += P V`` run on tensor cores (float16 operands, float32 accumulators); the
-  query fragment (rotated, scaled by log2(e)/sqrt(d)) and ``P`` stay in registers (the accumulator
-  layout of ``S`` is the operand layout of ``P``), value fragments come through ``ldmatrix.trans``;
+- ``S = Q Kᵀ`` and ``O += P V`` run on tensor cores (float16 operands, float32 accumulators);
+  ``P`` stays in registers (the accumulator layout of ``S`` is the operand layout of ``P``), query,
+  key and value fragments come through ``ldmatrix`` (``.trans`` for values);
+  a k-step's fragments are loaded first and its independent ``mma`` issued back to back (inline
+  PTX is never reordered by the compiler, so the order written is the order issued);
 - online softmax in float32 in the log2 domain, causal mask per row, keys past the causal limit of
   the block's last row never loaded.
 
@@ -32,11 +37,12 @@ from tvm.target import Target
 from .attention import LOG2E, NEG_INF, rope_rotated
 from .common import i64
 
-ROWS = 64  # (query, head) rows per block: 4 warps x 16
-KEYS = 64  # keys per shared-memory tile
+WARPS = 4  # per block, 16 (query, head) rows each
+KEYS = 32  # keys per shared-memory tile
 SPLIT = 8192  # keys per split (partial output)
 PAD = 8  # float16 elements of padding per shared-memory row
-_THREADS = 128
+V_GROUP = 4  # at most this many ldmatrix.x4 of V fragments loaded before their mma
+STATIC_SHARED = 48 * 1024  # bytes: the static shared-memory limit of a CUDA block
 
 
 def chunk_splits(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
@@ -53,13 +59,14 @@ def supported(dtype: str, head_dim: int, target: Target) -> bool:
 
 
 def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
-                         target: Target) -> tirx.PrimFunc:
+                         target: Target, warps: int = WARPS, keys: int = KEYS) -> tirx.PrimFunc:
     """Args: q[n, >= H, d] float16 (its first H heads are the queries), kv[layers, 2, Hkv, cap, d]
     float16, rope[P, d] float32, rows[M] int32, layer (int64).
 
     Outputs: o[n, S, H, d] float32 (each split's normalised output), lse[n, S, H] float32
     (log2-sum-exp of the split's scaled scores, ``NEG_INF`` where the split has no visible key),
-    with ``S = chunk_splits(M)``. Raises ValueError where ``supported`` is False.
+    with ``S = chunk_splits(M)``. ``warps`` (16 rows each) and ``keys`` (a multiple of 16 dividing
+    ``SPLIT``) shape the block and its key tile. Raises ValueError where ``supported`` is False.
     """
     if not supported(dtype, head_dim, target):
         raise ValueError("tensor-core chunk attention needs CUDA sm_80+, float16 and head_dim a multiple "
@@ -67,13 +74,19 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
     group = n_heads // n_kv
     half = head_dim // 2
     stride = head_dim + PAD
+    threads, rows_per_block = 32 * warps, 16 * warps
+    if (rows_per_block + 2 * keys) * stride * 2 > STATIC_SHARED or keys % 16 or SPLIT % keys:
+        raise ValueError(f"chunk attention: {warps} warps x {keys} keys per tile exceed {STATIC_SHARED} bytes of "
+                         f"shared memory or do not tile the {SPLIT}-key split in multiples of 16")
     k_steps = head_dim // 16  # k-steps of Q Kᵀ
     d_blocks = head_dim // 8  # n-blocks of P V (output dims)
-    key_blocks = KEYS // 8  # n-blocks of Q Kᵀ (keys)
-    pv_steps = KEYS // 16  # k-steps of P V
+    key_blocks = keys // 8  # n-blocks of Q Kᵀ (keys)
+    pv_steps = keys // 16  # k-steps of P V
     k_vecs = half // 8  # 16-byte vectors of a key's first half
-    k_items = KEYS * k_vecs // _THREADS
-    v_items = KEYS * (head_dim // 8) // _THREADS
+    v_group = next(g for g in range(min(V_GROUP, d_blocks // 2), 0, -1) if d_blocks // 2 % g == 0)
+    q_items = (rows_per_block * head_dim + threads - 1) // threads
+    k_items = (keys * k_vecs + threads - 1) // threads
+    v_items = (keys * (head_dim // 8) + threads - 1) // threads
     scale = LOG2E / math.sqrt(head_dim)
     H, D, HKV, G = i64(n_heads), i64(head_dim), i64(n_kv), i64(group)
 
@@ -94,20 +107,21 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
         lse = T.match_buffer(lse_h, (n, (m_keys + SPLIT - 1) // SPLIT, H), "float32")
         for bx in T.thread_binding((m_keys + SPLIT - 1) // SPLIT, thread="blockIdx.x"):
             for by in T.thread_binding(HKV, thread="blockIdx.y"):
-                for bz in T.thread_binding((n * G + ROWS - 1) // ROWS, thread="blockIdx.z"):
-                    for ty in T.thread_binding(T.int64(4), thread="threadIdx.y"):
+                for bz in T.thread_binding((n * G + rows_per_block - 1) // rows_per_block, thread="blockIdx.z"):
+                    for ty in T.thread_binding(T.int64(warps), thread="threadIdx.y"):
                         for tx in T.thread_binding(T.int64(32), thread="threadIdx.x"):
                             with T.sblock("attn"):
                                 T.reads()
                                 T.writes()
-                                k_sh = T.sblock_alloc_buffer((KEYS * stride,), "float16", scope="shared")  # flat: padding kept
-                                v_sh = T.sblock_alloc_buffer((KEYS * stride,), "float16", scope="shared")
-                                qf = T.sblock_alloc_buffer((k_steps * 8,), "float16", scope="local")
+                                k_sh = T.sblock_alloc_buffer((keys * stride,), "float16", scope="shared")  # flat: padding kept
+                                v_sh = T.sblock_alloc_buffer((keys * stride,), "float16", scope="shared")
+                                q_sh = T.sblock_alloc_buffer((rows_per_block * stride,), "float16", scope="shared")
+                                qf = T.sblock_alloc_buffer((8,), "float16", scope="local")  # A fragment of Q
                                 sf = T.sblock_alloc_buffer((key_blocks * 4,), "float32", scope="local")
                                 pf = T.sblock_alloc_buffer((pv_steps * 8,), "float16", scope="local")
                                 of = T.sblock_alloc_buffer((d_blocks * 4,), "float32", scope="local")
-                                bk = T.sblock_alloc_buffer((4,), "float16", scope="local")  # B fragment of K
-                                bv = T.sblock_alloc_buffer((8,), "float16", scope="local")  # B fragments of V (2)
+                                bk = T.sblock_alloc_buffer((key_blocks * 4,), "float16", scope="local")  # B frags of K
+                                bv = T.sblock_alloc_buffer((v_group * 8,), "float16", scope="local")  # B frags of V
                                 kx = T.sblock_alloc_buffer((16,), "float16", scope="local")  # a key's d0.., d0+half..
                                 cs = T.sblock_alloc_buffer((16,), "float32", scope="local")  # their cos | sin
                                 kr = T.sblock_alloc_buffer((16,), "float16", scope="local")  # rotated
@@ -115,32 +129,36 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                 l_run = T.sblock_alloc_buffer((2,), "float32", scope="local")
                                 red = T.sblock_alloc_buffer((2,), "float32", scope="local")
                                 qp = T.sblock_alloc_buffer((2,), "int64", scope="local")
+                                lim = T.sblock_alloc_buffer((2,), "int32", scope="local")  # visible keys of the tile
                                 tid: T.let[T.int64] = ty * 32 + tx
-                                row0: T.let[T.int64] = bz * ROWS + ty * 16 + tx // 4  # flat row of c0, c1
+                                row0: T.let[T.int64] = bz * rows_per_block + ty * 16 + tx // 4  # flat row of c0, c1
                                 key_start: T.let[T.int64] = bx * SPLIT
                                 key_lim: T.let[T.int64] = T.min(key_start + SPLIT, m_keys)
-                                last_q: T.let[T.int64] = T.min(n * G - 1, bz * ROWS + ROWS - 1) // G
+                                last_q: T.let[T.int64] = T.min(n * G - 1, bz * rows_per_block + rows_per_block - 1) // G
                                 key_end: T.let[T.int64] = T.min(key_lim, m_keys - n + last_q + 1)
                                 for rr in T.unroll(2):  # rows row0 and row0 + 8: query positions
                                     qp[rr] = T.if_then_else(row0 + 8 * rr < n * G, m_keys - n + (row0 + 8 * rr) // G,
                                                             T.int64(-1))
                                     m_run[rr] = T.float32(NEG_INF)
                                     l_run[rr] = T.float32(0)
-                                for ks in T.unroll(k_steps):  # A fragments of Q (rotated, scaled)
-                                    for e in T.unroll(8):
-                                        f: T.let[T.int64] = row0 + 8 * ((e // 2) % 2)
-                                        qf[ks * 8 + e] = T.if_then_else(
+                                for it in T.serial(q_items):  # the block's queries, rotated and scaled
+                                    f: T.let[T.int64] = bz * rows_per_block + (it * threads + tid) // head_dim
+                                    dq: T.let[T.int64] = (it * threads + tid) % head_dim
+                                    if it * threads + tid < rows_per_block * head_dim:
+                                        q_sh[(f - bz * rows_per_block) * stride + dq] = T.if_then_else(
                                             f < n * G, T.Cast("float16", scale * rope_rotated(
-                                                q, f // G, by * G + f % G, ks * 16 + (tx % 4) * 2 + e % 2 + 8 * (e // 4),
-                                                rope, m_keys - n + f // G, half)), T.float16(0))
+                                                q, f // G, by * G + f % G, dq, rope, m_keys - n + f // G, half)),
+                                            T.float16(0))
                                 for e in T.unroll(d_blocks * 4):
                                     of[e] = T.float32(0)
-                                for t in T.serial(T.max(key_end - key_start + KEYS - 1, T.int64(0)) // KEYS):
-                                    j0: T.let[T.int64] = key_start + t * KEYS
+                                for t in T.serial(T.max(key_end - key_start + keys - 1, T.int64(0)) // keys):
+                                    j0: T.let[T.int64] = key_start + t * keys
+                                    for rr in T.unroll(2):
+                                        lim[rr] = T.Cast("int32", T.max(T.min(key_lim, qp[rr] + 1) - j0, T.int64(-1)))
                                     for it in T.unroll(k_items):  # keys: gather, rotate, store float16
-                                        jj: T.let[T.int64] = (it * _THREADS + tid) // k_vecs
-                                        d0: T.let[T.int64] = (it * _THREADS + tid) % k_vecs * 8
-                                        if j0 + jj < key_lim:
+                                        jj: T.let[T.int64] = (it * threads + tid) // k_vecs
+                                        d0: T.let[T.int64] = (it * threads + tid) % k_vecs * 8
+                                        if jj < keys and j0 + jj < key_lim:
                                             for e in T.vectorized(8):
                                                 kx[e] = kv[layer, 0, by, T.Cast("int64", rows[j0 + jj]), d0 + e]
                                             for e in T.vectorized(8):
@@ -157,37 +175,42 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                         else:
                                             for e in T.unroll(16):
                                                 kr[e] = T.float16(0)
-                                        for e in T.vectorized(8):
-                                            k_sh[jj * stride + d0 + e] = kr[e]
-                                        for e in T.vectorized(8):
-                                            k_sh[jj * stride + half + d0 + e] = kr[8 + e]
+                                        if jj < keys:
+                                            for e in T.vectorized(8):
+                                                k_sh[jj * stride + d0 + e] = kr[e]
+                                            for e in T.vectorized(8):
+                                                k_sh[jj * stride + half + d0 + e] = kr[8 + e]
                                     for it in T.unroll(v_items):  # values
-                                        jj: T.let[T.int64] = (it * _THREADS + tid) // (head_dim // 8)
-                                        d0: T.let[T.int64] = (it * _THREADS + tid) % (head_dim // 8) * 8
-                                        if j0 + jj < key_lim:
+                                        jj: T.let[T.int64] = (it * threads + tid) // (head_dim // 8)
+                                        d0: T.let[T.int64] = (it * threads + tid) % (head_dim // 8) * 8
+                                        if jj < keys and j0 + jj < key_lim:
                                             for e in T.vectorized(8):
                                                 v_sh[jj * stride + d0 + e] = kv[layer, 1, by, T.Cast("int64", rows[j0 + jj]), d0 + e]
-                                        else:
+                                        elif jj < keys:
                                             for e in T.vectorized(8):
                                                 v_sh[jj * stride + d0 + e] = T.float16(0)
                                     T.tvm_storage_sync("shared")
-                                    for nb in T.unroll(key_blocks):  # S = Q Kᵀ
-                                        for e in T.unroll(4):
-                                            sf[nb * 4 + e] = T.float32(0)
-                                        for ks in T.unroll(k_steps):
-                                            for e in T.vectorized(2):
-                                                bk[e] = k_sh[(nb * 8 + tx // 4) * stride + ks * 16 + (tx % 4) * 2 + e]
-                                            for e in T.vectorized(2):
-                                                bk[2 + e] = k_sh[(nb * 8 + tx // 4) * stride + ks * 16 + 8 + (tx % 4) * 2 + e]
-                                            mma(qf, ks * 8, bk, 0, sf, nb * 4)
+                                    for e in T.unroll(key_blocks * 4):
+                                        sf[e] = T.float32(0)
+                                    for ks in T.unroll(k_steps):  # S = Q Kᵀ: independent mma back to back
+                                        T.evaluate(T.ptx_legacy.ldmatrix(
+                                            False, 4, ".b16", qf.data, 0, q_sh.data,
+                                            (ty * 16 + (tx // 8) % 2 * 8 + tx % 8) * stride + ks * 16 + tx // 16 * 8,
+                                            dtype="float16"))
+                                        for nb in T.unroll(key_blocks // 2):  # two key blocks per ldmatrix
+                                            T.evaluate(T.ptx_legacy.ldmatrix(
+                                                False, 4, ".b16", bk.data, nb * 8, k_sh.data,
+                                                ((2 * nb + tx // 16) * 8 + tx % 8) * stride + ks * 16 + (tx // 8) % 2 * 8,
+                                                dtype="float16"))
+                                        for nb in T.unroll(key_blocks):
+                                            mma(qf, 0, bk, nb * 4, sf, nb * 4)
                                     for rr in T.unroll(2):  # mask, online softmax of rows row0 + 8 rr
                                         red[0] = T.float32(NEG_INF)
                                         for nb in T.unroll(key_blocks):
                                             for c in T.unroll(2):
-                                                key: T.let[T.int64] = j0 + nb * 8 + (tx % 4) * 2 + c
                                                 sf[nb * 4 + rr * 2 + c] = T.if_then_else(
-                                                    key < key_lim and key <= qp[rr], sf[nb * 4 + rr * 2 + c],
-                                                    T.float32(NEG_INF))
+                                                    T.int32(nb * 8 + c) + T.Cast("int32", tx % 4) * 2 < lim[rr],
+                                                    sf[nb * 4 + rr * 2 + c], T.float32(NEG_INF))
                                                 red[0] = T.max(red[0], sf[nb * 4 + rr * 2 + c])
                                         for r in T.unroll(2):  # over the 4 threads holding the row
                                             red[0] = T.max(red[0], T.tvm_warp_shuffle(
@@ -207,14 +230,15 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                                 l_run[rr] = l_run[rr] + sf[nb * 4 + rr * 2 + c]
                                     for e in T.unroll(key_blocks * 4):  # P as A fragments (same layout)
                                         pf[e] = T.Cast("float16", sf[e])
-                                    for kk in T.unroll(pv_steps):  # O += P V
-                                        for nd in T.unroll(d_blocks // 2):
-                                            T.evaluate(T.ptx_legacy.ldmatrix(
-                                                True, 4, ".b16", bv.data, 0, v_sh.data,
-                                                (kk * 16 + (tx // 8) % 2 * 8 + tx % 8) * stride + (2 * nd + tx // 16) * 8,
-                                                dtype="float16"))
-                                            mma(pf, kk * 8, bv, 0, of, 2 * nd * 4)
-                                            mma(pf, kk * 8, bv, 4, of, (2 * nd + 1) * 4)
+                                    for kk in T.unroll(pv_steps):  # O += P V: V_GROUP fragments, then their mma
+                                        for vg in T.unroll(d_blocks // 2 // v_group):
+                                            for nd in T.unroll(v_group):
+                                                T.evaluate(T.ptx_legacy.ldmatrix(
+                                                    True, 4, ".b16", bv.data, nd * 8, v_sh.data,
+                                                    (kk * 16 + (tx // 8) % 2 * 8 + tx % 8) * stride
+                                                    + (2 * (vg * v_group + nd) + tx // 16) * 8, dtype="float16"))
+                                            for nd in T.unroll(2 * v_group):
+                                                mma(pf, kk * 8, bv, nd * 4, of, (vg * 2 * v_group + nd) * 4)
                                     T.tvm_storage_sync("shared")
                                 for rr in T.unroll(2):  # normalise, write the split's output
                                     red[0] = l_run[rr]

@@ -24,8 +24,10 @@ VARIANTS = {"partial (split-K per query, before)": ("partial", {}),
             "decode unroll 2": ("decode", {"unroll": 2})}
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
-PREFILL_VARIANTS = {"chunk (tensor cores)": ("chunk", PREFILL_DEPTHS), "partial (split-K per query, before)":
-                    ("partial", (0, 4096))}
+CHUNK_SHAPES = {"chunk": {}, "chunk_w4_k16": {"keys": 16}, "chunk_w8_k16": {"warps": 8, "keys": 16},
+                "chunk_w2_k32": {"warps": 2}}  # tensor-core kernel: warps per block, keys per tile
+PREFILL_VARIANTS = {**{f"{name} (tensor cores)": (name, PREFILL_DEPTHS) for name in CHUNK_SHAPES},
+                    "partial (split-K per query, before)": ("partial", (0, 4096))}
 
 
 def prepare() -> None:
@@ -39,7 +41,8 @@ def prepare() -> None:
     LIBS.mkdir(parents=True, exist_ok=True)
     kernels = {"merge": attention.make_attention_merge(HEADS, HEAD_DIM, "float16", target),
                "partial": attention.make_attention_partial(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target),
-               "chunk": chunk_attention.make_chunk_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target)}
+               **{name: chunk_attention.make_chunk_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, **kw)
+                  for name, kw in CHUNK_SHAPES.items()}}
     for name, (kind, kw) in VARIANTS.items():
         if kind == "decode":
             kernels[name] = decode_attention.make_decode_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16",
@@ -115,7 +118,7 @@ def run(out_path: Path) -> None:
         kernel = load(kind)
         for depth in depths:
             m = depth + PREFILL_N
-            splits = chunk_attention.chunk_splits(m) if kind == "chunk" else attention.num_chunks(m)
+            splits = chunk_attention.chunk_splits(m) if kind.startswith("chunk") else attention.num_chunks(m)
             us = timed(kernel, q, torch.arange(m, device=dev, dtype=torch.int32), splits, 2 * LAYERS)
             pairs = PREFILL_N * depth + PREFILL_N * (PREFILL_N + 1) // 2
             tflops = 4 * HEADS * HEAD_DIM * pairs / us / 1e6

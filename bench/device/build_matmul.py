@@ -4,8 +4,8 @@ For each Llama-3-8B linear (N x K) and each schedule, ``y[n, N] = x[n, K] @ W[N,
 float32 accumulation, dynamic n) goes through the model's own steps (``fp32_accumulate``,
 ``FuseTransposeMatmul``, legalization) and one schedule rule, then into
 ``OUT/<schedule>-<N>x<K>.so`` with an embedded sm_90 fatbin.
-Schedules: ``wmma`` (dlight's tensor-core rule: what the pipeline uses), ``simt`` (dlight's Matmul
-rule without tensor cores: what it used before apache-tvm-ffi was pinned to 0.1.14.post0).
+Schedules: ``mma`` (``tir_kernels/matmul.py``: what the pipeline uses for prefill), ``wmma``
+(dlight's tensor-core rule: what it used before).
 Usage: python3 bench/device/build_matmul.py OUT_DIR
 """
 
@@ -22,10 +22,12 @@ from tvm.s_tir import dlight as dl
 from tsedge.compile.cuda_fatbin import fatbin_build_context
 from tsedge.compile.pipeline import fp32_accumulate
 from tsedge.compile.targets import cuda_target
+from tsedge.tir_kernels.matmul import make_prefill_matmul
 
 SHAPES = {"q": (4096, 4096), "kv": (1024, 4096), "gate_up": (14336, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096), "qkv_fused": (6144, 4096), "gate_up_fused": (28672, 4096)}
-RULES = {"wmma": dl.gpu.Matmul(), "simt": dl.gpu.Matmul()}
+RULES = {"wmma": dl.gpu.Matmul()}
+MMA_VARIANTS = {"mma": {}, "mmawn2": {"warps_n": 2}, "mmas2": {"stages": 2}}  # ours: default, 64x64 warp tiles, 2 stages
 
 
 def linear_module(n_out: int, n_in: int) -> tvm.IRModule:
@@ -54,11 +56,13 @@ def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, (n_out, n_in) in SHAPES.items():
         func = matmul_primfunc(n_out, n_in, target)
+        modules = {name: tvm.IRModule({"main": make_prefill_matmul(n_out, n_in, "float16", target, **kw)})
+                   for name, kw in MMA_VARIANTS.items()}
         for rule_name, rule in RULES.items():
-            f = func.with_attr("global_symbol", "main")
-            f = f.with_attr("dlight.do_not_tensorize", True) if rule_name == "simt" else f
             with target:
-                scheduled = dl.ApplyDefaultSchedule(rule)(tvm.IRModule({"main": f}))
+                modules[rule_name] = dl.ApplyDefaultSchedule(rule)(
+                    tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))
+        for rule_name, scheduled in modules.items():
             try:
                 with fatbin_build_context(target):
                     lib = tvm.compile(scheduled, target=target)

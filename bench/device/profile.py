@@ -1,9 +1,12 @@
-"""Where a decode step's time goes (device machine): kernels by GPU time, launches, gaps.
+"""Where a decode step's or a prefill chunk's time goes (device machine): kernels by GPU time,
+launches, gaps.
 
-Usage: python3 bench/device/profile.py OUT_JSON LIB:DEPTH [LIB:DEPTH ...]
+Usage: python3 bench/device/profile.py OUT_JSON LIB:DEPTH[:prefill] [...]
 For each library (random weights) and depth: the step's wall time without the profiler, then
 torch.profiler's CUDA kernel records over 10 steps: GPU time per step, kernel launches per step,
-the gap (wall − kernel time: launch and host overhead) and the top kernels.
+the gap (wall − kernel time: launch and host overhead) and the top kernels. A step is one decoded
+token, or with ``:prefill`` one 512-token prefill chunk after DEPTH cached tokens (the cache
+truncated back to DEPTH before each chunk).
 """
 
 from __future__ import annotations
@@ -17,27 +20,38 @@ from pathlib import Path
 import torch
 
 from tsedge.bench.long_context import random_params
-from tsedge.bench.speed import fill_random
+from tsedge.bench.speed import fill_random, random_ids
 from tsedge.engine import Engine
 from tsedge.models.library import LibraryMeta
 
 STEPS = 10
+CHUNK = 512
 
 
-def profile(lib: Path, depth: int) -> dict:
+def profile(lib: Path, depth: int, kind: str = "decode") -> dict:
     meta = LibraryMeta.load(lib.with_suffix(".json"))
     params, keep = random_params(meta)
-    engine = Engine(lib, None, params=params, max_context=depth + 4 * STEPS + 8)
+    engine = Engine(lib, None, params=params, max_context=depth + (CHUNK if kind == "prefill" else 4 * STEPS) + 8,
+                    prefill_chunk=CHUNK)
     fill_random(engine, depth)
+    chunk = random_ids(engine, CHUNK, seed=1)
+
+    def step() -> None:
+        if kind == "decode":
+            engine.decode(1)
+        else:
+            engine.cache.truncate(depth)
+            engine.prefill(chunk)
+
     for _ in range(3):
-        engine.decode(1)
+        step()
     start = time.perf_counter()
     for _ in range(STEPS):
-        engine.decode(1)
+        step()
     wall_ms = (time.perf_counter() - start) * 1e3 / STEPS
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(STEPS):
-            engine.decode(1)
+            step()
     times, counts = collections.defaultdict(float), collections.Counter()
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
@@ -46,7 +60,7 @@ def profile(lib: Path, depth: int) -> dict:
     kernel_ms = sum(times.values())
     top = sorted(times, key=times.get, reverse=True)[:12]
     del engine, keep
-    return {"lib": lib.name, "depth": depth, "wall_ms": round(wall_ms, 3), "kernel_ms": round(kernel_ms, 3),
+    return {"lib": lib.name, "kind": kind, "depth": depth, "wall_ms": round(wall_ms, 3), "kernel_ms": round(kernel_ms, 3),
             "gap_ms": round(wall_ms - kernel_ms, 3), "launches": sum(counts.values()) // STEPS,
             "top": [{"kernel": k[:80], "ms": round(times[k], 3), "per_step": counts[k] // STEPS} for k in top]}
 
@@ -54,10 +68,10 @@ def profile(lib: Path, depth: int) -> dict:
 def main() -> None:
     out, runs = Path(sys.argv[1]), []
     for item in sys.argv[2:]:
-        lib, depth = item.rsplit(":", 1)
-        runs.append(profile(Path(lib), int(depth)))
+        lib, depth, *kind = item.split(":")
+        runs.append(profile(Path(lib), int(depth), *kind))
         r = runs[-1]
-        print(f"{r['lib']} depth {r['depth']}: wall {r['wall_ms']} ms, kernels {r['kernel_ms']} ms, "
+        print(f"{r['lib']} {r['kind']} depth {r['depth']}: wall {r['wall_ms']} ms, kernels {r['kernel_ms']} ms, "
               f"gap {r['gap_ms']} ms, {r['launches']} launches", flush=True)
         for k in r["top"][:6]:
             print(f"   {k['ms']:8.3f} ms {k['per_step']:4d}x  {k['kernel']}")
