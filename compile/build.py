@@ -81,7 +81,10 @@ def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtyp
     mod, params, state, functions = build_ir(cfg, policy, target, dtype)
     start = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with fatbin_build_context(target), tvm.transform.PassContext(instruments=[_PassReporter(stage)]):
+    # CUDA: the static stretches of each function (decode: every kernel between two attention
+    # calls) are captured once as CUDA graphs and replayed (Relax RewriteCUDAGraph)
+    config = {"relax.backend.use_cuda_graph": target.kind.name == "cuda"}
+    with fatbin_build_context(target), tvm.transform.PassContext(config=config, instruments=[_PassReporter(stage)]):
         executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
         stage("export (host compiler" + (", nvcc)" if target.kind.name == "cuda" else ")"))
         tmp = out.with_suffix(".tmp.so")

@@ -22,12 +22,13 @@ from tvm.s_tir import dlight as dl
 from tsedge.compile.cuda_fatbin import fatbin_build_context
 from tsedge.compile.pipeline import fp32_accumulate
 from tsedge.compile.targets import cuda_target
-from tsedge.tir_kernels.matmul import make_prefill_matmul
+from tsedge.tir_kernels.matmul import Tiles, make_prefill_matmul
 
-SHAPES = {"q": (4096, 4096), "kv": (1024, 4096), "gate_up": (14336, 4096), "down": (4096, 14336),
-          "lm_head": (128256, 4096), "qkv_fused": (6144, 4096), "gate_up_fused": (28672, 4096)}
+SHAPES = {"qkv fused": (6144, 4096), "o": (4096, 4096), "gate_up fused": (28672, 4096),
+          "down": (4096, 14336)}  # the Llama-3-8B prefill linears (keep build_matmul.py and matmul_speed.py in step)
 RULES = {"wmma": dl.gpu.Matmul()}
-MMA_VARIANTS = {"mma": {}, "mmawn2": {"warps_n": 2}, "mmas2": {"stages": 2}}  # ours: default, 64x64 warp tiles, 2 stages
+MMA_VARIANTS = {"mma": Tiles(), "mma4st": Tiles(stages=4), "mmaw4": Tiles(warps_n=2),
+                "mmaw4st4": Tiles(warps_n=2, stages=4), "mmak32": Tiles(bk=32, stages=4)}  # ours: tile shapes
 
 
 def linear_module(n_out: int, n_in: int) -> tvm.IRModule:
@@ -56,8 +57,8 @@ def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, (n_out, n_in) in SHAPES.items():
         func = matmul_primfunc(n_out, n_in, target)
-        modules = {name: tvm.IRModule({"main": make_prefill_matmul(n_out, n_in, "float16", target, **kw)})
-                   for name, kw in MMA_VARIANTS.items()}
+        modules = {name: tvm.IRModule({"main": make_prefill_matmul(n_out, n_in, "float16", target, tiles)})
+                   for name, tiles in MMA_VARIANTS.items()}
         for rule_name, rule in RULES.items():
             with target:
                 modules[rule_name] = dl.ApplyDefaultSchedule(rule)(

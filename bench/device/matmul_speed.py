@@ -20,8 +20,8 @@ import torch
 import tvm
 import tvm_ffi
 
-SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336),
-          "lm_head": (128256, 4096), "qkv fused": (6144, 4096), "gate_up fused": (28672, 4096)}
+SHAPES = {"qkv fused": (6144, 4096), "o": (4096, 4096), "gate_up fused": (28672, 4096),
+          "down": (4096, 14336)}  # the Llama-3-8B prefill linears (keep build_matmul.py and matmul_speed.py in step)
 N_TOKENS = 512
 CHECK_TOKENS = (1, 17, 333, 512)
 WARMUP, REPEAT = 5, 30
