@@ -10,7 +10,7 @@ Attention with Better Parallelism and Work Partitioning", 2023):
   warp (the M of ``mma.m16n8k16``) for one KV head and one split of ``SPLIT`` keys;
 - the block's queries are rotated to their positions, scaled by log2(e)/sqrt(d) and staged as
   float16 in shared memory once; their fragments are re-read per key tile (``ldmatrix``), which
-  keeps registers low enough for four blocks per multiprocessor;
+  keeps registers low enough for several blocks per multiprocessor;
 - the block walks its split ``KEYS`` keys at a time: the tile's keys are gathered through
   ``rows``, rotated (RoPE at their list position) and stored as float16 in shared memory with the
   values (rows padded by 16 bytes, so fragment loads are free of bank conflicts);
@@ -19,8 +19,8 @@ Attention with Better Parallelism and Work Partitioning", 2023):
   key and value fragments come through ``ldmatrix`` (``.trans`` for values);
   a k-step's fragments are loaded first and its independent ``mma`` issued back to back (inline
   PTX is never reordered by the compiler, so the order written is the order issued);
-- online softmax in float32 in the log2 domain, causal mask per row, keys past the causal limit of
-  the block's last row never loaded.
+- online softmax in float32 in the log2 domain (the output rescaled only when a row's max grows),
+  causal mask per row, keys past the causal limit of the block's last row never loaded.
 
 Splitting the keys keeps the GPU full when a short chunk meets a long context; ``S`` partial
 outputs per query (``chunk_splits``) are merged like the other attention kernels' chunks.
@@ -38,11 +38,11 @@ from .attention import LOG2E, NEG_INF, rope_rotated
 from .common import i64
 
 WARPS = 4  # per block, 16 (query, head) rows each
-KEYS = 32  # keys per shared-memory tile
+KEYS = 32  # keys per shared-memory tile (more blocks per SM beat longer tiles: bench/results/attention_speed_h200.json)
 SPLIT = 8192  # keys per split (partial output)
 PAD = 8  # float16 elements of padding per shared-memory row
 V_GROUP = 4  # at most this many ldmatrix.x4 of V fragments loaded before their mma
-STATIC_SHARED = 48 * 1024  # bytes: the static shared-memory limit of a CUDA block
+MAX_SHARED = 96 * 1024  # bytes of (dynamic) shared memory a block may take: two blocks per SM
 
 
 def chunk_splits(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
@@ -75,8 +75,8 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
     half = head_dim // 2
     stride = head_dim + PAD
     threads, rows_per_block = 32 * warps, 16 * warps
-    if (rows_per_block + 2 * keys) * stride * 2 > STATIC_SHARED or keys % 16 or SPLIT % keys:
-        raise ValueError(f"chunk attention: {warps} warps x {keys} keys per tile exceed {STATIC_SHARED} bytes of "
+    if (rows_per_block + 2 * keys) * stride * 2 > MAX_SHARED or keys % 16 or SPLIT % keys:
+        raise ValueError(f"chunk attention: {warps} warps x {keys} keys per tile exceed {MAX_SHARED} bytes of "
                          f"shared memory or do not tile the {SPLIT}-key split in multiples of 16")
     k_steps = head_dim // 16  # k-steps of Q Kᵀ
     d_blocks = head_dim // 8  # n-blocks of P V (output dims)
@@ -113,9 +113,11 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                             with T.sblock("attn"):
                                 T.reads()
                                 T.writes()
-                                k_sh = T.sblock_alloc_buffer((keys * stride,), "float16", scope="shared")  # flat: padding kept
-                                v_sh = T.sblock_alloc_buffer((keys * stride,), "float16", scope="shared")
-                                q_sh = T.sblock_alloc_buffer((rows_per_block * stride,), "float16", scope="shared")
+                                # dynamic shared memory (flat: padding kept); ldmatrix takes it through access_ptr,
+                                # which the pass merging dynamic allocations rewrites
+                                k_sh = T.sblock_alloc_buffer((keys * stride,), "float16", scope="shared.dyn")
+                                v_sh = T.sblock_alloc_buffer((keys * stride,), "float16", scope="shared.dyn")
+                                q_sh = T.sblock_alloc_buffer((rows_per_block * stride,), "float16", scope="shared.dyn")
                                 qf = T.sblock_alloc_buffer((8,), "float16", scope="local")  # A fragment of Q
                                 sf = T.sblock_alloc_buffer((key_blocks * 4,), "float32", scope="local")
                                 pf = T.sblock_alloc_buffer((pv_steps * 8,), "float16", scope="local")
@@ -194,12 +196,12 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                         sf[e] = T.float32(0)
                                     for ks in T.unroll(k_steps):  # S = Q Kᵀ: independent mma back to back
                                         T.evaluate(T.ptx_legacy.ldmatrix(
-                                            False, 4, ".b16", qf.data, 0, q_sh.data,
+                                            False, 4, ".b16", qf.data, 0, q_sh.access_ptr("r"),
                                             (ty * 16 + (tx // 8) % 2 * 8 + tx % 8) * stride + ks * 16 + tx // 16 * 8,
                                             dtype="float16"))
                                         for nb in T.unroll(key_blocks // 2):  # two key blocks per ldmatrix
                                             T.evaluate(T.ptx_legacy.ldmatrix(
-                                                False, 4, ".b16", bk.data, nb * 8, k_sh.data,
+                                                False, 4, ".b16", bk.data, nb * 8, k_sh.access_ptr("r"),
                                                 ((2 * nb + tx // 16) * 8 + tx % 8) * stride + ks * 16 + (tx // 8) % 2 * 8,
                                                 dtype="float16"))
                                         for nb in T.unroll(key_blocks):
@@ -219,9 +221,10 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                         red[0] = T.exp2(m_run[rr] - red[1])  # decay of the old state
                                         m_run[rr] = red[1]
                                         l_run[rr] = l_run[rr] * red[0]
-                                        for nd in T.unroll(d_blocks):
-                                            for c in T.unroll(2):
-                                                of[nd * 4 + rr * 2 + c] = of[nd * 4 + rr * 2 + c] * red[0]
+                                        if red[0] < T.float32(1):  # the row max grew: rescale (rare after the first tiles)
+                                            for nd in T.unroll(d_blocks):
+                                                for c in T.unroll(2):
+                                                    of[nd * 4 + rr * 2 + c] = of[nd * 4 + rr * 2 + c] * red[0]
                                         for nb in T.unroll(key_blocks):
                                             for c in T.unroll(2):
                                                 sf[nb * 4 + rr * 2 + c] = T.if_then_else(
@@ -234,7 +237,7 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                         for vg in T.unroll(d_blocks // 2 // v_group):
                                             for nd in T.unroll(v_group):
                                                 T.evaluate(T.ptx_legacy.ldmatrix(
-                                                    True, 4, ".b16", bv.data, nd * 8, v_sh.data,
+                                                    True, 4, ".b16", bv.data, nd * 8, v_sh.access_ptr("r"),
                                                     (kk * 16 + (tx // 8) % 2 * 8 + tx % 8) * stride
                                                     + (2 * (vg * v_group + nd) + tx // 16) * 8, dtype="float16"))
                                             for nd in T.unroll(2 * v_group):

@@ -24,8 +24,7 @@ VARIANTS = {"partial (split-K per query, before)": ("partial", {}),
             "decode unroll 2": ("decode", {"unroll": 2})}
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
-CHUNK_SHAPES = {"chunk": {}, "chunk_w4_k16": {"keys": 16}, "chunk_w8_k16": {"warps": 8, "keys": 16},
-                "chunk_w2_k32": {"warps": 2}}  # tensor-core kernel: warps per block, keys per tile
+CHUNK_SHAPES = {"chunk": {}}  # the tensor-core kernel; variants: make_chunk_attention(warps=, keys=)
 PREFILL_VARIANTS = {**{f"{name} (tensor cores)": (name, PREFILL_DEPTHS) for name in CHUNK_SHAPES},
                     "partial (split-K per query, before)": ("partial", (0, 4096))}
 
