@@ -45,7 +45,7 @@ def run_topk(crit, k, n_init, state, cache_idx):
 
 
 @pytest.mark.parametrize("n, n_heads, head_dim, dtype", [
-    (1, 8, 64, "float16"), (7, 6, 128, "float32"), (33, 4, 128, "float16")])
+    (1, 8, 64, "float16"), (7, 6, 128, "float32"), (33, 4, 128, "float16"), (300, 9, 64, "float16")])
 def test_fingerprint(n, n_heads, head_dim, dtype):
     rng = np.random.default_rng(n)
     q = rng.standard_normal((n, n_heads, head_dim)).astype(dtype)

@@ -30,6 +30,7 @@ from .common import i64, is_gpu
 
 SCORE_BLOCKS = 256  # token chunks of the scoring pass; partials[H, SCORE_BLOCKS + 1, 2]
 _THREADS = 256
+FP_GROUPS = 8  # GPU fingerprint: thread rows splitting the queries of a head
 _NEG = -1.0e30  # finite "minus infinity" for online-softmax states (exp of differences stays 0)
 
 
@@ -69,17 +70,12 @@ def make_fingerprint(n_heads: int, head_dim: int, n_local: int, dtype: str,
     H, d, half = i64(n_heads), i64(head_dim), head_dim // 2
 
     @T.macro
-    def rotated_mean(q, rope, h, i, n, out):
-        # partner element of the rotate-half pair and its sign
-        j: T.let[T.int64] = T.if_then_else(i < half, i + half, i - half)
-        sign: T.let[T.float32] = T.if_then_else(i < half, T.float32(-1), T.float32(1))
-        with T.sblock("mean"):
-            acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
-            acc[0] = T.float32(0)
-            for r in range(n):
-                acc[0] += (T.Cast("float32", q[r, h, i]) * rope[n_local + r, i % half]
-                           + sign * T.Cast("float32", q[r, h, j]) * rope[n_local + r, half + i % half])
-            out[h, i] = acc[0] / T.Cast("float32", n)
+    def rotated_term(q, rope, h, i, r, acc):
+        """``acc[0] += rope(q[r, h], n_local + r)[i]`` (rotate-half: the partner element, signed)."""
+        acc[0] += (T.Cast("float32", q[r, h, i]) * rope[n_local + r, i % half]
+                   + T.if_then_else(i < half, T.float32(-1), T.float32(1))
+                   * T.Cast("float32", q[r, h, T.if_then_else(i < half, i + half, i - half)])
+                   * rope[n_local + r, half + i % half])
 
     @T.prim_func(s_tir=True)
     def fingerprint(q_h: T.handle, rope_h: T.handle, qbar_h: T.handle):
@@ -88,14 +84,32 @@ def make_fingerprint(n_heads: int, head_dim: int, n_local: int, dtype: str,
         q = T.match_buffer(q_h, (n, heads, d), dtype)  # queries: the first H heads
         rope = T.match_buffer(rope_h, (P, d), "float32")
         qbar = T.match_buffer(qbar_h, (H, d), "float32")
-        if gpu:
+        if gpu:  # per head: FP_GROUPS thread rows split the queries, then their sums are added
             for h in T.thread_binding(H, thread="blockIdx.x"):
-                for i in T.thread_binding(d, thread="threadIdx.x"):
-                    rotated_mean(q, rope, h, i, n, qbar)
+                for ty in T.thread_binding(i64(FP_GROUPS), thread="threadIdx.y"):
+                    for i in T.thread_binding(d, thread="threadIdx.x"):
+                        with T.sblock("mean"):
+                            acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            part = T.sblock_alloc_buffer((FP_GROUPS, head_dim), "float32", scope="shared")
+                            acc[0] = T.float32(0)
+                            for rr in T.serial((n + FP_GROUPS - 1 - ty) // FP_GROUPS):
+                                rotated_term(q, rope, h, i, rr * FP_GROUPS + ty, acc)
+                            part[ty, i] = acc[0]
+                            T.tvm_storage_sync("shared")
+                            if ty == 0:
+                                acc[0] = T.float32(0)
+                                for g in T.serial(FP_GROUPS):
+                                    acc[0] += part[g, i]
+                                qbar[h, i] = acc[0] / T.Cast("float32", n)
         else:
             for h in T.parallel(H):
                 for i in T.serial(d):
-                    rotated_mean(q, rope, h, i, n, qbar)
+                    with T.sblock("mean"):
+                        acc = T.sblock_alloc_buffer((1,), "float32")
+                        acc[0] = T.float32(0)
+                        for r in T.serial(n):
+                            rotated_term(q, rope, h, i, r, acc)
+                        qbar[h, i] = acc[0] / T.Cast("float32", n)
 
     return fingerprint
 
