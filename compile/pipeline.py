@@ -39,9 +39,10 @@ def fp32_accumulate(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tv
 
 
 def schedule_passes(target: Target) -> list:
-    """dlight on GPUs: prefill matmuls on tensor cores (wmma, float32 accumulation), decode GEMVs,
-    reductions; our own schedules on CPUs. (dlight's tensor-core rule needs apache-tvm-ffi
-    0.1.14.post0, the ABI apache-tvm 0.27.0.post1 was built for: with 0.1.15 Tensorize segfaults.)"""
+    """dlight on GPUs: decode GEMVs, reductions, and matmuls the model does not give to
+    ``tir_kernels.matmul`` (on tensor cores through dlight's wmma rule, float32 accumulation);
+    our own schedules on CPUs. (dlight's tensor-core rule needs apache-tvm-ffi 0.1.14.post0, the
+    ABI apache-tvm 0.27.0.post1 was built for: with 0.1.15 Tensorize segfaults.)"""
     if target.kind.name == "llvm":
         return [dl.ApplyDefaultSchedule(CpuMatmul(), CpuParallel())]
     return [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),

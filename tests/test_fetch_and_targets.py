@@ -66,5 +66,7 @@ def test_model_compile_prints_no_tvm_warnings(target_name, capfd):
         executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
     err = capfd.readouterr().err
     assert "missing 'max_shared_memory_per_block'" not in err and "Fast mode" not in err
-    if target_name.startswith("cuda"):  # prefill matmuls on tensor cores (needs tvm-ffi 0.1.14)
-        assert "wmma::mma_sync" in executable.mod.imports_[0].imports_[0].inspect_source()
+    if target_name.startswith("cuda"):  # prefill linears and chunk attention on tensor cores
+        source = executable.mod.imports_[0].imports_[0].inspect_source()
+        assert "prefill_matmul_256x128_kernel" in source and "chunk_attention_kernel" in source
+        assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in source

@@ -36,10 +36,12 @@ def test_prefill_matmul_cuda_codegen_and_support():
 
     source = tvm.compile(tvm.IRModule({"main": matmul.make_prefill_matmul(4096, 4096, "float16", CUDA)}),
                          target=CUDA).mod.imports_[0].inspect_source()
-    assert source.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 32  # 2 k-steps x 4 x 4 tiles
+    tiles = matmul.TILES  # one mma per 16-wide k-slice of a step and per 16x8 tile of a warp
+    per_warp = (tiles.bm // tiles.warps_m // 16) * (tiles.bn // tiles.warps_n // 8)
+    assert source.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == tiles.bk // 16 * per_warp
     assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in source
     assert matmul.supported(576, 576, "float16", CUDA)
-    assert not matmul.supported(4096, 4100, "float16", CUDA)  # K not a multiple of BK
+    assert not matmul.supported(4096, 4100, "float16", CUDA)  # K not a multiple of the k-step
     assert not matmul.supported(4096, 4096, "float32", CUDA)
-    with pytest.raises(ValueError, match="K % 32"):
+    with pytest.raises(ValueError, match="K % 64"):
         matmul.make_prefill_matmul(4096, 4100, "float16", CUDA)
