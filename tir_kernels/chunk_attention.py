@@ -35,7 +35,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from .attention import LOG2E, NEG_INF, rope_rotated
-from .common import i64
+from .common import has_mma_sync, i64
 
 WARPS = 4  # per block, 16 (query, head) rows each
 KEYS = 32  # keys per shared-memory tile (more blocks per SM beat longer tiles: bench/results/attention_speed_h200.json)
@@ -52,10 +52,7 @@ def chunk_splits(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
 
 def supported(dtype: str, head_dim: int, target: Target) -> bool:
     """True where the kernel runs: CUDA sm_80 or newer, float16, ``head_dim`` a multiple of 16."""
-    if target.kind.name != "cuda" or dtype != "float16" or head_dim % 16:
-        return False
-    arch = str(target.attrs.get("arch", "sm_0"))
-    return int("".join(ch for ch in arch if ch.isdigit()) or 0) >= 80
+    return has_mma_sync(target) and dtype == "float16" and head_dim % 16 == 0
 
 
 def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,

@@ -28,6 +28,15 @@ def is_gpu(target: Target) -> bool:
     return target.kind.name in GPU_KINDS
 
 
+def has_mma_sync(target: Target) -> bool:
+    """True for CUDA targets of sm_80 or newer (``mma.sync.m16n8k16`` with float16, ``ldmatrix``,
+    ``cp.async``)."""
+    if target.kind.name != "cuda":
+        return False
+    arch = str(target.attrs.get("arch", "sm_0"))
+    return int("".join(ch for ch in arch if ch.isdigit()) or 0) >= 80
+
+
 def max_threads_per_block(target: Target) -> int:
     """The target's thread limit per block (1 on CPUs)."""
     if not is_gpu(target):

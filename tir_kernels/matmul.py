@@ -28,7 +28,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from .common import i64
+from .common import has_mma_sync, i64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +41,6 @@ class Tiles:
     warps_m: int = 2
     warps_n: int = 4
     stages: int = 3
-
-    def shared_bytes(self) -> int:
-        return self.stages * (self.bm + self.bn) * self.bk * 2
 
 
 TILES = Tiles()
@@ -59,10 +56,7 @@ def swizzled(row: "tirx.PrimExpr", chunk: "tirx.PrimExpr", bk: int) -> "tirx.Pri
 
 def supported(n_out: int, k: int, dtype: str, target: Target, tiles: Tiles = TILES) -> bool:
     """True where the kernel runs: CUDA sm_80+, float16, ``n_out % 8 == 0`` and ``k % bk == 0``."""
-    if target.kind.name != "cuda" or dtype != "float16" or n_out % 8 or k % tiles.bk:
-        return False
-    arch = str(target.attrs.get("arch", "sm_0"))
-    return int("".join(ch for ch in arch if ch.isdigit()) or 0) >= 80
+    return has_mma_sync(target) and dtype == "float16" and n_out % 8 == 0 and k % tiles.bk == 0
 
 
 def kernel_name(n_out: int, k: int) -> str:
