@@ -13,6 +13,7 @@ from tiny_model import make_tiny_hf_model
 import tsedge.cli_options
 from tsedge.cli import main
 from tsedge.cli_options import PrefillDisplay, sampling_params
+from tsedge.compile.targets import has_cuda_gpu
 from tsedge.engine import Engine
 from tsedge.sampling import SamplingParams
 from tsedge.weights import load_source
@@ -69,6 +70,8 @@ def test_sampling_defaults_come_from_the_generation_config(tmp_path):
         json.dumps({"temperature": 0.3, "top_k": 20, "repetition_penalty": 1.05}))
     assert sampling_params(tmp_path, kw) == SamplingParams(0.3, 0.5, 20, 1.05, 0.0)
     assert sampling_params(tmp_path, {**kw, "temperature": 0.0}).temperature == 0.0  # greedy
+    embedded = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"  # the default model: its card's settings
+    assert sampling_params(embedded, {**kw, "top_p": None}) == SamplingParams(0.2, 0.9, 0, 1.1, 0.0)
 
 
 def test_prefill_display_only_for_long_prefills_on_a_terminal(monkeypatch):
@@ -229,3 +232,15 @@ def test_bad_target_fails_before_the_model_loads(monkeypatch):
     monkeypatch.setattr(tsedge.weights, "load_source", never)
     result = run("generate", "--target", "cuda:sm_61", "--prompt", "x")
     assert result.exit_code == 1 and result.output.startswith("Error: bad CUDA arch 'sm_61'")
+    if not has_cuda_gpu():  # no GPU here: a CUDA target fails before anything is compiled
+        result = run("chat", "--target", "cuda")
+        assert result.exit_code == 1 and result.output.count("\n") == 1
+        assert "none is visible; use --target llvm" in result.output
+
+
+def test_lib_given_its_metadata_file(tmp_path):
+    meta = tmp_path / "model.json"
+    meta.write_text("{}")
+    result = run("generate", "--lib", str(meta), "--prompt", "x")
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "give the library itself, model.so" in result.output

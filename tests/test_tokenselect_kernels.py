@@ -227,3 +227,10 @@ def test_select_rows_matches_numpy(n_init, top_k, n_local, length):
     want = np.concatenate([np.arange(n_init), cache_idx[layer, :top_k],
                            np.arange(length - n_local, length)])
     np.testing.assert_array_equal(rows.numpy(), want)
+
+
+def test_scoring_refuses_unsupported_head_dims_in_one_line():
+    import tvm
+
+    with pytest.raises(ValueError, match="head_dim 64 or 128 .*use --policy dense or streaming"):
+        make_scoring(NUM_LAYERS, 4, 2, 16, 4, 8, 0, "float32", tvm.target.Target("llvm"))

@@ -131,7 +131,9 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
     (K is read once); (2) merge the chunk partials per head; (3) tiles of tokens: normalise, sum
     over heads and max-pool from a shared-memory tile with a halo of ``p - 1``.
     """
-    assert n_heads % n_kv_heads == 0 and head_dim in (64, 128)
+    if n_heads % n_kv_heads or head_dim not in (64, 128):
+        raise ValueError(f"TokenSelect scoring supports head_dim 64 or 128 and whole GQA groups (this model: "
+                         f"head_dim {head_dim}, {n_heads} heads, {n_kv_heads} KV heads); use --policy dense or streaming")
     gpu = is_gpu(target)
     group = n_heads // n_kv_heads
     NB, H, d = i64(SCORE_BLOCKS), i64(n_heads), i64(head_dim)

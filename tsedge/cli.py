@@ -40,18 +40,28 @@ def _errors(func):
 
 def _max_context(kw: dict, policy: PolicyConfig, window: int) -> int:
     if kw["max_context"]:
+        if kw["max_context"] > window and policy.name == "dense":
+            click.echo(f"tsedge: note: --max-context {kw['max_context']} exceeds the model's window of {window} "
+                       "tokens; dense attention degrades past it (--policy tokenselect or streaming extrapolate)",
+                       err=True)
         return kw["max_context"]
     return min(window, 8192) if policy.name == "dense" else 32768
 
 
 def _checked_target(target: str | None, lib: str | None) -> str | None:
-    """The resolved ``--target`` (or a check that ``--lib`` exists), before any model is loaded."""
+    """The resolved ``--target`` to run on here (or a check that ``--lib`` exists), before any
+    model is loaded or compiled: a CUDA target needs a visible GPU."""
+    from tsedge.compile.targets import has_cuda_gpu
     from tsedge.engine import check_library
 
     if lib is not None:
         check_library(lib)
         return None
-    return resolve_target(target)
+    name = resolve_target(target)
+    if name.startswith("cuda") and not has_cuda_gpu():
+        raise ValueError(f"--target {target} runs the model on a CUDA GPU, but none is visible; use --target "
+                         "llvm here, or `tsedge compile --target cuda:sm_XX` to build for another machine")
+    return name
 
 
 def _engine(model, target: str | None, lib: str | None, kw: dict):

@@ -69,6 +69,9 @@ def _device(target: str) -> tvm.runtime.Device:
 def check_library(lib: str | Path) -> Path:
     """``lib`` if it and its metadata (.json next to it) exist; raises LibraryError otherwise."""
     lib = Path(lib)
+    if lib.suffix == ".json":
+        raise LibraryError(f"{lib}: that is a library's metadata; give the library itself, "
+                           f"{lib.with_suffix('.so').name} (its .json stays next to it)")
     if not lib.exists() or not lib.with_suffix(".json").exists():
         raise LibraryError(f"{lib}: library or its metadata {lib.with_suffix('.json').name} not found; "
                            "build one with `tsedge compile`")

@@ -30,6 +30,16 @@ class FetchError(RuntimeError):
     """The default model could not be downloaded or extracted."""
 
 
+# Sampling defaults of the default model: its model card's generate() example (Hugging Face,
+# HuggingFaceTB/SmolLM2-135M-Instruct). At the generic 0.7 it often answers in broken French.
+SAMPLING = {"temperature": 0.2, "top_p": 0.9}
+
+
+def is_default_model(path: Path) -> bool:
+    """True for the default model's GGUF file as ``default_model_path`` places it."""
+    return Path(path).name == Path(MEMBER).name
+
+
 def cache_dir() -> Path:
     """Where tsedge keeps downloaded models."""
     return Path(os.environ.get("TSEDGE_CACHE") or Path.home() / ".cache" / "tsedge")
