@@ -102,3 +102,20 @@ def test_generation_config_defaults(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 1.5}))
     with pytest.raises(ValueError, match="generation_config.json: top_p must be in"):
         generation_config_defaults(tmp_path)
+
+
+@pytest.mark.parametrize("vocab, p, scale", [(49152, 0.9, 3.0), (128256, 0.95, 1.0), (5000, 0.5, 0.01),
+                                             (3000, 0.999, 8.0)])
+def test_top_p_equals_a_full_stable_sort(vocab, p, scale):
+    """The partial selection keeps exactly the set a full stable sort keeps, ties included."""
+    from tsedge.sampling import _top_p
+
+    rng = np.random.default_rng(vocab)
+    logits = np.round(rng.standard_normal(vocab) * scale, 1)  # rounding makes many exact ties
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    keep = order[: int(np.searchsorted(np.cumsum(probs[order]), p)) + 1]
+    expected = np.zeros_like(probs)
+    expected[keep] = probs[keep]
+    np.testing.assert_array_equal(_top_p(probs, p), expected / expected.sum())
