@@ -70,8 +70,9 @@ def test_sampling_defaults_come_from_the_generation_config(tmp_path):
         json.dumps({"temperature": 0.3, "top_k": 20, "repetition_penalty": 1.05}))
     assert sampling_params(tmp_path, kw) == SamplingParams(0.3, 0.5, 20, 1.05, 0.0)
     assert sampling_params(tmp_path, {**kw, "temperature": 0.0}).temperature == 0.0  # greedy
-    embedded = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"  # the default model: its card's settings
-    assert sampling_params(embedded, {**kw, "top_p": None}) == SamplingParams(0.2, 0.9, 0, 1.1, 0.0)
+    embedded = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"  # the embedded model: greedy
+    assert sampling_params(embedded, {**kw, "top_p": None}) == SamplingParams(0.0, 0.9, 0, 1.1, 0.0)
+    assert sampling_params(embedded, {**kw, "temperature": 0.8}).temperature == 0.8
 
 
 def test_prefill_display_only_for_long_prefills_on_a_terminal(monkeypatch):

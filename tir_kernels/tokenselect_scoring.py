@@ -114,6 +114,14 @@ def make_fingerprint(n_heads: int, head_dim: int, n_local: int, dtype: str,
     return fingerprint
 
 
+def check_shapes(n_heads: int, n_kv_heads: int, head_dim: int) -> None:
+    """Raises ValueError (one line naming the fix) for head shapes the scoring kernel does not
+    support: head_dim other than 64 or 128, or query heads not a whole number of GQA groups."""
+    if n_heads % n_kv_heads or head_dim not in (64, 128):
+        raise ValueError(f"TokenSelect scoring supports head_dim 64 or 128 and whole GQA groups (this model: "
+                         f"head_dim {head_dim}, {n_heads} heads, {n_kv_heads} KV heads); use --policy dense or streaming")
+
+
 def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, n_init: int,
                  n_local: int, pool_kernel: int, dtype: str, target: Target) -> tirx.PrimFunc:
     """Per-head scores, soft voting and optional max-pool → criticality of every candidate.
@@ -131,9 +139,7 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
     (K is read once); (2) merge the chunk partials per head; (3) tiles of tokens: normalise, sum
     over heads and max-pool from a shared-memory tile with a halo of ``p - 1``.
     """
-    if n_heads % n_kv_heads or head_dim not in (64, 128):
-        raise ValueError(f"TokenSelect scoring supports head_dim 64 or 128 and whole GQA groups (this model: "
-                         f"head_dim {head_dim}, {n_heads} heads, {n_kv_heads} KV heads); use --policy dense or streaming")
+    check_shapes(n_heads, n_kv_heads, head_dim)
     gpu = is_gpu(target)
     group = n_heads // n_kv_heads
     NB, H, d = i64(SCORE_BLOCKS), i64(n_heads), i64(head_dim)

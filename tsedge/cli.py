@@ -42,8 +42,8 @@ def _max_context(kw: dict, policy: PolicyConfig, window: int) -> int:
     if kw["max_context"]:
         if kw["max_context"] > window and policy.name == "dense":
             click.echo(f"tsedge: note: --max-context {kw['max_context']} exceeds the model's window of {window} "
-                       "tokens; dense attention degrades past it (--policy tokenselect or streaming extrapolate)",
-                       err=True)
+                       "tokens; dense attention degrades past it (--policy streaming keeps working beyond it, "
+                       "and tokenselect where the model's heads allow it)", err=True)
         return kw["max_context"]
     return min(window, 8192) if policy.name == "dense" else 32768
 
@@ -133,12 +133,14 @@ def compile(model: str, target: str | None, output: str | None, **kw) -> None:  
     """Compile a model library (.so plus .json metadata)."""
     from tsedge.compile.build import compile_library
     from tsedge.compile.targets import parse_target
+    from tsedge.models.attention import check_policy
     from tsedge.progress import stage_progress
     from tsedge.weights import load_source
 
     cfg = PRESETS[model] if model in PRESETS and not Path(model).exists() else load_source(model).config
     policy = policy_config(kw)
     target_name = resolve_target(target)
+    check_policy(policy, cfg)
     out = Path(output or f"{cfg.name}-{policy.name}-{target_name.replace(':', '_')}.so")
     with stage_progress(f"compiling {cfg.name} ({policy.name}, {target_name})") as stage:
         meta = compile_library(cfg, policy, parse_target(target_name), kw["dtype"],

@@ -119,7 +119,7 @@ def policy_config(kw: dict[str, Any]) -> PolicyConfig:
 def sampling_options(func):
     """--temperature, --top-p, --top-k, --repetition-penalty (default: the model's
     generation_config.json, else ``PEER_DEFAULTS``), --repeat-last-n, --presence-penalty, --seed."""
-    model = "default: the model's generation_config.json (the embedded model: its card's 0.2 / 0.9), else"
+    model = "default: the model's generation_config.json (the embedded model: greedy), else"
     options = [
         click.option("--temperature", type=FiniteFloatRange(min=0), default=None,
                      help=f"0 = greedy ({model} {PEER_DEFAULTS['temperature']})"),
@@ -143,8 +143,8 @@ def sampling_options(func):
 
 
 def sampling_params(model_path: Path, kw: dict[str, Any]) -> SamplingParams:
-    """Options given on the command line, else the model's generation config (the default model:
-    its model card's settings, ``fetch.SAMPLING``), else PEER_DEFAULTS."""
+    """Options given on the command line, else the model's generation config (the embedded model:
+    ``fetch.SAMPLING``), else PEER_DEFAULTS."""
     from tsedge import fetch
 
     given = {name: kw[name] for name in ("temperature", "top_p", "top_k", "repetition_penalty")

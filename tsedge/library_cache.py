@@ -39,7 +39,9 @@ def ensure_library(cfg: ModelConfig, policy: PolicyConfig, target: str, dtype: s
     """The cached library for these inputs, compiled now if missing."""
     from tsedge.compile.build import compile_library, resolve_dtype
     from tsedge.compile.targets import parse_target, target_name
+    from tsedge.models.attention import check_policy
 
+    check_policy(policy, cfg)
     tvm_target = parse_target(target)
     dtype = resolve_dtype(dtype, tvm_target)
     path = library_path(cfg, policy, target_name(tvm_target), dtype, max_context)

@@ -5,8 +5,17 @@ from __future__ import annotations
 from tvm.target import Target
 
 from ..config import ModelConfig, PolicyConfig
+from tsedge.tir_kernels.tokenselect_scoring import check_shapes
+
 from .dense import DensePolicy
 from .tokenselect import StreamingPolicy, TokenSelectPolicy
+
+
+def check_policy(policy: PolicyConfig, cfg: ModelConfig) -> None:
+    """Raises ValueError (one line) where ``policy`` cannot be compiled for ``cfg``'s heads; call
+    it before announcing a compile."""
+    if policy.name == "tokenselect":
+        check_shapes(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
 
 def make_policy(policy: PolicyConfig, cfg: ModelConfig, dtype: str, target: Target):
