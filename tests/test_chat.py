@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from tiny_model import make_tiny_hf_model
 
 from tsedge.chat import ChatSession
+from tsedge.cli_chat import _prompt as real_prompt
 from tsedge.cli import main
 from tsedge.engine import ContextOverflowError, Engine
 from tsedge.weights import load_source
@@ -39,6 +40,12 @@ def tiny_lib(tiny_folder) -> Path:
 @pytest.fixture
 def tiny_engine(tiny_folder, tiny_lib) -> Engine:
     return Engine(tiny_lib, load_source(str(tiny_folder)))
+
+
+@pytest.fixture(autouse=True)
+def terminal_prompt(monkeypatch):
+    """Chat as at a terminal (``>>> `` before each line), so the tests can split the replies."""
+    monkeypatch.setattr("tsedge.cli_chat._prompt", lambda: ">>> ")
 
 
 def chat(tiny_folder, tiny_lib, lines: list[str], *options: str):
@@ -131,3 +138,9 @@ def test_reply_stops_cleanly_at_a_full_cache(tiny_engine):
     assert result.stopped == "context_full"
     assert len(result.tokens) == CAPACITY - prompt + 1  # the last token never enters the cache
     assert len(tiny_engine.cache) == CAPACITY
+
+
+def test_piped_chat_prints_no_prompts(tiny_folder, tiny_lib, monkeypatch):
+    monkeypatch.setattr("tsedge.cli_chat._prompt", real_prompt)  # CliRunner's stdin is not a terminal
+    result = chat(tiny_folder, tiny_lib, ["Hi there.", "/exit"])
+    assert result.exit_code == 0 and ">>> " not in result.stdout and result.stdout.endswith("\n")

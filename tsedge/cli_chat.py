@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import click
@@ -46,13 +47,20 @@ HELP = {
 ACTIONS: dict[str, Callable[[ChatSession], None]] = {"/help": _help, "/stats": _stats, "/reset": _reset}
 
 
+def _prompt() -> str:
+    """``>>> `` before each line typed at a terminal; nothing when lines come from a pipe, so a
+    script reading stdout gets the replies alone."""
+    return ">>> " if sys.stdin.isatty() else ""
+
+
 def _read() -> str | None:
     """The next line, or None at the end of the input."""
     while True:
         try:
-            return input(">>> ")
+            return input(_prompt())
         except (EOFError, KeyboardInterrupt):
-            click.echo()
+            if _prompt():  # end the prompt's line on a terminal
+                click.echo()
             return None
         except UnicodeDecodeError as err:
             _note(f"[that line is not UTF-8 text (byte 0x{err.object[err.start]:02x}); "
