@@ -66,12 +66,11 @@ def _checked_target(target: str | None, lib: str | None) -> str | None:
 
 def _engine(model, target: str | None, lib: str | None, kw: dict):
     """Engine for ``model`` (a name or a loaded ModelSource): the given library, or the cached
-    one (compiled on first use)."""
+    one for ``target`` (compiled on first use). ``target``: what ``_checked_target`` returned."""
     from tsedge.engine import Engine
     from tsedge.library_cache import ensure_library
     from tsedge.weights import ModelSource, load_source
 
-    target = _checked_target(target, lib)
     source = model if isinstance(model, ModelSource) else load_source(model)
     policy = policy_config(kw)
     if lib is None:
@@ -260,7 +259,7 @@ def bench_speed(model, target, lib, prefill_lengths, decode_contexts, steps, out
     """Prefill tok/s at the given lengths and decode tok/s after the given contexts."""
     from tsedge.bench.speed import decode_speed, machine_info, prefill_speed
 
-    engine = _engine(model, target, lib, kw)
+    engine = _engine(model, _checked_target(target, lib), lib, kw)
     result = {"info": machine_info(engine), "prefill": [], "decode": []}
     for length in prefill_lengths:
         result["prefill"].append(prefill_speed(engine, length))
@@ -303,7 +302,7 @@ def eval_passkey(model, target, lib, lengths, depths, keys_per_cell, seed, outpu
 
     if not kw["max_context"]:
         kw["max_context"] = max(lengths) + 256
-    engine = _engine(model, target, lib, kw)
+    engine = _engine(model, _checked_target(target, lib), lib, kw)
 
     def progress(cell: dict) -> None:
         click.echo(f"{cell['length']:6d} tokens, depth {cell['depth']:.2f}: {cell['score']:.0%}", err=True)
@@ -334,10 +333,13 @@ def eval_agreement(model, target, dense_lib, lib, lengths, steps, output, **kw) 
 
     from tsedge.bench.speed import machine_info
     from tsedge.eval.agreement import agreement
+    from tsedge.weights import load_source
 
     kw["max_context"] = kw["max_context"] or max(lengths) + steps + 256
-    candidate = _engine(model, target, lib, kw)
-    dense = _engine(model, target, dense_lib, {**kw, "policy": "dense"})
+    targets = _checked_target(target, lib), _checked_target(target, dense_lib)
+    source = load_source(model)  # read once, shared by both engines
+    candidate = _engine(source, targets[0], lib, kw)
+    dense = _engine(source, targets[1], dense_lib, {**kw, "policy": "dense"})
     text_ids = dense.tokenizer.encode("\n\n".join(pydoc_data.topics.topics.values()))
     results = []
     for length in lengths:
