@@ -32,8 +32,8 @@ class FetchError(RuntimeError):
 
 # Sampling default of the default model: greedy (the repetition penalty still applies). This Q4_1
 # file puts English and French first tokens at near-ties (chat "What is the capital of France?":
-# logits "The" 25.33, "L" 25.24, "La" 24.94), so even its model card's temperature 0.2 starts ~45 %
-# of replies in broken French; greedy answers "The capital of France is Paris."
+# logits "The" 25.33, "L" 25.24, "La" 24.94), so even at its model card's temperature 0.2 the first
+# token is French 44 % of the time; greedy answers "The capital of France is Paris."
 SAMPLING = {"temperature": 0.0}
 
 
