@@ -12,11 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from tsedge.bench.speed import machine_info
-
+from tsedge.eval.haystack import FILLER_SENTENCES, fit
 from tsedge.sampling import SamplingParams
 
-FILLER_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
-                    "There and back again.")
 FILLER = " ".join(FILLER_SENTENCES)
 KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? Answer with the number only."
@@ -35,16 +33,7 @@ def build_prompt(tokenizer, length_tokens: int, depth: float, key: int) -> list[
     it), key at ``depth`` in [0, 1] of the filler."""
     if not 0 <= depth <= 1:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    if len(_prompt(tokenizer, 0, depth, key)) > length_tokens:
-        raise ValueError(f"length {length_tokens} is shorter than the prompt without filler")
-    lo, hi = 0, length_tokens  # a filler sentence has more than one token: hi is too many
-    while lo < hi:  # largest sentence count whose prompt fits
-        mid = (lo + hi + 1) // 2
-        if len(_prompt(tokenizer, mid, depth, key)) <= length_tokens:
-            lo = mid
-        else:
-            hi = mid - 1
-    return _prompt(tokenizer, lo, depth, key)
+    return fit(lambda sentences: _prompt(tokenizer, sentences, depth, key), length_tokens)
 
 
 def ask(engine, prompt: list[int], key: int, max_new_tokens: int) -> dict[str, Any]:

@@ -1,0 +1,125 @@
+"""``tsedge eval run``: RULER-style tasks and perplexity over policies x lengths (tsedge/eval/runner.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tsedge.cli_options import TARGET_HELP, policy_config, policy_options
+from tsedge.progress import interactive
+
+ALL_TASKS = "passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,ppl"
+
+
+def _cli_errors(func):
+    """``tsedge.cli``'s one-line errors, looked up when the command runs (tsedge.cli imports this
+    module to register the command)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from tsedge.cli import _errors
+
+        return _errors(func)(*args, **kwargs)
+
+    return wrapper
+
+
+def _budget_options(func):
+    """The budgets of ``policy_options`` and --dtype; not --policy (--policies lists them) nor
+    --max-context (the grid's longest prompt and answer set it)."""
+    func = policy_options(func)
+    func.__click_params__ = [p for p in func.__click_params__ if p.name not in ("policy", "max_context")]
+    return func
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+@contextlib.contextmanager
+def _progress(total: int) -> Iterator[Any]:
+    """``runner.run``'s progress callback: a bar naming the current cell on a terminal, else one
+    line on stderr per finished cell."""
+    from tsedge.eval.runner import length_label
+
+    def describe(policy: str, case: tuple[str, str, int]) -> str:
+        task, haystack, length = case
+        return f"{policy} {length_label(length)} {task} ({haystack})"
+
+    def score(cell: dict) -> str:
+        return f"perplexity {cell['score']:.2f}" if cell["metric"] == "ppl" else f"{100 * cell['score']:.0f} %"
+
+    if not interactive():
+        def line(policy, case, cell) -> None:
+            if cell is not None:
+                click.echo(f"tsedge: {describe(policy, case)}: {score(cell)} ({cell['seconds']} s)", err=True)
+
+        yield line
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task("eval", total=total)
+
+        def update(policy, case, cell) -> None:
+            if cell is None:
+                bar.update(task, advance=1, description=describe(policy, case))
+            else:
+                bar.console.print(f"{describe(policy, case)}: {score(cell)} ({cell['seconds']} s)")
+
+        yield update
+
+
+@click.command("run")
+@click.option("--model", default="smollm2-135m", show_default=True, help="preset name, .gguf or HF folder")
+@click.option("--target", default=None, help=TARGET_HELP)
+@click.option("--tasks", default=ALL_TASKS, show_default=True, help="comma-separated RULER task names")
+@click.option("--haystacks", default="repeat,prose", show_default=True,
+              help="filler of the NIAH and vt tasks: repeated sentences, natural prose (CPython's docs)")
+@click.option("--policies", default="dense,tokenselect,streaming", show_default=True)
+@click.option("--lengths", default="2k,4k,8k", show_default=True, help="prompt tokens (ppl: document tokens)")
+@click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True,
+              help="samples per cell (ppl: documents)")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="seed of every sample")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="JSON file, the heatmap PNG beside it (default: bench/results/eval_<model>_<target>.json)")
+@_budget_options
+@_cli_errors
+def eval_run(model, target, tasks, haystacks, policies, lengths, samples, seed, output, **kw) -> None:
+    """Accuracy of each policy on RULER's synthetic tasks and perplexity, by prompt length."""
+    from tsedge.cli import _checked_target, _max_context
+    from tsedge.engine import Engine
+    from tsedge.eval.runner import Grid, check_policies, format_table, parse_lengths, plot, run
+    from tsedge.library_cache import ensure_library
+    from tsedge.weights import load_source
+
+    names = check_policies(_names(policies))
+    grid = Grid(_names(tasks), _names(haystacks), parse_lengths(lengths), samples, seed)
+    configs = {name: policy_config({**kw, "policy": name}) for name in names}
+    target = _checked_target(target, None)
+    source = load_source(model)
+    libs = {}
+    for name, config in configs.items():
+        capacity = _max_context({"max_context": grid.capacity()}, config, source.config.context_window)
+        libs[name] = ensure_library(source.config, config, target, kw["dtype"], capacity,
+                                    log=functools.partial(click.echo, err=True))
+
+    def open_engine(name: str) -> Engine:
+        return Engine(libs[name], source, prefill_chunk=configs[name].chunk_size)
+
+    with _progress(len(names) * len(grid.cases()) * samples) as progress:
+        result = run(open_engine, names, grid, progress)
+    click.echo(format_table(result))
+    path = Path(output or f"bench/results/eval_{source.config.name}_{result['info']['target'].replace(':', '_')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    plot(result, path.with_suffix(".png"))
+    click.echo(f"wrote {path} and {path.with_suffix('.png')}", err=True)
