@@ -34,7 +34,7 @@ SINGULAR = (("Some special magic numbers are", "A special magic number is"),
             ("magic numbers for {query} mentioned in the provided text are",
              "magic number for {query} mentioned in the provided text is"))
 ADJECTIVES = ("amber", "ancient", "bitter", "brave", "calm", "clever", "crooked", "curious", "dusty",
-              "eager", "fragile", "gentle", "giant", "golden", "hollow", "humble", "icy", "jolly", "lively",
+              "eager", "fragile", "gentle", "giant", "golden", "hollow", "humble", "frosty", "jolly", "lively",
               "lonely", "loud", "misty", "modest", "narrow", "nimble", "odd", "pale", "proud", "quiet",
               "rapid", "rusty", "silent", "silver", "sleepy", "smooth", "solid", "spicy", "steep", "swift",
               "tender", "tidy", "vivid", "wary", "wild", "wooden", "young")

@@ -43,6 +43,8 @@ TASKS: dict[str, tuple[tuple[str, ...], Callable | None]] = {
 
 def check_names(names: list[str], what: str, available: tuple[str, ...], planned: tuple[str, ...] = ()) -> list[str]:
     """``names`` if each is in ``available``; else ValueError (one line naming them)."""
+    if not names:
+        raise ValueError(f"no {what} given; available: {', '.join(available)}")
     for name in names:
         if name not in available:
             state = "is not implemented yet (issue 10)" if name in planned else "is unknown"
@@ -76,7 +78,7 @@ def length_label(length: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    """What to run: tasks (each on the haystacks it takes among ``haystacks``), lengths in
+    """What to run: tasks (each on those of ``haystacks`` it takes), lengths in
     prompt tokens, samples (documents for ``ppl``) per cell, and the seed of every sample."""
 
     tasks: list[str]
@@ -90,13 +92,12 @@ class Grid:
         check_names(self.haystacks, "haystack", HAYSTACKS)
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
-        if not self.cases():
-            raise ValueError(f"no task of {','.join(self.tasks)} runs on haystack {','.join(self.haystacks)}")
 
     def cases(self) -> list[tuple[str, str, int]]:
-        """(task, haystack, length) of every cell of one policy, in run order."""
+        """(task, haystack, length) of every cell of one policy, in run order; a task with one
+        haystack of its own (passkey, ppl) runs whatever ``haystacks`` holds."""
         return [(task, haystack, length) for length in self.lengths for task in self.tasks
-                for haystack in TASKS[task][0] if haystack in self.haystacks]
+                for haystack in TASKS[task][0] if haystack in self.haystacks or len(TASKS[task][0]) == 1]
 
     def capacity(self) -> int:
         """KV-cache tokens the longest prompt and its answer need."""
@@ -221,7 +222,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                              figsize=(2.2 + 1.1 * len(columns) * len(panels), 1.6 + 0.45 * max(len(rows), 4)))
     info = result["info"]
     fig.suptitle(f"{info.get('model', '')} on {info.get('device', info.get('target', ''))}: "
-                 f"{result['config']['samples']} samples a cell")
+                 f"samples per cell: {result['config']['samples']}")
     for ax, panel in zip(axes[0], panels):
         if panel == "match":
             scores = _scores(result)
@@ -231,7 +232,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             buckets = len(next(iter(ppl_cells.values()))["buckets"])
             grid = [[ppl_cells[col]["buckets"][b]["ppl"] for col in columns] for b in range(buckets)]
             labels = [f"tokens to {100 * (b + 1) // buckets} %" for b in range(buckets)]
-            title, fmt, cmap, limits = "perplexity (prose), last tokens of each bucket", "{:.1f}", "RdYlGn_r", (None, None)
+            title, fmt, cmap, limits = "perplexity by position (prose)", "{:.1f}", "RdYlGn_r", (None, None)
         image = ax.imshow(grid, cmap=cmap, vmin=limits[0], vmax=limits[1], aspect="auto")
         ax.set_xticks(range(len(columns)), xlabels, fontsize=8)
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
