@@ -15,6 +15,7 @@ from tsedge.cli_options import (POSITIVE_INTS, TARGET_HELP, FiniteFloatRange, Pr
                                  context_full_note, number_list, policy_config, policy_options,
                                  read_text_file, resolve_target, sampling_options, sampling_params,
                                  utf8_option)
+from tsedge.cli_serve import serve
 from tsedge.models.config import PRESETS, PolicyConfig
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -274,6 +275,7 @@ def bench_speed(model, target, lib, prefill_lengths, decode_contexts, steps, out
         click.echo(f"wrote {output}")
 
 
+main.add_command(serve)
 bench.add_command(bench_decode)
 bench.add_command(bench_prefill)
 

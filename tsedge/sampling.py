@@ -1,7 +1,7 @@
 """Token sampling on the host: penalties, then greedy or temperature + top-k + top-p (seeded).
 
 Order per step, as transformers' ``generate`` and vLLM apply them: repetition penalty, presence
-penalty, then greedy (temperature 0) or temperature, top-k, top-p and a draw.
+and frequency penalties, then greedy (temperature 0) or temperature, top-k, top-p and a draw.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,8 +30,9 @@ class SamplingParams:
 
     ``temperature`` divides the logits (0: greedy); ``top_p`` keeps the smallest set of tokens
     whose probability reaches it; ``top_k`` keeps the k most likely tokens (0: off);
-    ``repetition_penalty`` (CTRL, arXiv 1909.05858; 1: off) and ``presence_penalty`` (OpenAI's,
-    in logits; 0: off) are defined in ``repetition_penalty`` and ``presence_penalty`` below;
+    ``repetition_penalty`` (CTRL, arXiv 1909.05858; 1: off), ``presence_penalty`` and
+    ``frequency_penalty`` (OpenAI's, in logits; 0: off) are defined in the functions of those
+    names below;
     the repetition penalty looks at the last ``repeat_last_n`` tokens of prompt + output
     (llama.cpp's ``repeat_last_n``; 0: all of them, as transformers).
     """
@@ -40,6 +42,7 @@ class SamplingParams:
     top_k: int = 0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     repeat_last_n: int = 64
     seed: int | None = None
 
@@ -51,6 +54,7 @@ class SamplingParams:
             (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
              "repetition_penalty", "> 0 (1 = off)"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2] (0 = off)"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2] (0 = off)"),
             (self.repeat_last_n >= 0, "repeat_last_n", ">= 0 (0 = all tokens)"),
             (self.seed is None or self.seed >= 0, "seed", ">= 0"),
         ]
@@ -98,6 +102,15 @@ def presence_penalty(logits: np.ndarray, generated: Iterable[int], penalty: floa
     return out
 
 
+def frequency_penalty(logits: np.ndarray, counts: Counter[int], penalty: float) -> np.ndarray:
+    """OpenAI's frequency penalty: ``penalty`` times the number of times a token occurs in the
+    output so far (``counts``: token id -> occurrences) is subtracted from its logit."""
+    ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+    out = logits.copy()
+    out[ids] -= penalty * np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
+    return out
+
+
 def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
     """Keep the ``k`` largest logits (and any tied with the k-th), as transformers' TopKLogitsWarper."""
     if k == 0 or k >= logits.size:
@@ -135,12 +148,12 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         self.history = list(prompt)
-        self.generated: set[int] = set()
+        self.generated: Counter[int] = Counter()  # output token id -> occurrences
 
     def __call__(self, logits: np.ndarray) -> int:
         token = self._pick(self._penalized(np.asarray(logits, dtype=np.float64).reshape(-1)))
         self.history.append(token)
-        self.generated.add(token)
+        self.generated[token] += 1
         return token
 
     def _penalized(self, logits: np.ndarray) -> np.ndarray:
@@ -150,6 +163,8 @@ class Sampler:
             logits = repetition_penalty(logits, window, p.repetition_penalty)
         if p.presence_penalty != 0 and self.generated:
             logits = presence_penalty(logits, self.generated, p.presence_penalty)
+        if p.frequency_penalty != 0 and self.generated:
+            logits = frequency_penalty(logits, self.generated, p.frequency_penalty)
         return logits
 
     def _pick(self, logits: np.ndarray) -> int:
