@@ -123,12 +123,11 @@ DLDataType ParseDtype(const Fields& f, const std::string& key) {
   return it->second;
 }
 
-int64_t Bytes(const std::vector<int64_t>& shape, int64_t elem_bytes, const std::string& what) {
+// Bytes of `shape` at `elem_bytes` each; none past kMaxBytes (a corrupt or impossible size).
+std::optional<int64_t> Bytes(const std::vector<int64_t>& shape, int64_t elem_bytes) {
   int64_t n = elem_bytes;
   for (int64_t d : shape) {
-    if (d < 0 || __builtin_mul_overflow(n, d, &n) || n > kMaxBytes) {
-      throw UserError(what + ": shape too large; the file is corrupt, write it again");
-    }
+    if (d < 0 || __builtin_mul_overflow(n, d, &n) || n > kMaxBytes) return std::nullopt;
   }
   return n;
 }
@@ -213,7 +212,9 @@ class Safetensors {
     if (span.size() != 2 || span[0] > span[1] || span[1] > data_size) {
       f.Fail("data_offsets", "is not a span inside the " + std::to_string(data_size) + " data bytes");
     }
-    auto need = static_cast<uint64_t>(Bytes(e.shape, size->second, f.Str("dtype")));
+    std::optional<int64_t> bytes = Bytes(e.shape, size->second);
+    if (!bytes) f.Fail("shape", ShapeStr(e.shape) + " is too large");
+    auto need = static_cast<uint64_t>(*bytes);
     if (span[1] - span[0] != need) {
       f.Fail("data_offsets", "span " + std::to_string(span[1] - span[0]) + " bytes, but " + e.dtype + " " +
              ShapeStr(e.shape) + " needs " + std::to_string(need));
@@ -338,7 +339,7 @@ LibraryMeta ReadLibraryMeta(const std::string& json_path) {
     Fields s(json::Object{{"name", (*triple)[0]}, {"shape", (*triple)[1]}, {"dtype", (*triple)[2]}},
              json_path + ": a state tensor", fix);
     StateSpec spec{s.Str("name"), s.Dims("shape"), ParseDtype(s, "dtype")};
-    Bytes(spec.shape, spec.dtype.bits / 8, json_path + ": state " + spec.name);
+    if (!Bytes(spec.shape, spec.dtype.bits / 8)) s.Fail("shape", ShapeStr(spec.shape) + " is too large");
     meta.state.push_back(std::move(spec));
   }
   return meta;
@@ -347,15 +348,16 @@ LibraryMeta ReadLibraryMeta(const std::string& json_path) {
 ffi::Tensor NewTensor(const std::vector<int64_t>& shape, DLDataType dtype, DLDevice device, const void* data) {
   static const ffi::Function alloc = ffi::Function::GetGlobalRequired("runtime.TVMTensorAllocWithScope");
   static const ffi::Function copy = ffi::Function::GetGlobalRequired("runtime.TVMTensorCopyFromBytes");
-  int64_t nbytes = Bytes(shape, (dtype.bits + 7) / 8, "tensor");
+  std::optional<int64_t> nbytes = Bytes(shape, (dtype.bits + 7) / 8);
+  if (!nbytes) throw UserError("a tensor of shape " + ShapeStr(shape) + " is too large to allocate; lower --max-context");
   auto tensor = alloc(ffi::Shape(shape), dtype, device, ffi::Optional<ffi::String>()).cast<ffi::Tensor>();
-  if (data != nullptr) copy(tensor, const_cast<void*>(data), nbytes);
+  if (data != nullptr) copy(tensor, const_cast<void*>(data), *nbytes);
   return tensor;
 }
 
 ffi::Tensor ZeroTensor(const std::vector<int64_t>& shape, DLDataType dtype, DLDevice device) {
-  std::vector<char> zeros(static_cast<size_t>(Bytes(shape, (dtype.bits + 7) / 8, "tensor")));
-  return NewTensor(shape, dtype, device, zeros.data());
+  std::vector<char> zeros(static_cast<size_t>(Bytes(shape, (dtype.bits + 7) / 8).value_or(0)));
+  return NewTensor(shape, dtype, device, zeros.data());  // refuses a shape too large itself
 }
 
 ffi::Array<ffi::Tensor> LoadWeights(const std::string& folder, const LibraryMeta& meta, DLDevice device) {
