@@ -79,8 +79,15 @@ class GenerationRequest(BaseModel):
 
 
 class ChatCompletionRequest(GenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+
+    @field_validator("messages")
+    @classmethod
+    def _some(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if not value:
+            raise ValueError("the conversation is empty; send at least one message")
+        return value
 
 
 class CompletionRequest(GenerationRequest):
