@@ -171,12 +171,21 @@ def test_chunk_attention_support():
 
 @pytest.mark.skipif(MODE != "llvm", reason="codegen check runs where the compiler is")
 @pytest.mark.parametrize("dtype, load", [("float16", "uint4"), ("float32", "float4")])
-def test_decode_attention_cuda_loads_16_bytes(dtype, load):
+def test_decode_attention_cuda_pipelines_16_byte_copies(dtype, load):
     import tvm
 
     lib = tvm.compile(tvm.IRModule({"main": dec.make_decode_attention(2, 32, 8, 128, dtype, CUDA)}), target=CUDA)
     source = lib.mod.imports_[0].inspect_source()
-    assert f"*({load}*)(kv_ptr" in source  # K and V rows read 16 bytes per thread
+    assert "cp.async.cg.shared.global" in source and "cp.async.wait_group 0" in source  # 2 stages
+    assert f"*({load}*)(((" in source  # a thread reads 16 bytes of a row from shared memory
+
+
+@pytest.mark.skipif(MODE != "llvm", reason="target checks run where the compiler is")
+def test_decode_attention_tiles_checked():
+    with pytest.raises(ValueError, match="do not fit one block"):
+        dec.make_decode_attention(2, 9, 3, 64, "float16", CUDA, tile_keys=8)  # not a multiple of 10 slots
+    with pytest.raises(ValueError, match="do not fit one block"):
+        dec.make_decode_attention(2, 32, 8, 128, "float16", CUDA, tile_keys=64, stages=3)  # 771 KB
 
 
 def test_decode_splits():

@@ -31,10 +31,19 @@ def is_gpu(target: Target) -> bool:
 def has_mma_sync(target: Target) -> bool:
     """True for CUDA targets of sm_80 or newer (``mma.sync.m16n8k16`` with float16, ``ldmatrix``,
     ``cp.async``)."""
-    if target.kind.name != "cuda":
-        return False
+    return target.kind.name == "cuda" and _cuda_arch(target) >= 80
+
+
+def _cuda_arch(target: Target) -> int:
     arch = str(target.attrs.get("arch", "sm_0"))
-    return int("".join(ch for ch in arch if ch.isdigit()) or 0) >= 80
+    return int("".join(ch for ch in arch if ch.isdigit()) or 0)
+
+
+def max_shared_memory(target: Target) -> int:
+    """Bytes of (dynamic) shared memory one block may use: 227 KB on sm_90, 163 KB on sm_80/87,
+    99 KB on other sm_80+ GPUs (sm_86/89), else the 48 KB every GPU target gives."""
+    arch = _cuda_arch(target) if target.kind.name == "cuda" else 0
+    return {90: 227, 80: 163, 87: 163}.get(arch, 99 if arch >= 80 else 48) * 1024
 
 
 def max_threads_per_block(target: Target) -> int:

@@ -4,15 +4,19 @@ Same contract as ``attention.make_attention_partial`` (key ``j`` of ``rows`` at 
 the query at ``M - 1``, partial outputs merged by ``attention.make_attention_merge``), but laid
 out for one query: the ``M`` rows are split into ``decode_splits(M)`` chunks, one block each, so
 the whole GPU streams K/V at any length (Dao et al., "Flash-Decoding for long-context
-inference", 2023). Inside a block, ``THREADS // (head_dim / VEC)`` slots of ``head_dim / VEC``
-threads each own one KV head and walk its keys; a thread loads 16 bytes of a key and of a value
-at a time, so one key row is read by a few threads in one coalesced access. The query is rotated
-once (to position ``M - 1``); each thread rotates its 16 bytes of a key itself, reading its
-rotate-half partner's 16 bytes too (the same sector, so from L1, not DRAM) and the position's
-cos/sin, which the block's slots of the other KV heads share through L1; the next rows' indices
-are fetched a step ahead. A key's scores for the GQA group's query heads are summed over the
-slot's threads by one butterfly of warp shuffles whose chains interleave (every thread ends with
-every sum). All softmax arithmetic is float32 (log2 domain).
+inference", 2023).
+
+A block walks its chunk in tiles of ``tile_keys`` rows of every KV head: the tiles' K and V rows
+and their RoPE table rows are copied into shared memory ``stages - 1`` tiles ahead of the one being
+computed (``cp.async`` on sm_80+, so the copies need no registers and many are in flight, as
+FlashInfer's decode kernels and CUTLASS's multistage pipelines do; plain 16-byte copies
+elsewhere). Inside a block, ``THREADS // (head_dim / VEC)`` slots of ``head_dim / VEC`` threads
+each own one KV head and take every ``per_head``-th row of a tile; a thread reads 16 bytes of a
+key, of its rotate-half partner and of a value, and the row's cos/sin, from shared memory, and
+rotates its part of the key itself. The query is rotated once (to position ``M - 1``). A key's
+scores for the GQA group's query heads are summed over the slot's threads by one butterfly of
+warp shuffles whose chains interleave (every thread ends with every sum). All softmax arithmetic
+is float32 (log2 domain).
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from .attention import LOG2E, NEG_INF, rope_rotated
-from .common import i64, is_gpu
+from .common import has_mma_sync, i64, is_gpu, max_shared_memory
 
 THREADS = 256  # threads per block
 MIN_KEYS_PER_SPLIT = 8
 MAX_SPLITS = 256  # about two blocks per multiprocessor on a 132-SM H100/H200
-UNROLL = 1  # keys a slot loads before it computes: 1 keeps 126 registers, two blocks per SM
+TILE_BYTES = 32768  # K and V bytes of one tile (all KV heads): the default tile_keys
+STAGES = 2  # tiles in shared memory: one computed, the others in flight
 
 
 def decode_splits(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
@@ -41,32 +46,81 @@ def decode_splits(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
 
 
 def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
-                          target: Target, unroll: int = UNROLL) -> tirx.PrimFunc:
+                          target: Target, tile_keys: int | None = None, stages: int = STAGES) -> tirx.PrimFunc:
     """Args: q[1, >= H, d] (the first H heads are the query's), kv[layers, 2, Hkv, cap, d],
     rope[P, d] f32, rows[M] int32, layer (int64).
 
     Outputs: o[1, S, H, d] float32 (each chunk's normalised output), lse[1, S, H] float32
     (log2-sum-exp of the chunk's scaled scores, ``NEG_INF`` for an empty chunk), with
-    ``S = decode_splits(M)``. ``unroll``: keys each slot loads before it computes. Raises ValueError for a CPU target (CPU decode uses
-    ``attention_partial``), a ``head_dim`` that is not a multiple of 16 bytes' elements, or merge
-    buffers over 48 KB of shared memory.
+    ``S = decode_splits(M)``. ``tile_keys``: rows per shared-memory tile (default: about
+    ``TILE_BYTES`` of K and V, a multiple of the slots per KV head); ``stages``: tiles in shared
+    memory (≥ 2). Raises ValueError for a CPU target (CPU decode uses ``attention_partial``), a
+    ``head_dim`` that is not a multiple of 16 bytes' elements, or a block over the shared memory.
     """
     if not is_gpu(target):
         raise ValueError(f"decode attention is a GPU kernel; {target.kind.name} uses attention_partial")
     group = n_heads // n_kv
     half = head_dim // 2
-    vec = 16 // (2 if dtype == "float16" else 4)  # elements in 16 bytes
+    esize = 2 if dtype == "float16" else 4
+    vec = 16 // esize  # elements in 16 bytes
     if half % vec:
         raise ValueError(f"GPU decode attention needs head_dim a multiple of {2 * vec}, got {head_dim}")
     td = head_dim // vec  # threads per key row
     per_head = max(1, THREADS // td // n_kv)  # slots walking one KV head's keys
     slots = per_head * n_kv
-    if slots * td > 1024 or 4 * slots * group * (head_dim + 2) > 49152:
-        raise ValueError(f"GPU decode attention: {n_kv} KV heads x head_dim {head_dim} exceed one block")
+    threads = slots * td
+    row_bytes = 2 * n_kv * head_dim * esize  # K and V of one row, every KV head
+    scratch = n_kv * (per_head - 1) * group * (head_dim + 2)  # float32: the other slots' states
+
+    def smem(keys: int) -> int:  # bytes: K/V tiles and float32 RoPE rows, the RoPE rows' buffer doubling as scratch
+        return stages * keys * row_bytes + 4 * max(stages * keys * head_dim, scratch)
+
+    limit = max_shared_memory(target)
+    if tile_keys is None:  # about TILE_BYTES, a multiple of per_head, within the limit
+        tile_keys = max(per_head, TILE_BYTES // row_bytes // per_head * per_head)
+        while tile_keys > per_head and smem(tile_keys) > limit:
+            tile_keys -= per_head
+    if threads > 1024 or stages < 2 or tile_keys % per_head or smem(tile_keys) > limit:
+        raise ValueError(f"GPU decode attention: {n_kv} KV heads x head_dim {head_dim} in tiles of "
+                         f"{tile_keys} rows x {stages} stages do not fit one block")
+    r_size = smem(tile_keys) // 4 - stages * tile_keys * row_bytes // 4
+    async_copy = has_mma_sync(target)  # cp.async: sm_80+
     scale = LOG2E / math.sqrt(head_dim)
     REDUCE_STEPS = int(math.log2(td))
     H, D, HKV = i64(n_heads), i64(head_dim), i64(n_kv)
-    G, V, U, PH = i64(group), i64(vec), i64(unroll), i64(per_head)
+    G, V, PH, TK, KS = i64(group), i64(vec), i64(per_head), i64(tile_keys), i64(tile_keys // per_head)
+    row_chunks = n_kv * td  # 16-byte pieces of one row of every KV head
+    kv_items = (tile_keys * row_chunks + threads - 1) // threads
+    rope_chunks = head_dim // 4  # 16-byte pieces of a float32 RoPE row
+    rope_items = (tile_keys * rope_chunks + threads - 1) // threads
+
+    @T.macro
+    def copy16(dst, dst_off, src, src_off, src_flat, lanes, elem):
+        if async_copy:
+            T.evaluate(T.s_tir.cp_async_raw.legacy(dst.data, dst_off, src.data, src_off, 16, dtype=elem))
+        else:
+            for v in T.vectorized(lanes):
+                dst[dst_off + v] = src_flat[src_off + v]
+
+    @T.macro
+    def copy_tile(kv, kv_flat, rope, rope_flat, rows, k_sh, v_sh, r_sh, layer, cap, t, j0, j1, tid):
+        """Issue the copies of tile ``t`` (rows ``j0 + t TK ...``, clamped to the chunk's last row)
+        into stage ``t % stages``."""
+        for it in T.unroll(i64(kv_items)):
+            if it * threads + tid < tile_keys * row_chunks:
+                key: T.let[T.int64] = (it * threads + tid) // row_chunks
+                h: T.let[T.int64] = (it * threads + tid) // td % HKV
+                c: T.let[T.int64] = (it * threads + tid) % td
+                row: T.let[T.int64] = T.Cast("int64", rows[T.min(j0 + t * TK + key, j1 - 1)])
+                dst: T.let[T.int64] = ((t % stages * TK + key) * HKV + h) * D + c * V
+                copy16(k_sh, dst, kv, (((layer * 2) * HKV + h) * cap + row) * D + c * V, kv_flat, V, dtype)
+                copy16(v_sh, dst, kv, (((layer * 2 + 1) * HKV + h) * cap + row) * D + c * V, kv_flat, V, dtype)
+        for it in T.unroll(i64(rope_items)):
+            if it * threads + tid < tile_keys * rope_chunks:
+                key: T.let[T.int64] = (it * threads + tid) // rope_chunks
+                c: T.let[T.int64] = (it * threads + tid) % rope_chunks
+                copy16(r_sh, (t % stages * TK + key) * D + c * 4, rope,
+                       T.min(j0 + t * TK + key, j1 - 1) * D + c * 4, rope_flat, 4, "float32")
 
     @T.prim_func(s_tir=True)
     def attention_decode(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
@@ -79,102 +133,123 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
         rows = T.match_buffer(rows_h, (m_keys,), "int32")
         o = T.match_buffer(o_h, (n, decode_splits(m_keys), H, D), "float32")
         lse = T.match_buffer(lse_h, (n, decode_splits(m_keys), H), "float32")
+        kv_flat = T.decl_buffer((num_layers * 2 * HKV * cap * D,), dtype, data=kv.data)
+        rope_flat = T.decl_buffer((num_pos * D,), "float32", data=rope.data)
         for bx in T.thread_binding(decode_splits(m_keys), thread="blockIdx.x"):
             for ty in T.thread_binding(i64(slots), thread="threadIdx.y"):
                 for tx in T.thread_binding(i64(td), thread="threadIdx.x"):
                     with T.sblock("attn"):
                         T.reads()
                         T.writes()
+                        k_sh = T.sblock_alloc_buffer((stages * tile_keys * n_kv * head_dim,), dtype, scope="shared.dyn")
+                        v_sh = T.sblock_alloc_buffer((stages * tile_keys * n_kv * head_dim,), dtype, scope="shared.dyn")
+                        r_sh = T.sblock_alloc_buffer((r_size,), "float32", scope="shared.dyn")  # RoPE rows; scratch
                         qa = T.sblock_alloc_buffer((group, vec), "float32", scope="local")
                         acc = T.sblock_alloc_buffer((group, vec), "float32", scope="local")
                         m_run = T.sblock_alloc_buffer((group,), "float32", scope="local")
                         d_run = T.sblock_alloc_buffer((group,), "float32", scope="local")
-                        kh = T.sblock_alloc_buffer((unroll, 2, vec), dtype, scope="local")  # own, partner
-                        vh = T.sblock_alloc_buffer((unroll, vec), dtype, scope="local")
-                        cs = T.sblock_alloc_buffer((unroll, 2, vec), "float32", scope="local")
+                        kh = T.sblock_alloc_buffer((2, vec), dtype, scope="local")  # own, partner
+                        vh = T.sblock_alloc_buffer((vec,), dtype, scope="local")
+                        cs = T.sblock_alloc_buffer((2, vec), "float32", scope="local")
                         kr = T.sblock_alloc_buffer((vec,), "float32", scope="local")
-                        nxt = T.sblock_alloc_buffer((unroll,), "int64", scope="local")  # next rows
-                        part = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                        part = T.sblock_alloc_buffer((tile_keys // per_head, group), "float32", scope="local")
+                        m_new = T.sblock_alloc_buffer((group,), "float32", scope="local")
                         merged = T.sblock_alloc_buffer((2,), "float32", scope="local")
                         out = T.sblock_alloc_buffer((vec,), "float32", scope="local")
-                        o_sh = T.sblock_alloc_buffer((slots, group, head_dim), "float32", scope="shared")
-                        md_sh = T.sblock_alloc_buffer((slots, group, 2), "float32", scope="shared")
+                        tid: T.let[T.int64] = ty * i64(td) + tx
                         kvh: T.let[T.int64] = ty // PH
                         lane: T.let[T.int64] = ty % PH
                         d0: T.let[T.int64] = tx * V
                         dp: T.let[T.int64] = (d0 + half) % head_dim  # the partner dims under RoPE
                         sign: T.let[T.float32] = T.if_then_else(d0 < half, T.float32(-1), T.float32(1))
-                        # chunk bounds in a local buffer: computed once, not re-derived per use
-                        span = T.sblock_alloc_buffer((3,), "int64", scope="local")
-                        span[0] = (m_keys + decode_splits(m_keys) - 1) // decode_splits(m_keys)
-                        span[1] = bx * span[0]
-                        span[2] = T.min(span[1] + span[0], m_keys)
-                        chunk: T.let[T.int64] = span[0]
-                        j0: T.let[T.int64] = span[1]
-                        j1: T.let[T.int64] = span[2]
+                        chunk: T.let[T.int64] = (m_keys + decode_splits(m_keys) - 1) // decode_splits(m_keys)
+                        j0: T.let[T.int64] = bx * chunk
+                        j1: T.let[T.int64] = T.min(j0 + chunk, m_keys)
+                        tiles: T.let[T.int64] = T.max(j1 - j0 + TK - 1, i64(0)) // TK
+                        for t in T.unroll(i64(stages - 1)):  # the first tiles' copies
+                            if t < tiles:
+                                copy_tile(kv, kv_flat, rope, rope_flat, rows, k_sh, v_sh, r_sh, layer, cap, t, j0, j1, tid)
+                            if async_copy:
+                                T.evaluate(T.ptx.cp.async_.commit_group())
                         for g in T.unroll(G):  # the query, rotated to its position M - 1
                             m_run[g] = T.float32(NEG_INF)
                             d_run[g] = T.float32(0)
                             for v in T.unroll(V):
                                 acc[g, v] = T.float32(0)
                                 qa[g, v] = rope_rotated(q, 0, kvh * group + g, d0 + v, rope, m_keys - 1, half) * scale
-                        for u in T.unroll(U):
-                            nxt[u] = T.Cast("int64", rows[T.min(j0 + u * PH + lane, m_keys - 1)])
-                        for it in T.serial((chunk + PH * U - 1) // (PH * U)):
-                            for u in T.unroll(U):  # issue every load first
-                                # an out-of-chunk slot reads a valid row and drops its score below
-                                j: T.let[T.int64] = T.min(j0 + (it * U + u) * PH + lane, m_keys - 1)
-                                row: T.let[T.int64] = nxt[u]
+                        for t in T.serial(tiles):
+                            if async_copy:
+                                T.evaluate(T.ptx.cp.async_.wait_group(stages - 2))  # tile t landed (own copies)
+                            T.tvm_storage_sync("shared")  # everyone's; and stage (t - 1) % stages is free
+                            if t + stages - 1 < tiles:
+                                copy_tile(kv, kv_flat, rope, rope_flat, rows, k_sh, v_sh, r_sh, layer, cap,
+                                          t + stages - 1, j0, j1, tid)
+                            if async_copy:
+                                T.evaluate(T.ptx.cp.async_.commit_group())
+                            for kk in T.unroll(KS):  # this slot's rows of the tile: scores
+                                key: T.let[T.int64] = t % stages * TK + kk * PH + lane  # row of the stage
                                 for v in T.vectorized(V):
-                                    kh[u, 0, v] = kv[layer, 0, kvh, row, d0 + v]
+                                    kh[0, v] = k_sh[(key * HKV + kvh) * D + d0 + v]
                                 for v in T.vectorized(V):
-                                    kh[u, 1, v] = kv[layer, 0, kvh, row, dp + v]
+                                    kh[1, v] = k_sh[(key * HKV + kvh) * D + dp + v]
                                 for v in T.vectorized(V):
-                                    vh[u, v] = kv[layer, 1, kvh, row, d0 + v]
+                                    cs[0, v] = r_sh[key * D + d0 % half + v]
                                 for v in T.vectorized(V):
-                                    cs[u, 0, v] = rope[j, d0 % half + v]
-                                for v in T.vectorized(V):
-                                    cs[u, 1, v] = rope[j, half + d0 % half + v]
-                                nxt[u] = T.Cast("int64", rows[T.min(j + PH * U, m_keys - 1)])
-                            for u in T.unroll(U):
-                                for v in T.unroll(V):  # the key, rotated to its position j
-                                    kr[v] = (T.Cast("float32", kh[u, 0, v]) * cs[u, 0, v]
-                                             + sign * T.Cast("float32", kh[u, 1, v]) * cs[u, 1, v])
+                                    cs[1, v] = r_sh[key * D + half + d0 % half + v]
+                                for v in T.unroll(V):  # the key, rotated to its position
+                                    kr[v] = (T.Cast("float32", kh[0, v]) * cs[0, v]
+                                             + sign * T.Cast("float32", kh[1, v]) * cs[1, v])
                                 for g in T.unroll(G):
-                                    part[g] = T.float32(0)
+                                    part[kk, g] = T.float32(0)
                                     for v in T.unroll(V):
-                                        part[g] = part[g] + kr[v] * qa[g, v]
-                                for r in T.unroll(i64(REDUCE_STEPS)):  # butterfly: every lane gets each sum
-                                    for g in T.unroll(G):  # the heads' shuffles are independent
-                                        part[g] = part[g] + T.tvm_warp_shuffle(
-                                            T.uint32(0xFFFFFFFF), part[g], tx ^ (i64(td // 2) >> r), td, 32)
-                                if j0 + (it * U + u) * PH + lane < j1:
+                                        part[kk, g] = part[kk, g] + kr[v] * qa[g, v]
+                            for r in T.unroll(i64(REDUCE_STEPS)):  # butterfly: every lane gets each sum
+                                for kk in T.unroll(KS):  # the rows' and heads' shuffles are independent
                                     for g in T.unroll(G):
-                                        m_new: T.let[T.float32] = T.max(m_run[g], part[g])
-                                        decay: T.let[T.float32] = T.exp2(m_run[g] - m_new)
-                                        p: T.let[T.float32] = T.exp2(part[g] - m_new)
-                                        d_run[g] = d_run[g] * decay + p
-                                        m_run[g] = m_new
-                                        for v in T.unroll(V):
-                                            acc[g, v] = acc[g, v] * decay + p * T.Cast("float32", vh[u, v])
-                        for g in T.unroll(G):
-                            for v in T.unroll(V):
-                                o_sh[ty, g, d0 + v] = acc[g, v]
-                            md_sh[ty, g, 0] = m_run[g]
-                            md_sh[ty, g, 1] = d_run[g]
+                                        part[kk, g] = part[kk, g] + T.tvm_warp_shuffle(
+                                            T.uint32(0xFFFFFFFF), part[kk, g], tx ^ (i64(td // 2) >> r), td, 32)
+                            for g in T.unroll(G):  # one online-softmax step per tile
+                                m_new[g] = m_run[g]
+                                for kk in T.unroll(KS):
+                                    if j0 + t * TK + kk * PH + lane < j1:
+                                        m_new[g] = T.max(m_new[g], part[kk, g])
+                                decay: T.let[T.float32] = T.exp2(m_run[g] - m_new[g])
+                                m_run[g] = m_new[g]
+                                d_run[g] = d_run[g] * decay
+                                for v in T.unroll(V):
+                                    acc[g, v] = acc[g, v] * decay
+                                for kk in T.unroll(KS):
+                                    part[kk, g] = T.if_then_else(j0 + t * TK + kk * PH + lane < j1,
+                                                                 T.exp2(part[kk, g] - m_new[g]), T.float32(0))
+                                    d_run[g] = d_run[g] + part[kk, g]
+                            for kk in T.unroll(KS):  # the values
+                                for v in T.vectorized(V):
+                                    vh[v] = v_sh[((t % stages * TK + kk * PH + lane) * HKV + kvh) * D + d0 + v]
+                                for g in T.unroll(G):
+                                    for v in T.unroll(V):
+                                        acc[g, v] = acc[g, v] + part[kk, g] * T.Cast("float32", vh[v])
+                        T.tvm_storage_sync("shared")  # the tiles are done: their RoPE rows become scratch
+                        if lane > 0:  # the other slots of a KV head hand their state to its first slot
+                            for g in T.unroll(G):
+                                for v in T.unroll(V):
+                                    r_sh[((kvh * (PH - 1) + lane - 1) * G + g) * (D + 2) + d0 + v] = acc[g, v]
+                                if tx == 0:
+                                    r_sh[((kvh * (PH - 1) + lane - 1) * G + g) * (D + 2) + D] = m_run[g]
+                                    r_sh[((kvh * (PH - 1) + lane - 1) * G + g) * (D + 2) + D + 1] = d_run[g]
                         T.tvm_storage_sync("shared")
                         if lane == 0:  # merge the slots of this KV head
                             for g in T.unroll(G):
-                                merged[0] = T.float32(NEG_INF)
-                                for w in T.serial(PH):
-                                    merged[0] = T.max(merged[0], md_sh[ty + w, g, 0])
-                                merged[1] = T.float32(0)
+                                merged[0] = m_run[g]
+                                for w in T.serial(PH - 1):
+                                    merged[0] = T.max(merged[0], r_sh[((kvh * (PH - 1) + w) * G + g) * (D + 2) + D])
+                                merged[1] = d_run[g] * T.exp2(m_run[g] - merged[0])
                                 for v in T.unroll(V):
-                                    out[v] = T.float32(0)
-                                for w in T.serial(PH):
-                                    merged[1] = merged[1] + md_sh[ty + w, g, 1] * T.exp2(md_sh[ty + w, g, 0] - merged[0])
+                                    out[v] = acc[g, v] * T.exp2(m_run[g] - merged[0])
+                                for w in T.serial(PH - 1):
+                                    other: T.let[T.int64] = ((kvh * (PH - 1) + w) * G + g) * (D + 2)
+                                    merged[1] = merged[1] + r_sh[other + D + 1] * T.exp2(r_sh[other + D] - merged[0])
                                     for v in T.unroll(V):
-                                        out[v] = out[v] + o_sh[ty + w, g, d0 + v] * T.exp2(md_sh[ty + w, g, 0] - merged[0])
+                                        out[v] = out[v] + r_sh[other + d0 + v] * T.exp2(r_sh[other + D] - merged[0])
                                 for v in T.unroll(V):
                                     o[0, bx, kvh * group + g, d0 + v] = T.if_then_else(
                                         merged[1] > T.float32(0), out[v] / merged[1], T.float32(0))
@@ -183,4 +258,3 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                                         merged[1] > T.float32(0), merged[0] + T.log2(merged[1]), T.float32(NEG_INF))
 
     return attention_decode
-

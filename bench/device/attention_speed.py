@@ -20,8 +20,10 @@ LIBS = Path(".carry/attn")
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 8, 32, 8, 128, 131072 + 64
 CASES = [("dense", m) for m in (128, 4096, 32768, 131072)] + [("gathered", 2688)]
 VARIANTS = {"partial (split-K per query, before)": ("partial", {}),
-            "decode unroll 1": ("decode", {"unroll": 1}),
-            "decode unroll 2": ("decode", {"unroll": 2})}
+            "decode tiles of 8 rows, 2 stages": ("decode", {"tile_keys": 8, "stages": 2}),
+            "decode tiles of 8 rows, 3 stages": ("decode", {"tile_keys": 8, "stages": 3}),
+            "decode tiles of 16 rows, 2 stages": ("decode", {"tile_keys": 16, "stages": 2}),
+            "decode tiles of 4 rows, 4 stages": ("decode", {"tile_keys": 4, "stages": 4})}
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
 CHUNK_SHAPES = {"chunk": {}}  # the tensor-core kernel; variants: make_chunk_attention(warps=, keys=)
@@ -52,7 +54,7 @@ def prepare() -> None:
 
 
 def _file(name: str) -> str:
-    return name.split(" (")[0].replace(" ", "_")
+    return name.split(" (")[0].replace(" ", "_").replace(",", "")
 
 
 def run(out_path: Path) -> None:
