@@ -146,7 +146,7 @@ CORRUPTIONS = {
                                                                   if k != "model.norm.weight"}),
                        "tensor model.norm.weight is missing; convert the weights"),
     "dtype": (lambda p: _safetensors_with(p, lambda h: {k: {**v, "dtype": "I64"} if k != "__metadata__" else v
-                                                        for k, v in h.items()}), "dtype is I64, not F16/BF16/F32"),
+                                                        for k, v in h.items()}), "dtype is I64, not the F16"),
 }
 
 
