@@ -218,3 +218,10 @@ def test_run_end_to_end_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch):  # 
     # already leaves some out, so its losses are not dense's
     assert cells["ppl", "dense"]["buckets"][0]["loss"] != cells["ppl", "streaming"]["buckets"][0]["loss"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ppl_document_never_repeats_the_text(tok):
+    sentences = prose_sentences()
+    assert len(set(sentences)) == len(sentences) > 900
+    with pytest.raises(ValueError, match="use shorter --lengths for ppl"):
+        ppl.document(tok, 200_000, sample_rng(0, "ppl"))

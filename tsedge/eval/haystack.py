@@ -8,7 +8,9 @@ Two haystacks:
 - ``repeat``: RULER's "noise" haystack, five short sentences repeated (the passkey filler).
 - ``prose``: natural English. RULER uses Paul Graham's essays (downloaded); here the prose
   paragraphs of CPython's language reference as ``pydoc_data.topics`` ships it with Python (PSF
-  License), code blocks, grammar, lists and headings left out, so nothing is downloaded.
+  License), code blocks, grammar, lists and headings left out, so nothing is downloaded. A
+  haystack longer than the text (~26K SmolLM2 tokens) wraps around to its start, as RULER
+  repeats its essays.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“(])")
 
 @functools.cache
 def prose_sentences() -> tuple[str, ...]:
-    """The sentences of the prose paragraphs of CPython's pydoc topics, in document order."""
+    """The distinct sentences of the prose paragraphs of CPython's pydoc topics, in document order
+    (~1,000 sentences, ~26K SmolLM2 tokens)."""
     import pydoc_data.topics
 
     sentences: list[str] = []
@@ -39,7 +42,7 @@ def prose_sentences() -> tuple[str, ...]:
             text = re.sub(r"(?<=\w)- (?=[a-z])", "-", " ".join(line.strip() for line in lines))
             if text.endswith(".") and len(text) >= 40:
                 sentences.extend(_SENTENCE_END.split(text))
-    return tuple(sentences)
+    return tuple(dict.fromkeys(sentences))  # topics share passages: each sentence once, so no copying
 
 
 def filler(haystack: str, rng: random.Random) -> Callable[[int], list[str]]:

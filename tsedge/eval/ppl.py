@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tsedge.eval.haystack import filler
+from tsedge.eval.haystack import filler, prose_sentences
 
 BUCKETS = 4
 WINDOW = 32
@@ -27,14 +27,18 @@ WINDOW = 32
 
 def document(tokenizer, length: int, rng: random.Random) -> list[int]:
     """The first ``length`` tokens (BOS first if the model adds one) of the prose from a random
-    sentence on."""
+    sentence on, each sentence at most once. Raises ValueError when the whole text is shorter."""
     take = filler("prose", rng)
-    sentences = max(1, length // 16)
-    while True:  # a sentence has well under 16 tokens on average: rarely more than one pass
+    total = len(prose_sentences())
+    sentences = min(total, max(1, length // 16))
+    while True:  # a sentence has well over 16 tokens on average: rarely more than one pass
         ids = tokenizer.encode(" ".join(take(sentences)))
         if len(ids) >= length:
             return ids[:length]
-        sentences *= 2
+        if sentences == total:
+            raise ValueError(f"ppl's text (CPython's docs prose) has {len(ids)} tokens, fewer than {length}; "
+                             "use shorter --lengths for ppl")
+        sentences = min(total, 2 * sentences)
 
 
 def scored_positions(length: int, buckets: int = BUCKETS, window: int = WINDOW) -> list[range]:
