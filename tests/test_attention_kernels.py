@@ -92,6 +92,7 @@ DECODE_CASES = [
     (32, 8, 128, "float16", 2689, 40000),    # a Selection Cache hit's gathered rows
     (32, 8, 128, "float16", 40961, 41000),   # 256 splits of 161 keys
     (9, 3, 64, "float16", 300, 1200),        # SmolLM2 heads (group 3)
+    (16, 2, 128, "float16", 1000, 1200),     # group 8: each slot one query head, no key lanes
     (9, 3, 64, "float32", 4099, 5000),       # float32 library: 4-element loads
     (4, 4, 64, "float32", 33, 64),           # group 1, a split of one key
 ]

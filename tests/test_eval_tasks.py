@@ -16,7 +16,7 @@ from test_chat import tiny_folder  # noqa: F401 (fixture: a tiny random model fo
 from tsedge.cli import main
 from tsedge.eval import niah, ppl, vt
 from tsedge.eval.haystack import DEPTHS, FILLER_SENTENCES, draw_depths, insert_at_depths, prose_sentences
-from tsedge.eval.runner import TASKS, Grid, check_policies, parse_lengths
+from tsedge.eval.runner import TASKS, Grid, check_policies, format_table, merge, parse_lengths
 from tsedge.eval.sample import sample_rng, string_match_all
 
 LENGTHS = [700, 2048]
@@ -218,6 +218,29 @@ def test_run_end_to_end_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch):  # 
     # already leaves some out, so its losses are not dense's
     assert cells["ppl", "dense"]["buckets"][0]["loss"] != cells["ppl", "streaming"]["buckets"][0]["loss"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = CliRunner().invoke(main, ["eval", "table", str(out)], catch_exceptions=False)
+    assert again.exit_code == 0 and again.stdout.splitlines() == table
+
+
+def fake_result(length: int, cells: dict[tuple[str, str], float], policy_budget: int = 128) -> dict:
+    """A saved `eval run` result of one length with the given (task, policy) scores."""
+    return {"info": {"model": "m"}, "config": {"tasks": list(dict.fromkeys(t for t, _ in cells)), "lengths": [length],
+                                               "samples": 1, "policies": {"dense": {}, "streaming": {"n_local": policy_budget}}},
+            "cells": [{"task": t, "haystack": "prose", "policy": p, "length": length, "score": v}
+                      for (t, p), v in cells.items()]}
+
+
+def test_merged_runs_make_one_table():
+    short = fake_result(2048, {("vt", "dense"): 0.5, ("vt", "streaming"): 0.0, ("ppl", "dense"): 11.0,
+                               ("ppl", "streaming"): 17.0})
+    long = fake_result(4096, {("vt", "dense"): 0.25, ("vt", "streaming"): 0.125})
+    assert format_table(merge([short, long])).splitlines() == [
+        "| task | dense 2K | dense 4K | streaming 2K | streaming 4K |",
+        "|---|---|---|---|---|",
+        "| vt (prose) | 50 % | 25 % | 0 % | 12 % |",
+        "| ppl (prose), perplexity | 11.00 | - | 17.00 | - |"]
+    with pytest.raises(ValueError, match="different models or policy settings"):
+        merge([short, fake_result(4096, {("vt", "dense"): 0.25}, policy_budget=64)])
 
 
 def test_ppl_document_never_repeats_the_text(tok):

@@ -257,7 +257,7 @@ BAD = {
     "malformed JSON": (b'{"model": "%s", "messages": [' % TINY.encode(), 400, "not valid JSON"),
     "not UTF-8": (GOOD.replace(b"Hi there.", b"Hi th\xe9re."), 400, r"not UTF-8 text \(byte 0xe9"),
     "unknown model": (GOOD.replace(TINY.encode(), b"gpt-4o"), 404, "'gpt-4o' is not served here"),
-    "empty messages": (b'{"model": "%s", "messages": []}' % TINY.encode(), 400, "invalid messages"),
+    "empty messages": (b'{"model": "%s", "messages": []}' % TINY.encode(), 400, "messages: the conversation is empty"),
     "max_tokens 0": (GOOD.replace(b'"max_tokens": 3', b'"max_tokens": 0'), 400, "invalid max_tokens"),
     "max_tokens -5": (GOOD.replace(b'"max_tokens": 3', b'"max_tokens": -5'), 400, "invalid max_tokens"),
     "prompt over the context": (GOOD.replace(b"Hi there.", b"fox " * 80), 400,
@@ -363,19 +363,26 @@ CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--
             "--window-size=1100,700"]
 
 
-def test_chat_page_in_headless_chromium(smol_server, tmp_path, capsys):
-    if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        pytest.skip("needs Debian's chromium and chromedriver: apt-get install chromium chromium-driver")
+@pytest.fixture(scope="module")
+def chromium() -> tuple[str, str]:
+    """Debian's chromium and its chromedriver (module scope: checked before the server starts)."""
+    found = shutil.which("chromium"), shutil.which("chromedriver")
+    if not all(found):
+        pytest.skip("needs Debian's chromium and its driver: apt-get install chromium chromium-driver")
+    return found
+
+
+def test_chat_page_in_headless_chromium(chromium, smol_server, tmp_path, capsys):
     from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
+    options.binary_location = chromium[0]
     for arg in [*CHROMIUM, f"--user-data-dir={tmp_path / 'profile'}"]:
         options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(chromium[1]))
     question = "What is the capital of France?"
     try:
         driver.get(smol_server.url + "/")

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from tsedge.cli_bench import bench_decode, bench_prefill
-from tsedge.cli_eval import eval_run
+from tsedge.cli_eval import eval_run, eval_table
 from tsedge.cli_options import (POSITIVE_INTS, TARGET_HELP, FiniteFloatRange, PrefillDisplay,
                                  context_full_note, number_list, policy_config, policy_options,
                                  read_text_file, resolve_target, sampling_options, sampling_params,
@@ -286,6 +286,7 @@ def eval_group() -> None:
 
 
 eval_group.add_command(eval_run)
+eval_group.add_command(eval_table)
 
 
 @eval_group.command("passkey")

@@ -1,4 +1,5 @@
-"""``tsedge eval run``: RULER-style tasks and perplexity over policies x lengths (tsedge/eval/runner.py)."""
+"""``tsedge eval run``: RULER-style tasks and perplexity over policies x lengths (tsedge/eval/runner.py);
+``tsedge eval table``: the table of saved runs."""
 
 from __future__ import annotations
 
@@ -123,3 +124,13 @@ def eval_run(model, target, tasks, haystacks, policies, lengths, samples, seed, 
     path.write_text(json.dumps(result, indent=1))
     plot(result, path.with_suffix(".png"))
     click.echo(f"wrote {path} and {path.with_suffix('.png')}", err=True)
+
+
+@click.command("table")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@_cli_errors
+def eval_table(results) -> None:
+    """The table of one or more `tsedge eval run` JSON files of one model (e.g. one per length)."""
+    from tsedge.eval.runner import format_table, merge
+
+    click.echo(format_table(merge([json.loads(Path(path).read_text()) for path in results])))

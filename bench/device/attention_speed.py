@@ -22,7 +22,6 @@ CASES = [("dense", m) for m in (128, 4096, 32768, 131072)] + [("gathered", 2688)
 VARIANTS = {"partial (split-K per query, before)": ("partial", {}),
             "decode tiles of 8 rows, 2 stages": ("decode", {"tile_keys": 8, "stages": 2}),
             "decode tiles of 8 rows, 3 stages": ("decode", {"tile_keys": 8, "stages": 3}),
-            "decode tiles of 16 rows, 2 stages": ("decode", {"tile_keys": 16, "stages": 2}),
             "decode tiles of 4 rows, 4 stages": ("decode", {"tile_keys": 4, "stages": 4})}
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)

@@ -187,22 +187,38 @@ def _scores(result: dict[str, Any]) -> dict[tuple[str, str, str, int], float]:
 def format_table(result: dict[str, Any]) -> str:
     """Markdown table: a row per task (and haystack), a column per policy and length; string-match
     tasks in % of references recalled (mean over samples), ``ppl`` as perplexity (lower is better),
-    and the mean of the string-match rows."""
+    the mean of the string-match rows, and "-" for a cell that did not run."""
     columns, scores = _columns(result), _scores(result)
     lines = ["| task | " + " | ".join(f"{p} {length_label(n)}" for p, n in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     matched = []
     for label, task, haystack in _rows(result):
-        row = [scores[task, haystack, p, n] for p, n in columns]
+        row = [scores.get((task, haystack, p, n)) for p, n in columns]
         if task == "ppl":
-            lines.append(f"| {label}, perplexity | " + " | ".join(f"{s:.2f}" for s in row) + " |")
+            lines.append(f"| {label}, perplexity | " + " | ".join("-" if s is None else f"{s:.2f}" for s in row) + " |")
         else:
             matched.append(row)
-            lines.append(f"| {label} | " + " | ".join(f"{100 * s:.0f} %" for s in row) + " |")
+            lines.append(f"| {label} | " + " | ".join("-" if s is None else f"{100 * s:.0f} %" for s in row) + " |")
     if len(matched) > 1:
-        means = [sum(col) / len(col) for col in zip(*matched)]
-        lines.append("| mean of the string-match rows | " + " | ".join(f"{100 * m:.0f} %" for m in means) + " |")
+        means = [None if None in col else sum(col) / len(col) for col in zip(*matched)]
+        lines.append("| mean of the string-match rows | "
+                     + " | ".join("-" if m is None else f"{100 * m:.0f} %" for m in means) + " |")
     return "\n".join(lines)
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result of several runs of the same model and policies (e.g. one per length): their
+    cells, lengths and tasks together. Raises ValueError when models or policy settings differ."""
+    first = results[0]
+    for other in results[1:]:
+        if other["info"].get("model") != first["info"].get("model") or \
+                other["config"]["policies"] != first["config"]["policies"]:
+            raise ValueError("these results are of different models or policy settings; table them apart")
+    config = {**first["config"],
+              "tasks": list(dict.fromkeys(t for r in results for t in r["config"]["tasks"])),
+              "lengths": sorted({n for r in results for n in r["config"]["lengths"]}),
+              "samples": sorted({r["config"]["samples"] for r in results})}
+    return {**first, "config": config, "cells": [c for r in results for c in r["cells"]]}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

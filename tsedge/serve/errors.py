@@ -18,8 +18,6 @@ from tsedge.serve.schemas import ErrorBody, ErrorResponse
 
 log = logging.getLogger("tsedge.serve")
 Schema = TypeVar("Schema", bound=BaseModel)
-TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-         500: "server_error"}
 
 
 class APIError(Exception):
@@ -30,7 +28,7 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        kind = TYPES.get(self.status, "invalid_request_error")
+        kind = "invalid_request_error" if self.status < 500 else "server_error"  # as OpenAI's
         error = ErrorBody(message=self.message, type=kind, param=self.param, code=self.code)
         return ErrorResponse(error=error).model_dump()
 
