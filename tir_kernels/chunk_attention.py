@@ -11,9 +11,12 @@ Attention with Better Parallelism and Work Partitioning", 2023):
 - the block's queries are rotated to their positions, scaled by log2(e)/sqrt(d) and staged as
   float16 in shared memory once; their fragments are re-read per key tile (``ldmatrix``), which
   keeps registers low enough for several blocks per multiprocessor;
-- the block walks its split ``KEYS`` keys at a time: the tile's keys are gathered through
-  ``rows``, rotated (RoPE at their list position) and stored as float16 in shared memory with the
-  values (rows padded by 16 bytes, so fragment loads are free of bank conflicts);
+- the block walks its split ``KEYS`` keys at a time; the tiles' key and value rows (gathered
+  through ``rows``) and their RoPE table rows are copied into shared memory by ``cp.async``
+  ``stages - 1`` tiles ahead of the one computed (no registers held, many copies in flight, as
+  CUTLASS's multistage pipelines do); a tile's keys are then rotated (RoPE at their list position)
+  from there into a float16 key tile (rows padded by 16 bytes, as the value rows are, so fragment
+  loads are free of bank conflicts);
 - ``S = Q Kᵀ`` and ``O += P V`` run on tensor cores (float16 operands, float32 accumulators);
   ``P`` stays in registers (the accumulator layout of ``S`` is the operand layout of ``P``), query,
   key and value fragments come through ``ldmatrix`` (``.trans`` for values);
@@ -35,14 +38,14 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from .attention import LOG2E, NEG_INF, rope_rotated
-from .common import has_mma_sync, i64
+from .common import has_mma_sync, i64, max_shared_memory
 
 WARPS = 4  # per block, 16 (query, head) rows each
 KEYS = 32  # keys per shared-memory tile (more blocks per SM beat longer tiles: bench/results/attention_speed_h200.json)
 SPLIT = 8192  # keys per split (partial output)
 PAD = 8  # float16 elements of padding per shared-memory row
 V_GROUP = 4  # at most this many ldmatrix.x4 of V fragments loaded before their mma
-MAX_SHARED = 96 * 1024  # bytes of (dynamic) shared memory a block may take: two blocks per SM
+STAGES = 2  # key/value tiles in shared memory: one computed, the others in flight
 
 
 def chunk_splits(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
@@ -56,14 +59,15 @@ def supported(dtype: str, head_dim: int, target: Target) -> bool:
 
 
 def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
-                         target: Target, warps: int = WARPS, keys: int = KEYS) -> tirx.PrimFunc:
+                         target: Target, warps: int = WARPS, keys: int = KEYS, stages: int = STAGES) -> tirx.PrimFunc:
     """Args: q[n, >= H, d] float16 (its first H heads are the queries), kv[layers, 2, Hkv, cap, d]
     float16, rope[P, d] float32, rows[M] int32, layer (int64).
 
     Outputs: o[n, S, H, d] float32 (each split's normalised output), lse[n, S, H] float32
     (log2-sum-exp of the split's scaled scores, ``NEG_INF`` where the split has no visible key),
     with ``S = chunk_splits(M)``. ``warps`` (16 rows each) and ``keys`` (a multiple of 16 dividing
-    ``SPLIT``) shape the block and its key tile. Raises ValueError where ``supported`` is False.
+    ``SPLIT``) shape the block and its key tile; ``stages`` (≥ 2) tiles are in shared memory. Raises
+    ValueError where ``supported`` is False or the block exceeds the target's shared memory.
     """
     if not supported(dtype, head_dim, target):
         raise ValueError("tensor-core chunk attention needs CUDA sm_80+, float16 and head_dim a multiple "
@@ -72,9 +76,11 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
     half = head_dim // 2
     stride = head_dim + PAD
     threads, rows_per_block = 32 * warps, 16 * warps
-    if (rows_per_block + 2 * keys) * stride * 2 > MAX_SHARED or keys % 16 or SPLIT % keys:
-        raise ValueError(f"chunk attention: {warps} warps x {keys} keys per tile exceed {MAX_SHARED} bytes of "
-                         f"shared memory or do not tile the {SPLIT}-key split in multiples of 16")
+    stage_elems = keys * (head_dim + stride)  # float16: raw keys, padded values
+    smem = (rows_per_block + keys) * stride * 2 + stages * (stage_elems * 2 + keys * head_dim * 4)
+    if smem > max_shared_memory(target) or keys % 16 or SPLIT % keys or stages < 2:
+        raise ValueError(f"chunk attention: {warps} warps x {keys} keys per tile x {stages} stages exceed the "
+                         f"target's shared memory or do not tile the {SPLIT}-key split in multiples of 16")
     k_steps = head_dim // 16  # k-steps of Q Kᵀ
     d_blocks = head_dim // 8  # n-blocks of P V (output dims)
     key_blocks = keys // 8  # n-blocks of Q Kᵀ (keys)
@@ -82,14 +88,38 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
     k_vecs = half // 8  # 16-byte vectors of a key's first half
     v_group = next(g for g in range(min(V_GROUP, d_blocks // 2), 0, -1) if d_blocks // 2 % g == 0)
     q_items = (rows_per_block * head_dim + threads - 1) // threads
-    k_items = (keys * k_vecs + threads - 1) // threads
-    v_items = (keys * (head_dim // 8) + threads - 1) // threads
+    k_items = (keys * k_vecs + threads - 1) // threads  # rotation: 8 + 8 elements an item
+    row_items = (keys * (head_dim // 8) + threads - 1) // threads  # copies: 16 bytes of a K or V row
+    rope_items = (keys * (head_dim // 4) + threads - 1) // threads  # copies: 16 bytes of a RoPE row
     scale = LOG2E / math.sqrt(head_dim)
     H, D, HKV, G = i64(n_heads), i64(head_dim), i64(n_kv), i64(group)
 
     def mma(a, a_off, b, b_off, c, c_off):
         return T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
                                            a.data, a_off, b.data, b_off, c.data, c_off, False, dtype="float32"))
+
+    @T.macro
+    def copy_tile(kv, rope, rows, kv_st, r_st, layer, cap, by, t, key_start, key_lim, tid):
+        """Issue the copies of tile ``t`` (its rows clamped to the split's last) into stage ``t % stages``."""
+        for it in T.unroll(i64(row_items)):
+            if it * threads + tid < keys * (head_dim // 8):
+                jj: T.let[T.int64] = (it * threads + tid) // (head_dim // 8)
+                c: T.let[T.int64] = (it * threads + tid) % (head_dim // 8) * 8
+                row: T.let[T.int64] = T.Cast("int64", rows[T.min(key_start + t * keys + jj, key_lim - 1)])
+                base: T.let[T.int64] = t % stages * stage_elems
+                T.evaluate(T.s_tir.cp_async_raw.legacy(
+                    kv_st.data, base + jj * head_dim + c, kv.data,
+                    (((layer * 2) * HKV + by) * cap + row) * D + c, 16, dtype="float16"))
+                T.evaluate(T.s_tir.cp_async_raw.legacy(
+                    kv_st.data, base + keys * head_dim + jj * stride + c, kv.data,
+                    (((layer * 2 + 1) * HKV + by) * cap + row) * D + c, 16, dtype="float16"))
+        for it in T.unroll(i64(rope_items)):
+            if it * threads + tid < keys * (head_dim // 4):
+                jj: T.let[T.int64] = (it * threads + tid) // (head_dim // 4)
+                c: T.let[T.int64] = (it * threads + tid) % (head_dim // 4) * 4
+                T.evaluate(T.s_tir.cp_async_raw.legacy(
+                    r_st.data, (t % stages * keys + jj) * head_dim + c, rope.data,
+                    T.min(key_start + t * keys + jj, key_lim - 1) * D + c, 16, dtype="float32"))
 
     @T.prim_func(s_tir=True)
     def chunk_attention(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
@@ -112,8 +142,9 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                 T.writes()
                                 # dynamic shared memory (flat: padding kept); ldmatrix takes it through access_ptr,
                                 # which the pass merging dynamic allocations rewrites
-                                k_sh = T.sblock_alloc_buffer((keys * stride,), "float16", scope="shared.dyn")
-                                v_sh = T.sblock_alloc_buffer((keys * stride,), "float16", scope="shared.dyn")
+                                k_sh = T.sblock_alloc_buffer((keys * stride,), "float16", scope="shared.dyn")  # rotated
+                                kv_st = T.sblock_alloc_buffer((stages * stage_elems,), "float16", scope="shared.dyn")
+                                r_st = T.sblock_alloc_buffer((stages * keys * head_dim,), "float32", scope="shared.dyn")
                                 q_sh = T.sblock_alloc_buffer((rows_per_block * stride,), "float16", scope="shared.dyn")
                                 qf = T.sblock_alloc_buffer((8,), "float16", scope="local")  # A fragment of Q
                                 sf = T.sblock_alloc_buffer((key_blocks * 4,), "float32", scope="local")
@@ -150,44 +181,43 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                             T.float16(0))
                                 for e in T.unroll(d_blocks * 4):
                                     of[e] = T.float32(0)
-                                for t in T.serial(T.max(key_end - key_start + keys - 1, T.int64(0)) // keys):
+                                tiles: T.let[T.int64] = T.max(key_end - key_start + keys - 1, T.int64(0)) // keys
+                                for t in T.unroll(i64(stages - 1)):  # the first tiles' copies
+                                    if t < tiles:
+                                        copy_tile(kv, rope, rows, kv_st, r_st, layer, cap, by, t, key_start, key_lim, tid)
+                                    T.evaluate(T.ptx.cp.async_.commit_group())
+                                for t in T.serial(tiles):
                                     j0: T.let[T.int64] = key_start + t * keys
+                                    stage: T.let[T.int64] = t % stages * stage_elems
                                     for rr in T.unroll(2):
                                         lim[rr] = T.Cast("int32", T.max(T.min(key_lim, qp[rr] + 1) - j0, T.int64(-1)))
-                                    for it in T.unroll(k_items):  # keys: gather, rotate, store float16
+                                    T.evaluate(T.ptx.cp.async_.wait_group(stages - 2))  # tile t landed (own copies)
+                                    T.tvm_storage_sync("shared")  # everyone's; the previous tile's buffers are free
+                                    if t + stages - 1 < tiles:
+                                        copy_tile(kv, rope, rows, kv_st, r_st, layer, cap, by, t + stages - 1,
+                                                  key_start, key_lim, tid)
+                                    T.evaluate(T.ptx.cp.async_.commit_group())
+                                    for it in T.unroll(k_items):  # keys: rotate, store float16
                                         jj: T.let[T.int64] = (it * threads + tid) // k_vecs
                                         d0: T.let[T.int64] = (it * threads + tid) % k_vecs * 8
-                                        if jj < keys and j0 + jj < key_lim:
+                                        if jj < keys:
                                             for e in T.vectorized(8):
-                                                kx[e] = kv[layer, 0, by, T.Cast("int64", rows[j0 + jj]), d0 + e]
+                                                kx[e] = kv_st[stage + jj * head_dim + d0 + e]
                                             for e in T.vectorized(8):
-                                                kx[8 + e] = kv[layer, 0, by, T.Cast("int64", rows[j0 + jj]), half + d0 + e]
+                                                kx[8 + e] = kv_st[stage + jj * head_dim + half + d0 + e]
                                             for e in T.vectorized(8):
-                                                cs[e] = rope[j0 + jj, d0 + e]
+                                                cs[e] = r_st[(t % stages * keys + jj) * head_dim + d0 + e]
                                             for e in T.vectorized(8):
-                                                cs[8 + e] = rope[j0 + jj, half + d0 + e]
+                                                cs[8 + e] = r_st[(t % stages * keys + jj) * head_dim + half + d0 + e]
                                             for e in T.unroll(8):
                                                 kr[e] = T.Cast("float16", T.Cast("float32", kx[e]) * cs[e]
                                                                - T.Cast("float32", kx[8 + e]) * cs[8 + e])
                                                 kr[8 + e] = T.Cast("float16", T.Cast("float32", kx[8 + e]) * cs[e]
                                                                    + T.Cast("float32", kx[e]) * cs[8 + e])
-                                        else:
-                                            for e in T.unroll(16):
-                                                kr[e] = T.float16(0)
-                                        if jj < keys:
                                             for e in T.vectorized(8):
                                                 k_sh[jj * stride + d0 + e] = kr[e]
                                             for e in T.vectorized(8):
                                                 k_sh[jj * stride + half + d0 + e] = kr[8 + e]
-                                    for it in T.unroll(v_items):  # values
-                                        jj: T.let[T.int64] = (it * threads + tid) // (head_dim // 8)
-                                        d0: T.let[T.int64] = (it * threads + tid) % (head_dim // 8) * 8
-                                        if jj < keys and j0 + jj < key_lim:
-                                            for e in T.vectorized(8):
-                                                v_sh[jj * stride + d0 + e] = kv[layer, 1, by, T.Cast("int64", rows[j0 + jj]), d0 + e]
-                                        elif jj < keys:
-                                            for e in T.vectorized(8):
-                                                v_sh[jj * stride + d0 + e] = T.float16(0)
                                     T.tvm_storage_sync("shared")
                                     for e in T.unroll(key_blocks * 4):
                                         sf[e] = T.float32(0)
@@ -234,12 +264,11 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                         for vg in T.unroll(d_blocks // 2 // v_group):
                                             for nd in T.unroll(v_group):
                                                 T.evaluate(T.ptx_legacy.ldmatrix(
-                                                    True, 4, ".b16", bv.data, nd * 8, v_sh.access_ptr("r"),
-                                                    (kk * 16 + (tx // 8) % 2 * 8 + tx % 8) * stride
+                                                    True, 4, ".b16", bv.data, nd * 8, kv_st.access_ptr("r"),
+                                                    stage + keys * head_dim + (kk * 16 + (tx // 8) % 2 * 8 + tx % 8) * stride
                                                     + (2 * (vg * v_group + nd) + tx // 16) * 8, dtype="float16"))
                                             for nd in T.unroll(2 * v_group):
                                                 mma(pf, kk * 8, bv, nd * 4, of, (vg * 2 * v_group + nd) * 4)
-                                    T.tvm_storage_sync("shared")
                                 for rr in T.unroll(2):  # normalise, write the split's output
                                     red[0] = l_run[rr]
                                     for r in T.unroll(2):

@@ -199,14 +199,16 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
         chunk: T.let[T.int64] = T.ceildiv(C, NB)
         if gpu:
             # pass 1: block (b, g) scores tokens [b*chunk, (b+1)*chunk) of KV head g for the query
-            # heads of its group: one token row per thread (16-byte loads, no shuffles per token),
+            # heads of its group: one token row per thread (its 16-byte loads all issued before the
+            # first multiply, so a row is in flight at once; no shuffles per token),
             # then a block reduction of the per-thread online-softmax states
             for b in T.thread_binding(NB, thread="blockIdx.x"):
                 for g in T.thread_binding(i64(n_kv_heads), thread="blockIdx.y"):
                     for tx in T.thread_binding(tile, thread="threadIdx.x"):
                         with T.sblock("score"):
                             qs = T.sblock_alloc_buffer((group, d), "float32", scope="shared")
-                            kl = T.sblock_alloc_buffer((vec,), dtype, scope="local")
+                            kl = T.sblock_alloc_buffer((d,), dtype, scope="local")
+                            q4 = T.sblock_alloc_buffer((4,), "float32", scope="local")
                             acc = T.sblock_alloc_buffer((group,), "float32", scope="local")
                             m = T.sblock_alloc_buffer((group,), "float32", scope="local")
                             z = T.sblock_alloc_buffer((group,), "float32", scope="local")
@@ -223,17 +225,22 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
                                     m[j] = T.float32(_NEG)
                                     z[j] = T.float32(0)
                                 for it in range(T.ceildiv(chunk, tile)):
+                                    # a barrier keeps the compiler from hoisting all of qs into registers
+                                    T.tvm_storage_sync("shared")
                                     t: T.let[T.int64] = b * chunk + it * tile + tx
                                     if it * tile + tx < chunk and t < C:
-                                        for j in range(group):
+                                        for j in T.unroll(group):
                                             acc[j] = T.float32(0)
-                                        for c in range(d // vec):
+                                        for c in T.unroll(d // vec):  # the whole row in flight at once
                                             for v in T.vectorized(vec):
-                                                kl[v] = kv[layer, 0, g, n_init + t, c * vec + v]
-                                            for j in range(group):
-                                                for v in T.unroll(vec):
-                                                    acc[j] += qs[j, c * vec + v] * T.Cast("float32", kl[v])
-                                        for j in range(group):
+                                                kl[c * vec + v] = kv[layer, 0, g, n_init + t, c * vec + v]
+                                        for c in T.unroll(d // 4):  # 16-byte (broadcast) reads of the queries
+                                            for j in T.unroll(group):
+                                                for v in T.vectorized(4):
+                                                    q4[v] = qs[j, c * 4 + v]
+                                                for v in T.unroll(4):
+                                                    acc[j] += q4[v] * T.Cast("float32", kl[c * 4 + v])
+                                        for j in T.unroll(group):
                                             online_update(m, z, j, acc[j])
                                             scores[g * group + j, t] = acc[j]
                                 for j in range(group):

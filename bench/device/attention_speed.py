@@ -19,15 +19,16 @@ from pathlib import Path
 LIBS = Path(".carry/attn")
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 8, 32, 8, 128, 131072 + 64
 CASES = [("dense", m) for m in (128, 4096, 32768, 131072)] + [("gathered", 2688)]
-VARIANTS = {"partial (split-K per query, before)": ("partial", {}),
+VARIANTS = {
             "decode tiles of 8 rows, 2 stages": ("decode", {"tile_keys": 8, "stages": 2}),
             "decode tiles of 8 rows, 3 stages": ("decode", {"tile_keys": 8, "stages": 3}),
             "decode tiles of 4 rows, 4 stages": ("decode", {"tile_keys": 4, "stages": 4})}
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
-CHUNK_SHAPES = {"chunk": {}}  # the tensor-core kernel; variants: make_chunk_attention(warps=, keys=)
+CHUNK_SHAPES = {"chunk": {}, "chunk, 3 stages": {"stages": 3}, "chunk, 16 keys, 3 stages": {"keys": 16, "stages": 3},
+                "chunk, 16 keys, 4 stages": {"keys": 16, "stages": 4}}  # make_chunk_attention(warps=, keys=, stages=)
 PREFILL_VARIANTS = {**{f"{name} (tensor cores)": (name, PREFILL_DEPTHS) for name in CHUNK_SHAPES},
-                    "partial (split-K per query, before)": ("partial", (0, 4096))}
+}
 
 
 def prepare() -> None:
@@ -115,7 +116,7 @@ def run(out_path: Path) -> None:
                             "kv_gb_per_s": round(gbs, 1)})
             print(f"{name:38s} {case:8s} M={m:7d}: {us:9.2f} us/layer  {gbs:8.1f} GB/s", flush=True)
     for name, (kind, depths) in PREFILL_VARIANTS.items():
-        kernel = load(kind)
+        kernel = load(_file(kind))
         for depth in depths:
             m = depth + PREFILL_N
             splits = chunk_attention.chunk_splits(m) if kind.startswith("chunk") else attention.num_chunks(m)
