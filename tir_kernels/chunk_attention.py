@@ -40,7 +40,8 @@ from tvm.target import Target
 from .attention import LOG2E, NEG_INF, rope_rotated
 from .common import has_mma_sync, i64, max_shared_memory
 
-WARPS = 4  # per block, 16 (query, head) rows each
+WARPS = 4  # per block
+M_TILES = 2  # 16-row mma tiles of (query, head) rows per warp: each K/V fragment feeds this many mma
 KEYS = 32  # keys per shared-memory tile (more blocks per SM beat longer tiles: bench/results/attention_speed_h200.json)
 SPLIT = 8192  # keys per split (partial output)
 PAD = 8  # float16 elements of padding per shared-memory row
@@ -59,14 +60,15 @@ def supported(dtype: str, head_dim: int, target: Target) -> bool:
 
 
 def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
-                         target: Target, warps: int = WARPS, keys: int = KEYS, stages: int = STAGES) -> tirx.PrimFunc:
+                         target: Target, warps: int = WARPS, keys: int = KEYS, stages: int = STAGES,
+                         m_tiles: int = M_TILES) -> tirx.PrimFunc:
     """Args: q[n, >= H, d] float16 (its first H heads are the queries), kv[layers, 2, Hkv, cap, d]
     float16, rope[P, d] float32, rows[M] int32, layer (int64).
 
     Outputs: o[n, S, H, d] float32 (each split's normalised output), lse[n, S, H] float32
     (log2-sum-exp of the split's scaled scores, ``NEG_INF`` where the split has no visible key),
-    with ``S = chunk_splits(M)``. ``warps`` (16 rows each) and ``keys`` (a multiple of 16 dividing
-    ``SPLIT``) shape the block and its key tile; ``stages`` (≥ 2) tiles are in shared memory. Raises
+    with ``S = chunk_splits(M)``. ``warps`` (``16 m_tiles`` rows each) and ``keys`` (a multiple of
+    16 dividing ``SPLIT``) shape the block and its key tile; ``stages`` (≥ 2) tiles are in shared memory. Raises
     ValueError where ``supported`` is False or the block exceeds the target's shared memory.
     """
     if not supported(dtype, head_dim, target):
@@ -75,7 +77,8 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
     group = n_heads // n_kv
     half = head_dim // 2
     stride = head_dim + PAD
-    threads, rows_per_block = 32 * warps, 16 * warps
+    threads, rows_per_block = 32 * warps, 16 * warps * m_tiles
+    MT = i64(m_tiles)
     stage_elems = keys * (head_dim + stride)  # float16: raw keys, padded values
     smem = (rows_per_block + keys) * stride * 2 + stages * (stage_elems * 2 + keys * head_dim * 4)
     if smem > max_shared_memory(target) or keys % 16 or SPLIT % keys or stages < 2:
@@ -86,7 +89,7 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
     key_blocks = keys // 8  # n-blocks of Q Kᵀ (keys)
     pv_steps = keys // 16  # k-steps of P V
     k_vecs = half // 8  # 16-byte vectors of a key's first half
-    v_group = next(g for g in range(min(V_GROUP, d_blocks // 2), 0, -1) if d_blocks // 2 % g == 0)
+    v_group = next(g for g in range(min(V_GROUP // m_tiles, d_blocks // 2), 0, -1) if d_blocks // 2 % g == 0)
     q_items = (rows_per_block * head_dim + threads - 1) // threads
     k_items = (keys * k_vecs + threads - 1) // threads  # rotation: 8 + 8 elements an item
     row_items = (keys * (head_dim // 8) + threads - 1) // threads  # copies: 16 bytes of a K or V row
@@ -146,31 +149,33 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                 kv_st = T.sblock_alloc_buffer((stages * stage_elems,), "float16", scope="shared.dyn")
                                 r_st = T.sblock_alloc_buffer((stages * keys * head_dim,), "float32", scope="shared.dyn")
                                 q_sh = T.sblock_alloc_buffer((rows_per_block * stride,), "float16", scope="shared.dyn")
-                                qf = T.sblock_alloc_buffer((8,), "float16", scope="local")  # A fragment of Q
-                                sf = T.sblock_alloc_buffer((key_blocks * 4,), "float32", scope="local")
-                                pf = T.sblock_alloc_buffer((pv_steps * 8,), "float16", scope="local")
-                                of = T.sblock_alloc_buffer((d_blocks * 4,), "float32", scope="local")
+                                qf = T.sblock_alloc_buffer((m_tiles * 8,), "float16", scope="local")  # A fragments of Q
+                                sf = T.sblock_alloc_buffer((m_tiles * key_blocks * 4,), "float32", scope="local")
+                                pf = T.sblock_alloc_buffer((m_tiles * pv_steps * 8,), "float16", scope="local")
+                                of = T.sblock_alloc_buffer((m_tiles * d_blocks * 4,), "float32", scope="local")
                                 bk = T.sblock_alloc_buffer((key_blocks * 4,), "float16", scope="local")  # B frags of K
                                 bv = T.sblock_alloc_buffer((v_group * 8,), "float16", scope="local")  # B frags of V
                                 kx = T.sblock_alloc_buffer((16,), "float16", scope="local")  # a key's d0.., d0+half..
                                 cs = T.sblock_alloc_buffer((16,), "float32", scope="local")  # their cos | sin
                                 kr = T.sblock_alloc_buffer((16,), "float16", scope="local")  # rotated
-                                m_run = T.sblock_alloc_buffer((2,), "float32", scope="local")
-                                l_run = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                                # per row the thread holds (mt, rr): row0 + 16 mt + 8 rr
+                                m_run = T.sblock_alloc_buffer((2 * m_tiles,), "float32", scope="local")
+                                l_run = T.sblock_alloc_buffer((2 * m_tiles,), "float32", scope="local")
                                 red = T.sblock_alloc_buffer((2,), "float32", scope="local")
-                                qp = T.sblock_alloc_buffer((2,), "int64", scope="local")
-                                lim = T.sblock_alloc_buffer((2,), "int32", scope="local")  # visible keys of the tile
+                                qp = T.sblock_alloc_buffer((2 * m_tiles,), "int64", scope="local")
+                                lim = T.sblock_alloc_buffer((2 * m_tiles,), "int32", scope="local")  # visible keys of the tile
                                 tid: T.let[T.int64] = ty * 32 + tx
-                                row0: T.let[T.int64] = bz * rows_per_block + ty * 16 + tx // 4  # flat row of c0, c1
+                                row0: T.let[T.int64] = bz * rows_per_block + ty * 16 * MT + tx // 4  # flat row of c0, c1
                                 key_start: T.let[T.int64] = bx * SPLIT
                                 key_lim: T.let[T.int64] = T.min(key_start + SPLIT, m_keys)
                                 last_q: T.let[T.int64] = T.min(n * G - 1, bz * rows_per_block + rows_per_block - 1) // G
                                 key_end: T.let[T.int64] = T.min(key_lim, m_keys - n + last_q + 1)
-                                for rr in T.unroll(2):  # rows row0 and row0 + 8: query positions
-                                    qp[rr] = T.if_then_else(row0 + 8 * rr < n * G, m_keys - n + (row0 + 8 * rr) // G,
-                                                            T.int64(-1))
-                                    m_run[rr] = T.float32(NEG_INF)
-                                    l_run[rr] = T.float32(0)
+                                for mt in T.unroll(MT):  # rows row0 + 16 mt + 8 rr: query positions
+                                    for rr in T.unroll(2):
+                                        qp[mt * 2 + rr] = T.if_then_else(
+                                            row0 + 16 * mt + 8 * rr < n * G, m_keys - n + (row0 + 16 * mt + 8 * rr) // G, T.int64(-1))
+                                        m_run[mt * 2 + rr] = T.float32(NEG_INF)
+                                        l_run[mt * 2 + rr] = T.float32(0)
                                 for it in T.serial(q_items):  # the block's queries, rotated and scaled
                                     f: T.let[T.int64] = bz * rows_per_block + (it * threads + tid) // head_dim
                                     dq: T.let[T.int64] = (it * threads + tid) % head_dim
@@ -179,7 +184,7 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                             f < n * G, T.Cast("float16", scale * rope_rotated(
                                                 q, f // G, by * G + f % G, dq, rope, m_keys - n + f // G, half)),
                                             T.float16(0))
-                                for e in T.unroll(d_blocks * 4):
+                                for e in T.unroll(m_tiles * d_blocks * 4):
                                     of[e] = T.float32(0)
                                 tiles: T.let[T.int64] = T.max(key_end - key_start + keys - 1, T.int64(0)) // keys
                                 for t in T.unroll(i64(stages - 1)):  # the first tiles' copies
@@ -189,8 +194,8 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                 for t in T.serial(tiles):
                                     j0: T.let[T.int64] = key_start + t * keys
                                     stage: T.let[T.int64] = t % stages * stage_elems
-                                    for rr in T.unroll(2):
-                                        lim[rr] = T.Cast("int32", T.max(T.min(key_lim, qp[rr] + 1) - j0, T.int64(-1)))
+                                    for r2 in T.unroll(2 * MT):
+                                        lim[r2] = T.Cast("int32", T.max(T.min(key_lim, qp[r2] + 1) - j0, T.int64(-1)))
                                     T.evaluate(T.ptx.cp.async_.wait_group(stages - 2))  # tile t landed (own copies)
                                     T.tvm_storage_sync("shared")  # everyone's; the previous tile's buffers are free
                                     if t + stages - 1 < tiles:
@@ -219,46 +224,50 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                             for e in T.vectorized(8):
                                                 k_sh[jj * stride + half + d0 + e] = kr[8 + e]
                                     T.tvm_storage_sync("shared")
-                                    for e in T.unroll(key_blocks * 4):
+                                    for e in T.unroll(m_tiles * key_blocks * 4):
                                         sf[e] = T.float32(0)
                                     for ks in T.unroll(k_steps):  # S = Q Kᵀ: independent mma back to back
-                                        T.evaluate(T.ptx_legacy.ldmatrix(
-                                            False, 4, ".b16", qf.data, 0, q_sh.access_ptr("r"),
-                                            (ty * 16 + (tx // 8) % 2 * 8 + tx % 8) * stride + ks * 16 + tx // 16 * 8,
-                                            dtype="float16"))
+                                        for mt in T.unroll(MT):
+                                            T.evaluate(T.ptx_legacy.ldmatrix(
+                                                False, 4, ".b16", qf.data, mt * 8, q_sh.access_ptr("r"),
+                                                ((ty * MT + mt) * 16 + (tx // 8) % 2 * 8 + tx % 8) * stride + ks * 16 + tx // 16 * 8,
+                                                dtype="float16"))
                                         for nb in T.unroll(key_blocks // 2):  # two key blocks per ldmatrix
                                             T.evaluate(T.ptx_legacy.ldmatrix(
                                                 False, 4, ".b16", bk.data, nb * 8, k_sh.access_ptr("r"),
                                                 ((2 * nb + tx // 16) * 8 + tx % 8) * stride + ks * 16 + (tx // 8) % 2 * 8,
                                                 dtype="float16"))
-                                        for nb in T.unroll(key_blocks):
-                                            mma(qf, 0, bk, nb * 4, sf, nb * 4)
-                                    for rr in T.unroll(2):  # mask, online softmax of rows row0 + 8 rr
-                                        red[0] = T.float32(NEG_INF)
-                                        for nb in T.unroll(key_blocks):
-                                            for c in T.unroll(2):
-                                                sf[nb * 4 + rr * 2 + c] = T.if_then_else(
-                                                    T.int32(nb * 8 + c) + T.Cast("int32", tx % 4) * 2 < lim[rr],
-                                                    sf[nb * 4 + rr * 2 + c], T.float32(NEG_INF))
-                                                red[0] = T.max(red[0], sf[nb * 4 + rr * 2 + c])
-                                        for r in T.unroll(2):  # over the 4 threads holding the row
-                                            red[0] = T.max(red[0], T.tvm_warp_shuffle(
-                                                T.uint32(0xFFFFFFFF), red[0], tx ^ (T.int64(1) << r), 32, 32))
-                                        red[1] = T.max(m_run[rr], red[0])  # new running max
-                                        red[0] = T.exp2(m_run[rr] - red[1])  # decay of the old state
-                                        m_run[rr] = red[1]
-                                        l_run[rr] = l_run[rr] * red[0]
-                                        if red[0] < T.float32(1):  # the row max grew: rescale (rare after the first tiles)
-                                            for nd in T.unroll(d_blocks):
+                                        for mt in T.unroll(MT):
+                                            for nb in T.unroll(key_blocks):
+                                                mma(qf, mt * 8, bk, nb * 4, sf, (mt * key_blocks + nb) * 4)
+                                    for mt in T.unroll(MT):  # mask, online softmax of rows row0 + 16 mt + 8 rr
+                                        for rr in T.unroll(2):
+                                            red[0] = T.float32(NEG_INF)
+                                            for nb in T.unroll(key_blocks):
                                                 for c in T.unroll(2):
-                                                    of[nd * 4 + rr * 2 + c] = of[nd * 4 + rr * 2 + c] * red[0]
-                                        for nb in T.unroll(key_blocks):
-                                            for c in T.unroll(2):
-                                                sf[nb * 4 + rr * 2 + c] = T.if_then_else(
-                                                    sf[nb * 4 + rr * 2 + c] > T.float32(NEG_INF / 2),
-                                                    T.exp2(sf[nb * 4 + rr * 2 + c] - red[1]), T.float32(0))
-                                                l_run[rr] = l_run[rr] + sf[nb * 4 + rr * 2 + c]
-                                    for e in T.unroll(key_blocks * 4):  # P as A fragments (same layout)
+                                                    sf[(mt * key_blocks + nb) * 4 + rr * 2 + c] = T.if_then_else(
+                                                        T.int32(nb * 8 + c) + T.Cast("int32", tx % 4) * 2 < lim[mt * 2 + rr],
+                                                        sf[(mt * key_blocks + nb) * 4 + rr * 2 + c], T.float32(NEG_INF))
+                                                    red[0] = T.max(red[0], sf[(mt * key_blocks + nb) * 4 + rr * 2 + c])
+                                            for r in T.unroll(2):  # over the 4 threads holding the row
+                                                red[0] = T.max(red[0], T.tvm_warp_shuffle(
+                                                    T.uint32(0xFFFFFFFF), red[0], tx ^ (T.int64(1) << r), 32, 32))
+                                            red[1] = T.max(m_run[mt * 2 + rr], red[0])  # new running max
+                                            red[0] = T.exp2(m_run[mt * 2 + rr] - red[1])  # decay of the old state
+                                            m_run[mt * 2 + rr] = red[1]
+                                            l_run[mt * 2 + rr] = l_run[mt * 2 + rr] * red[0]
+                                            if red[0] < T.float32(1):  # the row max grew: rescale (rare after the first tiles)
+                                                for nd in T.unroll(d_blocks):
+                                                    for c in T.unroll(2):
+                                                        of[(mt * d_blocks + nd) * 4 + rr * 2 + c] = (
+                                                            of[(mt * d_blocks + nd) * 4 + rr * 2 + c] * red[0])
+                                            for nb in T.unroll(key_blocks):
+                                                for c in T.unroll(2):
+                                                    sf[(mt * key_blocks + nb) * 4 + rr * 2 + c] = T.if_then_else(
+                                                        sf[(mt * key_blocks + nb) * 4 + rr * 2 + c] > T.float32(NEG_INF / 2),
+                                                        T.exp2(sf[(mt * key_blocks + nb) * 4 + rr * 2 + c] - red[1]), T.float32(0))
+                                                    l_run[mt * 2 + rr] = l_run[mt * 2 + rr] + sf[(mt * key_blocks + nb) * 4 + rr * 2 + c]
+                                    for e in T.unroll(m_tiles * key_blocks * 4):  # P as A fragments (same layout)
                                         pf[e] = T.Cast("float16", sf[e])
                                     for kk in T.unroll(pv_steps):  # O += P V: V_GROUP fragments, then their mma
                                         for vg in T.unroll(d_blocks // 2 // v_group):
@@ -267,21 +276,25 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                                     True, 4, ".b16", bv.data, nd * 8, kv_st.access_ptr("r"),
                                                     stage + keys * head_dim + (kk * 16 + (tx // 8) % 2 * 8 + tx % 8) * stride
                                                     + (2 * (vg * v_group + nd) + tx // 16) * 8, dtype="float16"))
-                                            for nd in T.unroll(2 * v_group):
-                                                mma(pf, kk * 8, bv, nd * 4, of, (vg * 2 * v_group + nd) * 4)
-                                for rr in T.unroll(2):  # normalise, write the split's output
-                                    red[0] = l_run[rr]
-                                    for r in T.unroll(2):
-                                        red[0] = red[0] + T.tvm_warp_shuffle(
-                                            T.uint32(0xFFFFFFFF), red[0], tx ^ (T.int64(1) << r), 32, 32)
-                                    if row0 + 8 * rr < n * G:
-                                        for nd in T.unroll(d_blocks):
-                                            for c in T.unroll(2):
-                                                o[(row0 + 8 * rr) // G, bx, by * G + (row0 + 8 * rr) % G,
-                                                  nd * 8 + (tx % 4) * 2 + c] = T.if_then_else(
-                                                    red[0] > T.float32(0), of[nd * 4 + rr * 2 + c] / red[0], T.float32(0))
-                                        if tx % 4 == 0:
-                                            lse[(row0 + 8 * rr) // G, bx, by * G + (row0 + 8 * rr) % G] = T.if_then_else(
-                                                red[0] > T.float32(0), m_run[rr] + T.log2(red[0]), T.float32(NEG_INF))
+                                            for mt in T.unroll(MT):
+                                                for nd in T.unroll(2 * v_group):
+                                                    mma(pf, (mt * pv_steps + kk) * 8, bv, nd * 4, of,
+                                                        (mt * d_blocks + vg * 2 * v_group + nd) * 4)
+                                for mt in T.unroll(MT):  # normalise, write the split's output
+                                    for rr in T.unroll(2):
+                                        red[0] = l_run[mt * 2 + rr]
+                                        for r in T.unroll(2):
+                                            red[0] = red[0] + T.tvm_warp_shuffle(
+                                                T.uint32(0xFFFFFFFF), red[0], tx ^ (T.int64(1) << r), 32, 32)
+                                        row: T.let[T.int64] = row0 + 16 * mt + 8 * rr
+                                        if row < n * G:
+                                            for nd in T.unroll(d_blocks):
+                                                for c in T.unroll(2):
+                                                    o[row // G, bx, by * G + row % G, nd * 8 + (tx % 4) * 2 + c] = T.if_then_else(
+                                                        red[0] > T.float32(0), of[(mt * d_blocks + nd) * 4 + rr * 2 + c] / red[0],
+                                                        T.float32(0))
+                                            if tx % 4 == 0:
+                                                lse[row // G, bx, by * G + row % G] = T.if_then_else(
+                                                    red[0] > T.float32(0), m_run[mt * 2 + rr] + T.log2(red[0]), T.float32(NEG_INF))
 
     return chunk_attention

@@ -19,14 +19,11 @@ from pathlib import Path
 LIBS = Path(".carry/attn")
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 8, 32, 8, 128, 131072 + 64
 CASES = [("dense", m) for m in (128, 4096, 32768, 131072)] + [("gathered", 2688)]
-VARIANTS = {
-            "decode tiles of 8 rows, 2 stages": ("decode", {"tile_keys": 8, "stages": 2}),
-            "decode tiles of 8 rows, 3 stages": ("decode", {"tile_keys": 8, "stages": 3}),
-            "decode tiles of 4 rows, 4 stages": ("decode", {"tile_keys": 4, "stages": 4})}
+VARIANTS = {"decode": ("decode", {})}
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
-CHUNK_SHAPES = {"chunk": {}, "chunk, 3 stages": {"stages": 3}, "chunk, 16 keys, 3 stages": {"keys": 16, "stages": 3},
-                "chunk, 16 keys, 4 stages": {"keys": 16, "stages": 4}}  # make_chunk_attention(warps=, keys=, stages=)
+CHUNK_SHAPES = {"chunk": {}, "chunk, 1 m-tile": {"m_tiles": 1}, "chunk, 16 keys": {"keys": 16},
+                "chunk, 2 warps": {"warps": 2}}  # make_chunk_attention(warps=, keys=, stages=, m_tiles=)
 PREFILL_VARIANTS = {**{f"{name} (tensor cores)": (name, PREFILL_DEPTHS) for name in CHUNK_SHAPES},
 }
 
