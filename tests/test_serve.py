@@ -18,7 +18,6 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import openai

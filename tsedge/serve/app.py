@@ -119,17 +119,21 @@ class Server:
 
     # ---- a request's prompt and job -------------------------------------------------------------
     def check_model(self, name: str) -> None:
+        """404 (``model_not_found``) unless ``name`` is the served model or one of its aliases."""
         if name not in self.names:
             raise APIError(404, f"the model {name!r} is not served here; use {self.model_id!r} (GET /v1/models)",
                            param="model", code="model_not_found")
 
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        """Prompt ids of the messages through the model's chat template (a 400 if it refuses them)."""
         try:
             return self.engine.tokenizer.encode_chat([m.template_message() for m in body.messages])
         except (TokenizerError, jinja2.TemplateError) as err:
             raise APIError(400, f"the model's chat template refused these messages: {err}", param="messages") from None
 
     def text_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Prompt ids of a completion's text (BOS as the model adds it), or its ids checked against
+        the vocabulary."""
         if isinstance(prompt, str):
             return self.engine.tokenizer.encode(prompt)
         vocab = self.engine.meta.model.vocab_size

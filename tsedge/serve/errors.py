@@ -28,6 +28,7 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
+        """The JSON error object."""
         kind = "invalid_request_error" if self.status < 500 else "server_error"  # as OpenAI's
         error = ErrorBody(message=self.message, type=kind, param=self.param, code=self.code)
         return ErrorResponse(error=error).model_dump()
