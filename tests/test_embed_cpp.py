@@ -9,7 +9,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,15 +79,18 @@ def test_links_the_runtime_only(tsedge_run):
 
 
 def test_dense_ids_equal_the_engine(tsedge_run, tiny_lib, tiny_weights):  # noqa: F811
-    prompt = load_source(str(tiny_weights)).tokenizer.encode_chat([{"role": "user", "content": "Hi there."}])
+    tokenizer = load_source(str(tiny_weights)).tokenizer
+    prompt = tokenizer.encode_chat([{"role": "user", "content": "Hi there."}])
     # 8-token chunks; 60 new tokens run into the 64-token KV cache (stopped "context_full")
     expected = engine_ids(tiny_lib, tiny_weights, prompt, 60, prefill_chunk=8)
     assert len(prompt) + len(expected) - 1 == 64
-    assert cpp_ids(tsedge_run, tiny_lib, tiny_weights, prompt, "--prefill-chunk", "8", "--max-new-tokens", "60") == expected
+    chunked = cpp_ids(tsedge_run, tiny_lib, tiny_weights, prompt, "--prefill-chunk", "8", "--max-new-tokens", "60")
+    assert chunked == expected
     short = cpp_ids(tsedge_run, tiny_lib, tiny_weights, prompt, "--max-new-tokens", "5")
     assert short == engine_ids(tiny_lib, tiny_weights, prompt, 5)
     stop = short[2]
-    assert cpp_ids(tsedge_run, tiny_lib, tiny_weights, prompt, "--stop", f"{stop},299") == short[:short.index(stop) + 1]
+    stopped = cpp_ids(tsedge_run, tiny_lib, tiny_weights, prompt, "--stop", f"{stop},299")
+    assert stopped == short[:short.index(stop) + 1]
 
 
 def test_tokenselect_ids_equal_the_engine(tsedge_run, tiny_weights, tmp_path):
@@ -114,39 +119,41 @@ def test_smollm2_ids_equal_the_engine(tsedge_run, smol_lib, tmp_path):
     prompt = load_source(str(weights)).tokenizer.encode_chat(
         [{"role": "user", "content": "What is the capital of France?"}])
     expected = engine_ids(smol_lib, weights, prompt, 12, prefill_chunk=16)
-    assert cpp_ids(tsedge_run, smol_lib, weights, prompt, "--max-new-tokens", "12", "--prefill-chunk", "16") == expected
+    assert cpp_ids(tsedge_run, smol_lib, weights, prompt, "--max-new-tokens", "12", "--prefill-chunk", "16") \
+        == expected
 
 
-def _safetensors_with(path: Path, edit) -> None:
-    """Rewrite ``path``'s header through ``edit(header) -> header`` (the data stays)."""
+def _rewrite_header(path: Path, edit: Callable[[dict], dict]) -> None:
+    """Rewrite ``path``'s safetensors header through ``edit`` (the data stays)."""
     blob = path.read_bytes()
     n = int.from_bytes(blob[:8], "little")
     header = json.dumps(edit(json.loads(blob[8:8 + n]))).encode()
     path.write_bytes(len(header).to_bytes(8, "little") + header + blob[8 + n:])
 
 
-def _first_tensor(header: dict) -> dict:
-    return next(v for k, v in header.items() if k != "__metadata__")
+def _set(name: str, **fields: Any) -> Callable[[Path], None]:
+    """A corruption: fields of tensor ``name``'s header entry replaced."""
+    return lambda path: _rewrite_header(path, lambda h: {**h, name: {**h[name], **fields}})
 
 
-CORRUPTIONS = {
+def _raw(data: bytes) -> Callable[[Path], None]:
+    """A corruption: the file replaced by ``data``."""
+    return lambda path: path.write_bytes(data)
+
+
+NORM = "model.norm.weight"
+CORRUPTIONS = {  # name: (corruption, what the one-line error says)
     "header length": (lambda p: p.write_bytes((10**9).to_bytes(8, "little") + p.read_bytes()[8:]),
                       "corrupt safetensors file (header of 1000000000 bytes"),
-    "short file": (lambda p: p.write_bytes(b"\x05\x00"), "less than the 8-byte header length"),
-    "not JSON": (lambda p: p.write_bytes((4).to_bytes(8, "little") + b"{{{{"), "unreadable JSON"),
-    "offset past the data": (lambda p: _safetensors_with(p, lambda h: {
-        **h, "model.norm.weight": {**h["model.norm.weight"], "data_offsets": [2**62, 2**62 + 128]}}),
-        "model.norm.weight: data_offsets is not a span inside the"),
-    "shape against span": (lambda p: _safetensors_with(p, lambda h: {
-        **h, "model.norm.weight": {**h["model.norm.weight"], "shape": [65]}}), "span 128 bytes, but F16 [65] needs 130"),
-    "huge shape": (lambda p: _safetensors_with(p, lambda h: {
-        **h, "model.norm.weight": {**h["model.norm.weight"], "shape": [2**31 - 1] * 3}}),
-        "shape [2147483647, 2147483647, 2147483647] is too large"),
-    "missing tensor": (lambda p: _safetensors_with(p, lambda h: {k: v for k, v in h.items()
-                                                                  if k != "model.norm.weight"}),
-                       "tensor model.norm.weight is missing; convert the weights"),
-    "dtype": (lambda p: _safetensors_with(p, lambda h: {k: {**v, "dtype": "I64"} if k != "__metadata__" else v
-                                                        for k, v in h.items()}), "dtype is I64, not the F16"),
+    "short file": (_raw(b"\x05\x00"), "less than the 8-byte header length"),
+    "not JSON": (_raw((4).to_bytes(8, "little") + b"{{{{"), "unreadable JSON"),
+    "offset past the data": (_set(NORM, data_offsets=[2**62, 2**62 + 128]),
+                             f"{NORM}: data_offsets is not a span inside the"),
+    "shape against span": (_set(NORM, shape=[65]), "span 128 bytes, but F16 [65] needs 130"),
+    "huge shape": (_set(NORM, shape=[2**31 - 1] * 3), "shape [2147483647, 2147483647, 2147483647] is too large"),
+    "dtype": (_set(NORM, dtype="I64"), "dtype is I64, not the F16"),
+    "missing tensor": (lambda p: _rewrite_header(p, lambda h: {k: v for k, v in h.items() if k != NORM}),
+                       f"tensor {NORM} is missing; convert the weights"),
 }
 
 

@@ -33,8 +33,8 @@ namespace {
 namespace ffi = tvm::ffi;
 namespace json = tvm::ffi::json;
 
-constexpr int kFormatVersion = 2;             // models/library.py FORMAT_VERSION
-constexpr uint64_t kMaxJsonBytes = 64 << 20;  // a metadata file or safetensors header
+constexpr int kFormatVersion = 2;                // models/library.py FORMAT_VERSION
+constexpr uint64_t kMaxJsonBytes = 64 << 20;     // a metadata file or safetensors header
 constexpr int64_t kMaxBytes = int64_t{1} << 40;  // any one tensor: a larger claim is corrupt
 
 // ---- checked reading of JSON values -------------------------------------------------------------
@@ -45,7 +45,8 @@ std::string ReadFile(const std::string& path, uint64_t max_bytes, const std::str
   if (size > max_bytes) throw UserError(path + ": " + std::to_string(size) + " bytes, too large; " + fix);
   std::string data(size, '\0');
   f.seekg(0);
-  if (!f.read(data.data(), static_cast<std::streamsize>(size))) throw UserError(path + ": read failed; " + fix);
+  if (!f.read(data.data(), static_cast<std::streamsize>(size)))
+    throw UserError(path + ": read failed; " + fix);
   return data;
 }
 
@@ -62,7 +63,10 @@ json::Object ParseObject(const std::string& text, const std::string& origin, con
 class Fields {
  public:
   Fields(json::Object object, std::string where, std::string fix, std::string prefix = "")
-      : object_(std::move(object)), where_(std::move(where)), fix_(std::move(fix)), prefix_(std::move(prefix)) {}
+      : object_(std::move(object)),
+        where_(std::move(where)),
+        fix_(std::move(fix)),
+        prefix_(std::move(prefix)) {}
 
   json::Value Get(const std::string& key) const {
     auto it = object_.find(ffi::String(key));
@@ -83,7 +87,9 @@ class Fields {
   }
   int64_t Int(const std::string& key, int64_t lo, int64_t hi) const {
     int64_t v = As<int64_t>(key, "an integer");
-    if (v < lo || v > hi) Fail(key, "is " + std::to_string(v) + ", outside [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    if (v < lo || v > hi)
+      Fail(key,
+           "is " + std::to_string(v) + ", outside [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
     return v;
   }
   std::vector<int64_t> Dims(const std::string& key) const {  // a shape: sizes >= 0
@@ -157,7 +163,8 @@ class Safetensors {
     if (!file_.read(reinterpret_cast<char*>(len), 8)) throw Corrupt("header length unreadable");
     uint64_t n = 0;
     for (int i = 7; i >= 0; --i) n = (n << 8) | len[i];
-    if (n > size - 8 || n > kMaxJsonBytes) throw Corrupt("header of " + std::to_string(n) + " bytes in a " + std::to_string(size) + "-byte file");
+    if (n > size - 8 || n > kMaxJsonBytes)
+      throw Corrupt("header of " + std::to_string(n) + " bytes in a " + std::to_string(size) + "-byte file");
     std::string header(n, '\0');
     if (!file_.read(header.data(), static_cast<std::streamsize>(n))) throw Corrupt("header unreadable");
     const uint64_t data_start = 8 + n, data_size = size - data_start;
@@ -178,7 +185,8 @@ class Safetensors {
   const Entry& Get(const std::string& name) const {
     auto it = entries_.find(name);
     if (it == entries_.end()) {
-      throw UserError(path_ + ": tensor " + name + " is missing; convert the weights of the model this library "
+      throw UserError(path_ + ": tensor " + name +
+                      " is missing; convert the weights of the model this library "
                       "was compiled for with `tsedge convert`");
     }
     return it->second;
@@ -186,7 +194,8 @@ class Safetensors {
 
   void Read(const Entry& e, void* out) {
     file_.seekg(static_cast<std::streamoff>(e.offset));
-    if (!file_.read(static_cast<char*>(out), static_cast<std::streamsize>(e.nbytes))) throw Corrupt("read failed");
+    if (!file_.read(static_cast<char*>(out), static_cast<std::streamsize>(e.nbytes)))
+      throw Corrupt("read failed");
   }
 
  private:
@@ -208,8 +217,8 @@ class Safetensors {
     if (!bytes) f.Fail("shape", ShapeStr(e.shape) + " is too large");
     auto need = static_cast<uint64_t>(*bytes);
     if (span[1] - span[0] != need) {
-      f.Fail("data_offsets", "span " + std::to_string(span[1] - span[0]) + " bytes, but F16 " + ShapeStr(e.shape) +
-             " needs " + std::to_string(need));
+      f.Fail("data_offsets", "span " + std::to_string(span[1] - span[0]) + " bytes, but F16 " +
+                                 ShapeStr(e.shape) + " needs " + std::to_string(need));
     }
     *begin = span[0];
     return need;
@@ -235,7 +244,8 @@ float HalfToFloat(uint16_t h) {  // IEEE binary16 -> binary32, exact (as numpy's
 
 // The float16 `half` [rows, cols] (or its transpose) as `T`, row-major.
 template <typename T, typename Convert>
-std::vector<T> Arrange(const std::vector<uint16_t>& half, int64_t rows, int64_t cols, bool transposed, Convert convert) {
+std::vector<T> Arrange(const std::vector<uint16_t>& half, int64_t rows, int64_t cols, bool transposed,
+                       Convert convert) {
   std::vector<T> out(half.size());
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
@@ -250,20 +260,27 @@ ffi::Tensor BuildParam(Safetensors& file, const ParamSpec& spec, const LibraryMe
   std::vector<const Safetensors::Entry*> parts;
   for (const std::string& name : spec.sources) {
     const Safetensors::Entry& e = file.Get(name);
-    bool fits = !e.shape.empty() && (shape.empty() || (e.shape.size() == shape.size() &&
-                                     std::equal(e.shape.begin() + 1, e.shape.end(), shape.begin() + 1)));
-    if (!fits) throw UserError("tensor " + name + " " + ShapeStr(e.shape) + " does not fit library parameter " +
-                               spec.name + " " + ShapeStr(spec.shape) + "; compile a library for these weights");
-    if (shape.empty()) shape = e.shape; else shape[0] += e.shape[0];
+    bool fits = !e.shape.empty() &&
+                (shape.empty() || (e.shape.size() == shape.size() &&
+                                   std::equal(e.shape.begin() + 1, e.shape.end(), shape.begin() + 1)));
+    if (!fits)
+      throw UserError("tensor " + name + " " + ShapeStr(e.shape) + " does not fit library parameter " +
+                      spec.name + " " + ShapeStr(spec.shape) + "; compile a library for these weights");
+    if (shape.empty())
+      shape = e.shape;
+    else
+      shape[0] += e.shape[0];
     parts.push_back(&e);
   }
   int64_t rows = shape.empty() ? 0 : shape[0], cols = 1;
   for (size_t i = 1; i < shape.size(); ++i) cols *= shape[i];
   std::vector<int64_t> final_shape = shape;
-  if (spec.transposed) final_shape = shape.size() == 2 ? std::vector<int64_t>{cols, rows} : std::vector<int64_t>{};
+  if (spec.transposed)
+    final_shape = shape.size() == 2 ? std::vector<int64_t>{cols, rows} : std::vector<int64_t>{};
   if (parts.empty() || final_shape != spec.shape) {
-    throw UserError("tensors of " + spec.name + " make " + ShapeStr(shape) + (spec.transposed ? " (transposed)" : "") +
-                    ", not the library's " + ShapeStr(spec.shape) + "; compile a library for these weights");
+    throw UserError("tensors of " + spec.name + " make " + ShapeStr(shape) +
+                    (spec.transposed ? " (transposed)" : "") + ", not the library's " + ShapeStr(spec.shape) +
+                    "; compile a library for these weights");
   }
   std::vector<uint16_t> half(static_cast<size_t>(rows * cols));
   uint16_t* at = half.data();
@@ -333,11 +350,14 @@ LibraryMeta ReadLibraryMeta(const std::string& json_path) {
   return meta;
 }
 
-ffi::Tensor NewTensor(const std::vector<int64_t>& shape, DLDataType dtype, DLDevice device, const void* data) {
+ffi::Tensor NewTensor(const std::vector<int64_t>& shape, DLDataType dtype, DLDevice device,
+                      const void* data) {
   static const ffi::Function alloc = ffi::Function::GetGlobalRequired("runtime.TVMTensorAllocWithScope");
   static const ffi::Function copy = ffi::Function::GetGlobalRequired("runtime.TVMTensorCopyFromBytes");
   std::optional<int64_t> nbytes = Bytes(shape, (dtype.bits + 7) / 8);
-  if (!nbytes) throw UserError("a tensor of shape " + ShapeStr(shape) + " is too large to allocate; lower --max-context");
+  if (!nbytes)
+    throw UserError("a tensor of shape " + ShapeStr(shape) +
+                    " is too large to allocate; lower --max-context");
   auto tensor = alloc(ffi::Shape(shape), dtype, device, ffi::Optional<ffi::String>()).cast<ffi::Tensor>();
   if (data != nullptr) copy(tensor, const_cast<void*>(data), *nbytes);
   return tensor;

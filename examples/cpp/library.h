@@ -37,12 +37,12 @@ struct StateSpec {
 
 // What the runtime needs from LIB.json, written by `tsedge compile` (models/library.py LibraryMeta).
 struct LibraryMeta {
-  std::string path;                // the .json read
-  tvm::ffi::json::Object model;    // the model config, compared with the weights' config.json
+  std::string path;              // the .json read
+  tvm::ffi::json::Object model;  // the model config, compared with the weights' config.json
   std::string model_name, policy, target;
-  DLDataType dtype;                // of the parameters and the KV cache
+  DLDataType dtype;  // of the parameters and the KV cache
   int64_t num_layers, num_kv_heads, head_dim, vocab_size, max_context;
-  int64_t chunk_size, budget;      // a selecting policy's prefill chunk cap and its token budget
+  int64_t chunk_size, budget;  // a selecting policy's prefill chunk cap and its token budget
   std::vector<std::string> functions;
   std::vector<ParamSpec> params;
   std::vector<StateSpec> state;

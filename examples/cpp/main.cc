@@ -90,8 +90,10 @@ class Runner {
   Runner(const LibraryMeta& meta, ffi::Module vm, ffi::Array<ffi::Tensor> params, int64_t capacity,
          DLDevice device)
       : meta_(meta), vm_(std::move(vm)), params_(std::move(params)), capacity_(capacity), device_(device) {
-    kv_ = tsedge::NewTensor({meta.num_layers, 2, meta.num_kv_heads, capacity, meta.head_dim}, meta.dtype, device);
-    for (const tsedge::StateSpec& s : meta.state) state_.push_back(tsedge::ZeroTensor(s.shape, s.dtype, device));
+    kv_ = tsedge::NewTensor({meta.num_layers, 2, meta.num_kv_heads, capacity, meta.head_dim}, meta.dtype,
+                            device);
+    for (const tsedge::StateSpec& s : meta.state)
+      state_.push_back(tsedge::ZeroTensor(s.shape, s.dtype, device));
     rope_ = Function("rope_table")(ffi::Shape({capacity}), params_).cast<ffi::Tensor>();
   }
 
@@ -113,7 +115,9 @@ class Runner {
  private:
   ffi::Function Function(const std::string& name) {
     ffi::Optional<ffi::Function> f = vm_->GetFunction(name);
-    if (!f) throw UserError(meta_.path + " lists " + name + " but the library lacks it; recompile it with `tsedge compile`");
+    if (!f)
+      throw UserError(meta_.path + " lists " + name +
+                      " but the library lacks it; recompile it with `tsedge compile`");
     return *f;
   }
 
@@ -121,8 +125,11 @@ class Runner {
     auto n = static_cast<int64_t>(ids.size());
     if (meta_.HasFunction(func + "_select") && past_ + n > meta_.budget) func += "_select";
     ffi::Tensor ids_t = tsedge::NewTensor({n}, {kDLInt, 32, 1}, device_, ids.data());
-    auto out = Function(func)(ids_t, kv_, rope_, ffi::Shape({past_}), state_, params_).cast<ffi::Array<ffi::Any>>();
-    if (out.size() != 3) throw UserError(func + " returned " + std::to_string(out.size()) + " values, not 3; recompile the library");
+    auto out =
+        Function(func)(ids_t, kv_, rope_, ffi::Shape({past_}), state_, params_).cast<ffi::Array<ffi::Any>>();
+    if (out.size() != 3)
+      throw UserError(func + " returned " + std::to_string(out.size()) +
+                      " values, not 3; recompile the library");
     kv_ = out[1].cast<ffi::Tensor>();
     state_ = out[2].cast<ffi::Array<ffi::Tensor>>();
     past_ += n;
@@ -131,8 +138,10 @@ class Runner {
 
   std::vector<float> LastRow(const ffi::Tensor& logits) {  // float32 [.., vocab] -> its last row
     DLDataType t = logits.dtype();
-    if (t.code != kDLFloat || t.bits != 32 || logits.ndim() < 1 || logits.shape().back() != meta_.vocab_size) {
-      throw UserError("the library's logits are not float32 [.., " + std::to_string(meta_.vocab_size) + "]; recompile it");
+    if (t.code != kDLFloat || t.bits != 32 || logits.ndim() < 1 ||
+        logits.shape().back() != meta_.vocab_size) {
+      throw UserError("the library's logits are not float32 [.., " + std::to_string(meta_.vocab_size) +
+                      "]; recompile it");
     }
     static const ffi::Function copy = ffi::Function::GetGlobalRequired("runtime.TVMTensorCopyToBytes");
     std::vector<float> all(logits.numel());
@@ -162,11 +171,13 @@ int Run(const Options& o) {
   }
   std::string meta_path = o.lib.substr(0, o.lib.size() - 3) + ".json";
   if (!std::filesystem::is_regular_file(o.lib) || !std::filesystem::is_regular_file(meta_path)) {
-    throw UserError(o.lib + ": library or its metadata " + meta_path + " not found; build one with `tsedge compile`");
+    throw UserError(o.lib + ": library or its metadata " + meta_path +
+                    " not found; build one with `tsedge compile`");
   }
   LibraryMeta meta = tsedge::ReadLibraryMeta(meta_path);
   if (meta.target != "llvm") {
-    throw UserError(o.lib + " is built for " + meta.target + "; this example runs CPU libraries: compile one "
+    throw UserError(o.lib + " is built for " + meta.target +
+                    "; this example runs CPU libraries: compile one "
                     "with `tsedge compile --target llvm`");
   }
   const DLDevice device{kDLCPU, 0};
@@ -177,7 +188,8 @@ int Run(const Options& o) {
   }
   for (int64_t id : o.prompt) {
     if (id >= meta.vocab_size) {
-      throw UserError("token id " + std::to_string(id) + " is outside the vocabulary of " + std::to_string(meta.vocab_size));
+      throw UserError("token id " + std::to_string(id) + " is outside the vocabulary of " +
+                      std::to_string(meta.vocab_size));
     }
   }
   if (static_cast<int64_t>(o.prompt.size()) > capacity) {
@@ -190,10 +202,12 @@ int Run(const Options& o) {
   // An absolute path: dlopen looks a bare file name up in the library search path instead.
   ffi::Module lib = ffi::Module::LoadFromFile(std::filesystem::absolute(o.lib).string());
   ffi::Optional<ffi::Function> load_exec = lib->GetFunction("vm_load_executable");
-  if (!load_exec) throw UserError(o.lib + " is not a tsedge model library; compile one with `tsedge compile`");
+  if (!load_exec)
+    throw UserError(o.lib + " is not a tsedge model library; compile one with `tsedge compile`");
   auto vm = (*load_exec)().cast<ffi::Module>();
   constexpr int kPooledAllocator = 2;  // as tvm.runtime.vm.VirtualMachine's default
-  (*vm->GetFunction("vm_initialization"))(static_cast<int>(device.device_type), device.device_id, kPooledAllocator);
+  (*vm->GetFunction("vm_initialization"))(static_cast<int>(device.device_type), device.device_id,
+                                          kPooledAllocator);
 
   Runner runner(meta, vm, tsedge::LoadWeights(o.weights, meta, device), capacity, device);
   auto start = std::chrono::steady_clock::now();
@@ -209,7 +223,8 @@ int Run(const Options& o) {
   for (size_t i = 0; i < tokens.size(); ++i) std::cout << (i ? " " : "") << tokens[i];
   std::cout << std::endl;
   std::fprintf(stderr, "[%zu prompt tokens at %.1f tok/s, %zu generated at %.1f tok/s]\n", o.prompt.size(),
-               o.prompt.size() / prefill_s, tokens.size(), decode_s > 0 ? (tokens.size() - 1) / decode_s : 0.0);
+               o.prompt.size() / prefill_s, tokens.size(),
+               decode_s > 0 ? (tokens.size() - 1) / decode_s : 0.0);
   return 0;
 }
 
