@@ -64,8 +64,9 @@ def test_max_new_tokens_one(tiny_folder, tiny_lib):
 
 def test_sampling_defaults_come_from_the_generation_config(tmp_path):
     kw = {"temperature": None, "top_p": 0.5, "top_k": None, "repetition_penalty": None,
-          "presence_penalty": 0.0, "repeat_last_n": 64, "seed": None}
+          "presence_penalty": 0.0, "frequency_penalty": 0.0, "repeat_last_n": 64, "seed": None}
     assert sampling_params(tmp_path, kw) == SamplingParams(0.7, 0.5, 0, 1.1, 0.0)
+    assert sampling_params(tmp_path, {**kw, "frequency_penalty": 0.5}).frequency_penalty == 0.5
     (tmp_path / "generation_config.json").write_text(
         json.dumps({"temperature": 0.3, "top_k": 20, "repetition_penalty": 1.05}))
     assert sampling_params(tmp_path, kw) == SamplingParams(0.3, 0.5, 20, 1.05, 0.0)
@@ -163,6 +164,7 @@ def _not_finite(option: str, value: str) -> str:
     (["generate", "--top-k", "-1"], _range("--top-k", "-1", "x>=0")),
     (["chat", "--repetition-penalty", "0"], _range("--repetition-penalty", "0.0", "x>0")),
     (["generate", "--presence-penalty", "2.5"], _range("--presence-penalty", "2.5", "-2<=x<=2")),
+    (["generate", "--frequency-penalty", "-3"], _range("--frequency-penalty", "-3.0", "-2<=x<=2")),
     (["generate", "--seed", "-1"], _range("--seed", "-1", "x>=0")),
     (["compile", "--n-init", "-1"], _range("--n-init", "-1", "x>=0")),
     (["compile", "--n-local", "0"], _range("--n-local", "0", "x>=1")),

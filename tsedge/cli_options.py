@@ -99,6 +99,16 @@ def policy_options(func):
         click.option("--pool-kernel", type=click.IntRange(min=0), default=defaults.pool_kernel,
                      show_default=True,
                      help="max-pool smoothing of criticality (0 = off; the reference uses 6 for passkey)"),
+        click.option("--tidal-budget", type=click.IntRange(min=1), default=defaults.tidal_budget,
+                     show_default=True, help="tokens each head attends to in TidalDecode's sparse layers"),
+        click.option("--tidal-select-layer", type=click.IntRange(min=0),
+                     default=defaults.tidal_select_layer, show_default=True,
+                     help="TidalDecode: the layer that attends densely and selects (earlier: dense)"),
+        click.option("--tidal-reselect-layers", default=",".join(map(str, defaults.tidal_reselect_layers)),
+                     show_default=True, callback=_layer_list,
+                     help="TidalDecode: layers that attend densely and select again (comma list; none)"),
+        click.option("--tidal-per-kv-head", is_flag=True, default=False,
+                     help="TidalDecode: one token set per KV head (max of its group's logits), not per query head"),
         click.option("--max-context", type=click.IntRange(min=1), default=None,
                      help="KV cache size in tokens (default: the model's window, at most 8192; "
                           "32768 for selecting policies)"),
@@ -110,15 +120,26 @@ def policy_options(func):
     return func
 
 
+def _layer_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    """``"8,13"`` -> ``(8, 13)``; ``""`` or ``none`` -> ``()``; one error line otherwise."""
+    if value.strip().lower() in ("", "none"):
+        return ()
+    return tuple(number_list(click.IntRange(min=0))(ctx, param, value))
+
+
 def policy_config(kw: dict[str, Any]) -> PolicyConfig:
+    """The PolicyConfig of ``policy_options``' values (a ValueError names a bad combination)."""
     return PolicyConfig(kw["policy"], kw["n_init"], kw["n_local"], kw["select_top_k"],
-                        kw["chunk_size"], kw["selection_threshold"], kw["pool_kernel"])
+                        kw["chunk_size"], kw["selection_threshold"], kw["pool_kernel"],
+                        kw["tidal_budget"], kw["tidal_select_layer"], kw["tidal_reselect_layers"],
+                        kw["tidal_per_kv_head"])
 
 
 # ---- sampling -----------------------------------------------------------------------------------
 def sampling_options(func):
     """--temperature, --top-p, --top-k, --repetition-penalty (default: the model's
-    generation_config.json, else ``PEER_DEFAULTS``), --repeat-last-n, --presence-penalty, --seed."""
+    generation_config.json, else ``PEER_DEFAULTS``), --repeat-last-n, --presence-penalty,
+    --frequency-penalty, --seed."""
     model = "default: the model's generation_config.json (the embedded model: greedy), else"
     options = [
         click.option("--temperature", type=FiniteFloatRange(min=0), default=None,
@@ -135,6 +156,8 @@ def sampling_options(func):
                      help="tokens (prompt + output) the repetition penalty looks at; 0 = all"),
         click.option("--presence-penalty", type=FiniteFloatRange(-2, 2), default=0.0, show_default=True,
                      help="OpenAI's: subtract from the logits of tokens already in the output"),
+        click.option("--frequency-penalty", type=FiniteFloatRange(-2, 2), default=0.0, show_default=True,
+                     help="OpenAI's: subtract this times a token's count in the output from its logit"),
         click.option("--seed", type=click.IntRange(min=0), default=None, help="sampling seed"),
     ]
     for option in reversed(options):
@@ -151,8 +174,8 @@ def sampling_params(model_path: Path, kw: dict[str, Any]) -> SamplingParams:
              if kw[name] is not None}
     model = fetch.SAMPLING if fetch.is_default_model(model_path) else generation_config_defaults(model_path)
     return SamplingParams(**{**PEER_DEFAULTS, **model, **given},
-                          presence_penalty=kw["presence_penalty"], repeat_last_n=kw["repeat_last_n"],
-                          seed=kw["seed"])
+                          presence_penalty=kw["presence_penalty"], frequency_penalty=kw["frequency_penalty"],
+                          repeat_last_n=kw["repeat_last_n"], seed=kw["seed"])
 
 
 # ---- progress and notes -------------------------------------------------------------------------
