@@ -50,12 +50,12 @@ else:
 
 
 @functools.lru_cache(maxsize=None)
-def build(factory, *args):
-    """The ``main`` function of ``factory(*args, target)`` for the current mode."""
+def build(factory, *args, **options):
+    """The ``main`` function of ``factory(*args, target, **options)`` for the current mode."""
     if MODE == "llvm":
-        return tvm.compile(tvm.IRModule({"main": factory(*args, LLVM)}), target=LLVM)["main"]
+        return tvm.compile(tvm.IRModule({"main": factory(*args, LLVM, **options)}), target=LLVM)["main"]
     source = Path(sys.modules[factory.__module__].__file__).read_bytes()  # a changed kernel rebuilds
-    key = hashlib.sha1(repr((factory.__name__, args)).encode() + source).hexdigest()[:12]
+    key = hashlib.sha1(repr((factory.__name__, args, sorted(options.items()))).encode() + source).hexdigest()[:12]
     path = LIB_DIR / f"{factory.__name__}-{key}.so"
     if MODE == "cuda-build":
         if not path.exists():
@@ -63,7 +63,7 @@ def build(factory, *args):
 
             LIB_DIR.mkdir(parents=True, exist_ok=True)
             with fatbin_build_context(CUDA):
-                lib = tvm.compile(tvm.IRModule({"main": factory(*args, CUDA)}), target=CUDA)
+                lib = tvm.compile(tvm.IRModule({"main": factory(*args, CUDA, **options)}), target=CUDA)
             lib.export_library(str(path))
         return lambda *args: None
     if MODE != "cuda-run":

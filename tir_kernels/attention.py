@@ -36,14 +36,33 @@ def num_chunks(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
 
 
 def make_attention_partial(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
-                           target: Target) -> tirx.PrimFunc:
+                           target: Target, row_sets: int = 0, logit_sets: int = 0) -> tirx.PrimFunc:
     """Per-chunk attention. Args: q[n, >= H, d] (its first H heads are the queries, so the fused
     QKV projection's output passes as it is), kv, rope[P, d], rows[M] int32, layer (int64).
 
     Outputs: o[n, S, H, d] float32 (each chunk's normalised output), lse[n, S, H] float32
     (log2-sum-exp of the chunk's scaled scores, ``NEG_INF`` when the chunk has no visible key),
     with ``S = num_chunks(M)``.
+
+    ``row_sets`` (CPU only; TidalDecode's sparse layers): 0 keeps the shared list above; ``H`` or
+    ``Hkv`` makes ``rows[row_sets, M]`` one sorted list per query head (query head ``h`` reads set
+    ``h``) or per KV head (set ``h // group``), each key at its TRUE position (its row) and query
+    ``i`` of ``n`` at ``rows[set, M - 1] - n + 1 + i`` (the set's last row is the step's last token).
+    ``logit_sets`` (CPU only; TidalDecode's selection layers, shared rows): ``H`` or ``Hkv`` adds
+    the output logits[logit_sets, M] float32, the last query's scores ``q.k / sqrt(d) * log2(e)``
+    per query head, or per KV head the max over its group (-1e30 for a key it does not see).
+    Raises ValueError for other set counts or either option on a GPU target.
     """
+    if row_sets or logit_sets:
+        for name, sets in (("row_sets", row_sets), ("logit_sets", logit_sets)):
+            if sets not in (0, n_heads, n_kv):
+                raise ValueError(f"{name}={sets}: use 0, n_heads={n_heads} or n_kv={n_kv}")
+        if row_sets and logit_sets:
+            raise ValueError("row_sets and logit_sets are exclusive: logits come from the dense pass")
+        if is_gpu(target):
+            raise ValueError("per-head rows and logits are CPU options of attention_partial; "
+                             "GPU decode uses decode_attention")
+        return _partial_cpu(i64(num_layers), n_heads, n_kv, head_dim, dtype, row_sets, logit_sets)
     maker = _partial_gpu if is_gpu(target) else _partial_cpu
     return maker(i64(num_layers), n_heads, n_kv, head_dim, dtype)
 
@@ -161,25 +180,32 @@ def rope_rotated(x, i, h, dim, rope, pos, half):
     return T.Cast("float32", x[i, h, dim]) * c + partner * s
 
 
-def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype):
+def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_sets=0):
     group = n_heads // n_kv
     half = head_dim // 2
     scale = LOG2E / math.sqrt(head_dim)
     lanes = 8  # one AVX2 float32 vector
-    H, D, HKV = i64(n_heads), i64(head_dim), i64(n_kv)
+    per_set = row_sets > 0  # static: per-head row lists at true positions
+    sets = row_sets or n_kv  # one task per (chunk, row set); shared rows: per (chunk, KV head)
+    hps = n_heads // sets  # query heads of a task
+    lgroup = n_heads // max(logit_sets, 1)  # query heads per logit row
+    H, D, SETS = i64(n_heads), i64(head_dim), i64(sets)
 
-    @T.prim_func(s_tir=True)
-    def attention_partial(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
-                          layer: T.int64, o_h: T.handle, lse_h: T.handle):
-        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        n, cap, num_pos, m_keys, heads = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        q = T.match_buffer(q_h, (n, heads, D), dtype)  # queries: the first H heads
-        kv = T.match_buffer(kv_h, (num_layers, T.int64(2), HKV, cap, D), dtype)
-        rope = T.match_buffer(rope_h, (num_pos, D), "float32")
-        rows = T.match_buffer(rows_h, (m_keys,), "int32")
-        o = T.match_buffer(o_h, (n, (m_keys + CHUNK - 1) // CHUNK, H, D), "float32")
-        lse = T.match_buffer(lse_h, (n, (m_keys + CHUNK - 1) // CHUNK, H), "float32")
-        for task in T.parallel(((m_keys + CHUNK - 1) // CHUNK) * HKV):
+    def rows_shape(m_keys):
+        return (SETS, m_keys) if per_set else (m_keys,)
+
+    def row_at(rows, s, j):
+        return rows[s, j] if per_set else rows[j]
+
+    def position(rows, s, j, m_keys, n, i):
+        """(key j's RoPE position, query i's position)."""
+        if per_set:
+            return T.Cast("int64", rows[s, j]), T.Cast("int64", rows[s, m_keys - 1]) - n + 1 + i
+        return j, m_keys - n + i
+
+    @T.macro
+    def body(q, kv, rope, rows, layer, o, lse, logits, n, m_keys):
+        for task in T.parallel(((m_keys + CHUNK - 1) // CHUNK) * SETS):
             with T.sblock("attn"):
                 T.reads()
                 T.writes()
@@ -191,17 +217,20 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype):
                 qr = T.sblock_alloc_buffer((head_dim,), "float32")
                 acc = T.sblock_alloc_buffer((head_dim,), "float32")
                 stat = T.sblock_alloc_buffer((2,), "float32")
-                c: T.let[T.int64] = task // HKV
-                kvh: T.let[T.int64] = task % HKV
+                vis = T.sblock_alloc_buffer((1,), "int64")
+                c: T.let[T.int64] = task // SETS
+                s: T.let[T.int64] = task % SETS
+                kvh: T.let[T.int64] = s * hps // group
                 j0: T.let[T.int64] = c * CHUNK
                 cnt: T.let[T.int64] = T.min(T.int64(CHUNK), m_keys - j0)
                 for jj in T.serial(cnt):
-                    row: T.let[T.int64] = T.Cast("int64", rows[j0 + jj])
+                    row: T.let[T.int64] = T.Cast("int64", row_at(rows, s, j0 + jj))
+                    kp: T.let[T.int64] = position(rows, s, j0 + jj, m_keys, n, 0)[0]
                     for dd in T.vectorized(T.int64(half)):
-                        kr[jj, dd] = (T.Cast("float32", kv[layer, 0, kvh, row, dd]) * rope[j0 + jj, dd]
-                                      - T.Cast("float32", kv[layer, 0, kvh, row, dd + half]) * rope[j0 + jj, half + dd])
-                        kr[jj, dd + half] = (T.Cast("float32", kv[layer, 0, kvh, row, dd + half]) * rope[j0 + jj, dd]
-                                             + T.Cast("float32", kv[layer, 0, kvh, row, dd]) * rope[j0 + jj, half + dd])
+                        kr[jj, dd] = (T.Cast("float32", kv[layer, 0, kvh, row, dd]) * rope[kp, dd]
+                                      - T.Cast("float32", kv[layer, 0, kvh, row, dd + half]) * rope[kp, half + dd])
+                        kr[jj, dd + half] = (T.Cast("float32", kv[layer, 0, kvh, row, dd + half]) * rope[kp, dd]
+                                             + T.Cast("float32", kv[layer, 0, kvh, row, dd]) * rope[kp, half + dd])
                     for dd in T.vectorized(T.int64(head_dim)):
                         vt[jj, dd] = T.Cast("float32", kv[layer, 1, kvh, row, dd])
                 if n > 1:  # several queries reuse the chunk: score it lanes keys at a time
@@ -209,12 +238,19 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype):
                         for jj in T.serial(T.int64(CHUNK)):
                             kt[dd, jj] = T.if_then_else(jj < cnt, kr[jj, dd], T.float32(0))
                 for i in T.serial(n):
-                    for g in T.serial(T.int64(group)):
-                        # number of keys of this chunk that query i sees (may be <= 0)
-                        lim: T.let[T.int64] = T.min(cnt, m_keys - n + i - j0 + 1)
+                    qpos: T.let[T.int64] = position(rows, s, 0, m_keys, n, i)[1]
+                    # number of keys of this chunk that query i sees (may be <= 0); rows sorted
+                    vis[0] = qpos - j0 + 1
+                    if per_set:
+                        vis[0] = T.int64(0)
+                        for jj in T.serial(cnt):
+                            if T.Cast("int64", rows[s, j0 + jj]) <= qpos:
+                                vis[0] = vis[0] + 1
+                    for g in T.serial(T.int64(hps)):
+                        lim: T.let[T.int64] = T.min(cnt, vis[0])
                         if lim > 0:
                             for dd in T.serial(T.int64(head_dim)):
-                                qr[dd] = rope_rotated(q, i, kvh * group + g, dd, rope, m_keys - n + i, half) * scale
+                                qr[dd] = rope_rotated(q, i, s * hps + g, dd, rope, qpos, half) * scale
                             if n > 1:
                                 for jo in T.serial(T.int64(CHUNK // lanes)):
                                     for ji in T.vectorized(T.int64(lanes)):
@@ -233,6 +269,12 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype):
                                     sc[jj] = T.float32(0)
                                     for ll in T.serial(T.int64(lanes)):
                                         sc[jj] = sc[jj] + part[ll]
+                            if logit_sets > 0:  # static: the last query's scores (it sees every key)
+                                if i == n - 1:
+                                    for jj in T.serial(lim):
+                                        lr: T.let[T.int64] = (s * hps + g) // lgroup
+                                        logits[lr, j0 + jj] = T.if_then_else(
+                                            (s * hps + g) % lgroup == 0, sc[jj], T.max(logits[lr, j0 + jj], sc[jj]))
                             stat[0] = T.float32(NEG_INF)
                             for jj in T.serial(lim):
                                 stat[0] = T.max(stat[0], sc[jj])
@@ -246,12 +288,43 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype):
                                 for dd in T.vectorized(T.int64(head_dim)):
                                     acc[dd] = acc[dd] + sc[jj] * vt[jj, dd]
                             for dd in T.vectorized(T.int64(head_dim)):
-                                o[i, c, kvh * group + g, dd] = acc[dd] / stat[1]
-                            lse[i, c, kvh * group + g] = stat[0] + T.log2(stat[1])
+                                o[i, c, s * hps + g, dd] = acc[dd] / stat[1]
+                            lse[i, c, s * hps + g] = stat[0] + T.log2(stat[1])
                         else:
                             for dd in T.serial(T.int64(head_dim)):
-                                o[i, c, kvh * group + g, dd] = T.float32(0)
-                            lse[i, c, kvh * group + g] = T.float32(NEG_INF)
+                                o[i, c, s * hps + g, dd] = T.float32(0)
+                            lse[i, c, s * hps + g] = T.float32(NEG_INF)
+
+    if logit_sets:
+
+        @T.prim_func(s_tir=True)
+        def attention_partial_logits(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
+                                     layer: T.int64, o_h: T.handle, lse_h: T.handle, logits_h: T.handle):
+            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+            n, cap, num_pos, m_keys, heads = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+            q = T.match_buffer(q_h, (n, heads, D), dtype)
+            kv = T.match_buffer(kv_h, (num_layers, T.int64(2), i64(n_kv), cap, D), dtype)
+            rope = T.match_buffer(rope_h, (num_pos, D), "float32")
+            rows = T.match_buffer(rows_h, (m_keys,), "int32")
+            o = T.match_buffer(o_h, (n, (m_keys + CHUNK - 1) // CHUNK, H, D), "float32")
+            lse = T.match_buffer(lse_h, (n, (m_keys + CHUNK - 1) // CHUNK, H), "float32")
+            logits = T.match_buffer(logits_h, (i64(logit_sets), m_keys), "float32")
+            body(q, kv, rope, rows, layer, o, lse, logits, n, m_keys)
+
+        return attention_partial_logits
+
+    @T.prim_func(s_tir=True)
+    def attention_partial(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
+                          layer: T.int64, o_h: T.handle, lse_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        n, cap, num_pos, m_keys, heads = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (n, heads, D), dtype)  # queries: the first H heads
+        kv = T.match_buffer(kv_h, (num_layers, T.int64(2), i64(n_kv), cap, D), dtype)
+        rope = T.match_buffer(rope_h, (num_pos, D), "float32")
+        rows = T.match_buffer(rows_h, rows_shape(m_keys), "int32")
+        o = T.match_buffer(o_h, (n, (m_keys + CHUNK - 1) // CHUNK, H, D), "float32")
+        lse = T.match_buffer(lse_h, (n, (m_keys + CHUNK - 1) // CHUNK, H), "float32")
+        body(q, kv, rope, rows, layer, o, lse, None, n, m_keys)
 
     return attention_partial
 

@@ -40,14 +40,59 @@ def _active_chunk(state, layer, C, blocks):
     return T.if_then_else(state[layer, 0] == 0, T.ceildiv(C, blocks), T.int64(0))
 
 
-def make_topk(num_layers: int, top_k: int, n_init: int, target: Target) -> tirx.PrimFunc:
+@T.macro
+def _select_cpu(crit, ws, out, row, C, kk, off, cb, wb, active):
+    # out[row, :kk] = off + the kk largest of crit[cb : cb + C] (ties: lower index), sorted
+    prefix = T.sblock_alloc_buffer((1,), "int64")
+    krem = T.sblock_alloc_buffer((1,), "int32")
+    found = T.sblock_alloc_buffer((1,), "int32")
+    taken = T.sblock_alloc_buffer((2,), "int32")  # outputs written, ties taken
+    if active:
+        prefix[0] = T.int64(0)
+        krem[0] = kk
+        for p in range(4):
+            for i in range(i64(_BINS)):
+                ws[wb + i] = 0
+            for t in range(C):
+                key: T.let[T.int64] = order_key(crit[cb + t])
+                if key >> T.int64(32 - 8 * p) == prefix[0] >> T.int64(32 - 8 * p):
+                    ws[wb + ((key >> T.int64(24 - 8 * p)) & T.int64(255))] += 1
+            found[0] = 0
+            for i in range(i64(_BINS)):
+                if found[0] == 0:
+                    if krem[0] <= ws[wb + _BINS - 1 - i]:
+                        found[0] = 1
+                        prefix[0] = prefix[0] | ((_BINS - 1 - i) << T.int64(24 - 8 * p))
+                    else:
+                        krem[0] = krem[0] - ws[wb + _BINS - 1 - i]
+        taken[0] = 0
+        taken[1] = 0
+        for t in range(C):
+            key: T.let[T.int64] = order_key(crit[cb + t])
+            if key > prefix[0] or (key == prefix[0] and taken[1] < krem[0]):
+                out[row, taken[0]] = T.Cast("int32", off + t)
+                taken[0] = taken[0] + 1
+            if key == prefix[0]:
+                taken[1] = taken[1] + 1
+
+
+def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: int = 0) -> tirx.PrimFunc:
     """``cache_idx[layer] = sorted(n_init + top-k positions of crit)`` unless the cache hit.
 
     Args (in order): crit[C] float32 (C >= top_k), state[num_layers, 4] int32 (nothing happens
     when ``state[layer, 0]`` is 1), cache_idx[num_layers, top_k] int32 (updated in place),
     layer (int64). Output (fresh): workspace[WORKSPACE_SIZE] int32.
     Relax: ``call_tir_inplace`` with inplace_indices ``[2, -1]`` (cache_idx, workspace).
+
+    ``heads > 0`` (TidalDecode, CPU): a batch of independent selections, ``num_layers`` and
+    ``n_init`` unused. Args: crit[heads, L] float32 (``L >= top_k``: the logits of every cached
+    token). Outputs (fresh): idx[heads, top_k] int32, per head the ``top_k - 1`` largest of
+    ``crit[h, :L - 1]`` (ties: lower position first) sorted, then ``L - 1`` (the current token is
+    always kept, as TidalDecode's selection); workspace[heads, WORKSPACE_SIZE] int32.
+    Raises ValueError for ``top_k < 1`` or ``heads`` on a GPU target.
     """
+    if heads:
+        return _topk_heads(heads, top_k, target)
     gpu = is_gpu(target)
     k, NB, threads, bins = top_k, i64(TOPK_BLOCKS), i64(_THREADS), i64(_BINS)
 
@@ -192,36 +237,31 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target) -> tirx.
                             run[1] = run[1] + (buf[threads - 1] & 65535)
         else:
             with T.sblock("topk"):
-                prefix = T.sblock_alloc_buffer((1,), "int64")
-                krem = T.sblock_alloc_buffer((1,), "int32")
-                found = T.sblock_alloc_buffer((1,), "int32")
-                taken = T.sblock_alloc_buffer((2,), "int32")  # outputs written, ties taken
-                if state[layer, 0] == 0:
-                    prefix[0] = T.int64(0)
-                    krem[0] = k
-                    for p in range(4):
-                        for i in range(bins):
-                            ws[i] = 0
-                        for t in range(C):
-                            key: T.let[T.int64] = order_key(crit[t])
-                            if key >> T.int64(32 - 8 * p) == prefix[0] >> T.int64(32 - 8 * p):
-                                ws[(key >> T.int64(24 - 8 * p)) & T.int64(255)] += 1
-                        found[0] = 0
-                        for i in range(bins):
-                            if found[0] == 0:
-                                if krem[0] <= ws[_BINS - 1 - i]:
-                                    found[0] = 1
-                                    prefix[0] = prefix[0] | ((_BINS - 1 - i) << T.int64(24 - 8 * p))
-                                else:
-                                    krem[0] = krem[0] - ws[_BINS - 1 - i]
-                    taken[0] = 0
-                    taken[1] = 0
-                    for t in range(C):
-                        key: T.let[T.int64] = order_key(crit[t])
-                        if key > prefix[0] or (key == prefix[0] and taken[1] < krem[0]):
-                            cache_idx[layer, taken[0]] = T.Cast("int32", n_init + t)
-                            taken[0] = taken[0] + 1
-                        if key == prefix[0]:
-                            taken[1] = taken[1] + 1
+                _select_cpu(crit, ws, cache_idx, layer, C, k, n_init, 0, 0, state[layer, 0] == 0)
 
     return topk
+
+
+def _topk_heads(heads: int, top_k: int, target: Target) -> tirx.PrimFunc:
+    """``make_topk``'s batched form (``heads`` selections of ``top_k`` with the last token kept)."""
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k}: a selection keeps at least the current token")
+    if is_gpu(target):
+        raise ValueError("the batched top-k runs on CPUs only so far; use --target llvm")
+    HS, K, WS = i64(heads), i64(top_k), i64(WORKSPACE_SIZE)
+
+    @T.prim_func(s_tir=True)
+    def topk_heads(crit_h: T.handle, idx_h: T.handle, ws_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        L = T.int64()
+        crit = T.match_buffer(crit_h, (HS, L), "float32")
+        idx = T.match_buffer(idx_h, (HS, K), "int32")
+        ws = T.match_buffer(ws_h, (HS, WS), "int32")
+        crit_flat = T.decl_buffer((HS * L,), "float32", data=crit.data)
+        ws_flat = T.decl_buffer((HS * WS,), "int32", data=ws.data)
+        for hh in T.parallel(HS):
+            with T.sblock("topk"):
+                _select_cpu(crit_flat, ws_flat, idx, hh, L - 1, top_k - 1, 0, hh * L, hh * WS, True)
+                idx[hh, top_k - 1] = T.Cast("int32", L - 1)
+
+    return topk_heads

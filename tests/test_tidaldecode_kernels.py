@@ -1,0 +1,147 @@
+"""TidalDecode's kernels vs NumPy float64 (tests/tidaldecode_reference.py): attention over per-head
+row lists at true positions, the dense pass's logits output, and the batched top-k with the
+current token kept. Through kernel_harness, so the same tests run on a GPU where a kernel has one."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tidaldecode_reference as tref
+from attention_reference import rope_table
+from kernel_harness import MODE, build, tensor
+
+from tsedge.models.config import PolicyConfig
+from tsedge.tir_kernels import attention as attn
+from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
+
+NUM_LAYERS, LAYER = 3, 1
+cpu_only = pytest.mark.skipif(MODE != "llvm", reason="CPU options of attention_partial / topk")
+
+
+def inv_freq(head_dim: int) -> np.ndarray:
+    return (1.0 / 5e5 ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+
+
+def random_case(seed, n_heads, n_kv, head_dim, dtype, n, capacity):
+    rng = np.random.default_rng(seed)
+    kv = rng.standard_normal((NUM_LAYERS, 2, n_kv, capacity, head_dim)).astype(dtype)
+    qkv = rng.standard_normal((n, n_heads + 2 * n_kv, head_dim)).astype(dtype)
+    return rng, kv, qkv
+
+
+def run_partial(kernel, qkv, kv, table, rows, n, n_heads, head_dim, dtype, extra=()):
+    chunks = attn.num_chunks(rows.shape[-1])
+    o = tensor(np.full((n, chunks, n_heads, head_dim), np.nan, np.float32))
+    lse = tensor(np.full((n, chunks, n_heads), np.nan, np.float32))
+    out = tensor(np.full((n, n_heads, head_dim), np.nan, dtype))
+    kernel(tensor(qkv), tensor(kv), tensor(table.astype(np.float32)), tensor(rows), LAYER, o, lse, *extra)
+    build(attn.make_attention_merge, n_heads, head_dim, dtype)(o, lse, out)
+    return out.numpy().astype(np.float64)
+
+
+SPARSE_CASES = [
+    # n_heads, n_kv, head_dim, dtype, per_kv_head, n (queries), M (rows per set), L (context)
+    (4, 2, 64, "float32", False, 1, 1, 1),        # only the current token
+    (9, 3, 64, "float32", False, 1, 77, 300),     # SmolLM2 heads, one ragged chunk
+    (9, 3, 64, "float32", True, 1, 257, 1000),    # per KV head, a chunk plus one row
+    (32, 8, 128, "float16", False, 1, 256, 4099), # Llama-3-8B heads, the default budget
+    (16, 2, 128, "float32", True, 5, 300, 700),   # several queries: causal by true position
+]
+
+
+@cpu_only
+@pytest.mark.parametrize("n_heads, n_kv, head_dim, dtype, per_kv, n, m, length", SPARSE_CASES)
+def test_attention_over_per_head_rows(n_heads, n_kv, head_dim, dtype, per_kv, n, m, length):
+    rng, kv, qkv = random_case(m + length, n_heads, n_kv, head_dim, dtype, n, length + 5)
+    sets = n_kv if per_kv else n_heads
+    # each set: m - 1 distinct earlier rows (sorted) and the step's last row L - 1
+    rows = np.stack([np.append(np.sort(rng.choice(length - 1, m - 1, replace=False)), length - 1)
+                     for _ in range(sets)]).astype(np.int32)
+    table = rope_table(inv_freq(head_dim), length + 5)
+    kernel = build(attn.make_attention_partial, NUM_LAYERS, n_heads, n_kv, head_dim, dtype, row_sets=sets)
+    got = run_partial(kernel, qkv, kv, table, rows, n, n_heads, head_dim, dtype)
+    want = tref.sparse_attention(qkv[:, :n_heads], kv[LAYER, 0], kv[LAYER, 1], rows, table)
+    tol = 2e-3 if dtype == "float16" else 1e-5
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+@cpu_only
+def test_dense_rows_as_sets_equal_dense_attention():
+    """Every set holding rows 0..L-1 is dense attention: the true positions are the row indices."""
+    n_heads, n_kv, d, length = 8, 2, 64, 600
+    _, kv, qkv = random_case(7, n_heads, n_kv, d, "float32", 1, length)
+    table = rope_table(inv_freq(d), length)
+    dense_rows = np.arange(length, dtype=np.int32)
+    dense = run_partial(build(attn.make_attention_partial, NUM_LAYERS, n_heads, n_kv, d, "float32"),
+                        qkv, kv, table, dense_rows, 1, n_heads, d, "float32")
+    sets = run_partial(build(attn.make_attention_partial, NUM_LAYERS, n_heads, n_kv, d, "float32", row_sets=n_heads),
+                       qkv, kv, table, np.tile(dense_rows, (n_heads, 1)), 1, n_heads, d, "float32")
+    np.testing.assert_allclose(sets, dense, rtol=1e-6, atol=1e-6)
+
+
+LOGIT_CASES = [
+    # n_heads, n_kv, head_dim, dtype, per_kv_head, n (queries), L
+    (4, 2, 64, "float32", False, 1, 1),
+    (9, 3, 64, "float32", False, 1, 513),
+    (9, 3, 64, "float32", True, 1, 300),
+    (32, 8, 128, "float16", True, 1, 1000),
+    (8, 2, 64, "float32", False, 3, 259),         # a prefill chunk: the last query's logits
+]
+
+
+@cpu_only
+@pytest.mark.parametrize("n_heads, n_kv, head_dim, dtype, per_kv, n, length", LOGIT_CASES)
+def test_dense_attention_writes_logits(n_heads, n_kv, head_dim, dtype, per_kv, n, length):
+    _, kv, qkv = random_case(length * 3 + n, n_heads, n_kv, head_dim, dtype, n, length + 3)
+    sets = n_kv if per_kv else n_heads
+    table = rope_table(inv_freq(head_dim), length + 3)
+    rows = np.arange(length, dtype=np.int32)
+    logits = tensor(np.full((sets, length), np.nan, np.float32))
+    kernel = build(attn.make_attention_partial, NUM_LAYERS, n_heads, n_kv, head_dim, dtype, logit_sets=sets)
+    got = run_partial(kernel, qkv, kv, table, rows, n, n_heads, head_dim, dtype, (logits,))
+    keys = kv[LAYER, 0, :, :length]
+    tol = 2e-3 if dtype == "float16" else 1e-5
+    from attention_reference import attention
+
+    np.testing.assert_allclose(got, attention(qkv[:, :n_heads], keys, kv[LAYER, 1, :, :length], table),
+                               rtol=tol, atol=tol)
+    want = tref.set_logits(tref.logits(qkv[:, :n_heads], keys, table), sets)
+    np.testing.assert_allclose(logits.numpy() / math.log2(math.e), want, rtol=tol, atol=tol * 10)
+
+
+TOPK_CASES = [
+    # sets, budget, L
+    (1, 1, 1),       # the current token only
+    (4, 5, 5),       # the whole context
+    (32, 256, 4099),
+    (3, 100, 257),
+]
+
+
+@cpu_only
+@pytest.mark.parametrize("sets, budget, length", TOPK_CASES)
+def test_topk_per_head_keeps_current_token(sets, budget, length):
+    rng = np.random.default_rng(length)
+    scores = rng.standard_normal((sets, length)).astype(np.float32)
+    scores[:, -1] = -1e30  # the current token is kept whatever its logit
+    scores[0, : length // 2] = 0.5  # ties: lower positions first
+    idx = tensor(np.full((sets, budget), -1, np.int32))
+    ws = tensor(np.zeros((sets, WORKSPACE_SIZE), np.int32))
+    build(make_topk, NUM_LAYERS, budget, 0, heads=sets)(tensor(scores), idx, ws)
+    np.testing.assert_array_equal(idx.numpy(), tref.select(scores.astype(np.float64), budget))
+
+
+def test_policy_settings_checked_in_one_line():
+    assert PolicyConfig("tidaldecode").budget == 256
+    assert PolicyConfig("tidaldecode", tidal_reselect_layers=[8, 13]).tidal_reselect_layers == (8, 13)
+    for bad, match in [(dict(tidal_budget=0), "tidal_budget=0"),
+                       (dict(tidal_select_layer=5, tidal_reselect_layers=(3,)), "increasing"),
+                       (dict(tidal_reselect_layers=(8, 8)), "increasing")]:
+        with pytest.raises(ValueError, match=match) as err:
+            PolicyConfig("tidaldecode", **bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="layer 13 does not exist in a 2-layer model"):
+        PolicyConfig("tidaldecode").check_layers(2)
+    PolicyConfig("tidaldecode", chunk_size=4096, n_local=8)  # no local window: no chunk limit
