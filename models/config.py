@@ -295,12 +295,13 @@ def from_hf_config(cfg: dict[str, Any], name: str = "custom") -> ModelConfig:
     )
 
 
-POLICIES = ("dense", "tokenselect", "streaming")
+POLICIES = ("dense", "tokenselect", "streaming", "tidaldecode")
 
 
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
-    """Attention policy and its budgets (TokenSelect paper defaults)."""
+    """Attention policy and its budgets (TokenSelect paper defaults; TidalDecode's ``tidal_*``:
+    arXiv 2410.05076 and DerrickYLJ/TidalDecode's scripts, Llama-3-8B)."""
 
     name: str = "dense"
     n_init: int = 128
@@ -309,19 +310,50 @@ class PolicyConfig:
     chunk_size: int = 512
     selection_threshold: float = 0.9
     pool_kernel: int = 0
+    tidal_budget: int = 256  # tokens each head attends to in sparse layers (current one included)
+    tidal_select_layer: int = 2  # attends densely and selects; earlier layers dense
+    tidal_reselect_layers: tuple[int, ...] = (13,)  # attend densely and select again
+    tidal_per_kv_head: bool = False  # one set per KV head (max of its group's logits)
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
             raise ValueError(f"unknown policy {self.name!r}; choose one of {', '.join(POLICIES)}")
-        if self.name != "dense" and self.chunk_size > self.n_local:
+        if self.name not in ("dense", "tidaldecode") and self.chunk_size > self.n_local:
             raise ValueError(
                 f"chunk_size={self.chunk_size} > n_local={self.n_local}: a prefill chunk must fit "
                 "in the local window; lower --chunk-size or raise --n-local"
             )
+        object.__setattr__(self, "tidal_reselect_layers", tuple(self.tidal_reselect_layers))
+        if self.name == "tidaldecode":
+            self._check_tidal()
+
+    def _check_tidal(self) -> None:
+        """TidalDecode settings on their own (the model's depth: ``check_layers``)."""
+        if self.tidal_budget < 1:
+            raise ValueError(f"tidal_budget={self.tidal_budget}: TidalDecode keeps at least the "
+                             "current token; set --tidal-budget >= 1")
+        layers = (self.tidal_select_layer, *self.tidal_reselect_layers)
+        if self.tidal_select_layer < 0 or list(layers) != sorted(set(layers)):
+            raise ValueError(f"TidalDecode layers {self.tidal_select_layer} then "
+                             f"{','.join(map(str, self.tidal_reselect_layers)) or '(none)'}: the "
+                             "selection layer must be >= 0 and each re-selection layer after it, "
+                             "increasing; fix --tidal-select-layer/--tidal-reselect-layers")
+
+    def check_layers(self, num_layers: int) -> None:
+        """Raises ValueError (one line) where a TidalDecode layer is not one of ``num_layers``."""
+        if self.name != "tidaldecode":
+            return
+        last = max((self.tidal_select_layer, *self.tidal_reselect_layers))
+        if last >= num_layers:
+            raise ValueError(f"TidalDecode layer {last} does not exist in a {num_layers}-layer "
+                             f"model; choose layers below {num_layers} (--tidal-select-layer, "
+                             "--tidal-reselect-layers)")
 
     @property
     def budget(self) -> int:
         """Tokens attended per step once the context exceeds it (streaming selects no top-k)."""
+        if self.name == "tidaldecode":
+            return self.tidal_budget
         selected = self.top_k if self.name == "tokenselect" else 0
         return self.n_init + selected + self.n_local
 

@@ -109,14 +109,19 @@ class ReferenceModel:
             q = q.reshape(n, cfg.num_heads, cfg.head_dim)
             self.kv[layer, 0, :, self.past:length] = k.reshape(n, cfg.num_kv_heads, -1).transpose(1, 0, 2)
             self.kv[layer, 1, :, self.past:length] = v.reshape(n, cfg.num_kv_heads, -1).transpose(1, 0, 2)
-            rows = self.rows(layer, q, length, decode)
-            o = aref.attention(q, self.kv[layer, 0][:, rows], self.kv[layer, 1][:, rows], self.table)
+            o = self.attend(layer, q, length, decode)
             x = x + o.reshape(n, -1) @ p("self_attn.o_proj").T
             h = self.norm(x, p("post_attention_layernorm"))
             gate = h @ p("mlp.gate_proj").T
             x = x + (gate / (1 + np.exp(-gate)) * (h @ p("mlp.up_proj").T)) @ p("mlp.down_proj").T
         self.past = length
-        return self.norm(x[-1], w["model.norm.weight"]) @ w["model.embed_tokens.weight"].T
+        head = w.get("lm_head.weight", w["model.embed_tokens.weight"])  # tied: the embedding
+        return self.norm(x[-1], w["model.norm.weight"]) @ head.T
+
+    def attend(self, layer: int, q: np.ndarray, length: int, decode: bool) -> np.ndarray:
+        """The layer's attention ``[n, H, d]`` over the rows the policy picks (after the append)."""
+        rows = self.rows(layer, q, length, decode)
+        return aref.attention(q, self.kv[layer, 0][:, rows], self.kv[layer, 1][:, rows], self.table)
 
     def norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.cfg.rms_norm_eps) * weight

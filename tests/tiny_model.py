@@ -37,8 +37,8 @@ def make_tiny_tokenizer(vocab_size: int = 300) -> Tokenizer:
 
 
 def make_tiny_hf_model(directory: str | Path, *, qkv_bias: bool = False, tie: bool = False,
-                       seed: int = 0) -> Path:
-    """Save a random 2-layer model (hidden 64, 4 heads, 2 KV heads) and its tokenizer.
+                       seed: int = 0, num_layers: int = 2) -> Path:
+    """Save a random ``num_layers``-layer model (hidden 64, 4 heads, 2 KV heads) and its tokenizer.
 
     Sharded (with ``model.safetensors.index.json``); ``qkv_bias`` makes it a Qwen2, else a Llama.
     """
@@ -51,7 +51,7 @@ def make_tiny_hf_model(directory: str | Path, *, qkv_bias: bool = False, tie: bo
                                                                              LlamaForCausalLM)
     config = config_cls(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=tie, bos_token_id=0, eos_token_id=2,
     )

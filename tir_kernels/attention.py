@@ -326,7 +326,7 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_s
         lse = T.match_buffer(lse_h, (n, (m_keys + CHUNK - 1) // CHUNK, H), "float32")
         body(q, kv, rope, rows, layer, o, lse, None, n, m_keys)
 
-    return attention_partial
+    return attention_partial.with_attr("global_symbol", "attention_partial_sets") if per_set else attention_partial
 
 
 def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target) -> tirx.PrimFunc:

@@ -8,14 +8,19 @@ from ..config import ModelConfig, PolicyConfig
 from tsedge.tir_kernels.tokenselect_scoring import check_shapes
 
 from .dense import DensePolicy
+from .tidaldecode import TidalDecodePolicy, check_tidaldecode
 from .tokenselect import StreamingPolicy, TokenSelectPolicy
 
 
-def check_policy(policy: PolicyConfig, cfg: ModelConfig) -> None:
-    """Raises ValueError (one line) where ``policy`` cannot be compiled for ``cfg``'s heads; call
-    it before announcing a compile."""
+def check_policy(policy: PolicyConfig, cfg: ModelConfig, target: Target | None = None) -> None:
+    """Raises ValueError (one line) where ``policy`` cannot be compiled for ``cfg``'s heads and
+    layers (and, given, ``target``); call it before announcing a compile."""
     if policy.name == "tokenselect":
         check_shapes(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    if policy.name == "tidaldecode":
+        policy.check_layers(cfg.num_layers)
+        if target is not None:
+            check_tidaldecode(policy, cfg, target)
 
 
 def make_policy(policy: PolicyConfig, cfg: ModelConfig, dtype: str, target: Target):
@@ -26,5 +31,7 @@ def make_policy(policy: PolicyConfig, cfg: ModelConfig, dtype: str, target: Targ
         return TokenSelectPolicy(cfg, dtype, target, policy)
     if policy.name == "streaming":
         return StreamingPolicy(cfg, dtype, target, policy)
+    if policy.name == "tidaldecode":
+        return TidalDecodePolicy(cfg, dtype, target, policy)
     raise NotImplementedError(f"policy {policy.name!r} is not compiled yet "
-                              "(available: dense, tokenselect, streaming)")
+                              "(available: dense, tokenselect, streaming, tidaldecode)")

@@ -1,0 +1,107 @@
+"""TidalDecode in the whole compiled model: tests/tiny_model.py's random Llama (6 layers) on the CPU.
+
+Budget 32 tokens, selection at layer 1 and re-selection at layer 3 (so the step has dense,
+selecting, sparse and re-selecting layers). Checks: bit-identical to dense within the budget;
+beyond it equal to a NumPy float64 model of TidalDecode's semantics (per query head and per KV
+head) and different from dense; one-line errors for settings the model or target cannot take.
+"""
+
+from __future__ import annotations
+
+import attention_reference as aref
+import numpy as np
+import pytest
+import tidaldecode_reference as tref
+from test_tokenselect_model import ReferenceModel
+from tiny_model import make_tiny_hf_model
+
+from tsedge.compile.build import compile_library
+from tsedge.compile.targets import parse_target
+from tsedge.engine import Engine
+from tsedge.eval.agreement import forced_logits, greedy
+from tsedge.models.attention import check_policy, make_policy
+from tsedge.models.config import PolicyConfig
+from tsedge.weights import ModelSource, load_source
+
+TIDAL = dict(name="tidaldecode", tidal_budget=32, tidal_select_layer=1, tidal_reselect_layers=(3,))
+MAX_CONTEXT, CHUNK = 256, 64
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> ModelSource:
+    return load_source(str(make_tiny_hf_model(tmp_path_factory.mktemp("tiny6"), num_layers=6, seed=3)))
+
+
+@pytest.fixture(scope="module")
+def engines(source, tmp_path_factory):
+    """``engines(**policy)``: an Engine (reset) on a library compiled once per policy."""
+    built: dict[tuple, Engine] = {}
+
+    def get(**policy) -> Engine:
+        key = tuple(sorted(policy.items()))
+        if key not in built:
+            path = tmp_path_factory.mktemp("lib") / "model.so"
+            compile_library(source.config, PolicyConfig(**policy), parse_target("llvm"), "float32",
+                            MAX_CONTEXT, path)
+            built[key] = Engine(path, source, prefill_chunk=CHUNK)
+        built[key].reset()
+        return built[key]
+
+    return get
+
+
+def prompt_ids(source: ModelSource, count: int) -> list[int]:
+    return np.random.default_rng(count).integers(3, source.config.vocab_size, count).tolist()
+
+
+class TidalReference(ReferenceModel):
+    """The tiny model in float64 with TidalDecode's semantics (tidaldecode_reference.py)."""
+
+    def attend(self, layer: int, q: np.ndarray, length: int, decode: bool) -> np.ndarray:
+        p, keys, values = self.policy, self.kv[layer, 0], self.kv[layer, 1]
+        if not decode or length <= p.budget or layer < p.tidal_select_layer:
+            return aref.attention(q, keys[:, :length], values[:, :length], self.table)
+        if layer in (p.tidal_select_layer, *p.tidal_reselect_layers):
+            sets = self.cfg.num_kv_heads if p.tidal_per_kv_head else self.cfg.num_heads
+            scores = tref.logits(q, keys[:, :length], self.table)
+            self.selected = tref.select(tref.set_logits(scores, sets), p.budget)
+            return aref.attention(q, keys[:, :length], values[:, :length], self.table)
+        return tref.sparse_attention(q, keys, values, self.selected, self.table)
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_within_budget_equals_dense(engines, source, per_kv_head):
+    """Up to exactly the budget the library runs dense code: same bits, same tokens."""
+    engine = engines(**TIDAL, tidal_per_kv_head=per_kv_head)
+    steps = 8
+    prompt = prompt_ids(source, TIDAL["tidal_budget"] - steps + 1)  # the last step ends at the budget
+    tokens, logits = greedy(engine, prompt, steps)
+    assert len(engine.cache) == TIDAL["tidal_budget"]
+    want_tokens, want_logits = greedy(engines(name="dense"), prompt, steps)
+    assert tokens == want_tokens
+    for got, want in zip(logits, want_logits):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_beyond_budget_matches_numpy_reference(engines, source, per_kv_head):
+    """Dense prefill, then decode steps whose sparse layers read each head's selection."""
+    engine = engines(**TIDAL, tidal_per_kv_head=per_kv_head)
+    ids = prompt_ids(source, 160)
+    prompt, tokens = ids[:150], ids[150:]
+    got = forced_logits(engine, prompt, tokens)
+    ref = TidalReference(source, engine.meta.policy, MAX_CONTEXT)
+    want = ref.forced_logits(prompt, tokens, CHUNK)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-4)
+    dense = forced_logits(engines(name="dense"), prompt, tokens)
+    np.testing.assert_array_equal(got[0], dense[0])  # prefill stays dense
+    assert all(np.abs(g - d).max() > 1e-3 for g, d in zip(got[1:], dense[1:]))  # decode is sparse
+
+
+def test_settings_the_model_or_target_cannot_take_are_one_line_errors(source):
+    with pytest.raises(ValueError, match="layer 13 does not exist in a 6-layer model") as err:
+        check_policy(PolicyConfig("tidaldecode"), source.config)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="--target llvm"):
+        make_policy(PolicyConfig(**TIDAL), source.config, "float16", parse_target("cuda:sm_90"))
