@@ -8,13 +8,18 @@ head) and different from dense; one-line errors for settings the model or target
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import attention_reference as aref
 import numpy as np
 import pytest
 import tidaldecode_reference as tref
+from click.testing import CliRunner
 from test_tokenselect_model import ReferenceModel
 from tiny_model import make_tiny_hf_model
 
+from tsedge.cli import main
 from tsedge.compile.build import compile_library
 from tsedge.compile.targets import parse_target
 from tsedge.engine import Engine
@@ -28,8 +33,13 @@ MAX_CONTEXT, CHUNK = 256, 64
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory) -> ModelSource:
-    return load_source(str(make_tiny_hf_model(tmp_path_factory.mktemp("tiny6"), num_layers=6, seed=3)))
+def folder(tmp_path_factory) -> Path:
+    return make_tiny_hf_model(tmp_path_factory.mktemp("tiny6"), num_layers=6, seed=3)
+
+
+@pytest.fixture(scope="module")
+def source(folder) -> ModelSource:
+    return load_source(str(folder))
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +115,40 @@ def test_settings_the_model_or_target_cannot_take_are_one_line_errors(source):
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="--target llvm"):
         make_policy(PolicyConfig(**TIDAL), source.config, "float16", parse_target("cuda:sm_90"))
+
+
+CLI_TIDAL = ["--policy", "tidaldecode", "--tidal-budget", "32", "--tidal-select-layer", "1",
+             "--tidal-reselect-layers", "3", "--tidal-per-kv-head"]
+
+
+def test_compile_and_generate_from_the_command_line(folder, tmp_path):
+    lib = tmp_path / "tidal.so"
+    common = ["--model", str(folder), "--target", "llvm", "--dtype", "float32"]
+    result = CliRunner().invoke(main, ["compile", *common, *CLI_TIDAL[:-3], "-o", str(lib)])
+    assert result.exit_code != 0 and result.output.count("\n") == 1, result.output  # default re-selection: 13
+    assert "layer 13 does not exist in a 6-layer model" in result.output
+    result = CliRunner().invoke(main, ["compile", *common, *CLI_TIDAL, "--max-context", "256", "-o", str(lib)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    policy = json.loads(lib.with_suffix(".json").read_text())["policy"]
+    assert policy["tidal_reselect_layers"] == [3] and policy["tidal_per_kv_head"] is True
+    result = CliRunner().invoke(main, ["generate", "--model", str(folder), "--lib", str(lib), "--temperature", "0",
+                                       "--prompt", "The quick brown fox jumps over the lazy dog. " * 6,
+                                       "--max-new-tokens", "40", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["policy"] == "tidaldecode" and out["prompt_tokens"] > 32 and out["generated_tokens"] >= 1
+
+
+def test_eval_run_accepts_tidaldecode(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("TSEDGE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(main, [
+        "eval", "run", "--model", str(folder), "--target", "llvm", "--dtype", "float32",
+        "--tasks", "niah_single", "--haystacks", "repeat", "--policies", "tidaldecode",
+        "--lengths", "400", "--samples", "1", *CLI_TIDAL[2:], "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["config"]["policies"]["tidaldecode"]["tidal_budget"] == 32
+    (cell,) = data["cells"]
+    assert cell["policy"] == "tidaldecode" and 0 <= cell["score"] <= 1
