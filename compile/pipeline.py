@@ -5,6 +5,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 from tvm.relax.backend.cuda import pipeline as cuda_passes
+from tvm.relax.dpl.pattern import GlobalVarPattern, TuplePattern, is_op, wildcard
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
@@ -38,6 +39,31 @@ def fp32_accumulate(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tv
     return mod
 
 
+def _dequantize_matmul_patterns() -> list[tuple]:
+    """``matmul(x, W)``, ``matmul(x, permute_dims(W))`` and either ``+ bias`` where ``W`` is a
+    ``call_tir`` of a PrimFunc called ``dequantize*`` (``models/quant_linear.py``)."""
+    weight = is_op("relax.call_tir")(GlobalVarPattern(), TuplePattern([wildcard(), wildcard()]))
+    patterns = []
+    for name, w in (("nt", is_op("relax.permute_dims")(weight)), ("nn", weight)):
+        matmul = is_op("relax.matmul")(wildcard(), w)
+        patterns += [(f"tsedge.dequantize_matmul_{name}_bias", is_op("relax.add")(matmul, wildcard()), {}, _is_dequantize),
+                     (f"tsedge.dequantize_matmul_{name}", matmul, {}, _is_dequantize)]
+    return patterns
+
+
+def _is_dequantize(context: relax.transform.PatternCheckContext) -> bool:
+    return any(isinstance(call, relax.Call) and isinstance(call.args[0], relax.GlobalVar)
+               and call.args[0].name_hint.startswith("dequantize")
+               for call in context.matched_bindings.values())
+
+
+def fuse_dequantize_matmul() -> tvm.transform.Pass:
+    """Group each dequantize (a ``call_tir``) with the matmul that consumes it (and a bias add)
+    into one primitive function, which FuseTIR makes one PrimFunc: the technique of MLC-LLM's
+    FuseDequantizeMatmulEwise. FuseOps alone leaves the dequantize a kernel of its own."""
+    return relax.transform.FuseOpsByPattern(_dequantize_matmul_patterns(), bind_constants=False)
+
+
 def schedule_passes(target: Target) -> list:
     """dlight on GPUs: decode GEMVs, reductions, and matmuls the model does not give to
     ``tir_kernels.matmul`` (on tensor cores through dlight's wmma rule, float32 accumulation);
@@ -55,9 +81,9 @@ def relax_pipeline(target: Target):
     @tvm.transform.module_pass(opt_level=0, name="TsedgePipeline")
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
         # x @ W^T as one matmul kernel (else W^T is materialised on every call)
-        fuse = [relax.transform.FuseTransposeMatmul()] + cuda_passes.legalize_passes(target)[:-1]
-        if target.kind.name == "cuda":
-            fuse = [fp32_accumulate] + fuse
+        accumulate = [fp32_accumulate] if target.kind.name == "cuda" else []
+        fuse = ([fuse_dequantize_matmul()] + accumulate + [relax.transform.FuseTransposeMatmul()]
+                + cuda_passes.legalize_passes(target)[:-1])
         finalize = cuda_passes.finalize_passes(target)
         if target.kind.name == "llvm":
             finalize = [p for p in finalize if p.info.name != "RewriteCUDAGraph"]

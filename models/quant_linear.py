@@ -1,0 +1,78 @@
+"""A linear layer over group-quantized weights (``models/quantization.py``), dequantized in the
+kernel that multiplies.
+
+The dequantization is a ``te.compute`` whose output feeds ``matmul``; Relax's FuseOps/FuseTIR make
+the pair one PrimFunc (as MLC-LLM's ``fused_dequantize_*_matmul``), which the CPU schedule and
+dlight's GEMV rule then schedule with the dequantization inlined into the reduction: the float
+weight never exists in memory. On CUDA a prefill chunk dequantizes the weight to float16 first
+(a kernel of its own) and runs ``tir_kernels.matmul``'s tensor-core GEMM on it.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from tsedge.tir_kernels import matmul
+
+from .quantization import QuantScheme
+
+
+def param_shapes(qs: QuantScheme, in_features: int, out_features: int,
+                 in_out: bool) -> tuple[list[int], list[int]]:
+    """Library shapes of (qweight, scale): canonical [out, in/per_word], [out, in/group], or
+    transposed with ``in_out``."""
+    q = [out_features, in_features // qs.per_word]
+    s = [out_features, in_features // qs.group]
+    return (q[::-1], s[::-1]) if in_out else (q, s)
+
+
+def dequantize_expr(qs: QuantScheme, q: te.Tensor, s: te.Tensor, in_out: bool) -> te.Tensor:
+    """The float weight ([in, out] with ``in_out``, else [out, in]) as a TE compute, in the scale's
+    dtype: ``(code) * scale`` with the code unpacked from its nibble (q4) or int8 (q8)."""
+    dtype = s.dtype
+
+    def weight(k, j):  # k: reduction (input) index, j: output index
+        code = q[k // qs.per_word, j] if in_out else q[j, k // qs.per_word]
+        scale = s[k // qs.group, j] if in_out else s[j, k // qs.group]
+        if qs.bits == 4:
+            shift = (k % qs.per_word).astype("uint32") * tirx.const(4, "uint32")
+            value = ((code >> shift) & tirx.const(15, "uint32")).astype(dtype) - tirx.const(qs.max_int, dtype)
+        else:
+            value = code.astype(dtype)
+        return value * scale
+
+    inp = (q.shape[0] if in_out else q.shape[1]) * qs.per_word
+    out = q.shape[1] if in_out else q.shape[0]
+    if in_out:
+        return te.compute((inp, out), lambda k, j: weight(k, j), name="dequantize")
+    return te.compute((out, inp), lambda j, k: weight(k, j), name="dequantize")
+
+
+class QuantLinear(nn.Module):
+    """``y = x W^T (+ b)`` with ``W`` stored as ``qweight`` + ``scale`` (see ``param_shapes``)."""
+
+    def __init__(self, qs: QuantScheme, in_features: int, out_features: int, bias: bool, dtype: str,
+                 in_out: bool, target):
+        q_shape, s_shape = param_shapes(qs, in_features, out_features, in_out)
+        self.qweight = nn.Parameter(q_shape, qs.storage_dtype)
+        self.scale = nn.Parameter(s_shape, dtype)
+        self.bias = nn.Parameter([out_features], dtype) if bias else None
+        self.qs, self.in_out, self.shape = qs, in_out, (out_features, in_features)
+        self.prefill_kernel = (matmul.make_prefill_matmul(out_features, in_features, dtype, target)
+                               if target is not None and not in_out
+                               and matmul.supported(out_features, in_features, dtype, target) else None)
+
+    def _weight(self) -> nn.Tensor:
+        return op.tensor_expr_op(lambda q, s: dequantize_expr(self.qs, q, s, self.in_out), "dequantize",
+                                 args=[self.qweight, self.scale])
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        w = self._weight()
+        if self.prefill_kernel is not None and not isinstance(x.shape[0], int):
+            y = op.tensor_ir_op(self.prefill_kernel, matmul.kernel_name(*self.shape), args=[x, w],
+                                out=nn.Tensor.placeholder([x.shape[0], self.shape[0]], x.dtype))
+        else:
+            y = op.matmul(x, w if self.in_out else op.permute_dims(w))
+        return y + self.bias if self.bias is not None else y
