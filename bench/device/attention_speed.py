@@ -22,8 +22,7 @@ CASES = [("dense", m) for m in (128, 4096, 32768, 131072)] + [("gathered", 2688)
 VARIANTS = {"decode": ("decode", {})}
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
-CHUNK_SHAPES = {"chunk": {}, "chunk, 1 m-tile": {"m_tiles": 1}, "chunk, 16 keys": {"keys": 16},
-                "chunk, 2 warps": {"warps": 2}}  # make_chunk_attention(warps=, keys=, stages=, m_tiles=)
+CHUNK_SHAPES = {"chunk": {}}  # variants: make_chunk_attention(warps=, keys=, stages=, m_tiles=)
 PREFILL_VARIANTS = {**{f"{name} (tensor cores)": (name, PREFILL_DEPTHS) for name in CHUNK_SHAPES},
 }
 
@@ -33,7 +32,7 @@ def prepare() -> None:
 
     from tsedge.compile.cuda_fatbin import fatbin_build_context
     from tsedge.compile.targets import parse_target
-    from tsedge.tir_kernels import attention, chunk_attention, decode_attention
+    from tsedge.tir_kernels import attention, chunk_attention, decode_attention, tokenselect_scoring
 
     target = parse_target("cuda:sm_90")
     LIBS.mkdir(parents=True, exist_ok=True)
@@ -45,6 +44,8 @@ def prepare() -> None:
         if kind == "decode":
             kernels[name] = decode_attention.make_decode_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16",
                                                                    target, **kw)
+    kernels["scoring"] = tokenselect_scoring.make_scoring(LAYERS, HEADS, KV_HEADS, HEAD_DIM, 128, 512, 0, "float16",
+                                                          target)  # TokenSelect paper budgets 128/512
     with fatbin_build_context(target):
         for name, func in kernels.items():
             tvm.compile(tvm.IRModule({"main": func}), target=target).export_library(str(LIBS / f"{_file(name)}.so"))
@@ -64,7 +65,7 @@ def run(out_path: Path) -> None:
     import tvm
     import tvm_ffi
 
-    from tsedge.tir_kernels import attention, chunk_attention, decode_attention
+    from tsedge.tir_kernels import attention, chunk_attention, decode_attention, tokenselect_scoring
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -124,6 +125,26 @@ def run(out_path: Path) -> None:
                             "us_per_layer": round(us, 2), "tflop_per_s": round(tflops, 1)})
             print(f"{name:38s} prefill {PREFILL_N} after {depth:7d}: {us:10.1f} us/layer {tflops:7.1f} TFLOP/s",
                   flush=True)
+    state = torch.zeros((LAYERS, 4), device=dev, dtype=torch.int32)  # no Selection Cache hit: score
+    qbar = torch.randn((HEADS, HEAD_DIM), generator=gen, device=dev, dtype=torch.float32)
+    length = CAPACITY - 64  # 131,072 rows: 130,432 candidates after the 128 sinks and 512 local ones
+    candidates = length - 128 - 512
+    kernel = load("scoring")
+    outs = [torch.empty(shape, device=dev, dtype=torch.float32)
+            for shape in ((candidates,), (HEADS, candidates), (HEADS, tokenselect_scoring.SCORE_BLOCKS + 1, 2))]
+    for layer in range(LAYERS):
+        kernel(ffi(qbar), ffi(kv), ffi(state), layer, length, *[ffi(t) for t in outs])
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(8 * LAYERS):
+        kernel(ffi(qbar), ffi(kv), ffi(state), i % LAYERS, length, *[ffi(t) for t in outs])
+    end.record()
+    torch.cuda.synchronize()
+    us = start.elapsed_time(end) * 1000 / (8 * LAYERS)
+    gbs = candidates * KV_HEADS * HEAD_DIM * 2 / us / 1e3
+    results.append({"variant": "scoring (TokenSelect, re-selecting)", "kind": "scoring", "candidates": candidates,
+                    "us_per_layer": round(us, 2), "k_gb_per_s": round(gbs, 1)})
+    print(f"scoring {candidates} candidates: {us:9.2f} us/layer {gbs:8.1f} GB/s", flush=True)
     out_path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "shapes": {
         "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "float16"},
         "note": "per layer: attention kernel + merge; decode GB/s = K+V bytes of the attended rows / time; "
