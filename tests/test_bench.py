@@ -20,6 +20,7 @@ def test_variants_add_reselect_for_decode_only():
     assert list(lc.variants(["dense", "tokenselect"], "decode")) == ["dense", "tokenselect", "tokenselect-reselect"]
     assert list(lc.variants(["tokenselect"], "prefill")) == ["tokenselect"]
     assert lc.variants(["tokenselect"], "decode")["tokenselect-reselect"].selection_threshold > 1
+    assert lc.variants(["streaming"], "decode")["streaming"].name == "streaming"  # any compiled policy
 
 
 def _result(device: str) -> dict:

@@ -20,7 +20,7 @@ import numpy as np
 
 from tsedge.bench.speed import decode_speed, machine_info, prefill_chunk_speed, prefill_speed
 from tsedge.engine import Engine
-from tsedge.models.config import PolicyConfig
+from tsedge.models.config import POLICIES, PolicyConfig
 from tsedge.models.library import LibraryMeta
 
 VARIANTS = {"dense": PolicyConfig(), "tokenselect": PolicyConfig("tokenselect"),
@@ -44,15 +44,16 @@ def parse_depths(text: str) -> list[int]:
 
 
 def variants(policies: list[str], kind: str) -> dict[str, PolicyConfig]:
-    """Library variants measured for ``policies`` (decode adds ``tokenselect-reselect``)."""
-    names = []
+    """Library variants measured for ``policies``, each with its default budgets (decode adds
+    ``tokenselect-reselect``); raises ValueError for a policy the compiler does not know."""
+    chosen = {}
     for policy in policies:
-        if policy not in ("dense", "tokenselect"):
-            raise ValueError(f"unknown policy {policy!r} for bench: use dense,tokenselect")
-        names.append(policy)
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r} for bench: use some of {','.join(POLICIES)}")
+        chosen[policy] = VARIANTS.get(policy, PolicyConfig(policy))
         if policy == "tokenselect" and kind == "decode":
-            names.append("tokenselect-reselect")
-    return {name: VARIANTS[name] for name in names}
+            chosen["tokenselect-reselect"] = VARIANTS["tokenselect-reselect"]
+    return chosen
 
 
 def random_params(meta: LibraryMeta) -> tuple[list, Any]:
