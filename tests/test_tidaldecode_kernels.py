@@ -10,14 +10,24 @@ import numpy as np
 import pytest
 import tidaldecode_reference as tref
 from attention_reference import rope_table
-from kernel_harness import MODE, build, tensor
+from kernel_harness import CUDA, MODE, build, tensor
 
 from tsedge.models.config import PolicyConfig
 from tsedge.tir_kernels import attention as attn
+from tsedge.tir_kernels import decode_attention as dec
 from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
 
 NUM_LAYERS, LAYER = 3, 1
-cpu_only = pytest.mark.skipif(MODE != "llvm", reason="CPU options of attention_partial / topk")
+GPU = MODE != "llvm"  # cuda-build / cuda-run: one query per step runs decode_attention
+
+
+def kernel(n_heads, n_kv, head_dim, dtype, n, **options):
+    """The attention kernel a step of ``n`` queries runs with ``options`` and its chunk count."""
+    if GPU:
+        if n > 1:
+            pytest.skip("GPU: TidalDecode's sparse steps are decode steps (one query)")
+        return build(dec.make_decode_attention, NUM_LAYERS, n_heads, n_kv, head_dim, dtype, **options), dec.decode_splits
+    return build(attn.make_attention_partial, NUM_LAYERS, n_heads, n_kv, head_dim, dtype, **options), attn.num_chunks
 
 
 def inv_freq(head_dim: int) -> np.ndarray:
@@ -31,8 +41,9 @@ def random_case(seed, n_heads, n_kv, head_dim, dtype, n, capacity):
     return rng, kv, qkv
 
 
-def run_partial(kernel, qkv, kv, table, rows, n, n_heads, head_dim, dtype, extra=()):
-    chunks = attn.num_chunks(rows.shape[-1])
+def run_partial(kernel_and_chunks, qkv, kv, table, rows, n, n_heads, head_dim, dtype, extra=()):
+    kernel, num_chunks = kernel_and_chunks
+    chunks = num_chunks(rows.shape[-1])
     o = tensor(np.full((n, chunks, n_heads, head_dim), np.nan, np.float32))
     lse = tensor(np.full((n, chunks, n_heads), np.nan, np.float32))
     out = tensor(np.full((n, n_heads, head_dim), np.nan, dtype))
@@ -51,7 +62,6 @@ SPARSE_CASES = [
 ]
 
 
-@cpu_only
 @pytest.mark.parametrize("n_heads, n_kv, head_dim, dtype, per_kv, n, m, length", SPARSE_CASES)
 def test_attention_over_per_head_rows(n_heads, n_kv, head_dim, dtype, per_kv, n, m, length):
     rng, kv, qkv = random_case(m + length, n_heads, n_kv, head_dim, dtype, n, length + 5)
@@ -60,24 +70,20 @@ def test_attention_over_per_head_rows(n_heads, n_kv, head_dim, dtype, per_kv, n,
     rows = np.stack([np.append(np.sort(rng.choice(length - 1, m - 1, replace=False)), length - 1)
                      for _ in range(sets)]).astype(np.int32)
     table = rope_table(inv_freq(head_dim), length + 5)
-    kernel = build(attn.make_attention_partial, NUM_LAYERS, n_heads, n_kv, head_dim, dtype, row_sets=sets)
-    got = run_partial(kernel, qkv, kv, table, rows, n, n_heads, head_dim, dtype)
+    got = run_partial(kernel(n_heads, n_kv, head_dim, dtype, n, row_sets=sets), qkv, kv, table, rows, n, n_heads, head_dim, dtype)
     want = tref.sparse_attention(qkv[:, :n_heads], kv[LAYER, 0], kv[LAYER, 1], rows, table)
     tol = 2e-3 if dtype == "float16" else 1e-5
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
-@cpu_only
 def test_dense_rows_as_sets_equal_dense_attention():
     """Every set holding rows 0..L-1 is dense attention: the true positions are the row indices."""
     n_heads, n_kv, d, length = 8, 2, 64, 600
     _, kv, qkv = random_case(7, n_heads, n_kv, d, "float32", 1, length)
     table = rope_table(inv_freq(d), length)
     dense_rows = np.arange(length, dtype=np.int32)
-    dense = run_partial(build(attn.make_attention_partial, NUM_LAYERS, n_heads, n_kv, d, "float32"),
-                        qkv, kv, table, dense_rows, 1, n_heads, d, "float32")
-    sets = run_partial(build(attn.make_attention_partial, NUM_LAYERS, n_heads, n_kv, d, "float32", row_sets=n_heads),
-                       qkv, kv, table, np.tile(dense_rows, (n_heads, 1)), 1, n_heads, d, "float32")
+    dense = run_partial(kernel(n_heads, n_kv, d, "float32", 1), qkv, kv, table, dense_rows, 1, n_heads, d, "float32")
+    sets = run_partial(kernel(n_heads, n_kv, d, "float32", 1, row_sets=n_heads), qkv, kv, table, np.tile(dense_rows, (n_heads, 1)), 1, n_heads, d, "float32")
     np.testing.assert_allclose(sets, dense, rtol=1e-6, atol=1e-6)
 
 
@@ -91,7 +97,6 @@ LOGIT_CASES = [
 ]
 
 
-@cpu_only
 @pytest.mark.parametrize("n_heads, n_kv, head_dim, dtype, per_kv, n, length", LOGIT_CASES)
 def test_dense_attention_writes_logits(n_heads, n_kv, head_dim, dtype, per_kv, n, length):
     _, kv, qkv = random_case(length * 3 + n, n_heads, n_kv, head_dim, dtype, n, length + 3)
@@ -99,8 +104,7 @@ def test_dense_attention_writes_logits(n_heads, n_kv, head_dim, dtype, per_kv, n
     table = rope_table(inv_freq(head_dim), length + 3)
     rows = np.arange(length, dtype=np.int32)
     logits = tensor(np.full((sets, length), np.nan, np.float32))
-    kernel = build(attn.make_attention_partial, NUM_LAYERS, n_heads, n_kv, head_dim, dtype, logit_sets=sets)
-    got = run_partial(kernel, qkv, kv, table, rows, n, n_heads, head_dim, dtype, (logits,))
+    got = run_partial(kernel(n_heads, n_kv, head_dim, dtype, n, logit_sets=sets), qkv, kv, table, rows, n, n_heads, head_dim, dtype, (logits,))
     keys = kv[LAYER, 0, :, :length]
     tol = 2e-3 if dtype == "float16" else 1e-5
     from attention_reference import attention
@@ -114,13 +118,13 @@ def test_dense_attention_writes_logits(n_heads, n_kv, head_dim, dtype, per_kv, n
 TOPK_CASES = [
     # sets, budget, L
     (1, 1, 1),       # the current token only
+    (2, 1, 300),     # a budget of one: the current token, nothing selected
     (4, 5, 5),       # the whole context
     (32, 256, 4099),
     (3, 100, 257),
 ]
 
 
-@cpu_only
 @pytest.mark.parametrize("sets, budget, length", TOPK_CASES)
 def test_topk_per_head_keeps_current_token(sets, budget, length):
     rng = np.random.default_rng(length)
@@ -145,3 +149,23 @@ def test_policy_settings_checked_in_one_line():
     with pytest.raises(ValueError, match="layer 13 does not exist in a 2-layer model"):
         PolicyConfig("tidaldecode").check_layers(2)
     PolicyConfig("tidaldecode", chunk_size=4096, n_local=8)  # no local window: no chunk limit
+
+
+@pytest.mark.skipif(MODE != "llvm", reason="codegen check runs where the compiler is")
+@pytest.mark.parametrize("options", [dict(row_sets=32), dict(row_sets=8), dict(logit_sets=32), dict(logit_sets=8)])
+def test_decode_attention_options_compile_for_sm90(options):
+    """Llama-3-8B heads: the per-set and logits variants of the CUDA decode kernel build (the
+    dense variant's CUDA source is the same as before the options: checked when they were added)."""
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"main": dec.make_decode_attention(2, 32, 8, 128, "float16", CUDA, **options)}),
+                      target=CUDA)
+    source = lib.mod.imports_[0].inspect_source()
+    assert "cp.async.cg.shared.global" in source
+
+
+def test_set_counts_checked_in_one_line():
+    with pytest.raises(ValueError, match="row_sets=3: use 0, n_heads=8 or n_kv=2"):
+        attn.check_sets(8, 2, 3, 0)
+    with pytest.raises(ValueError, match="exclusive"):
+        attn.check_sets(8, 2, 8, 2)

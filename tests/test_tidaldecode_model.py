@@ -25,7 +25,7 @@ from tsedge.compile.targets import parse_target
 from tsedge.engine import Engine
 from tsedge.eval.agreement import forced_logits, greedy
 from tsedge.models.attention import check_policy, make_policy
-from tsedge.models.config import PolicyConfig
+from tsedge.models.config import ModelConfig, PolicyConfig
 from tsedge.weights import ModelSource, load_source
 
 TIDAL = dict(name="tidaldecode", tidal_budget=32, tidal_select_layer=1, tidal_reselect_layers=(3,))
@@ -113,8 +113,18 @@ def test_settings_the_model_or_target_cannot_take_are_one_line_errors(source):
     with pytest.raises(ValueError, match="layer 13 does not exist in a 6-layer model") as err:
         check_policy(PolicyConfig("tidaldecode"), source.config)
     assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="--target llvm"):
-        make_policy(PolicyConfig(**TIDAL), source.config, "float16", parse_target("cuda:sm_90"))
+    with pytest.raises(ValueError, match="layer 6 does not exist in a 6-layer model"):
+        make_policy(PolicyConfig(**{**TIDAL, "tidal_reselect_layers": (6,)}), source.config, "float32",
+                    parse_target("llvm"))
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_compiles_for_cuda(tmp_path, per_kv_head):
+    """The CUDA library (decode attention over per-set rows and with logits, GPU top-k) builds."""
+    cfg = ModelConfig("tiny-gqa3", 576, 256, 4, 9, 3, 512)  # SmolLM2's heads (head_dim 64), 4 layers
+    policy = PolicyConfig(**TIDAL, tidal_per_kv_head=per_kv_head)
+    meta = compile_library(cfg, policy, parse_target("cuda:sm_90"), "float16", MAX_CONTEXT, tmp_path / "tidal-cuda.so")
+    assert "decode_select" in meta.functions and meta.policy == policy
 
 
 CLI_TIDAL = ["--policy", "tidaldecode", "--tidal-budget", "32", "--tidal-select-layer", "1",

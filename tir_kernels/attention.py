@@ -44,27 +44,33 @@ def make_attention_partial(num_layers: int, n_heads: int, n_kv: int, head_dim: i
     (log2-sum-exp of the chunk's scaled scores, ``NEG_INF`` when the chunk has no visible key),
     with ``S = num_chunks(M)``.
 
-    ``row_sets`` (CPU only; TidalDecode's sparse layers): 0 keeps the shared list above; ``H`` or
+    ``row_sets`` (TidalDecode's sparse layers; CPU here, GPU decode in ``decode_attention``): 0 keeps the shared list above; ``H`` or
     ``Hkv`` makes ``rows[row_sets, M]`` one sorted list per query head (query head ``h`` reads set
     ``h``) or per KV head (set ``h // group``), each key at its TRUE position (its row) and query
     ``i`` of ``n`` at ``rows[set, M - 1] - n + 1 + i`` (the set's last row is the step's last token).
-    ``logit_sets`` (CPU only; TidalDecode's selection layers, shared rows): ``H`` or ``Hkv`` adds
+    ``logit_sets`` (TidalDecode's selection layers, shared rows; likewise): ``H`` or ``Hkv`` adds
     the output logits[logit_sets, M] float32, the last query's scores ``q.k / sqrt(d) * log2(e)``
     per query head, or per KV head the max over its group (-1e30 for a key it does not see).
     Raises ValueError for other set counts or either option on a GPU target.
     """
     if row_sets or logit_sets:
-        for name, sets in (("row_sets", row_sets), ("logit_sets", logit_sets)):
-            if sets not in (0, n_heads, n_kv):
-                raise ValueError(f"{name}={sets}: use 0, n_heads={n_heads} or n_kv={n_kv}")
-        if row_sets and logit_sets:
-            raise ValueError("row_sets and logit_sets are exclusive: logits come from the dense pass")
+        check_sets(n_heads, n_kv, row_sets, logit_sets)
         if is_gpu(target):
             raise ValueError("per-head rows and logits are CPU options of attention_partial; "
                              "GPU decode uses decode_attention")
         return _partial_cpu(i64(num_layers), n_heads, n_kv, head_dim, dtype, row_sets, logit_sets)
     maker = _partial_gpu if is_gpu(target) else _partial_cpu
     return maker(i64(num_layers), n_heads, n_kv, head_dim, dtype)
+
+
+def check_sets(n_heads: int, n_kv: int, row_sets: int, logit_sets: int) -> None:
+    """Raises ValueError (one line) unless each of ``row_sets``/``logit_sets`` is 0, ``n_heads``
+    or ``n_kv`` and at most one is set (TidalDecode's per-head options of the attention kernels)."""
+    for name, sets in (("row_sets", row_sets), ("logit_sets", logit_sets)):
+        if sets not in (0, n_heads, n_kv):
+            raise ValueError(f"{name}={sets}: use 0, n_heads={n_heads} or n_kv={n_kv}")
+    if row_sets and logit_sets:
+        raise ValueError("row_sets and logit_sets are exclusive: logits come from the dense pass")
 
 
 def _partial_gpu(num_layers, n_heads, n_kv, head_dim, dtype):

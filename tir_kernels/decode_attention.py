@@ -28,6 +28,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from .attention import LOG2E, NEG_INF, rope_rotated
+from .attention import check_sets
 from .common import has_mma_sync, i64, is_gpu, max_shared_memory
 
 THREADS = 256  # threads per block
@@ -46,7 +47,8 @@ def decode_splits(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
 
 
 def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
-                          target: Target, tile_keys: int | None = None, stages: int = STAGES) -> tirx.PrimFunc:
+                          target: Target, tile_keys: int | None = None, stages: int = STAGES,
+                          row_sets: int = 0, logit_sets: int = 0) -> tirx.PrimFunc:
     """Args: q[1, >= H, d] (the first H heads are the query's), kv[layers, 2, Hkv, cap, d],
     rope[P, d] f32, rows[M] int32, layer (int64).
 
@@ -56,9 +58,17 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
     ``TILE_BYTES`` of K and V, a multiple of the slots per KV head); ``stages``: tiles in shared
     memory (≥ 2). Raises ValueError for a CPU target (CPU decode uses ``attention_partial``), a
     ``head_dim`` that is not a multiple of 16 bytes' elements, or a block over the shared memory.
+
+    ``row_sets`` and ``logit_sets`` (TidalDecode) are ``attention_partial``'s options: per-set row
+    lists ``rows[row_sets, M]`` at true positions (the slots then own row sets, each set's keys
+    and RoPE rows gathered into the tiles), or the extra output logits[logit_sets, M] float32
+    (``q.k / sqrt(d) * log2(e)``, per KV head the group's max). Both 0: the kernel is unchanged.
     """
     if not is_gpu(target):
         raise ValueError(f"decode attention is a GPU kernel; {target.kind.name} uses attention_partial")
+    check_sets(n_heads, n_kv, row_sets, logit_sets)
+    per_set = row_sets > 0  # static: per-set row lists at true positions
+    n_kv_phys, n_kv = n_kv, row_sets or n_kv  # below, n_kv counts the slots' row sets
     group = n_heads // n_kv
     half = head_dim // 2
     esize = 2 if dtype == "float16" else 4
@@ -72,8 +82,10 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
     row_bytes = 2 * n_kv * head_dim * esize  # K and V of one row, every KV head
     scratch = n_kv * (per_head - 1) * group * (head_dim + 2)  # float32: the other slots' states
 
+    rope_sets = n_kv if per_set else 1  # RoPE rows per key of a tile
+
     def smem(keys: int) -> int:  # bytes: K/V tiles and float32 RoPE rows, the RoPE rows' buffer doubling as scratch
-        return stages * keys * row_bytes + 4 * max(stages * keys * head_dim, scratch)
+        return stages * keys * row_bytes + 4 * max(stages * keys * head_dim * rope_sets, scratch)
 
     limit = max_shared_memory(target)
     if tile_keys is None:  # about TILE_BYTES, a multiple of per_head, within the limit
@@ -87,12 +99,25 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
     async_copy = has_mma_sync(target)  # cp.async: sm_80+
     scale = LOG2E / math.sqrt(head_dim)
     REDUCE_STEPS = int(math.log2(td))
-    H, D, HKV = i64(n_heads), i64(head_dim), i64(n_kv)
+    H, D, HKV, PHYS = i64(n_heads), i64(head_dim), i64(n_kv), i64(n_kv_phys)
     G, V, PH, TK, KS = i64(group), i64(vec), i64(per_head), i64(tile_keys), i64(tile_keys // per_head)
     row_chunks = n_kv * td  # 16-byte pieces of one row of every KV head
     kv_items = (tile_keys * row_chunks + threads - 1) // threads
     rope_chunks = head_dim // 4  # 16-byte pieces of a float32 RoPE row
-    rope_items = (tile_keys * rope_chunks + threads - 1) // threads
+    rope_items = (tile_keys * rope_sets * rope_chunks + threads - 1) // threads
+    kv_group = n_heads // n_kv_phys
+
+    def phys(h):  # the KV head a row set reads
+        return h * group // kv_group if per_set else h
+
+    def row_of(rows, h, j):
+        return rows[h, j] if per_set else rows[j]
+
+    def rope_of(rows, h, j):  # the RoPE row of list entry j: its true position, or j
+        return T.Cast("int64", rows[h, j]) if per_set else j
+
+    def rope_off(key, h):  # a tile row's RoPE row in r_sh
+        return (key * HKV + h) * D if per_set else key * D
 
     @T.macro
     def copy16(dst, dst_off, src, src_off, src_flat, lanes, elem):
@@ -111,30 +136,35 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                 key: T.let[T.int64] = (it * threads + tid) // row_chunks
                 h: T.let[T.int64] = (it * threads + tid) // td % HKV
                 c: T.let[T.int64] = (it * threads + tid) % td
-                row: T.let[T.int64] = T.Cast("int64", rows[T.min(j0 + t * TK + key, j1 - 1)])
+                row: T.let[T.int64] = T.Cast("int64", row_of(rows, h, T.min(j0 + t * TK + key, j1 - 1)))
                 dst: T.let[T.int64] = ((t % stages * TK + key) * HKV + h) * D + c * V
-                copy16(k_sh, dst, kv, (((layer * 2) * HKV + h) * cap + row) * D + c * V, kv_flat, V, dtype)
-                copy16(v_sh, dst, kv, (((layer * 2 + 1) * HKV + h) * cap + row) * D + c * V, kv_flat, V, dtype)
+                copy16(k_sh, dst, kv, (((layer * 2) * PHYS + phys(h)) * cap + row) * D + c * V, kv_flat, V, dtype)
+                copy16(v_sh, dst, kv, (((layer * 2 + 1) * PHYS + phys(h)) * cap + row) * D + c * V, kv_flat, V, dtype)
         for it in T.unroll(i64(rope_items)):
-            if it * threads + tid < tile_keys * rope_chunks:
-                key: T.let[T.int64] = (it * threads + tid) // rope_chunks
+            if it * threads + tid < tile_keys * rope_sets * rope_chunks:
+                key: T.let[T.int64] = (it * threads + tid) // (rope_sets * rope_chunks)
                 c: T.let[T.int64] = (it * threads + tid) % rope_chunks
-                copy16(r_sh, (t % stages * TK + key) * D + c * 4, rope,
-                       T.min(j0 + t * TK + key, j1 - 1) * D + c * 4, rope_flat, 4, "float32")
+                copy16(r_sh, rope_off(t % stages * TK + key, (it * threads + tid) // rope_chunks % rope_sets) + c * 4,
+                       rope, rope_of(rows, (it * threads + tid) // rope_chunks % rope_sets,
+                                     T.min(j0 + t * TK + key, j1 - 1)) * D + c * 4, rope_flat, 4, "float32")
 
-    @T.prim_func(s_tir=True)
-    def attention_decode(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
-                         layer: T.int64, o_h: T.handle, lse_h: T.handle):
-        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        n, cap, num_pos, m_keys, heads = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        q = T.match_buffer(q_h, (n, heads, D), dtype)  # queries: the first H heads
-        kv = T.match_buffer(kv_h, (num_layers, T.int64(2), HKV, cap, D), dtype)
-        rope = T.match_buffer(rope_h, (num_pos, D), "float32")
-        rows = T.match_buffer(rows_h, (m_keys,), "int32")
-        o = T.match_buffer(o_h, (n, decode_splits(m_keys), H, D), "float32")
-        lse = T.match_buffer(lse_h, (n, decode_splits(m_keys), H), "float32")
-        kv_flat = T.decl_buffer((num_layers * 2 * HKV * cap * D,), dtype, data=kv.data)
-        rope_flat = T.decl_buffer((num_pos * D,), "float32", data=rope.data)
+    @T.macro
+    def write_logits(logits, part, mx, jt, j1, kvh, lane, tx):
+        """Logits of this slot's rows of the tile (one thread per slot writes)."""
+        if tx == 0:
+            for kk in T.unroll(KS):
+                if jt + kk * PH + lane < j1:
+                    if logit_sets == n_heads:
+                        for g in T.unroll(G):
+                            logits[kvh * group + g, jt + kk * PH + lane] = part[kk, g]
+                    else:
+                        mx[0] = part[kk, 0]
+                        for g in T.unroll(G):
+                            mx[0] = T.max(mx[0], part[kk, g])
+                        logits[kvh, jt + kk * PH + lane] = mx[0]
+
+    @T.macro
+    def body(q, kv, rope, rows, layer, o, lse, logits, kv_flat, rope_flat, m_keys, cap):
         for bx in T.thread_binding(decode_splits(m_keys), thread="blockIdx.x"):
             for ty in T.thread_binding(i64(slots), thread="threadIdx.y"):
                 for tx in T.thread_binding(i64(td), thread="threadIdx.x"):
@@ -176,7 +206,8 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                             d_run[g] = T.float32(0)
                             for v in T.unroll(V):
                                 acc[g, v] = T.float32(0)
-                                qa[g, v] = rope_rotated(q, 0, kvh * group + g, d0 + v, rope, m_keys - 1, half) * scale
+                                qa[g, v] = rope_rotated(q, 0, kvh * group + g, d0 + v, rope,
+                                                        rope_of(rows, kvh, m_keys - 1), half) * scale
                         for t in T.serial(tiles):
                             if async_copy:
                                 T.evaluate(T.ptx.cp.async_.wait_group(stages - 2))  # tile t landed (own copies)
@@ -193,9 +224,9 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                                 for v in T.vectorized(V):
                                     kh[1, v] = k_sh[(key * HKV + kvh) * D + dp + v]
                                 for v in T.vectorized(V):
-                                    cs[0, v] = r_sh[key * D + d0 % half + v]
+                                    cs[0, v] = r_sh[rope_off(key, kvh) + d0 % half + v]
                                 for v in T.vectorized(V):
-                                    cs[1, v] = r_sh[key * D + half + d0 % half + v]
+                                    cs[1, v] = r_sh[rope_off(key, kvh) + half + d0 % half + v]
                                 for v in T.unroll(V):  # the key, rotated to its position
                                     kr[v] = (T.Cast("float32", kh[0, v]) * cs[0, v]
                                              + sign * T.Cast("float32", kh[1, v]) * cs[1, v])
@@ -208,6 +239,8 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                                     for g in T.unroll(G):
                                         part[kk, g] = part[kk, g] + T.tvm_warp_shuffle(
                                             T.uint32(0xFFFFFFFF), part[kk, g], tx ^ (i64(td // 2) >> r), td, 32)
+                            if logit_sets > 0:  # static: the scores are the selection's logits
+                                write_logits(logits, part, merged, j0 + t * TK, j1, kvh, lane, tx)
                             for g in T.unroll(G):  # one online-softmax step per tile
                                 m_new[g] = m_run[g]
                                 for kk in T.unroll(KS):
@@ -257,4 +290,40 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                                     lse[0, bx, kvh * group + g] = T.if_then_else(
                                         merged[1] > T.float32(0), merged[0] + T.log2(merged[1]), T.float32(NEG_INF))
 
-    return attention_decode
+
+    if logit_sets:
+
+        @T.prim_func(s_tir=True)
+        def attention_decode_logits(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
+                                    layer: T.int64, o_h: T.handle, lse_h: T.handle, logits_h: T.handle):
+            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+            n, cap, num_pos, m_keys, heads = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+            q = T.match_buffer(q_h, (n, heads, D), dtype)
+            kv = T.match_buffer(kv_h, (num_layers, T.int64(2), PHYS, cap, D), dtype)
+            rope = T.match_buffer(rope_h, (num_pos, D), "float32")
+            rows = T.match_buffer(rows_h, (m_keys,), "int32")
+            o = T.match_buffer(o_h, (n, decode_splits(m_keys), H, D), "float32")
+            lse = T.match_buffer(lse_h, (n, decode_splits(m_keys), H), "float32")
+            logits = T.match_buffer(logits_h, (i64(max(logit_sets, 1)), m_keys), "float32")
+            kv_flat = T.decl_buffer((num_layers * 2 * PHYS * cap * D,), dtype, data=kv.data)
+            rope_flat = T.decl_buffer((num_pos * D,), "float32", data=rope.data)
+            body(q, kv, rope, rows, layer, o, lse, logits, kv_flat, rope_flat, m_keys, cap)
+
+        return attention_decode_logits
+
+    @T.prim_func(s_tir=True)
+    def attention_decode(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
+                         layer: T.int64, o_h: T.handle, lse_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        n, cap, num_pos, m_keys, heads = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (n, heads, D), dtype)  # queries: the first H heads
+        kv = T.match_buffer(kv_h, (num_layers, T.int64(2), PHYS, cap, D), dtype)
+        rope = T.match_buffer(rope_h, (num_pos, D), "float32")
+        rows = T.match_buffer(rows_h, (HKV, m_keys) if per_set else (m_keys,), "int32")
+        o = T.match_buffer(o_h, (n, decode_splits(m_keys), H, D), "float32")
+        lse = T.match_buffer(lse_h, (n, decode_splits(m_keys), H), "float32")
+        kv_flat = T.decl_buffer((num_layers * 2 * PHYS * cap * D,), dtype, data=kv.data)
+        rope_flat = T.decl_buffer((num_pos * D,), "float32", data=rope.data)
+        body(q, kv, rope, rows, layer, o, lse, None, kv_flat, rope_flat, m_keys, cap)
+
+    return attention_decode.with_attr("global_symbol", "attention_decode_sets") if per_set else attention_decode

@@ -41,6 +41,17 @@ def _active_chunk(state, layer, C, blocks):
 
 
 @T.macro
+def block_scan(buf, tmp, tx):
+    # inclusive prefix sum of buf[0:256] in shared memory (Hillis-Steele)
+    T.tvm_storage_sync("shared")
+    for s in T.unroll(T.int64(8)):
+        tmp[0] = T.if_then_else(tx >= (T.int64(1) << s), buf[tx - (T.int64(1) << s)], 0)
+        T.tvm_storage_sync("shared")
+        buf[tx] = buf[tx] + tmp[0]
+        T.tvm_storage_sync("shared")
+
+
+@T.macro
 def _select_cpu(crit, ws, out, row, C, kk, off, cb, wb, active):
     # out[row, :kk] = off + the kk largest of crit[cb : cb + C] (ties: lower index), sorted
     prefix = T.sblock_alloc_buffer((1,), "int64")
@@ -89,22 +100,12 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: i
     token). Outputs (fresh): idx[heads, top_k] int32, per head the ``top_k - 1`` largest of
     ``crit[h, :L - 1]`` (ties: lower position first) sorted, then ``L - 1`` (the current token is
     always kept, as TidalDecode's selection); workspace[heads, WORKSPACE_SIZE] int32.
-    Raises ValueError for ``top_k < 1`` or ``heads`` on a GPU target.
+    Raises ValueError for ``top_k < 1``.
     """
     if heads:
         return _topk_heads(heads, top_k, target)
     gpu = is_gpu(target)
     k, NB, threads, bins = top_k, i64(TOPK_BLOCKS), i64(_THREADS), i64(_BINS)
-
-    @T.macro
-    def block_scan(buf, tmp, tx):
-        # inclusive prefix sum of buf[0:256] in shared memory (Hillis-Steele)
-        T.tvm_storage_sync("shared")
-        for s in T.unroll(T.int64(8)):
-            tmp[0] = T.if_then_else(tx >= (T.int64(1) << s), buf[tx - (T.int64(1) << s)], 0)
-            T.tvm_storage_sync("shared")
-            buf[tx] = buf[tx] + tmp[0]
-            T.tvm_storage_sync("shared")
 
     @T.macro
     def resolve_digit(ws, p, buf, tmp, res, tx, b):
@@ -243,12 +244,81 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: i
 
 
 def _topk_heads(heads: int, top_k: int, target: Target) -> tirx.PrimFunc:
-    """``make_topk``'s batched form (``heads`` selections of ``top_k`` with the last token kept)."""
+    """``make_topk``'s batched form (``heads`` selections of ``top_k`` with the last token kept).
+
+    CPU: one task per head runs ``_select_cpu`` in its workspace row. GPU: one block of 256
+    threads per head runs the same radix select with its histograms in shared memory (the
+    workspace is not used) and compacts 256 candidates at a time with one block scan.
+    """
     if top_k < 1:
         raise ValueError(f"top_k={top_k}: a selection keeps at least the current token")
+    HS, K, WS, threads, bins = i64(heads), i64(top_k), i64(WORKSPACE_SIZE), i64(_THREADS), i64(_BINS)
+    kk = top_k - 1  # selected besides the current token
+
     if is_gpu(target):
-        raise ValueError("the batched top-k runs on CPUs only so far; use --target llvm")
-    HS, K, WS = i64(heads), i64(top_k), i64(WORKSPACE_SIZE)
+
+        @T.prim_func(s_tir=True)
+        def topk_heads_gpu(crit_h: T.handle, idx_h: T.handle, ws_h: T.handle):
+            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+            L = T.int64()
+            crit = T.match_buffer(crit_h, (HS, L), "float32")
+            idx = T.match_buffer(idx_h, (HS, K), "int32")
+            T.match_buffer(ws_h, (HS, WS), "int32")
+            for hh in T.thread_binding(HS, thread="blockIdx.x"):
+                for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                    with T.sblock("topk"):
+                        buf = T.sblock_alloc_buffer((bins,), "int32", scope="shared")
+                        res = T.sblock_alloc_buffer((2,), "int32", scope="shared")  # digit, ties left
+                        tmp = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                        own = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                        tau = T.sblock_alloc_buffer((1,), "int64", scope="local")
+                        krem = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                        run = T.sblock_alloc_buffer((2,), "int32", scope="local")  # (#gt, #eq) before
+                        if kk > 0:  # static: a budget of 1 keeps only the current token
+                            tau[0] = T.int64(0)
+                            krem[0] = kk
+                            for p in range(4):  # digit p of tau: histogram, then a suffix scan
+                                buf[tx] = 0
+                                T.tvm_storage_sync("shared")
+                                for it in range(T.ceildiv(L - 1, threads)):
+                                    if it * threads + tx < L - 1:
+                                        key: T.let[T.int64] = order_key(crit[hh, it * threads + tx])
+                                        if key >> T.int64(32 - 8 * p) == tau[0] >> T.int64(32 - 8 * p):
+                                            T.cuda.atomic_add(T.address_of(buf[(key >> T.int64(24 - 8 * p)) & T.int64(255)]), 1)
+                                T.tvm_storage_sync("shared")
+                                own[0] = buf[_BINS - 1 - tx]
+                                T.tvm_storage_sync("shared")
+                                buf[tx] = own[0]  # bins from the top
+                                block_scan(buf, tmp, tx)
+                                tmp[0] = buf[tx]
+                                if tmp[0] - own[0] < krem[0] and krem[0] <= tmp[0]:
+                                    res[0] = T.Cast("int32", _BINS - 1 - tx)
+                                    res[1] = krem[0] - (tmp[0] - own[0])
+                                T.tvm_storage_sync("shared")
+                                tau[0] = tau[0] | (T.Cast("int64", res[0]) << T.int64(24 - 8 * p))
+                                krem[0] = res[1]
+                                T.tvm_storage_sync("shared")
+                            run[0] = 0
+                            run[1] = 0
+                            for it in range(T.ceildiv(L - 1, threads)):
+                                t: T.let[T.int64] = it * threads + tx
+                                key: T.let[T.int64] = T.if_then_else(t < L - 1, order_key(crit[hh, T.min(t, L - 2)]), T.int64(-1))
+                                flag: T.let[T.int32] = T.if_then_else(key > tau[0], 65536, 0) + T.if_then_else(key == tau[0], 1, 0)
+                                T.tvm_storage_sync("shared")
+                                buf[tx] = flag
+                                block_scan(buf, tmp, tx)
+                                gt_before: T.let[T.int32] = run[0] + ((buf[tx] - flag) >> 16)
+                                eq_before: T.let[T.int32] = run[1] + ((buf[tx] - flag) & 65535)
+                                if key > tau[0]:
+                                    idx[hh, gt_before + T.min(eq_before, krem[0])] = T.Cast("int32", t)
+                                if key == tau[0] and eq_before < krem[0]:
+                                    idx[hh, gt_before + eq_before] = T.Cast("int32", t)
+                                run[0] = run[0] + (buf[_BINS - 1] >> 16)
+                                run[1] = run[1] + (buf[_BINS - 1] & 65535)
+                        if tx == 0:
+                            idx[hh, top_k - 1] = T.Cast("int32", L - 1)
+
+        return topk_heads_gpu
 
     @T.prim_func(s_tir=True)
     def topk_heads(crit_h: T.handle, idx_h: T.handle, ws_h: T.handle):
@@ -261,7 +331,7 @@ def _topk_heads(heads: int, top_k: int, target: Target) -> tirx.PrimFunc:
         ws_flat = T.decl_buffer((HS * WS,), "int32", data=ws.data)
         for hh in T.parallel(HS):
             with T.sblock("topk"):
-                _select_cpu(crit_flat, ws_flat, idx, hh, L - 1, top_k - 1, 0, hh * L, hh * WS, True)
+                _select_cpu(crit_flat, ws_flat, idx, hh, L - 1, kk, 0, hh * L, hh * WS, kk > 0)
                 idx[hh, top_k - 1] = T.Cast("int32", L - 1)
 
     return topk_heads

@@ -12,15 +12,13 @@ from .tidaldecode import TidalDecodePolicy, check_tidaldecode
 from .tokenselect import StreamingPolicy, TokenSelectPolicy
 
 
-def check_policy(policy: PolicyConfig, cfg: ModelConfig, target: Target | None = None) -> None:
+def check_policy(policy: PolicyConfig, cfg: ModelConfig) -> None:
     """Raises ValueError (one line) where ``policy`` cannot be compiled for ``cfg``'s heads and
-    layers (and, given, ``target``); call it before announcing a compile."""
+    layers; call it before announcing a compile."""
     if policy.name == "tokenselect":
         check_shapes(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     if policy.name == "tidaldecode":
-        policy.check_layers(cfg.num_layers)
-        if target is not None:
-            check_tidaldecode(policy, cfg, target)
+        check_tidaldecode(policy, cfg)
 
 
 def make_policy(policy: PolicyConfig, cfg: ModelConfig, dtype: str, target: Target):

@@ -15,7 +15,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.target import Target
 
-from tsedge.tir_kernels import attention
+from tsedge.tir_kernels import attention, decode_attention
 from tsedge.tir_kernels.common import i64, is_gpu
 from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
 
@@ -23,12 +23,9 @@ from ..config import ModelConfig, PolicyConfig
 from .dense import DensePolicy
 
 
-def check_tidaldecode(policy: PolicyConfig, cfg: ModelConfig, target: Target) -> None:
-    """Raises ValueError (one line) where ``policy`` cannot be compiled for ``cfg`` on ``target``."""
+def check_tidaldecode(policy: PolicyConfig, cfg: ModelConfig) -> None:
+    """Raises ValueError (one line) where ``policy``'s layers are not ``cfg``'s."""
     policy.check_layers(cfg.num_layers)
-    if is_gpu(target):
-        raise ValueError("tidaldecode compiles for CPUs (--target llvm) only so far: its per-head "
-                         "top-k has no GPU kernel yet")
 
 
 class TidalDecodePolicy(DensePolicy):
@@ -39,14 +36,18 @@ class TidalDecodePolicy(DensePolicy):
     selects = True
 
     def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig) -> None:
-        check_tidaldecode(policy, cfg, target)
+        check_tidaldecode(policy, cfg)
         super().__init__(cfg, dtype, target)
         self.policy = policy
         nl, h, hkv, d = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.sets = hkv if policy.tidal_per_kv_head else h
         self.selecting = {policy.tidal_select_layer, *policy.tidal_reselect_layers}
-        self.scored = attention.make_attention_partial(nl, h, hkv, d, dtype, target, logit_sets=self.sets)
-        self.sparse = attention.make_attention_partial(nl, h, hkv, d, dtype, target, row_sets=self.sets)
+        if is_gpu(target):  # one query: flash-decoding splits
+            make, self.chunks = decode_attention.make_decode_attention, decode_attention.decode_splits
+        else:
+            make, self.chunks = attention.make_attention_partial, attention.num_chunks
+        self.scored = make(nl, h, hkv, d, dtype, target, logit_sets=self.sets)
+        self.sparse = make(nl, h, hkv, d, dtype, target, row_sets=self.sets)
         self.topk = make_topk(nl, policy.tidal_budget, 0, target, heads=self.sets)
 
     def attend(self, layer_id: int, qkv: nn.Tensor, step) -> nn.Tensor:
@@ -68,7 +69,7 @@ class TidalDecodePolicy(DensePolicy):
         merged -> (out [1, H, d], the kernel's extra outputs: the logits [sets, M] f32 if any)."""
         h, d = self.cfg.num_heads, self.cfg.head_dim
         m = rows.shape[-1]
-        chunks = attention.num_chunks(m)
+        chunks = self.chunks(m)
         outs = [nn.Tensor.placeholder([1, chunks, h, d], "float32"),
                 nn.Tensor.placeholder([1, chunks, h], "float32")]
         if kernel is self.scored:
