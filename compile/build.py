@@ -13,8 +13,9 @@ from tvm.target import Target
 
 from tsedge.models.attention import make_policy
 from tsedge.models.config import ModelConfig, PolicyConfig
-from tsedge.models.llama import LlamaForCausalLM
 from tsedge.models.library import LibraryMeta, ParamSpec
+from tsedge.models.llama import LlamaForCausalLM
+from tsedge.models.quantization import check_quantizable, scheme
 
 from .cuda_fatbin import fatbin_build_context
 from .pipeline import relax_pipeline
@@ -30,18 +31,29 @@ def resolve_dtype(dtype: str, target: Target) -> str:
     return dtype
 
 
-def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str):
-    """The model's Relax IRModule, its parameter specs and its policy-state specs."""
+def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str, quantization: str = "q0"):
+    """The model's Relax IRModule, its parameter specs and its policy-state specs.
+
+    Raises ValueError for an unknown ``quantization`` or a linear whose input size is not a
+    whole number of quantization groups."""
     in_out = target.kind.name == "llvm"
-    model = LlamaForCausalLM(cfg, make_policy(policy, cfg, dtype, target), dtype, in_out)
+    quant = scheme(quantization)
+    if quant is not None:
+        for size, what in ((cfg.hidden_size, "hidden_size"), (cfg.num_heads * cfg.head_dim, "heads x head_dim"),
+                           (cfg.intermediate_size, "intermediate_size")):
+            check_quantizable(quant, f"{cfg.name} {what}", size)
+    model = LlamaForCausalLM(cfg, make_policy(policy, cfg, dtype, target), dtype, in_out, quant)
     mod, named = model.export_tvm(spec=model.get_default_spec())
     state = [[name, shape, dt] for name, shape, dt in model.policy.state_specs()]
     functions = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
     specs = []
     for name, param in named:
         shape = [int(s) for s in param.shape]
-        transposed = in_out and (name.endswith("_proj.weight") or name == "lm_head.weight")
-        specs.append(ParamSpec(name, shape, _sources(name, cfg), transposed))
+        base, _, part = name.rpartition(".")
+        part = part if part in ("qweight", "scale") else ""
+        weight = f"{base}.weight" if part else name
+        transposed = in_out and (weight.endswith("_proj.weight") or weight == "lm_head.weight")
+        specs.append(ParamSpec(name, shape, _sources(weight, cfg), transposed, part))
     return mod, specs, state, functions
 
 
@@ -69,16 +81,17 @@ def _sources(name: str, cfg: ModelConfig) -> list[str]:
 
 
 def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str,
-                    max_context: int, out: Path, stage: Callable[[str], None] | None = None
-                    ) -> LibraryMeta:
+                    max_context: int, out: Path, stage: Callable[[str], None] | None = None,
+                    quantization: str = "q0") -> LibraryMeta:
     """Compile and export ``out`` (.so) with its metadata next to it (``out`` with .json).
 
     ``stage(name)`` is called as each stage (model IR, each TVM pass, export) starts.
+    ``quantization``: q0 (float weights), q8f16 or q4f16 (``models/quantization.py``).
     """
     stage = stage or (lambda _name: None)
     dtype = resolve_dtype(dtype, target)
     stage("model IR")
-    mod, params, state, functions = build_ir(cfg, policy, target, dtype)
+    mod, params, state, functions = build_ir(cfg, policy, target, dtype, quantization)
     start = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     # CUDA: the static stretches of each function (decode: every kernel between two attention
@@ -94,6 +107,7 @@ def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtyp
         model=cfg, policy=policy, target=target_name(target), target_json=str(target),
         dtype=dtype, max_context=max_context, params=params, functions=sorted(functions),
         tvm_version=tvm.__version__, state=state, compile_seconds=round(time.time() - start, 1),
+        quantization=quantization,
     )
     meta.save(out.with_suffix(".json"))
     return meta

@@ -15,12 +15,16 @@ FORMAT_VERSION = 2
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
     """One library parameter: the source tensors ``sources`` (HF names) concatenated along their
-    first (output) dimension — e.g. q, k and v for a fused ``qkv_proj`` — then transposed or not."""
+    first (output) dimension — e.g. q, k and v for a fused ``qkv_proj`` — then transposed or not.
+
+    ``part``: "" for a float tensor; "qweight" or "scale" for one half of a quantized weight
+    (``models/quantization.py``: the sources quantized, or read quantized, in the canonical layout)."""
 
     name: str
     shape: list[int]
     sources: list[str]
     transposed: bool = False
+    part: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +40,7 @@ class LibraryMeta:
     tvm_version: str
     state: list[list] = dataclasses.field(default_factory=list)  # [name, shape, dtype] per tensor
     compile_seconds: float = 0.0
+    quantization: str = "q0"  # models/quantization.py SCHEMES: q0 (float weights), q8f16, q4f16
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:

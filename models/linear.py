@@ -1,5 +1,9 @@
-"""A linear layer over group-quantized weights (``models/quantization.py``), dequantized in the
-kernel that multiplies.
+"""Linear layers: over float weights, or over group-quantized weights (``models/quantization.py``)
+dequantized in the kernel that multiplies.
+
+Where ``tir_kernels.matmul`` supports the shape on ``target`` (None: never), a prefill chunk (a
+symbolic row count) runs its tensor-core kernel; one row (decode) stays a matmul the pipeline
+schedules as a GEMV.
 
 The dequantization is a ``te.compute`` whose output feeds ``matmul``; Relax's FuseOps/FuseTIR make
 the pair one PrimFunc (as MLC-LLM's ``fused_dequantize_*_matmul``), which the CPU schedule and
@@ -50,23 +54,23 @@ def dequantize_expr(qs: QuantScheme, q: te.Tensor, s: te.Tensor, in_out: bool) -
     return te.compute((out, inp), lambda j, k: weight(k, j), name="dequantize")
 
 
-class QuantLinear(nn.Module):
-    """``y = x W^T (+ b)`` with ``W`` stored as ``qweight`` + ``scale`` (see ``param_shapes``)."""
+class Linear(nn.Module):
+    """``y = x W^T (+ b)``; the weight is stored [out, in] or, with ``in_out``, [in, out]."""
 
-    def __init__(self, qs: QuantScheme, in_features: int, out_features: int, bias: bool, dtype: str,
-                 in_out: bool, target):
-        q_shape, s_shape = param_shapes(qs, in_features, out_features, in_out)
-        self.qweight = nn.Parameter(q_shape, qs.storage_dtype)
-        self.scale = nn.Parameter(s_shape, dtype)
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, in_out: bool, target):
+        shape = [in_features, out_features] if in_out else [out_features, in_features]
+        self.weight = nn.Parameter(shape, dtype)
+        self._setup(in_features, out_features, bias, dtype, in_out, target)
+
+    def _setup(self, in_features: int, out_features: int, bias: bool, dtype: str, in_out: bool, target) -> None:
         self.bias = nn.Parameter([out_features], dtype) if bias else None
-        self.qs, self.in_out, self.shape = qs, in_out, (out_features, in_features)
+        self.in_out, self.shape = in_out, (out_features, in_features)
         self.prefill_kernel = (matmul.make_prefill_matmul(out_features, in_features, dtype, target)
                                if target is not None and not in_out
                                and matmul.supported(out_features, in_features, dtype, target) else None)
 
     def _weight(self) -> nn.Tensor:
-        return op.tensor_expr_op(lambda q, s: dequantize_expr(self.qs, q, s, self.in_out), "dequantize",
-                                 args=[self.qweight, self.scale])
+        return self.weight
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         w = self._weight()
@@ -76,3 +80,27 @@ class QuantLinear(nn.Module):
         else:
             y = op.matmul(x, w if self.in_out else op.permute_dims(w))
         return y + self.bias if self.bias is not None else y
+
+
+class QuantLinear(Linear):
+    """``Linear`` with ``W`` stored as ``qweight`` + ``scale`` (see ``param_shapes``)."""
+
+    def __init__(self, qs: QuantScheme, in_features: int, out_features: int, bias: bool, dtype: str,
+                 in_out: bool, target):
+        q_shape, s_shape = param_shapes(qs, in_features, out_features, in_out)
+        self.qweight = nn.Parameter(q_shape, qs.storage_dtype)
+        self.scale = nn.Parameter(s_shape, dtype)
+        self.qs = qs
+        self._setup(in_features, out_features, bias, dtype, in_out, target)
+
+    def _weight(self) -> nn.Tensor:
+        return op.tensor_expr_op(lambda q, s: dequantize_expr(self.qs, q, s, self.in_out), "dequantize",
+                                 args=[self.qweight, self.scale])
+
+
+def make_linear(quant: QuantScheme | None, in_features: int, out_features: int, bias: bool, dtype: str,
+                in_out: bool, target) -> Linear:
+    """A ``Linear`` over float weights, or a ``QuantLinear`` over ``quant``'s packed weights."""
+    if quant is None:
+        return Linear(in_features, out_features, bias, dtype, in_out, target)
+    return QuantLinear(quant, in_features, out_features, bias, dtype, in_out, target)

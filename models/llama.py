@@ -13,9 +13,11 @@ from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from tsedge.tir_kernels import cache_ops, matmul
+from tsedge.tir_kernels import cache_ops
 
 from .config import ModelConfig
+from .linear import make_linear
+from .quantization import QuantScheme
 
 
 @dataclasses.dataclass
@@ -32,37 +34,11 @@ class Step:
     rows: nn.Tensor | None = None  # per-step attended rows shared by all layers (dense)
 
 
-class Linear(nn.Module):
-    """``y = x W^T (+ b)``; the weight is stored [out, in] or, with ``in_out``, [in, out].
-
-    Where ``tir_kernels.matmul`` supports the shape on ``target`` (None: never), a prefill chunk
-    (a symbolic row count) runs its tensor-core kernel; one row (decode) stays a matmul the
-    pipeline schedules as a GEMV.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, in_out: bool, target):
-        shape = [in_features, out_features] if in_out else [out_features, in_features]
-        self.weight = nn.Parameter(shape, dtype)
-        self.bias = nn.Parameter([out_features], dtype) if bias else None
-        self.in_out = in_out
-        self.prefill_kernel = (matmul.make_prefill_matmul(out_features, in_features, dtype, target)
-                               if target is not None and not in_out
-                               and matmul.supported(out_features, in_features, dtype, target) else None)
-
-    def forward(self, x: nn.Tensor) -> nn.Tensor:
-        if self.prefill_kernel is not None and not isinstance(x.shape[0], int):
-            y = op.tensor_ir_op(self.prefill_kernel, matmul.kernel_name(*self.weight.shape), args=[x, self.weight],
-                                out=nn.Tensor.placeholder([x.shape[0], self.weight.shape[0]], x.dtype))
-        else:
-            y = op.matmul(x, self.weight if self.in_out else op.permute_dims(self.weight))
-        return y + self.bias if self.bias is not None else y
-
-
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target):
+    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None):
         h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, (h + 2 * hkv) * d, cfg.qkv_bias, dtype, in_out, target)
-        self.o_proj = Linear(h * d, cfg.hidden_size, False, dtype, in_out, target)
+        self.qkv_proj = make_linear(quant, cfg.hidden_size, (h + 2 * hkv) * d, cfg.qkv_bias, dtype, in_out, target)
+        self.o_proj = make_linear(quant, h * d, cfg.hidden_size, False, dtype, in_out, target)
         self.shape = (h, hkv, d)
 
     def forward(self, x, layer_id, policy, step):
@@ -74,10 +50,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target):
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype, in_out, target)
+    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None):
+        self.gate_up_proj = make_linear(quant, cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype, in_out,
+                                        target)
         self.intermediate = cfg.intermediate_size
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, in_out, target)
+        self.down_proj = make_linear(quant, cfg.intermediate_size, cfg.hidden_size, False, dtype, in_out, target)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         gate, up = op.split(self.gate_up_proj(x), [self.intermediate], axis=-1)
@@ -85,11 +62,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target):
+    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
-        self.self_attn = Attention(cfg, dtype, in_out, target)
+        self.self_attn = Attention(cfg, dtype, in_out, target, quant)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
-        self.mlp = MLP(cfg, dtype, in_out, target)
+        self.mlp = MLP(cfg, dtype, in_out, target, quant)
 
     def forward(self, x, layer_id, policy, step):
         x = x + self.self_attn(self.input_layernorm(x), layer_id, policy, step)
@@ -97,9 +74,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target):
+    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype, in_out, target) for _ in range(cfg.num_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype, in_out, target, quant)
+                                     for _ in range(cfg.num_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
 
 
@@ -109,17 +87,19 @@ class LlamaForCausalLM(nn.Module):
     the context exceeds the policy's budget.
 
     ``in_out`` stores linear weights [in, out] (CPU schedules vectorise over the output dim);
-    the lm_head then is a parameter of its own even for tied embeddings.
+    the lm_head then is a parameter of its own even for tied embeddings. ``quant``: the linears
+    (and an untied or CPU lm_head) read group-quantized weights; the embedding table (and a tied
+    GPU lm_head, which is that table) stays float.
     """
 
-    def __init__(self, cfg: ModelConfig, policy, dtype: str, in_out: bool):
+    def __init__(self, cfg: ModelConfig, policy, dtype: str, in_out: bool, quant: QuantScheme | None = None):
         self.cfg = cfg
         self.policy = policy
         self.dtype = dtype
-        self.model = LlamaModel(cfg, dtype, in_out, policy.target)
+        self.model = LlamaModel(cfg, dtype, in_out, policy.target, quant)
         self.untied_head = in_out or not cfg.tie_embeddings
-        if self.untied_head:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, in_out, None)  # one row: GEMV
+        if self.untied_head:  # one row: GEMV
+            self.lm_head = make_linear(quant, cfg.hidden_size, cfg.vocab_size, False, dtype, in_out, None)
         self.rope_kernel = cache_ops.make_rope_table(cfg.head_dim, policy.target)
         self.last_row_kernel = cache_ops.make_last_row(cfg.hidden_size, dtype, policy.target)
         self.inv_freq = cfg.inv_freq()

@@ -10,7 +10,7 @@ from tvm.relax.frontend import nn
 
 from tsedge.compile.pipeline import relax_pipeline
 from tsedge.compile.targets import cuda_target, parse_target
-from tsedge.models.quant_linear import QuantLinear
+from tsedge.models.linear import QuantLinear
 from tsedge.models.quantization import (SCHEMES, QuantizationError, QuantizedTensor, check_quantized,
                                         concatenate, dequantize, library_arrays, quantize, unpack)
 

@@ -66,11 +66,26 @@ def _checked_target(target: str | None, lib: str | None) -> str | None:
     return name
 
 
+QUANTIZATIONS = ("q0", "q8f16", "q4f16")
+
+
+def quantization_option(default: str | None):
+    """``--quantization`` (models/quantization.py); ``default`` None: the weights' own (a
+    ``tsedge convert --quantization`` folder), else q0."""
+    shown = default or "the weights folder's, else q0"
+    return click.option("--quantization", type=click.Choice(QUANTIZATIONS), default=default,
+                        help=f"linear weights: q0 float, q8f16/q4f16 8/4-bit with a scale per 32 inputs "
+                             f"[default: {shown}]")
+
+
 def _engine(model, target: str | None, lib: str | None, kw: dict):
     """Engine for ``model`` (a name or a loaded ModelSource): the given library, or the cached
-    one for ``target`` (compiled on first use). ``target``: what ``_checked_target`` returned."""
+    one for ``target`` (compiled on first use). ``target``: what ``_checked_target`` returned.
+    Float weights for a quantized library are quantized while loading, with a progress bar."""
     from tsedge.engine import Engine
     from tsedge.library_cache import ensure_library
+    from tsedge.models.library import LibraryMeta
+    from tsedge.progress import count_progress
     from tsedge.weights import ModelSource, load_source
 
     source = model if isinstance(model, ModelSource) else load_source(model)
@@ -78,8 +93,13 @@ def _engine(model, target: str | None, lib: str | None, kw: dict):
     if lib is None:
         log = functools.partial(click.echo, err=True)
         lib = ensure_library(source.config, policy, target, kw["dtype"],
-                             _max_context(kw, policy, source.config.context_window), log=log)
-    return Engine(lib, source, prefill_chunk=policy.chunk_size)  # capped by the library's policy
+                             _max_context(kw, policy, source.config.context_window), log=log,
+                             quantization=kw.get("quantization") or source.quantization)
+    meta = LibraryMeta.load(Path(lib).with_suffix(".json"))
+    if meta.quantization == "q0" or source.quantization != "q0":
+        return Engine(lib, source, prefill_chunk=policy.chunk_size)  # capped by the library's policy
+    with count_progress(f"quantizing {source.config.name} to {meta.quantization}", len(meta.params)) as update:
+        return Engine(lib, source, prefill_chunk=policy.chunk_size, on_load=lambda done, _total: update(done))
 
 
 class _OneLineUsageErrors(click.Group):
@@ -128,6 +148,7 @@ def models() -> None:
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="preset name, .gguf or HF folder")
 @click.option("--target", default=None, help=TARGET_HELP)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="library file (.so)")
+@quantization_option("q0")
 @policy_options
 @_errors
 def compile(model: str, target: str | None, output: str | None, **kw) -> None:  # noqa: A001
@@ -142,26 +163,37 @@ def compile(model: str, target: str | None, output: str | None, **kw) -> None:  
     policy = policy_config(kw)
     target_name = resolve_target(target)
     check_policy(policy, cfg)
-    out = Path(output or f"{cfg.name}-{policy.name}-{target_name.replace(':', '_')}.so")
-    with stage_progress(f"compiling {cfg.name} ({policy.name}, {target_name})") as stage:
+    quant = "" if kw["quantization"] == "q0" else f"-{kw['quantization']}"
+    out = Path(output or f"{cfg.name}-{policy.name}{quant}-{target_name.replace(':', '_')}.so")
+    with stage_progress(f"compiling {cfg.name} ({policy.name}, {target_name}, {kw['quantization']})") as stage:
         meta = compile_library(cfg, policy, parse_target(target_name), kw["dtype"],
-                               _max_context(kw, policy, cfg.context_window), out, stage=stage)
-    click.echo(f"wrote {out} and {out.with_suffix('.json')} ({meta.target}, {meta.dtype}, "
+                               _max_context(kw, policy, cfg.context_window), out, stage=stage,
+                               quantization=kw["quantization"])
+    click.echo(f"wrote {out} and {out.with_suffix('.json')} ({meta.target}, {meta.dtype}, {meta.quantization}, "
                f"max context {meta.max_context}, {meta.compile_seconds} s)")
 
 
 @main.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="preset name, .gguf or HF folder")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="weights folder")
+@quantization_option("q0")
 @_errors
-def convert(model: str, output: str) -> None:
-    """Write a weights folder (float16 safetensors, config, tokenizer) that loads without conversion."""
-    from tsedge.weights import load_source, save_weights_folder
+def convert(model: str, output: str, quantization: str) -> None:
+    """Write a weights folder (float16 safetensors, or q8f16/q4f16 packed linear weights and float16
+    scales; config, tokenizer) that loads without conversion."""
+    from tsedge.progress import count_progress
+    from tsedge.weights import expected_shapes, load_source, save_weights_folder
 
     source = load_source(model)
-    save_weights_folder(output, source.tensors(), source.config, source.tokenizer,
-                        {"model": source.config.name, "source": str(source.path)})
-    click.echo(f"wrote {output}")
+    if source.quantization != "q0":
+        raise ValueError(f"{source.path} is already a {source.quantization} folder; convert from the float "
+                         "weights (GGUF or Hugging Face folder) instead")
+    total = len(expected_shapes(source.config))
+    with count_progress(f"converting {source.config.name} ({quantization})", total) as update:
+        tensors = ((update(i + 1), item)[1] for i, item in enumerate(source.tensors()))
+        save_weights_folder(output, tensors, source.config, source.tokenizer,
+                            {"model": source.config.name, "source": str(source.path)}, quantization)
+    click.echo(f"wrote {output} ({quantization})")
 
 
 def _prompt_ids(engine, prompt: str, raw: bool) -> list[int]:
@@ -192,6 +224,7 @@ def _generate_json(engine, result) -> str:
 @sampling_options
 @click.option("--raw", is_flag=True, help="no chat template")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@quantization_option(None)
 @policy_options
 @_errors
 def generate(model, target, lib, prompt, prompt_file, max_new_tokens, raw, as_json, **kw) -> None:
@@ -226,6 +259,7 @@ def generate(model, target, lib, prompt, prompt_file, max_new_tokens, raw, as_js
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--system", default=None, callback=utf8_option, help="system prompt (UTF-8 text)")
 @sampling_options
+@quantization_option(None)
 @policy_options
 @_errors
 def chat(model, target, lib, max_new_tokens, system, **kw) -> None:
@@ -255,6 +289,7 @@ def bench() -> None:
               callback=POSITIVE_INTS, help="context before decoding (tokens)")
 @click.option("--steps", type=click.IntRange(min=1), default=64, show_default=True, help="decode steps")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="write the results as JSON here")
+@quantization_option(None)
 @policy_options
 @_errors
 def bench_speed(model, target, lib, prefill_lengths, decode_contexts, steps, output, **kw) -> None:

@@ -19,6 +19,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from tsedge.kv_cache import ContextOverflowError, KVCache
 from tsedge.models.library import LibraryMeta
+from tsedge.models.quantization import QuantizationError, QuantizedTensor, concatenate, library_arrays, quantize, scheme
 from tsedge.sampling import Sampler, SamplingParams
 from tsedge.weights import ModelSource, WeightsError, load_source
 
@@ -31,6 +32,8 @@ class LibraryError(ValueError):
 
 # Called during prefill with (tokens done, tokens in all) before the first chunk and after each.
 PrefillProgress = Callable[[int, int], None]
+# Called while weights load with (library parameters done, in all).
+LoadProgress = Callable[[int, int], None]
 
 
 @dataclasses.dataclass
@@ -101,9 +104,12 @@ class Engine:
 
     def __init__(self, lib: str | Path, weights: str | Path | ModelSource | None,
                  max_context: int | None = None, prefill_chunk: int = 512,
-                 params: list[tvm.runtime.Tensor] | None = None) -> None:
+                 params: list[tvm.runtime.Tensor] | None = None,
+                 on_load: LoadProgress | None = None) -> None:
         """``weights``: a model name, .gguf, weights folder or ModelSource; or None with
-        ``params`` already on the device in library order (benchmarks with random weights)."""
+        ``params`` already on the device in library order (benchmarks with random weights).
+        ``on_load(done, total)`` follows the weights' loading (and quantizing, for a quantized
+        library given float weights)."""
         self.meta, module = load_library(lib)
         self.device = _device(self.meta.target)
         self.vm = VirtualMachine(module, self.device)
@@ -115,7 +121,7 @@ class Engine:
                     f"weights {source.path} ({source.config.name}) do not match library {lib} "
                     f"(compiled for {self.meta.model.name}): compile a library for these weights")
             self.tokenizer = source.tokenizer
-            params = self._load_params(source)
+            params = self._load_params(source, on_load or (lambda _done, _total: None))
         if params is None:
             raise ValueError("Engine needs weights or params")
         self.params = params
@@ -129,35 +135,76 @@ class Engine:
         self.cache = KVCache(self.meta, capacity, self.device)
         self.rope = self.vm["rope_table"](tvm.runtime.ShapeTuple([capacity]), self.params)
 
-    def _load_params(self, source: ModelSource) -> list[tvm.runtime.Tensor]:
+    def _load_params(self, source: ModelSource, on_load: LoadProgress) -> list[tvm.runtime.Tensor]:
         """Each library parameter from its source tensors (streamed once; fused projections wait
-        for all their parts, then concatenate them along the output dimension)."""
-        wanted: dict[str, list[int]] = {}
+        for all their parts, then concatenate them along the output dimension). A quantized
+        library's linear weights are quantized here unless the source already carries them in
+        its scheme (a ``tsedge convert --quantization`` folder)."""
+        self._check_quantization(source)
+        slots: dict[str, list[int]] = {}  # a float parameter, or the qweight and scale of a weight
         for i, spec in enumerate(self.meta.params):
-            for name in spec.sources:
-                wanted.setdefault(name, []).append(i)
-        parts: dict[int, dict[str, np.ndarray]] = {}
+            slots.setdefault(spec.name.rpartition(".")[0] if spec.part else spec.name, []).append(i)
+        wanted: dict[str, list[list[int]]] = {}
+        for slot in slots.values():
+            for name in self.meta.params[slot[0]].sources:
+                wanted.setdefault(name, []).append(slot)
+        parts: dict[int, dict[str, object]] = {}
         params: list[tvm.runtime.Tensor | None] = [None] * len(self.meta.params)
         for name, array in source.tensors():
-            for i in wanted.get(name, []):
-                spec = self.meta.params[i]
-                got = parts.setdefault(i, {})
+            for slot in wanted.get(name, []):
+                spec = self.meta.params[slot[0]]
+                got = parts.setdefault(slot[0], {})
                 got[name] = array
                 if len(got) < len(spec.sources):
                     continue
-                whole = np.concatenate([got[n] for n in spec.sources]) if len(got) > 1 else array
-                value = whole.T if spec.transposed else whole
-                if list(value.shape) != spec.shape:
-                    raise WeightsError(f"tensor {'+'.join(spec.sources)}: shape {list(whole.shape)} does not "
-                                       f"fit library parameter {spec.name} {spec.shape}")
-                params[i] = tvm.runtime.tensor(np.ascontiguousarray(value, dtype=self.meta.dtype), self.device)
-                del parts[i]
+                del parts[slot[0]]
+                for i, value in zip(slot, self._arrange(slot, [got[n] for n in spec.sources])):
+                    params[i] = tvm.runtime.tensor(value, self.device)
+                on_load(sum(p is not None for p in params), len(params))
         missing = [n for i, p in enumerate(params) if p is None for n in self.meta.params[i].sources
                    if n not in parts.get(i, {})]
         if missing:
             raise WeightsError(f"weights {source.path} lack tensor {missing[0]} "
                                f"({len(missing)} missing in all)")
         return params
+
+    def _check_quantization(self, source: ModelSource) -> None:
+        """Pre-quantized weights must carry the library's scheme (float weights fit any)."""
+        lib, weights = self.meta.quantization, source.quantization
+        if weights != "q0" and weights != lib:
+            fix = (f"compile the library with --quantization {weights}" if lib == "q0" else
+                   f"convert the weights with --quantization {lib}, or compile with --quantization {weights}")
+            raise LibraryError(f"weights {source.path} are quantized {weights} but the library is {lib}: {fix}")
+
+    def _arrange(self, slot: list[int], arrays: list) -> list[np.ndarray]:
+        """The library arrays of one slot from its source arrays, in the slot's order; shapes
+        checked against the library's."""
+        specs = [self.meta.params[i] for i in slot]
+        spec = specs[0]
+        if spec.part:
+            if all(isinstance(a, QuantizedTensor) for a in arrays):
+                qt = concatenate(arrays)
+            elif any(isinstance(a, QuantizedTensor) for a in arrays):
+                raise QuantizationError(f"tensor {'+'.join(spec.sources)}: some parts are quantized and "
+                                        "some are not; re-convert the weights folder")
+            else:
+                qt = quantize(np.concatenate(arrays) if len(arrays) > 1 else arrays[0],
+                              scheme(self.meta.quantization), "+".join(spec.sources))
+            q, s = library_arrays(qt, spec.transposed, self.meta.dtype)
+            values = [q if sp.part == "qweight" else s for sp in specs]
+            whole_shape = list(qt.shape)
+        else:
+            if any(isinstance(a, QuantizedTensor) for a in arrays):
+                raise LibraryError(f"tensor {'+'.join(spec.sources)} is quantized, but library parameter "
+                                   f"{spec.name} is float; compile with the weights' --quantization")
+            whole = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+            values = [np.ascontiguousarray(whole.T if spec.transposed else whole, dtype=self.meta.dtype)]
+            whole_shape = list(whole.shape)
+        for sp, value in zip(specs, values):
+            if list(value.shape) != sp.shape:
+                raise WeightsError(f"tensor {'+'.join(sp.sources)}: shape {whole_shape} does not "
+                                   f"fit library parameter {sp.name} {sp.shape}")
+        return values
 
     # ---- the two library calls -----------------------------------------------------------------
     def _run(self, func: str, ids: list[int]) -> tvm.runtime.Tensor:

@@ -25,17 +25,20 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-def library_path(cfg: ModelConfig, policy: PolicyConfig, target: str, dtype: str, max_context: int) -> Path:
+def library_path(cfg: ModelConfig, policy: PolicyConfig, target: str, dtype: str, max_context: int,
+                 quantization: str = "q0") -> Path:
     """Where the library for these inputs lives in the cache."""
     key = json.dumps({"model": cfg.to_dict(), "policy": policy.to_dict(), "target": target,
                       "dtype": dtype, "max_context": max_context, "version": tsedge.__version__,
-                      "sources": _source_digest()}, sort_keys=True)
-    name = f"{cfg.name}-{policy.name}-{target.replace(':', '_')}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+                      "sources": _source_digest(), "quantization": quantization}, sort_keys=True)
+    quant = "" if quantization == "q0" else f"-{quantization}"
+    name = (f"{cfg.name}-{policy.name}{quant}-{target.replace(':', '_')}-"
+            f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.so")
     return cache_dir() / "libs" / name
 
 
 def ensure_library(cfg: ModelConfig, policy: PolicyConfig, target: str, dtype: str, max_context: int,
-                   log=print) -> Path:
+                   log=print, quantization: str = "q0") -> Path:
     """The cached library for these inputs, compiled now if missing."""
     from tsedge.compile.build import compile_library, resolve_dtype
     from tsedge.compile.targets import parse_target, target_name
@@ -44,10 +47,11 @@ def ensure_library(cfg: ModelConfig, policy: PolicyConfig, target: str, dtype: s
     check_policy(policy, cfg)
     tvm_target = parse_target(target)
     dtype = resolve_dtype(dtype, tvm_target)
-    path = library_path(cfg, policy, target_name(tvm_target), dtype, max_context)
+    path = library_path(cfg, policy, target_name(tvm_target), dtype, max_context, quantization)
     if not (path.exists() and path.with_suffix(".json").exists()):
-        what = f"compiling {cfg.name} ({policy.name}, {target}, {dtype}, max context {max_context})"
+        what = f"compiling {cfg.name} ({policy.name}, {target}, {dtype}, {quantization}, max context {max_context})"
         with stage_progress(what) as stage:
-            meta = compile_library(cfg, policy, tvm_target, dtype, max_context, path, stage=stage)
+            meta = compile_library(cfg, policy, tvm_target, dtype, max_context, path, stage=stage,
+                                   quantization=quantization)
         log(f"compiled {path.name} in {meta.compile_seconds} s")
     return path

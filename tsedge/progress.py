@@ -48,6 +48,11 @@ def token_progress(description: str, total_tokens: int) -> contextlib.AbstractCo
                 TimeElapsedColumn())
 
 
+def count_progress(description: str, total: int) -> contextlib.AbstractContextManager:
+    """Context giving ``update(done)`` for work over ``total`` items (e.g. weights quantized)."""
+    return _bar(description, total, BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
 class _TokenRate(ProgressColumn):
     """Tokens per second of a task (rich's estimate over its recent updates)."""
 

@@ -3,7 +3,9 @@
 ``load_source`` gives the config, the tokenizer and a lazy stream of tensors under Hugging Face
 names and shapes ([out, in] for linears), float32 or float16, checked against the config.
 ``save_weights_folder`` / ``load_weights_folder`` write and read the folder a compiled library
-runs from: ``params.safetensors`` (float16), ``tsedge.json``, ``config.json`` and tokenizer files.
+runs from: ``params.safetensors`` (float16; with a quantization, each linear weight ``W`` as
+``W.qweight`` (U32 or I8) + ``W.scale`` (F16) in ``models/quantization.py``'s canonical layout),
+``tsedge.json`` (which records the quantization), ``config.json`` and tokenizer files.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import numpy as np
 from tsedge.fetch import default_model_path
 from tsedge.gguf_check import GGUFCheckError, check_counts, check_layout
 from tsedge.models.config import PRESETS, ModelConfig, from_hf_config
+from tsedge.models.quantization import (QuantizationError, QuantizedTensor, check_quantized, is_quantized_weight,
+                                        quantize, scheme)
 from tsedge.tokenizer import Tokenizer, TokenizerError
 
 Tensors = Iterator[tuple[str, np.ndarray]]
@@ -52,6 +56,8 @@ _GGUF_NAMES = {  # GGUF tensor name (without ".weight"/".bias") -> Hugging Face 
 }
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+_ST_PACKED = {"U32": np.uint32, "I8": np.int8}  # quantized weights (tsedge folders only)
+_ST_NAMES = {np.dtype(np.float16): "F16", np.dtype(np.uint32): "U32", np.dtype(np.int8): "I8"}
 _ST_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
              "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
@@ -68,9 +74,11 @@ class ModelSource:
     tokenizer: Tokenizer
     path: Path
     read: Callable[[], Tensors] = dataclasses.field(repr=False)
+    quantization: str = "q0"  # the scheme of the linear weights it carries (q0: float)
 
     def tensors(self) -> Tensors:
-        """Yield ``(name, array)`` one at a time (HF names; a tsedge folder: as it was saved)."""
+        """Yield ``(name, array)`` one at a time (HF names; a tsedge folder: as it was saved; a
+        quantized folder's linear weights as ``QuantizedTensor``)."""
         return self.read()
 
 
@@ -241,29 +249,31 @@ def _corrupt(path: Path, detail: str) -> WeightsError:
     return WeightsError(f"{path}: corrupt safetensors file ({detail}); re-download or re-save it")
 
 
-def _read_safetensor(entry: dict[str, Any]) -> np.ndarray:
-    if entry["dtype"] not in _ST_DTYPES:
+def _read_safetensor(entry: dict[str, Any], dtypes: dict[str, type] = _ST_DTYPES) -> np.ndarray:
+    if entry["dtype"] not in dtypes:
         raise WeightsError(f"{entry['file']}: tensor {entry['name']} has dtype {entry['dtype']}, "
-                           f"which tsedge does not read (supported: {', '.join(_ST_DTYPES)}); "
+                           f"which tsedge does not read here (supported: {', '.join(dtypes)}); "
                            "save the weights as one of those")
     count = int(np.prod(entry["shape"]))
-    array = np.fromfile(entry["file"], _ST_DTYPES[entry["dtype"]], count, offset=entry["start"])
+    array = np.fromfile(entry["file"], dtypes[entry["dtype"]], count, offset=entry["start"])
     if entry["dtype"] == "BF16":
         array = (array.astype(np.uint32) << 16).view(np.float32)
     return array.reshape(entry["shape"])
 
 
 def _write_safetensors(path: Path, params: Iterable[tuple[str, np.ndarray]]) -> list[str]:
-    """Stream ``params`` as float16 into a safetensors file; returns the names in order."""
+    """Stream ``params`` into a safetensors file (float arrays as float16, uint32/int8 as they
+    are); returns the names in order."""
     header: dict[str, Any] = {}
     with tempfile.TemporaryFile(dir=path.parent) as data:
         for name, array in params:
             if name in header:
                 raise WeightsError(f"tensor {name} is given twice")
-            array = np.ascontiguousarray(array, dtype=np.float16)
+            packed = array.dtype in (np.uint32, np.int8)
+            array = np.ascontiguousarray(array, dtype=array.dtype if packed else np.float16)
             start = data.tell()
             data.write(array.tobytes())
-            header[name] = {"dtype": "F16", "shape": list(array.shape),
+            header[name] = {"dtype": _ST_NAMES[array.dtype], "shape": list(array.shape),
                             "data_offsets": [start, data.tell()]}
         blob = json.dumps(header).encode()
         blob += b" " * (-len(blob) % 8)
@@ -284,9 +294,7 @@ def _load_folder(path: Path) -> ModelSource:
     cfg = json.loads((path / "config.json").read_text())
     tokenizer = _folder_tokenizer(path)
     if cfg.pop("tsedge", False):
-        _, names, entries = _weights_manifest(path)
-        read = lambda: ((n, _read_safetensor(entries[n])) for n in names)  # noqa: E731
-        return ModelSource(ModelConfig.from_dict(cfg), tokenizer, path, read)
+        return _tsedge_folder(path, ModelConfig.from_dict(cfg), tokenizer)
     try:
         config = _match_preset(from_hf_config(cfg, name=path.name))
     except ValueError as e:
@@ -326,36 +334,90 @@ def _folder_tokenizer(path: Path) -> Tokenizer:
     return Tokenizer.from_file(path / "tokenizer.json", config if config.exists() else None)
 
 
+def _tsedge_folder(path: Path, config: ModelConfig, tokenizer: Tokenizer) -> ModelSource:
+    """A folder written by ``save_weights_folder``; a quantized one's packed weights and scales are
+    checked (dtypes, shapes, group counts, code range) against the config as they are read."""
+    info, names, entries = _weights_manifest(path)
+    quantization = info.get("quantization", "q0")
+    try:
+        qs = scheme(str(quantization))
+    except QuantizationError as e:
+        raise WeightsError(f"{path / 'tsedge.json'}: {e}") from e
+    shapes = expected_shapes(config)
+
+    def read(name: str) -> np.ndarray | QuantizedTensor:
+        if qs is None or not is_quantized_weight(name):
+            return _read_safetensor(entries[name])
+        qt = QuantizedTensor(qs, _read_safetensor(entries[f"{name}.qweight"], _ST_PACKED),
+                             _read_safetensor(entries[f"{name}.scale"]))
+        if name not in shapes:
+            raise WeightsError(f"{path}: quantized tensor {name} is not part of {config.name}")
+        try:
+            check_quantized(qt, name, shapes[name])
+        except QuantizationError as e:
+            raise WeightsError(f"{path}: {e}") from e
+        return qt
+
+    stored = [f"{n}.{part}" for n in names if qs is not None and is_quantized_weight(n)
+              for part in ("qweight", "scale")]
+    absent = [n for n in stored if n not in entries]
+    if absent:
+        raise WeightsError(f"{path / 'params.safetensors'}: tensor {absent[0]} of a {quantization} folder is "
+                           "missing; re-convert the weights folder")
+    return ModelSource(config, tokenizer, path, lambda: ((n, read(n)) for n in names), quantization)
+
+
+def quantized_tensors(tensors: Tensors, quantization: str) -> Tensors:
+    """``tensors`` with each linear weight ``W`` replaced by ``W.qweight`` and ``W.scale`` (the
+    canonical layout of ``models/quantization.py``), for ``save_weights_folder``."""
+    qs = scheme(quantization)
+    for name, array in tensors:
+        if qs is None or not is_quantized_weight(name):
+            yield name, array
+            continue
+        qt = quantize(array, qs, name)
+        yield f"{name}.qweight", qt.qweight
+        yield f"{name}.scale", qt.scale
+
+
 def save_weights_folder(out_dir: str | Path, params: Iterable[tuple[str, np.ndarray]],
-                        config: ModelConfig, tokenizer: Tokenizer, meta: dict[str, Any]) -> None:
-    """Write a tsedge weights folder; ``params`` are consumed one at a time, stored as float16."""
+                        config: ModelConfig, tokenizer: Tokenizer, meta: dict[str, Any],
+                        quantization: str = "q0") -> None:
+    """Write a tsedge weights folder; ``params`` are consumed one at a time, stored as float16, or
+    with ``quantization`` q8f16/q4f16 the linear weights quantized (``quantized_tensors``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    order = _write_safetensors(out_dir / "params.safetensors", params)
-    (out_dir / "tsedge.json").write_text(json.dumps({"meta": meta, "params": order}, indent=1))
+    stored = _write_safetensors(out_dir / "params.safetensors", quantized_tensors(params, quantization))
+    order = stored if quantization == "q0" else [n.removesuffix(".qweight") for n in stored
+                                                 if not n.endswith(".scale")]
+    info = {"meta": meta, "params": order, "quantization": quantization}
+    (out_dir / "tsedge.json").write_text(json.dumps(info, indent=1))
     (out_dir / "config.json").write_text(json.dumps({**config.to_dict(), "tsedge": True}, indent=2))
     tokenizer.save(out_dir)
 
 
 def load_weights_folder(directory: str | Path
                         ) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
-    """``(meta, [(name, float16 array), ...])`` of a folder written by ``save_weights_folder``."""
-    meta, names, entries = _weights_manifest(Path(directory))
-    return meta, [(n, _read_safetensor(entries[n])) for n in names]
+    """``(meta, [(name, float16 array), ...])`` of a float (q0) folder written by ``save_weights_folder``."""
+    info, names, entries = _weights_manifest(Path(directory))
+    return info["meta"], [(n, _read_safetensor(entries[n])) for n in names]
 
 
 def _weights_manifest(directory: Path) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
-    """``(meta, param names in order, safetensors entries)`` of a tsedge weights folder."""
+    """``(tsedge.json, param names in order, safetensors entries)`` of a tsedge weights folder
+    (a quantized weight ``W`` is listed as ``W``, stored as ``W.qweight`` and ``W.scale``)."""
     manifest, params = directory / "tsedge.json", directory / "params.safetensors"
     if not manifest.exists() or not params.exists():
         raise WeightsError(f"{directory}: no tsedge.json or params.safetensors; not a folder "
                            "written by `tsedge convert`")
     info = json.loads(manifest.read_text())
     entries = _safetensors_header(params)
-    missing = [n for n in info["params"] if n not in entries]
+    quantized = info.get("quantization", "q0") != "q0"
+    missing = [n for n in info["params"]
+               if n not in entries and not (quantized and is_quantized_weight(n))]
     if missing:
         raise WeightsError(f"{params}: tensor {missing[0]} is missing")
-    return info["meta"], info["params"], entries
+    return info, info["params"], entries
 
 
 # ---- GGUF ---------------------------------------------------------------------------------------

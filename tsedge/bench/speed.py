@@ -88,7 +88,8 @@ def prefill_chunk_speed(engine: Engine, context: int, chunk: int, reps: int = 5)
 
 
 def machine_info(engine: Engine) -> dict[str, Any]:
-    info = {"target": engine.meta.target, "dtype": engine.meta.dtype, "model": engine.meta.model.name,
+    info = {"target": engine.meta.target, "dtype": engine.meta.dtype, "quantization": engine.meta.quantization,
+            "model": engine.meta.model.name,
             "host": platform.node(), "cpu": platform.processor()}
     if engine.meta.target.startswith("cuda"):
         info["device"] = engine.device.device_name
