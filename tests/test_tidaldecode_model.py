@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tidaldecode_reference as tref
 from click.testing import CliRunner
-from test_tokenselect_model import ReferenceModel
+from test_tokenselect_model import MAX_CONTEXT, ReferenceModel, engines  # noqa: F401 (a fixture)
 from tiny_model import make_tiny_hf_model
 
 from tsedge.cli import main
@@ -29,7 +29,7 @@ from tsedge.models.config import ModelConfig, PolicyConfig
 from tsedge.weights import ModelSource, load_source
 
 TIDAL = dict(name="tidaldecode", tidal_budget=32, tidal_select_layer=1, tidal_reselect_layers=(3,))
-MAX_CONTEXT, CHUNK = 256, 64
+CHUNK = 64  # test_tokenselect_model's engines prefill in chunks of 64
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +40,6 @@ def folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def source(folder) -> ModelSource:
     return load_source(str(folder))
-
-
-@pytest.fixture(scope="module")
-def engines(source, tmp_path_factory):
-    """``engines(**policy)``: an Engine (reset) on a library compiled once per policy."""
-    built: dict[tuple, Engine] = {}
-
-    def get(**policy) -> Engine:
-        key = tuple(sorted(policy.items()))
-        if key not in built:
-            path = tmp_path_factory.mktemp("lib") / "model.so"
-            compile_library(source.config, PolicyConfig(**policy), parse_target("llvm"), "float32",
-                            MAX_CONTEXT, path)
-            built[key] = Engine(path, source, prefill_chunk=CHUNK)
-        built[key].reset()
-        return built[key]
-
-    return get
 
 
 def prompt_ids(source: ModelSource, count: int) -> list[int]:

@@ -52,6 +52,26 @@ def block_scan(buf, tmp, tx):
 
 
 @T.macro
+def compact_step(key, tau, krem, run, buf, tmp, tx, out, row, value):
+    # one block-wide step of the order-preserving compaction (a thread per candidate): ``value``
+    # goes to out[row, #taken before it] for a key > tau or one of the first ``krem`` ties;
+    # ``run`` counts (#gt, #eq) of the earlier steps. (gt, eq) flags packed as gt * 2^16 + eq:
+    # one scan for both counts.
+    flag: T.let[T.int32] = T.if_then_else(key > tau, 65536, 0) + T.if_then_else(key == tau, 1, 0)
+    T.tvm_storage_sync("shared")
+    buf[tx] = flag
+    block_scan(buf, tmp, tx)
+    gt_before: T.let[T.int32] = run[0] + ((buf[tx] - flag) >> 16)
+    eq_before: T.let[T.int32] = run[1] + ((buf[tx] - flag) & 65535)
+    if key > tau:
+        out[row, gt_before + T.min(eq_before, krem)] = value
+    if key == tau and eq_before < krem:
+        out[row, gt_before + eq_before] = value
+    run[0] = run[0] + (buf[_BINS - 1] >> 16)
+    run[1] = run[1] + (buf[_BINS - 1] & 65535)
+
+
+@T.macro
 def _select_cpu(crit, ws, out, row, C, kk, off, cb, wb, active):
     # out[row, :kk] = off + the kk largest of crit[cb : cb + C] (ties: lower index), sorted
     prefix = T.sblock_alloc_buffer((1,), "int64")
@@ -223,19 +243,7 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: i
                             t: T.let[T.int64] = b * chunk + it * threads + tx
                             inside: T.let[T.bool] = it * threads + tx < chunk and t < C
                             key: T.let[T.int64] = T.if_then_else(inside, order_key(crit[T.min(t, C - 1)]), T.int64(-1))
-                            # (gt, eq) flags packed as gt * 2^16 + eq: one scan for both counts
-                            flag: T.let[T.int32] = T.if_then_else(key > tau[0], 65536, 0) + T.if_then_else(key == tau[0], 1, 0)
-                            T.tvm_storage_sync("shared")
-                            buf[tx] = flag
-                            block_scan(buf, tmp, tx)
-                            gt_before: T.let[T.int32] = run[0] + ((buf[tx] - flag) >> 16)
-                            eq_before: T.let[T.int32] = run[1] + ((buf[tx] - flag) & 65535)
-                            if key > tau[0]:
-                                cache_idx[layer, gt_before + T.min(eq_before, krem)] = T.Cast("int32", n_init + t)
-                            if key == tau[0] and eq_before < krem:
-                                cache_idx[layer, gt_before + eq_before] = T.Cast("int32", n_init + t)
-                            run[0] = run[0] + (buf[threads - 1] >> 16)
-                            run[1] = run[1] + (buf[threads - 1] & 65535)
+                            compact_step(key, tau[0], krem, run, buf, tmp, tx, cache_idx, layer, T.Cast("int32", n_init + t))
         else:
             with T.sblock("topk"):
                 _select_cpu(crit, ws, cache_idx, layer, C, k, n_init, 0, 0, state[layer, 0] == 0)
@@ -303,18 +311,7 @@ def _topk_heads(heads: int, top_k: int, target: Target) -> tirx.PrimFunc:
                             for it in range(T.ceildiv(L - 1, threads)):
                                 t: T.let[T.int64] = it * threads + tx
                                 key: T.let[T.int64] = T.if_then_else(t < L - 1, order_key(crit[hh, T.min(t, L - 2)]), T.int64(-1))
-                                flag: T.let[T.int32] = T.if_then_else(key > tau[0], 65536, 0) + T.if_then_else(key == tau[0], 1, 0)
-                                T.tvm_storage_sync("shared")
-                                buf[tx] = flag
-                                block_scan(buf, tmp, tx)
-                                gt_before: T.let[T.int32] = run[0] + ((buf[tx] - flag) >> 16)
-                                eq_before: T.let[T.int32] = run[1] + ((buf[tx] - flag) & 65535)
-                                if key > tau[0]:
-                                    idx[hh, gt_before + T.min(eq_before, krem[0])] = T.Cast("int32", t)
-                                if key == tau[0] and eq_before < krem[0]:
-                                    idx[hh, gt_before + eq_before] = T.Cast("int32", t)
-                                run[0] = run[0] + (buf[_BINS - 1] >> 16)
-                                run[1] = run[1] + (buf[_BINS - 1] & 65535)
+                                compact_step(key, tau[0], krem[0], run, buf, tmp, tx, idx, hh, T.Cast("int32", t))
                         if tx == 0:
                             idx[hh, top_k - 1] = T.Cast("int32", L - 1)
 
