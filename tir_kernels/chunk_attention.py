@@ -145,7 +145,9 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                 T.writes()
                                 # dynamic shared memory (flat: padding kept); ldmatrix takes it through access_ptr,
                                 # which the pass merging dynamic allocations rewrites
-                                k_sh = T.sblock_alloc_buffer((keys * stride,), "float16", scope="shared.dyn")  # rotated
+                                # rotated keys in static shared memory: a buffer apart from the merged dynamic one,
+                                # so TVM's barrier insertion sees no hazard between reading a stage and writing these
+                                k_sh = T.sblock_alloc_buffer((keys * stride,), "float16", scope="shared")
                                 kv_st = T.sblock_alloc_buffer((stages * stage_elems,), "float16", scope="shared.dyn")
                                 r_st = T.sblock_alloc_buffer((stages * keys * head_dim,), "float32", scope="shared.dyn")
                                 q_sh = T.sblock_alloc_buffer((rows_per_block * stride,), "float16", scope="shared.dyn")
@@ -203,26 +205,27 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                                   key_start, key_lim, tid)
                                     T.evaluate(T.ptx.cp.async_.commit_group())
                                     for it in T.unroll(k_items):  # keys: rotate, store float16
-                                        jj: T.let[T.int64] = (it * threads + tid) // k_vecs
+                                        # a thread past the tile redoes its last row (the same values): no branch,
+                                        # so the barrier TVM adds before these shared-memory reads stays unconditional
+                                        jj: T.let[T.int64] = T.min((it * threads + tid) // k_vecs, keys - 1)
                                         d0: T.let[T.int64] = (it * threads + tid) % k_vecs * 8
-                                        if jj < keys:
-                                            for e in T.vectorized(8):
-                                                kx[e] = kv_st[stage + jj * head_dim + d0 + e]
-                                            for e in T.vectorized(8):
-                                                kx[8 + e] = kv_st[stage + jj * head_dim + half + d0 + e]
-                                            for e in T.vectorized(8):
-                                                cs[e] = r_st[(t % stages * keys + jj) * head_dim + d0 + e]
-                                            for e in T.vectorized(8):
-                                                cs[8 + e] = r_st[(t % stages * keys + jj) * head_dim + half + d0 + e]
-                                            for e in T.unroll(8):
-                                                kr[e] = T.Cast("float16", T.Cast("float32", kx[e]) * cs[e]
-                                                               - T.Cast("float32", kx[8 + e]) * cs[8 + e])
-                                                kr[8 + e] = T.Cast("float16", T.Cast("float32", kx[8 + e]) * cs[e]
-                                                                   + T.Cast("float32", kx[e]) * cs[8 + e])
-                                            for e in T.vectorized(8):
-                                                k_sh[jj * stride + d0 + e] = kr[e]
-                                            for e in T.vectorized(8):
-                                                k_sh[jj * stride + half + d0 + e] = kr[8 + e]
+                                        for e in T.vectorized(8):
+                                            kx[e] = kv_st[stage + jj * head_dim + d0 + e]
+                                        for e in T.vectorized(8):
+                                            kx[8 + e] = kv_st[stage + jj * head_dim + half + d0 + e]
+                                        for e in T.vectorized(8):
+                                            cs[e] = r_st[(t % stages * keys + jj) * head_dim + d0 + e]
+                                        for e in T.vectorized(8):
+                                            cs[8 + e] = r_st[(t % stages * keys + jj) * head_dim + half + d0 + e]
+                                        for e in T.unroll(8):
+                                            kr[e] = T.Cast("float16", T.Cast("float32", kx[e]) * cs[e]
+                                                           - T.Cast("float32", kx[8 + e]) * cs[8 + e])
+                                            kr[8 + e] = T.Cast("float16", T.Cast("float32", kx[8 + e]) * cs[e]
+                                                               + T.Cast("float32", kx[e]) * cs[8 + e])
+                                        for e in T.vectorized(8):
+                                            k_sh[jj * stride + d0 + e] = kr[e]
+                                        for e in T.vectorized(8):
+                                            k_sh[jj * stride + half + d0 + e] = kr[8 + e]
                                     T.tvm_storage_sync("shared")
                                     for e in T.unroll(m_tiles * key_blocks * 4):
                                         sf[e] = T.float32(0)
