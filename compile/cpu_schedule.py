@@ -5,6 +5,10 @@ The fused PrimFuncs get:
   vectorised, tiles spread over cores, reduction kept in a local accumulator;
 - GEMV (decode, one row): the reduction split over the cores (``rfactor``) when the output has at
   most ``_SPLIT_K_MAX_COLS`` columns, else 64-column tiles spread over cores;
+- a fused dequantize-matmul (``models/linear.py``): the GEMV keeps the dequantization inlined
+  and unrolls 8 reduction steps (one packed word: constant shifts, the partial sums stay in
+  registers across them); the matmul dequantizes a [K, 64] weight panel once per column tile and
+  runs every row tile of the chunk over it;
 - everything else (norms, element-wise, embedding): outer spatial loop parallel.
 Hand-written kernels (``tirx.is_scheduled``) are left alone.
 """
@@ -22,6 +26,7 @@ _ROWS = 6
 _COLS = 64
 _SPLIT_K = min(os.cpu_count() or 1, 16)  # one share of a GEMV's reduction per core of this host
 _SPLIT_K_MAX_COLS = 4096
+_WORD = 8  # 4-bit weights in one packed uint32 (models/quantization.py)
 
 
 def _static(extent) -> int | None:
@@ -50,17 +55,29 @@ class CpuMatmul(dl.ScheduleRule):
             return None
         main = reductions[0]
         block = main.block_rv
-        for info in infos[: infos.index(main)]:
-            sch.compute_inline(info.block_rv)
+        producers = [info.block_rv for info in infos[: infos.index(main)]]
+        dequantize = [b for b in producers if sch.get(b).name_hint.startswith("dequantize")]
+        panel = len(dequantize) == 1 and len(sch.get_loops(block)) == 3
+        for producer in producers:
+            if not (panel and producer in dequantize):
+                sch.compute_inline(producer)
         epilogues = [b.block_rv for b in infos[infos.index(main) + 1:]]
+        if panel:
+            return _dequantized_panel_matmul(sch, block, dequantize[0], epilogues)
         loops = sch.get_loops(block)
         cols = _static(sch.get(loops[-2]).extent) or 0
         if len(loops) == 2 and cols % _COLS == 0 and 0 < cols <= _SPLIT_K_MAX_COLS:
-            return _split_k_gemv(sch, block)
+            return _split_k_gemv(sch, block, unroll_k=_WORD if dequantize else 1)
         if len(loops) == 2:  # GEMV: one row
             j, k = loops
             jo, ji = sch.split(j, [None, _COLS])
-            sch.reorder(jo, k, ji)
+            depth = _static(sch.get(k).extent) or 0
+            if dequantize and depth % _WORD == 0:  # as _split_k_gemv's unroll_k
+                k, kw = sch.split(k, [None, _WORD])
+                sch.reorder(jo, k, kw, ji)
+                sch.unroll(kw)
+            else:
+                sch.reorder(jo, k, ji)
             outer = jo
             inner = [ji]
         else:
@@ -85,16 +102,46 @@ class CpuMatmul(dl.ScheduleRule):
         return sch
 
 
-def _split_k_gemv(sch: s_tir.Schedule, block) -> s_tir.Schedule:
+def _dequantized_panel_matmul(sch: s_tir.Schedule, block, dequantize, epilogues) -> s_tir.Schedule:
+    """Matmul over a dequantized weight: per 64-column tile (spread over cores) the [K, 64] float
+    panel is dequantized once into a per-core buffer, then each 6-row register tile of the chunk
+    runs over it (the dequantization costs 1/rows of the multiply-adds instead of one per row)."""
+    i, j, k = sch.get_loops(block)
+    jo, ji = sch.split(j, [None, _COLS])
+    io, ii = sch.split(i, [None, _ROWS])
+    sch.reorder(jo, io, k, ii, ji)
+    sch.parallel(jo)
+    sch.unroll(ii)
+    sch.compute_at(dequantize, jo)
+    _vectorize_tail(sch, sch.get_loops(dequantize)[-1])
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, io)
+    for epi in epilogues:
+        sch.reverse_compute_at(epi, io)
+    for blk in [acc, *epilogues]:
+        _vectorize_tail(sch, sch.get_loops(blk)[-1])
+    sch.vectorize(ji)
+    sch.decompose_reduction(block, k)
+    return sch
+
+
+def _split_k_gemv(sch: s_tir.Schedule, block, unroll_k: int = 1) -> s_tir.Schedule:
     """A GEMV with few columns: each core streams whole weight rows of its share of the reduction
     (contiguous in memory) into a row of partial sums; the partial rows are added afterwards (with
-    any element-wise epilogue, both left serial: a few thousand values)."""
+    any element-wise epilogue, both left serial: a few thousand values). ``unroll_k`` > 1 (when it
+    divides a core's share): that many reduction steps unrolled inside each column tile."""
     j, k = sch.get_loops(block)
     ko, ki = sch.split(k, [_SPLIT_K, None])
     partial = sch.rfactor(ko, 0)
     j, ko, ki = sch.get_loops(partial)
     jo, ji = sch.split(j, [None, _COLS])
-    sch.reorder(ko, ki, jo, ji)
+    share = _static(sch.get(ki).extent) or 0
+    if unroll_k > 1 and share % unroll_k == 0:
+        ki, kii = sch.split(ki, [None, unroll_k])
+        sch.reorder(ko, ki, jo, kii, ji)
+        sch.unroll(kii)
+    else:
+        sch.reorder(ko, ki, jo, ji)
     sch.parallel(ko)
     acc = sch.cache_write(partial, 0, "local")
     sch.reverse_compute_at(acc, ko)
