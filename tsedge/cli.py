@@ -310,6 +310,45 @@ def bench_speed(model, target, lib, prefill_lengths, decode_contexts, steps, out
         click.echo(f"wrote {output}")
 
 
+@bench.command("accuracy")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="preset name, .gguf or HF folder")
+@click.option("--target", default=None, help=TARGET_HELP)
+@click.option("--lib", type=click.Path(dir_okay=False), default=None, help="library of --quantization")
+@click.option("--reference-lib", type=click.Path(dir_okay=False), default=None, help="float (q0) library")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="tokens prefilled before the compared positions")
+@click.option("--positions", type=click.IntRange(min=1), default=300, show_default=True,
+              help="next-token positions compared (teacher-forced decode steps)")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="write the results as JSON here")
+@quantization_option("q4f16")
+@policy_options
+@_errors
+def bench_accuracy(model, target, lib, reference_lib, prompt_tokens, positions, output, **kw) -> None:
+    """Top-1 agreement, KL and perplexity of --quantization against float weights on natural text
+    (CPython's docs), teacher-forced."""
+    import pydoc_data.topics
+
+    from tsedge.bench.quant_accuracy import text_accuracy
+    from tsedge.bench.speed import machine_info
+    from tsedge.weights import load_source
+
+    kw["max_context"] = kw["max_context"] or prompt_tokens + positions + 8
+    targets = _checked_target(target, lib), _checked_target(target, reference_lib)
+    source = load_source(model)
+    candidate = _engine(source, targets[0], lib, kw)
+    reference = _engine(source, targets[1], reference_lib, {**kw, "quantization": "q0"})
+    ids = reference.tokenizer.encode("\n\n".join(pydoc_data.topics.topics.values()))[:prompt_tokens + positions]
+    result = text_accuracy(reference, candidate, ids, prompt_tokens)
+    click.echo(f"{candidate.meta.quantization} vs {reference.meta.quantization}, {result['positions']} positions: "
+               f"top-1 agreement {result['top1_agreement']:.3f}, mean KL {result['mean_kl']:.4f} nats "
+               f"(max {result['max_kl']:.3f}), perplexity {result['candidate_ppl']:.2f} vs {result['reference_ppl']:.2f}")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps({**machine_info(candidate), "reference": machine_info(reference),
+                                            **result}, indent=1))
+        click.echo(f"wrote {output}", err=True)
+
+
 main.add_command(serve)
 bench.add_command(bench_decode)
 bench.add_command(bench_prefill)
