@@ -247,8 +247,21 @@ def test_merged_runs_make_one_table():
         "|---|---|---|---|---|",
         "| vt (prose) | 50 % | 25 % | 0 % | 12 % |",
         "| ppl (prose), perplexity | 11.00 | - | 17.00 | - |"]
-    with pytest.raises(ValueError, match="different models or policy settings"):
+    with pytest.raises(ValueError, match="policy streaming ran with different settings"):
         merge([short, fake_result(4096, {("vt", "dense"): 0.25}, policy_budget=64)])
+    dense_only = fake_result(4096, {("vt", "dense"): 0.25})
+    dense_only["config"]["policies"] = {"dense": {}}  # another run's policies: merged, not refused
+    assert "dense 4K" in format_table(merge([short, dense_only])).splitlines()[0]
+    with pytest.raises(ValueError, match="different models"):
+        merge([short, {**long, "info": {"model": "other"}}])
+
+
+def test_table_refuses_files_that_are_not_eval_results(tmp_path):
+    (tmp_path / "log.txt").write_text("not json")
+    (tmp_path / "bench.json").write_text('{"kind": "decode"}')
+    for name, why in (("log.txt", "is not JSON"), ("bench.json", "is not a `tsedge eval run` result")):
+        result = CliRunner().invoke(main, ["eval", "table", str(tmp_path / name)])
+        assert result.exit_code != 0 and why in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_ppl_document_never_repeats_the_text(tok):

@@ -131,6 +131,6 @@ def eval_run(model, target, tasks, haystacks, policies, lengths, samples, seed, 
 @_cli_errors
 def eval_table(results) -> None:
     """The table of one or more `tsedge eval run` JSON files of one model (e.g. one per length)."""
-    from tsedge.eval.runner import format_table, merge
+    from tsedge.eval.runner import format_table, load_result, merge
 
-    click.echo(format_table(merge([json.loads(Path(path).read_text()) for path in results])))
+    click.echo(format_table(merge([load_result(Path(path)) for path in results])))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -206,15 +207,33 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def load_result(path: Path) -> dict[str, Any]:
+    """A saved ``tsedge eval run`` result; raises ValueError (one line naming the file) for a file
+    that is not JSON or not such a result."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e}); give files written by `tsedge eval run -o`") from None
+    if not isinstance(result, dict) or not {"config", "info", "cells"} <= result.keys():
+        raise ValueError(f"{path} is not a `tsedge eval run` result (no config/info/cells); "
+                         "give files written by `tsedge eval run -o`")
+    return result
+
+
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result of several runs of the same model and policies (e.g. one per length): their
-    cells, lengths and tasks together. Raises ValueError when models or policy settings differ."""
+    """One result of several runs of one model (e.g. one per length or per policy): their cells,
+    policies, lengths and tasks together. Raises ValueError when the models differ or a policy
+    ran with different settings."""
     first = results[0]
-    for other in results[1:]:
-        if other["info"].get("model") != first["info"].get("model") or \
-                other["config"]["policies"] != first["config"]["policies"]:
-            raise ValueError("these results are of different models or policy settings; table them apart")
-    config = {**first["config"],
+    policies: dict[str, Any] = {}
+    for result in results:
+        if result["info"].get("model") != first["info"].get("model"):
+            raise ValueError(f"these results are of different models ({first['info'].get('model')}, "
+                             f"{result['info'].get('model')}); table them apart")
+        for name, settings in result["config"]["policies"].items():
+            if policies.setdefault(name, settings) != settings:
+                raise ValueError(f"policy {name} ran with different settings in these results; table them apart")
+    config = {**first["config"], "policies": policies,
               "tasks": list(dict.fromkeys(t for r in results for t in r["config"]["tasks"])),
               "lengths": sorted({n for r in results for n in r["config"]["lengths"]}),
               "samples": sorted({r["config"]["samples"] for r in results})}
