@@ -26,4 +26,9 @@ def main(lib: str, model: str, question: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if len(sys.argv) != 4:
+        sys.exit("usage: python examples/app.py LIB.so MODEL \"Your question\"")
+    try:
+        main(*sys.argv[1:])
+    except (OSError, ValueError) as e:  # LibraryError, WeightsError and a missing file are ValueError/OSError
+        sys.exit(f"error: {e}")
