@@ -3,6 +3,8 @@ dequantize-matmul kernels (compiled by the model pipeline) against NumPy on rand
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -132,14 +134,24 @@ def test_dequantize_fuses_into_the_matmul(qs):
         assert len(prims) == 1 and "dequantize" in prims[0] and "matmul" in prims[0], prims
 
 
+def _cuda_kernels(module) -> list[str]:
+    """Names of the ``__global__`` kernels in the CUDA module imported (at any depth) by ``module``."""
+    if module.kind == "cuda":
+        return re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(.*\{$", module.inspect_source(),
+                          re.MULTILINE)
+    return [name for sub in module.imports_ for name in _cuda_kernels(sub)]
+
+
 @pytest.mark.parametrize("qs", [Q4, Q8], ids=["q4f16", "q8f16"])
 def test_cuda_build_compiles(qs):
-    """sm_90, float16: the decode GEMV (dlight's GEMV rule on the fused kernel) and the prefill path
-    (dequantize to float16, then tir_kernels.matmul's tensor-core GEMM) compile."""
+    """sm_90, float16: decode is one fused dequantize-GEMV kernel (dlight's GEMV rule); a prefill
+    chunk dequantizes to float16, then runs tir_kernels.matmul's tensor-core GEMM."""
     target = cuda_target("sm_90")
+    kernels = {}
     for rows in (1, "n"):
         mod = _module(qs, 576, 960, False, "float16", False, target, rows)
         with target:
             ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
-        source = ex.mod.imports_[0].inspect_source()
-        assert "dequantize" in source
+        kernels[rows] = _cuda_kernels(ex.mod)
+    assert kernels[1] == ["fused_dequantize_relax_permute_dims_relax_matmul_kernel"]
+    assert sorted(kernels["n"]) == ["dequantize_kernel", "prefill_matmul_960x576_kernel"]
