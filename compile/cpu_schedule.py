@@ -5,9 +5,9 @@ The fused PrimFuncs get:
   vectorised, tiles spread over cores, reduction kept in a local accumulator;
 - GEMV (decode, one row): the reduction split over the cores (``rfactor``) when the output has at
   most ``_SPLIT_K_MAX_COLS`` columns, else 64-column tiles spread over cores;
-- a fused dequantize-matmul (``models/linear.py``): the GEMV keeps the dequantization inlined
-  and unrolls 8 reduction steps (one packed word: constant shifts, the partial sums stay in
-  registers across them); the matmul dequantizes a [K, 64] weight panel once per column tile and
+- a fused dequantize-matmul (``models/linear.py``): the GEMV keeps the dequantization inlined,
+  splits the reduction over the cores at any width and unrolls 8 reduction steps (one packed word:
+  constant shifts, the partial sums stay in registers across them); the matmul dequantizes a [K, 64] weight panel once per column tile and
   runs every row tile of the chunk over it;
 - everything else (norms, element-wise, embedding): outer spatial loop parallel.
 Hand-written kernels (``tirx.is_scheduled``) are left alone.
