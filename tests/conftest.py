@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,6 @@ from tsedge.models.config import PolicyConfig
 from tsedge.weights import ModelSource, load_source
 
 SMOL_CONTEXT = 1024
-# CUDA codegen checks compile with nvcc (on CI) once any test has imported tvm.support.nvcc, whose
-# default is NVRTC (needs cuda-bindings, not a dependency): which one ran first must not matter
-os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
 
 
 @pytest.fixture(scope="session")

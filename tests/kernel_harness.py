@@ -73,3 +73,13 @@ def build(factory, *args, **options):
 
 def tensor(array) -> tvm.runtime.Tensor:
     return tvm.runtime.tensor(array, DEV)
+
+
+def cuda_source(func) -> str:
+    """CUDA source of ``func`` compiled as the library build does (fatbin for ``CUDA``'s arch with
+    nvcc), whatever earlier tests registered as TVM's CUDA compile callback."""
+    from tsedge.compile.cuda_fatbin import fatbin_build_context
+
+    with fatbin_build_context(CUDA):
+        lib = tvm.compile(tvm.IRModule({"main": func}), target=CUDA)
+    return lib.mod.imports_[0].inspect_source()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from attention_reference import attention, rope_table
-from kernel_harness import CUDA, MODE, build, tensor
+from kernel_harness import CUDA, MODE, build, cuda_source, tensor
 
 from tsedge.tir_kernels import attention as attn
 from tsedge.tir_kernels import cache_ops
@@ -152,13 +152,13 @@ def test_chunk_attention(n_heads, n_kv, head_dim, n, m, capacity):
 
 @pytest.mark.skipif(MODE != "llvm", reason="codegen check runs where the compiler is")
 def test_chunk_attention_cuda_uses_tensor_cores():
-    import tvm
-
     func = chunk.make_chunk_attention(2, 32, 8, 128, "float16", CUDA)
-    source = tvm.compile(tvm.IRModule({"main": func}), target=CUDA).mod.imports_[0].inspect_source()
+    source = cuda_source(func)
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in source
     assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in source
-    assert "extern __shared__" in source and "k_sh_ptr" not in source  # tiles in one dynamic buffer
+    # the queries and the K/V/RoPE stages in one dynamic buffer; the rotated key tile static apart
+    assert "extern __shared__" in source and "q_sh_ptr" not in source and "kv_st_ptr" not in source
+    assert "__shared__ alignas(64) half k_sh_ptr[" in source
 
 
 @pytest.mark.skipif(MODE != "llvm", reason="target checks run where the compiler is")
@@ -173,10 +173,7 @@ def test_chunk_attention_support():
 @pytest.mark.skipif(MODE != "llvm", reason="codegen check runs where the compiler is")
 @pytest.mark.parametrize("dtype, load", [("float16", "uint4"), ("float32", "float4")])
 def test_decode_attention_cuda_pipelines_16_byte_copies(dtype, load):
-    import tvm
-
-    lib = tvm.compile(tvm.IRModule({"main": dec.make_decode_attention(2, 32, 8, 128, dtype, CUDA)}), target=CUDA)
-    source = lib.mod.imports_[0].inspect_source()
+    source = cuda_source(dec.make_decode_attention(2, 32, 8, 128, dtype, CUDA))
     assert "cp.async.cg.shared.global" in source and "cp.async.wait_group 0" in source  # 2 stages
     assert f"*({load}*)(((" in source  # a thread reads 16 bytes of a row from shared memory
 

@@ -7,7 +7,7 @@ import pytest
 import tokenselect_reference as ref
 import tvm
 
-from kernel_harness import CUDA, MODE, build, tensor
+from kernel_harness import CUDA, MODE, build, cuda_source, tensor
 
 from tsedge.tir_kernels.select_rows import make_select_rows
 from tsedge.tir_kernels.selection_cache import make_selection_check
@@ -205,9 +205,7 @@ def test_cuda_codegen(dtype, head_dim):
         make_selection_check(4, 32, head_dim, 0.9, CUDA),
     ]
     for func, must_contain in zip(funcs, ["__global__", "__shfl", "__shfl", "atomicAdd", "__shfl"]):
-        lib = tvm.compile(tvm.IRModule({"main": func}), target=CUDA)
-        source = lib.mod.imports_[0].inspect_source()
-        assert must_contain in source
+        assert must_contain in cuda_source(func)
 
 
 @pytest.mark.parametrize("n_init, top_k, n_local, length", [
