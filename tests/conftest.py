@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,10 @@ from tsedge.models.config import PolicyConfig
 from tsedge.weights import ModelSource, load_source
 
 SMOL_CONTEXT = 1024
+# Once any test imports tvm.support.nvcc, every CUDA tvm.compile runs its compile callback, NVRTC by
+# default (needs cuda-bindings, not a dependency): nvcc (on CI) for the whole session, whatever the
+# test order; a compile without a target in scope goes through kernel_harness.cuda_source
+os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kernel_harness import CUDA, MODE, build, tensor
+from kernel_harness import CUDA, MODE, build, cuda_source, tensor
 
 from tsedge.tir_kernels import matmul
 
@@ -32,10 +32,7 @@ def test_prefill_matmul(m, n_out, k):
 
 @pytest.mark.skipif(MODE != "llvm", reason="codegen and target checks run where the compiler is")
 def test_prefill_matmul_cuda_codegen_and_support():
-    import tvm
-
-    source = tvm.compile(tvm.IRModule({"main": matmul.make_prefill_matmul(4096, 4096, "float16", CUDA)}),
-                         target=CUDA).mod.imports_[0].inspect_source()
+    source = cuda_source(matmul.make_prefill_matmul(4096, 4096, "float16", CUDA))
     tiles = matmul.TILES  # one mma per 16-wide k-slice of a step and per 16x8 tile of a warp
     per_warp = (tiles.bm // tiles.warps_m // 16) * (tiles.bn // tiles.warps_n // 8)
     assert source.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == tiles.bk // 16 * per_warp
