@@ -10,6 +10,7 @@ import pytest
 import tvm
 from tvm.relax.frontend import nn
 
+from tsedge.compile.cuda_fatbin import fatbin_build_context
 from tsedge.compile.pipeline import relax_pipeline
 from tsedge.compile.targets import cuda_target, parse_target
 from tsedge.models.linear import QuantLinear
@@ -150,7 +151,7 @@ def test_cuda_build_compiles(qs):
     kernels = {}
     for rows in (1, "n"):
         mod = _module(qs, 576, 960, False, "float16", False, target, rows)
-        with target:
+        with fatbin_build_context(target):  # nvcc, as a library build (kernel_harness.cuda_source)
             ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
         kernels[rows] = _cuda_kernels(ex.mod)
     assert kernels[1] == ["fused_dequantize_relax_permute_dims_relax_matmul_kernel"]
