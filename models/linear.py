@@ -14,7 +14,7 @@ weight never exists in memory. On CUDA a prefill chunk dequantizes the weight to
 
 from __future__ import annotations
 
-from tvm import te, tirx
+from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
@@ -106,3 +106,26 @@ def make_linear(quant: QuantScheme | None, in_features: int, out_features: int, 
     if quant is None:
         return Linear(in_features, out_features, bias, dtype, in_out, target)
     return QuantLinear(quant, in_features, out_features, bias, dtype, in_out, target)
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table [vocab, hidden] stored as ``qweight`` + ``scale`` in the canonical
+    layout (groups along ``hidden``): a lookup gathers the packed rows and dequantizes only them;
+    ``weight()`` is the whole float table as a dequantize compute (a tied lm_head's matmul fuses
+    it, as ``QuantLinear``'s)."""
+
+    def __init__(self, qs: QuantScheme, vocab: int, hidden: int, dtype: str):
+        q_shape, s_shape = param_shapes(qs, hidden, vocab, in_out=False)
+        self.qweight = nn.Parameter(q_shape, qs.storage_dtype)
+        self.scale = nn.Parameter(s_shape, dtype)
+        self.qs = qs
+
+    def weight(self) -> nn.Tensor:
+        return op.tensor_expr_op(lambda q, s: dequantize_expr(self.qs, q, s, False), "dequantize",
+                                 args=[self.qweight, self.scale])
+
+    def lookup(self, ids: nn.Tensor) -> nn.Tensor:
+        """Rows of ``ids`` [n] -> [n, hidden]; ids outside the table are clipped into it."""
+        rows = [op.wrap_nested(relax.op.take(p._expr, ids._expr, axis=0, mode="clip"), name="embed_rows")
+                for p in (self.qweight, self.scale)]
+        return op.tensor_expr_op(lambda q, s: dequantize_expr(self.qs, q, s, False), "dequantize_rows", args=rows)

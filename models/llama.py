@@ -16,7 +16,7 @@ from tvm.relax.frontend.nn import op
 from tsedge.tir_kernels import cache_ops
 
 from .config import ModelConfig
-from .linear import make_linear
+from .linear import QuantEmbedding, make_linear
 from .quantization import QuantScheme
 
 
@@ -75,7 +75,8 @@ class DecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None):
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens = (nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype) if quant is None
+                             else QuantEmbedding(quant, cfg.vocab_size, cfg.hidden_size, dtype))
         self.layers = nn.ModuleList([DecoderLayer(cfg, dtype, in_out, target, quant)
                                      for _ in range(cfg.num_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
@@ -87,9 +88,9 @@ class LlamaForCausalLM(nn.Module):
     the context exceeds the policy's budget.
 
     ``in_out`` stores linear weights [in, out] (CPU schedules vectorise over the output dim);
-    the lm_head then is a parameter of its own even for tied embeddings. ``quant``: the linears
-    (and an untied or CPU lm_head) read group-quantized weights; the embedding table (and a tied
-    GPU lm_head, which is that table) stays float.
+    the lm_head then is a parameter of its own even for tied embeddings. ``quant``: the linears,
+    the lm_head and the embedding table read group-quantized weights (a lookup dequantizes only
+    the rows it gathers).
     """
 
     def __init__(self, cfg: ModelConfig, policy, dtype: str, in_out: bool, quant: QuantScheme | None = None):
@@ -107,6 +108,8 @@ class LlamaForCausalLM(nn.Module):
     def _embed(self, ids: nn.Tensor) -> nn.Tensor:
         """Embedding rows of ``ids`` [n] -> [n, hidden]; "clip" mode, so an id outside the table
         never reads outside it (TVM's default "fast" take does, and warns at every compile)."""
+        if isinstance(self.model.embed_tokens, QuantEmbedding):
+            return self.model.embed_tokens.lookup(ids)
         table = self.model.embed_tokens.weight
         return op.wrap_nested(relax.op.take(table._expr, ids._expr, axis=0, mode="clip"), name="embed")
 
@@ -141,7 +144,8 @@ class LlamaForCausalLM(nn.Module):
         if self.untied_head:
             logits = self.lm_head(h)
         else:
-            logits = op.matmul(h, op.permute_dims(self.model.embed_tokens.weight))
+            table = self.model.embed_tokens
+            logits = op.matmul(h, op.permute_dims(table.weight() if isinstance(table, QuantEmbedding) else table.weight))
         return logits.astype("float32")
 
     def rope_table(self, num_pos):

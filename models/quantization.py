@@ -66,9 +66,9 @@ def scheme(name: str) -> QuantScheme | None:
 
 def is_quantized_weight(name: str) -> bool:
     """Whether a library or Hugging Face tensor ``name`` is quantized under a q4f16/q8f16 scheme:
-    the linear weights (attention and MLP projections, lm_head); embeddings, norms and biases stay
-    float."""
-    return name.endswith("_proj.weight") or name == "lm_head.weight"
+    the linear weights (attention and MLP projections, lm_head) and the embedding table (groups
+    along hidden, like the lm_head it may be tied to); norms and biases stay float."""
+    return name.endswith("_proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight")
 
 
 def check_quantizable(qs: QuantScheme, name: str, in_features: int) -> None:

@@ -97,7 +97,8 @@ def test_metadata_records_the_quantization(libs):
     parts = {p.name: p.part for p in meta.params}
     assert parts["model.layers.0.self_attn.qkv_proj.qweight"] == "qweight"
     assert parts["model.layers.0.self_attn.qkv_proj.scale"] == "scale"
-    assert parts["lm_head.qweight"] == "qweight" and parts["model.embed_tokens.weight"] == ""
+    assert parts["lm_head.qweight"] == "qweight" and parts["model.embed_tokens.qweight"] == "qweight"
+    assert parts["model.layers.0.input_layernorm.weight"] == ""
     assert LibraryMeta.load(libs["q0"].with_suffix(".json")).quantization == "q0"
 
 
@@ -136,7 +137,7 @@ def test_untrusted_quantized_folders(tiny, libs, tmp_path):
     manifest = folder / "tsedge.json"
     info = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**info, "quantization": "q8f16"}))  # q4 data read as q8
-    with pytest.raises(WeightsError, match=r"q_proj.weight: q8f16 qweight is uint32 \[64, 8\], expected int8 \[64, 64\]"):
+    with pytest.raises(WeightsError, match=r"embed_tokens.weight: q8f16 qweight is uint32 \[300, 8\], expected int8 \[300, 64\]"):
         Engine(libs["q8f16"], str(folder))
     manifest.write_text(json.dumps({**info, "quantization": "q3"}))
     with pytest.raises(WeightsError, match="unknown quantization 'q3'"):
