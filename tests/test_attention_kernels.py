@@ -168,6 +168,15 @@ def test_chunk_attention_support():
     assert not chunk.supported("float16", 72, CUDA)
     with pytest.raises(ValueError, match="attention_partial"):
         chunk.make_chunk_attention(2, 32, 8, 128, "float32", CUDA)
+    # sm_86/89 give a block 99 KB: one mma tile per warp (64 rows a block) instead of sm_90's two
+    from tsedge.compile.targets import cuda_target
+
+    sm86 = cuda_target("sm_86")
+    assert chunk.supported("float16", 128, sm86)
+    assert "blockIdx.z) * (int64_t)64)" in cuda_source(chunk.make_chunk_attention(2, 32, 8, 128, "float16", sm86))
+    assert "blockIdx.z) * (int64_t)128)" in cuda_source(chunk.make_chunk_attention(2, 32, 8, 128, "float16", CUDA))
+    with pytest.raises(ValueError, match="shared memory"):
+        chunk.make_chunk_attention(2, 32, 8, 128, "float16", sm86, m_tiles=2)
 
 
 @pytest.mark.skipif(MODE != "llvm", reason="codegen check runs where the compiler is")

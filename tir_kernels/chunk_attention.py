@@ -54,34 +54,47 @@ def chunk_splits(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
     return (num_keys + SPLIT - 1) // SPLIT
 
 
+def _shared_bytes(head_dim: int, warps: int, keys: int, stages: int, m_tiles: int) -> int:
+    """Shared memory of one block: staged queries, the rotated key tile, and per stage the raw
+    keys, padded values (float16) and RoPE rows (float32)."""
+    stride = head_dim + PAD
+    return (16 * warps * m_tiles + keys) * stride * 2 + stages * keys * ((head_dim + stride) * 2 + head_dim * 4)
+
+
 def supported(dtype: str, head_dim: int, target: Target) -> bool:
-    """True where the kernel runs: CUDA sm_80 or newer, float16, ``head_dim`` a multiple of 16."""
-    return has_mma_sync(target) and dtype == "float16" and head_dim % 16 == 0
+    """True where the kernel runs: CUDA sm_80 or newer, float16, ``head_dim`` a multiple of 16, and
+    a block of one mma tile per warp within the target's shared memory."""
+    return (has_mma_sync(target) and dtype == "float16" and head_dim % 16 == 0
+            and _shared_bytes(head_dim, WARPS, KEYS, STAGES, 1) <= max_shared_memory(target))
 
 
 def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
                          target: Target, warps: int = WARPS, keys: int = KEYS, stages: int = STAGES,
-                         m_tiles: int = M_TILES) -> tirx.PrimFunc:
+                         m_tiles: int | None = None) -> tirx.PrimFunc:
     """Args: q[n, >= H, d] float16 (its first H heads are the queries), kv[layers, 2, Hkv, cap, d]
     float16, rope[P, d] float32, rows[M] int32, layer (int64).
 
     Outputs: o[n, S, H, d] float32 (each split's normalised output), lse[n, S, H] float32
     (log2-sum-exp of the split's scaled scores, ``NEG_INF`` where the split has no visible key),
     with ``S = chunk_splits(M)``. ``warps`` (``16 m_tiles`` rows each) and ``keys`` (a multiple of
-    16 dividing ``SPLIT``) shape the block and its key tile; ``stages`` (≥ 2) tiles are in shared memory. Raises
-    ValueError where ``supported`` is False or the block exceeds the target's shared memory.
+    16 dividing ``SPLIT``) shape the block and its key tile; ``stages`` (≥ 2) tiles are in shared memory;
+    ``m_tiles`` defaults to ``M_TILES`` where that block fits the target's shared memory (sm_90, sm_80),
+    else 1 (sm_86/89: 99 KB). Raises ValueError where ``supported`` is False or the block exceeds the
+    target's shared memory.
     """
     if not supported(dtype, head_dim, target):
         raise ValueError("tensor-core chunk attention needs CUDA sm_80+, float16 and head_dim a multiple "
                          f"of 16 (got {target.kind.name}, {dtype}, head_dim {head_dim}); use attention_partial")
+    limit = max_shared_memory(target)
+    if m_tiles is None:
+        m_tiles = M_TILES if _shared_bytes(head_dim, warps, keys, stages, M_TILES) <= limit else 1
     group = n_heads // n_kv
     half = head_dim // 2
     stride = head_dim + PAD
     threads, rows_per_block = 32 * warps, 16 * warps * m_tiles
     MT = i64(m_tiles)
     stage_elems = keys * (head_dim + stride)  # float16: raw keys, padded values
-    smem = (rows_per_block + keys) * stride * 2 + stages * (stage_elems * 2 + keys * head_dim * 4)
-    if smem > max_shared_memory(target) or keys % 16 or SPLIT % keys or stages < 2:
+    if _shared_bytes(head_dim, warps, keys, stages, m_tiles) > limit or keys % 16 or SPLIT % keys or stages < 2:
         raise ValueError(f"chunk attention: {warps} warps x {keys} keys per tile x {stages} stages exceed the "
                          f"target's shared memory or do not tile the {SPLIT}-key split in multiples of 16")
     k_steps = head_dim // 16  # k-steps of Q Kᵀ
