@@ -6,8 +6,9 @@ after ``source bench/device/setup.sh``) times each over dense rows ``0..M-1`` an
 Cache hit's 2,688 gathered rows of a 128K cache. Each call reads another layer of an 8-layer cache,
 so K/V come from HBM, not the 60 MB L2. Bandwidth counts the K and V bytes of the attended rows
 once (the floor), so it is comparable with the copy bandwidth (~4.3 TB/s read + write).
-Prefill: a 512-query chunk after DEPTH cached rows, the tensor-core chunk kernel vs the split-K
-kernel before it; TFLOP/s count the causal multiply-adds of Q·Kᵀ and P·V (4·H·d per visible pair).
+Prefill: a 512-query chunk after DEPTH cached rows on the tensor-core chunk kernel; TFLOP/s count the
+causal multiply-adds of Q·Kᵀ and P·V (4·H·d per visible pair). Scoring: TokenSelect's pass over
+130K candidate keys (GB/s of the keys read). ``DECODE_SHAPES``/``CHUNK_SHAPES`` name the variants.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ from pathlib import Path
 LIBS = Path(".carry/attn")
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 8, 32, 8, 128, 131072 + 64
 CASES = [("dense", m) for m in (128, 4096, 32768, 131072)] + [("gathered", 2688)]
-VARIANTS = {"decode": ("decode", {})}
+DECODE_SHAPES = {"decode": {}}  # variants: make_decode_attention(tile_keys=, stages=)
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
 CHUNK_SHAPES = {"chunk": {}}  # variants: make_chunk_attention(warps=, keys=, stages=, m_tiles=)
-PREFILL_VARIANTS = {**{f"{name} (tensor cores)": (name, PREFILL_DEPTHS) for name in CHUNK_SHAPES},
-}
 
 
 def prepare() -> None:
@@ -37,18 +36,24 @@ def prepare() -> None:
     target = parse_target("cuda:sm_90")
     LIBS.mkdir(parents=True, exist_ok=True)
     kernels = {"merge": attention.make_attention_merge(HEADS, HEAD_DIM, "float16", target),
-               "partial": attention.make_attention_partial(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target),
                **{name: chunk_attention.make_chunk_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, **kw)
-                  for name, kw in CHUNK_SHAPES.items()}}
-    for name, (kind, kw) in VARIANTS.items():
-        if kind == "decode":
-            kernels[name] = decode_attention.make_decode_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16",
-                                                                   target, **kw)
+                  for name, kw in CHUNK_SHAPES.items()},
+               **{name: decode_attention.make_decode_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, **kw)
+                  for name, kw in DECODE_SHAPES.items()}}
     kernels["scoring"] = tokenselect_scoring.make_scoring(LAYERS, HEADS, KV_HEADS, HEAD_DIM, 128, 512, 0, "float16",
                                                           target)  # TokenSelect paper budgets 128/512
     with fatbin_build_context(target):
         for name, func in kernels.items():
             tvm.compile(tvm.IRModule({"main": func}), target=target).export_library(str(LIBS / f"{_file(name)}.so"))
+
+
+def rope_table(positions: int, dev):
+    """Llama-3's RoPE table (theta 500,000) for ``positions`` rows: float32 [positions, HEAD_DIM] on ``dev``."""
+    import torch
+
+    pos = torch.arange(positions, device=dev, dtype=torch.float64)[:, None]
+    inv = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device=dev, dtype=torch.float64) / HEAD_DIM)
+    return torch.cat([torch.cos(pos * inv), torch.sin(pos * inv)], 1).float()
 
 
 def _file(name: str) -> str:
@@ -65,15 +70,13 @@ def run(out_path: Path) -> None:
     import tvm
     import tvm_ffi
 
-    from tsedge.tir_kernels import attention, chunk_attention, decode_attention, tokenselect_scoring
+    from tsedge.tir_kernels import chunk_attention, decode_attention, tokenselect_scoring
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     kv = torch.randn((LAYERS, 2, KV_HEADS, CAPACITY, HEAD_DIM), generator=gen, device=dev, dtype=torch.float16)
     q = torch.randn((PREFILL_N, HEADS, HEAD_DIM), generator=gen, device=dev, dtype=torch.float16)
-    pos = torch.arange(CAPACITY, device=dev, dtype=torch.float64)[:, None]
-    inv = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device=dev, dtype=torch.float64) / HEAD_DIM)
-    rope = torch.cat([torch.cos(pos * inv), torch.sin(pos * inv)], 1).float()
+    rope = rope_table(CAPACITY, dev)
     merge = tvm.runtime.load_module(str(LIBS / "merge.so"))["main"]
     ffi = tvm_ffi.from_dlpack
 
@@ -102,22 +105,22 @@ def run(out_path: Path) -> None:
         return tvm.runtime.load_module(str(LIBS / f"{name}.so"))["main"]
 
     results = []
-    for name, (kind, _) in VARIANTS.items():
-        kernel = load(_file(name) if kind == "decode" else "partial")
+    for name in DECODE_SHAPES:
+        kernel = load(_file(name))
         for case, m in CASES:
             rows = (torch.arange(m, device=dev) if case == "dense" else
                     torch.from_numpy(np.sort(np.random.default_rng(0).choice(CAPACITY, m, replace=False))).to(dev))
-            splits = decode_attention.decode_splits(m) if kind == "decode" else attention.num_chunks(m)
+            splits = decode_attention.decode_splits(m)
             us = timed(kernel, q[:1], rows.to(torch.int32), splits, 8 * LAYERS if m >= 32768 else 64 * LAYERS)
             gbs = m * KV_HEADS * HEAD_DIM * 2 * 2 / us / 1e3
             results.append({"variant": name, "kind": "decode", "rows": case, "m": m, "us_per_layer": round(us, 2),
                             "kv_gb_per_s": round(gbs, 1)})
             print(f"{name:38s} {case:8s} M={m:7d}: {us:9.2f} us/layer  {gbs:8.1f} GB/s", flush=True)
-    for name, (kind, depths) in PREFILL_VARIANTS.items():
-        kernel = load(_file(kind))
-        for depth in depths:
+    for name in CHUNK_SHAPES:
+        kernel = load(_file(name))
+        for depth in PREFILL_DEPTHS:
             m = depth + PREFILL_N
-            splits = chunk_attention.chunk_splits(m) if kind.startswith("chunk") else attention.num_chunks(m)
+            splits = chunk_attention.chunk_splits(m)
             us = timed(kernel, q, torch.arange(m, device=dev, dtype=torch.int32), splits, 2 * LAYERS)
             pairs = PREFILL_N * depth + PREFILL_N * (PREFILL_N + 1) // 2
             tflops = 4 * HEADS * HEAD_DIM * pairs / us / 1e6

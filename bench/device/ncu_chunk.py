@@ -19,17 +19,16 @@ import torch  # noqa: E402
 import tvm  # noqa: E402
 import tvm_ffi  # noqa: E402
 
+from attention_speed import HEAD_DIM, HEADS, KV_HEADS, LAYERS, rope_table  # noqa: E402  (this script's folder)
 from tsedge.tir_kernels import chunk_attention  # noqa: E402
 
-LAYERS, HEADS, KV_HEADS, HEAD_DIM, QUERIES = 8, 32, 8, 128, 512
+QUERIES = 512
 depth = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
 m = depth + QUERIES
 dev = torch.device("cuda")
 kv = torch.randn((LAYERS, 2, KV_HEADS, m + 64, HEAD_DIM), device=dev, dtype=torch.float16)
 q = torch.randn((QUERIES, HEADS, HEAD_DIM), device=dev, dtype=torch.float16)
-pos = torch.arange(m, device=dev, dtype=torch.float64)[:, None]
-inv = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device=dev, dtype=torch.float64) / HEAD_DIM)
-rope = torch.cat([torch.cos(pos * inv), torch.sin(pos * inv)], 1).float()
+rope = rope_table(m, dev)
 rows = torch.arange(m, device=dev, dtype=torch.int32)
 splits = chunk_attention.chunk_splits(m)
 o = torch.empty((QUERIES, splits, HEADS, HEAD_DIM), device=dev)
