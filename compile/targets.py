@@ -6,7 +6,8 @@ import ctypes
 
 from tvm.target import Target
 
-TARGET_HELP = "llvm (this CPU), cuda (local GPU's arch, else sm_90) or cuda:sm_XX"
+TARGET_HELP = ("llvm (this CPU), cuda (local GPU's arch, else sm_90), cuda:sm_XX or vulkan (WGSL through "
+               "wgpu-native; pip install tsedge[vulkan])")
 
 
 def _local_cuda_arch() -> str | None:
@@ -45,6 +46,17 @@ def cuda_target(arch: str) -> Target:
     return Target({"kind": "cuda", "arch": arch, **_CUDA_LIMITS})
 
 
+# What every Vulkan adapter wgpu-native exposes offers at least (Mesa llvmpipe: 32 KB of workgroup
+# memory, 1024 invocations; NVIDIA: 48 KB): kernels plan for these so one library runs on both.
+_VULKAN_LIMITS = {"max_num_threads": 256, "max_shared_memory_per_block": 32768, "thread_warp_size": 1}
+
+
+def vulkan_target() -> Target:
+    """``--target vulkan``: TVM's webgpu codegen (WGSL, run on Vulkan by wgpu-native through
+    ``tsedge.vulkan``) with an LLVM host for the Relax VM code."""
+    return Target({"kind": "webgpu", **_VULKAN_LIMITS, "host": {"kind": "llvm"}})
+
+
 def has_cuda_gpu() -> bool:
     return _local_cuda_arch() is not None
 
@@ -62,6 +74,8 @@ def parse_target(name: str) -> Target:
     if kind == "cuda":
         arch = arch or _local_cuda_arch() or "sm_90"
         return cuda_target(arch)
+    if kind == "vulkan" and not arch:
+        return vulkan_target()
     raise ValueError(f"unknown target {name!r}; use {TARGET_HELP}")
 
 
@@ -69,6 +83,8 @@ def target_name(target: Target) -> str:
     """Inverse of ``parse_target`` for metadata and cache keys."""
     if target.kind.name == "cuda":
         return f"cuda:{target.attrs['arch']}"
+    if target.kind.name == "webgpu":
+        return "vulkan"
     return target.kind.name
 
 
