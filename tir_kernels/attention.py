@@ -21,7 +21,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from .common import i64, is_gpu
+from .common import has_warp_shuffle, i64, is_gpu
 
 NEG_INF = -1e30
 LOG2E = math.log2(math.e)
@@ -59,6 +59,10 @@ def make_attention_partial(num_layers: int, n_heads: int, n_kv: int, head_dim: i
             raise ValueError("per-head rows and logits are CPU options of attention_partial; "
                              "GPU decode uses decode_attention")
         return _partial_cpu(i64(num_layers), n_heads, n_kv, head_dim, dtype, row_sets, logit_sets)
+    if is_gpu(target) and not has_warp_shuffle(target):  # Vulkan (WGSL)
+        from .wgsl_attention import make_attention_partial_wgsl
+
+        return make_attention_partial_wgsl(num_layers, n_heads, n_kv, head_dim, dtype)
     maker = _partial_gpu if is_gpu(target) else _partial_cpu
     return maker(i64(num_layers), n_heads, n_kv, head_dim, dtype)
 

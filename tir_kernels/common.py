@@ -28,6 +28,13 @@ def is_gpu(target: Target) -> bool:
     return target.kind.name in GPU_KINDS
 
 
+def has_warp_shuffle(target: Target) -> bool:
+    """True for GPU targets whose kernels may use 32-lane warp shuffles (CUDA, ROCm); the Vulkan
+    target (``webgpu`` kind: WGSL, warp size 1, no subgroups) takes the kernels that reduce
+    through workgroup memory instead."""
+    return is_gpu(target) and int(target.attrs.get("thread_warp_size", 1)) >= 32
+
+
 def has_mma_sync(target: Target) -> bool:
     """True for CUDA targets of sm_80 or newer (``mma.sync.m16n8k16`` with float16, ``ldmatrix``,
     ``cp.async``)."""

@@ -1,0 +1,106 @@
+"""--target vulkan on the machine's Vulkan driver (Mesa's llvmpipe in CI): the runtime backend, the
+WGSL kernels against NumPy references, and SmolLM2 generation against the CPU build.
+
+Skipped, with the reason printed, where wgpu, a C++ compiler or a Vulkan driver is missing
+(``pip install 'tsedge[vulkan]'``, ``apt install g++ mesa-vulkan-drivers libvulkan1``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+import pytest
+import tvm
+
+from tsedge import vulkan
+
+try:
+    DEV = vulkan.device()
+except vulkan.VulkanError as err:
+    pytest.skip(f"no Vulkan backend here: {err}", allow_module_level=True)
+
+from attention_reference import attention, rope_table  # noqa: E402
+
+from tsedge.compile.targets import parse_target  # noqa: E402
+from tsedge.tir_kernels import attention as attn  # noqa: E402
+
+TARGET = parse_target("vulkan")
+
+
+def build(func: tvm.tirx.PrimFunc, name: str = "main"):
+    """``func`` compiled for Vulkan, exported and loaded through the backend (TVM's webgpu module
+    runs only once loaded from a library)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/kernel.so"
+        tvm.compile(tvm.IRModule({name: func}), target=TARGET).export_library(path)
+        return tvm.runtime.load_module(path)[name]
+
+
+def tensor(a: np.ndarray) -> tvm.runtime.Tensor:
+    return tvm.runtime.tensor(a, DEV)
+
+
+def test_backend_copies_and_reports_the_adapter():
+    assert vulkan.describe()
+    for dtype, n in (("float32", 1001), ("float16", 7), ("int32", 1), ("float16", 70001)):
+        a = np.random.default_rng(n).standard_normal(n).astype(dtype)
+        t = tensor(a)
+        np.testing.assert_array_equal(t.numpy(), a)  # unaligned sizes go through word patches
+        c = tvm.runtime.empty((n,), dtype, DEV)
+        c.copyfrom(t)  # device to device
+        np.testing.assert_array_equal(c.numpy(), a)
+
+
+@pytest.mark.parametrize("n", [1000, 65536 * 2 + 1])  # the second folds its grid into blockIdx.z
+def test_dispatch_folds_large_grids_without_an_extra_workgroup(n):
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def scale(a: T.handle, b: T.handle, m: T.int32):
+        T.func_attr({"global_symbol": "scale", "tirx.noalias": True})
+        A = T.match_buffer(a, (m,), "float32")
+        B = T.match_buffer(b, (m + 64,), "float32")
+        for i0 in T.thread_binding((m + 63) // 64, thread="blockIdx.x"):
+            for i1 in T.thread_binding(64, thread="threadIdx.x"):
+                B[i0 * 64 + i1] = A[T.min(i0 * 64 + i1, m - 1)] * T.float32(2)
+
+    blocks = (n + 63) // 64
+    f = build(scale, "scale")
+    a = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    b = tensor(np.full(n + 64, -7, np.float32))
+    f(tensor(a), b, n)
+    out = b.numpy()
+    expected = np.concatenate([a, np.full(blocks * 64 - n, a[-1])]) * 2
+    np.testing.assert_array_equal(out[:blocks * 64], expected)
+    np.testing.assert_array_equal(out[blocks * 64:], -7)  # no workgroup past the grid ran
+
+
+CASES = [
+    # n_heads, n_kv, head_dim, dtype, n (queries), M (attended rows), capacity
+    (9, 3, 64, "float16", 1, 300, 1200),    # SmolLM2 heads, decode
+    (9, 3, 64, "float16", 40, 40, 40),      # prefill from empty: causal only
+    (8, 2, 128, "float32", 7, 513, 900),    # group 4, prefill chunk, M = 2 chunks + 1
+]
+
+
+@pytest.mark.parametrize("n_heads, n_kv, head_dim, dtype, n, m, capacity", CASES)
+def test_attention(n_heads, n_kv, head_dim, dtype, n, m, capacity):
+    layers, layer = 2, 1
+    rng = np.random.default_rng(m + n)
+    kv = rng.standard_normal((layers, 2, n_kv, capacity, head_dim)).astype(dtype)
+    q = rng.standard_normal((n, n_heads, head_dim)).astype(dtype)
+    rows = np.sort(rng.choice(capacity, m, replace=False)).astype(np.int32)
+    inv = 1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim)
+    table = rope_table(inv, m)
+    chunks = attn.num_chunks(m)
+    o = tensor(np.full((n, chunks, n_heads, head_dim), np.nan, np.float32))
+    lse = tensor(np.full((n, chunks, n_heads), np.nan, np.float32))
+    out = tensor(np.full((n, n_heads, head_dim), np.nan, dtype))
+    qkv = np.concatenate([q, rng.standard_normal((n, 2 * n_kv, head_dim)).astype(dtype)], axis=1)
+    build(attn.make_attention_partial(layers, n_heads, n_kv, head_dim, dtype, TARGET))(
+        tensor(qkv), tensor(kv), tensor(table.astype(np.float32)), tensor(rows), layer, o, lse)
+    build(attn.make_attention_merge(n_heads, head_dim, dtype, TARGET))(o, lse, out)
+    expected = attention(q, kv[layer, 0][:, rows], kv[layer, 1][:, rows], table)
+    tol = 2e-3 if dtype == "float16" else 1e-5
+    np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=tol, atol=tol)
