@@ -295,13 +295,17 @@ def from_hf_config(cfg: dict[str, Any], name: str = "custom") -> ModelConfig:
     )
 
 
-POLICIES = ("dense", "tokenselect", "streaming", "tidaldecode")
+POLICIES = ("dense", "tokenselect", "streaming", "tidaldecode", "recycled")
 
 
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
     """Attention policy and its budgets (TokenSelect paper defaults; TidalDecode's ``tidal_*``:
-    arXiv 2410.05076 and DerrickYLJ/TidalDecode's scripts, Llama-3-8B)."""
+    arXiv 2410.05076 and DerrickYLJ/TidalDecode's scripts, Llama-3-8B; Recycled Attention's
+    ``recycle_*``: arXiv 2411.05787, Llama-3.1-8B).
+
+    ``recycle_k`` is fixed when the library is compiled (its state tensors have that shape): the
+    paper's K is 1/8 of the prompt, so the default 256 is that of a 2K prompt."""
 
     name: str = "dense"
     n_init: int = 128
@@ -314,11 +318,15 @@ class PolicyConfig:
     tidal_select_layer: int = 2  # attends densely and selects; earlier layers dense
     tidal_reselect_layers: tuple[int, ...] = (13,)  # attend densely and select again
     tidal_per_kv_head: bool = False  # one set per KV head (max of its group's logits)
+    recycle_k: int = 256  # rows of each layer's and KV head's partial cache
+    recycle_stride: int = 5  # a refresh check (or, fixed, a full step) every this many decode steps
+    recycle_threshold: float = 0.85  # full step when cos(mean query, the last full step's) is below
+    recycle_fixed_stride: bool = False  # full step every recycle_stride steps, no similarity check
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
             raise ValueError(f"unknown policy {self.name!r}; choose one of {', '.join(POLICIES)}")
-        if self.name not in ("dense", "tidaldecode") and self.chunk_size > self.n_local:
+        if self.name not in ("dense", "tidaldecode", "recycled") and self.chunk_size > self.n_local:
             raise ValueError(
                 f"chunk_size={self.chunk_size} > n_local={self.n_local}: a prefill chunk must fit "
                 "in the local window; lower --chunk-size or raise --n-local"
@@ -326,6 +334,20 @@ class PolicyConfig:
         object.__setattr__(self, "tidal_reselect_layers", tuple(self.tidal_reselect_layers))
         if self.name == "tidaldecode":
             self._check_tidal()
+        if self.name == "recycled":
+            self._check_recycled()
+
+    def _check_recycled(self) -> None:
+        """Recycled Attention settings (one line naming the option to fix)."""
+        if self.recycle_k < 1:
+            raise ValueError(f"recycle_k={self.recycle_k}: the partial cache holds at least the "
+                             "current token; set --recycle-k >= 1")
+        if self.recycle_stride < 1:
+            raise ValueError(f"recycle_stride={self.recycle_stride}: set --recycle-stride >= 1 "
+                             "(the paper uses 5 or 10)")
+        if not math.isfinite(self.recycle_threshold):
+            raise ValueError(f"recycle_threshold={self.recycle_threshold}: set --recycle-threshold "
+                             "to a finite cosine (the paper: 0.85 for Llama-3.1-8B)")
 
     def _check_tidal(self) -> None:
         """TidalDecode settings on their own (the model's depth: ``check_layers``)."""
@@ -354,6 +376,8 @@ class PolicyConfig:
         """Tokens attended per step once the context exceeds it (streaming selects no top-k)."""
         if self.name == "tidaldecode":
             return self.tidal_budget
+        if self.name == "recycled":
+            return self.recycle_k
         selected = self.top_k if self.name == "tokenselect" else 0
         return self.n_init + selected + self.n_local
 

@@ -8,6 +8,10 @@ Per layer and step the model calls: fingerprint → **check** → scoring → to
 ``cache_idx[layer]``. Scoring and top-k read ``state[layer, 0]`` and do nothing on a hit, so the
 decision never leaves the device. Like the reference (``torch.cosine_similarity`` against the
 fingerprint stored at the last re-selection), a hit does not update the stored fingerprint.
+
+Recycled Attention (Xu et al., arXiv 2411.05787, "RefreshKV") decides the same way whether a
+decode step may reuse its partial cache, with a stride: the same kernel with ``stride > 0``
+(see ``make_selection_check``).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from .common import i64, is_gpu
 from .tokenselect_scoring import allreduce_sum_f32
 
 _THREADS = 1024
+STRIDE_STATE = 5  # state columns with a stride: the four above, then steps since the last miss
 
 
-def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold: float,
-                         target: Target) -> tirx.PrimFunc:
+def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold: float | None,
+                         target: Target, stride: int = 0) -> tirx.PrimFunc:
     """Decide hit/miss for ``layer`` and update the cache state in place.
 
     Args (in order): qbar[H, d] float32, cache_qbar[num_layers, H, d] float32 (in place),
@@ -34,15 +39,33 @@ def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold
     hit = not force_miss and valid and cos(qbar, cache_qbar[layer]) >= threshold, the cosine
     over the flattened H·d vector (``dot / max(|a| |b|, 1e-8)``). On a miss qbar is stored and
     the layer marked valid; ``hits`` and ``lookups`` count the non-forced checks.
+
+    ``stride > 0`` (Recycled Attention's refresh check): ``state[num_layers, STRIDE_STATE]``,
+    column 4 counting the steps since the layer's last miss; a step ``s`` steps after it compares
+    only when ``s % stride == 0`` and hits otherwise (a valid layer); ``threshold=None`` (the
+    fixed-stride variant) never hits on those steps. A miss resets the count to 0.
+    Raises ValueError for ``stride < 0`` or ``threshold=None`` without a stride.
     """
+    if stride < 0 or (threshold is None and stride == 0):
+        raise ValueError(f"selection check: stride={stride}, threshold={threshold}; a fixed "
+                         "refresh (threshold None) needs stride >= 1")
     gpu = is_gpu(target)
     H, d = i64(n_heads), i64(head_dim)
     size = n_heads * head_dim
+    width = STRIDE_STATE if stride else 4
+    similar_needed = threshold is not None
+
+    def compared_hit(dot, na, nb):
+        """The cosine test (the fixed stride's refresh never passes it)."""
+        if not similar_needed:
+            return False
+        return dot >= T.float32(threshold) * T.max(T.sqrt(na * nb), T.float32(1e-8))
 
     @T.macro
-    def update(qbar, cache_qbar, state, layer, force_miss, dot, na, nb, valid, i0, step, first):
+    def update(qbar, cache_qbar, state, layer, force_miss, dot, na, nb, valid, since, i0, step, first):
+        # since: steps since the last miss, this one included (stride checks only)
         hit: T.let[T.bool] = (force_miss == 0 and valid == 1
-                              and dot >= T.float32(threshold) * T.max(T.sqrt(na * nb), T.float32(1e-8)))
+                              and ((stride > 0 and since % T.max(stride, 1) != 0) or compared_hit(dot, na, nb)))
         if not hit:
             for i in range(T.ceildiv(size - i0, step)):
                 cache_qbar[layer, (i0 + i * step) // d, (i0 + i * step) % d] = qbar[(i0 + i * step) // d, (i0 + i * step) % d]
@@ -51,6 +74,8 @@ def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold
             state[layer, 1] = 1
             state[layer, 2] = state[layer, 2] + T.Cast("int32", hit)
             state[layer, 3] = state[layer, 3] + T.Cast("int32", force_miss == 0)
+            if stride > 0:  # static
+                state[layer, width - 1] = T.if_then_else(hit, since, 0)
 
     @T.prim_func(s_tir=True)
     def selection_check(qbar_h: T.handle, cache_qbar_h: T.handle, state_h: T.handle,
@@ -58,7 +83,7 @@ def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
         qbar = T.match_buffer(qbar_h, (H, d), "float32")
         cache_qbar = T.match_buffer(cache_qbar_h, (i64(num_layers), H, d), "float32")
-        state = T.match_buffer(state_h, (i64(num_layers), 4), "int32")
+        state = T.match_buffer(state_h, (i64(num_layers), width), "int32")
         if gpu:
             for tx in T.thread_binding(i64(_THREADS), thread="threadIdx.x"):
                 with T.sblock("check"):
@@ -70,6 +95,7 @@ def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold
                     aa = T.sblock_alloc_buffer((1,), "float32", scope="local")
                     bb = T.sblock_alloc_buffer((1,), "float32", scope="local")
                     valid: T.let[T.int32] = state[layer, 1]  # read before any thread writes
+                    since: T.let[T.int32] = state[layer, width - 1] + 1
                     p_ab[0] = T.float32(0)
                     p_aa[0] = T.float32(0)
                     p_bb[0] = T.float32(0)
@@ -83,7 +109,7 @@ def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold
                     allreduce_sum_f32(p_aa, aa, tx)
                     allreduce_sum_f32(p_bb, bb, tx)
                     update(qbar, cache_qbar, state, layer, force_miss, ab[0], aa[0], bb[0],
-                           valid, tx, _THREADS, tx == 0)
+                           valid, since, tx, _THREADS, tx == 0)
         else:
             with T.sblock("check"):
                 part = T.sblock_alloc_buffer((3,), "float32")
@@ -94,6 +120,6 @@ def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold
                     part[1] = part[1] + qbar[h, i] * qbar[h, i]
                     part[2] = part[2] + cache_qbar[layer, h, i] * cache_qbar[layer, h, i]
                 update(qbar, cache_qbar, state, layer, force_miss, part[0], part[1], part[2],
-                       state[layer, 1], 0, 1, True)
+                       state[layer, 1], state[layer, width - 1] + 1, 0, 1, True)
 
     return selection_check

@@ -109,6 +109,16 @@ def policy_options(func):
                      help="TidalDecode: layers that attend densely and select again (comma list; none)"),
         click.option("--tidal-per-kv-head", is_flag=True, default=False,
                      help="TidalDecode: one token set per KV head (max of its group's logits), not per query head"),
+        click.option("--recycle-k", type=RecycleK(), default=defaults.recycle_k, show_default=True,
+                     help="Recycled Attention: rows of each layer's partial cache, fixed at compile time "
+                          "(the paper: 1/8 of the prompt)"),
+        click.option("--recycle-stride", type=click.IntRange(min=1), default=defaults.recycle_stride,
+                     show_default=True, help="Recycled Attention: decode steps between refresh checks (paper: 5 or 10)"),
+        click.option("--recycle-threshold", type=FiniteFloatRange(min=-1), default=defaults.recycle_threshold,
+                     show_default=True,
+                     help="Recycled Attention: full step when the mean query's cosine to the last full step's is below"),
+        click.option("--recycle-fixed-stride", is_flag=True, default=False,
+                     help="Recycled Attention: a full step every --recycle-stride steps, no similarity check"),
         click.option("--max-context", type=click.IntRange(min=1), default=None,
                      help="KV cache size in tokens (default: the model's window, at most 8192; "
                           "32768 for selecting policies)"),
@@ -118,6 +128,19 @@ def policy_options(func):
     for option in reversed(options):
         func = option(func)
     return func
+
+
+class RecycleK(click.ParamType):
+    """--recycle-k: a positive token count. The paper's K is a fraction of each prompt; a
+    library's partial caches have a fixed shape, so a fraction is refused in one line."""
+
+    name = "tokens"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) or str(value).strip().isdigit():
+            return click.IntRange(min=1).convert(value, param, ctx)
+        self.fail(f"{value!r}: K is fixed when the library is compiled; give a token count (the paper's "
+                  f"1/8 of the prompt is 256 for a 2K prompt, {PolicyConfig().recycle_k} by default)", param, ctx)
 
 
 def _layer_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -132,7 +155,8 @@ def policy_config(kw: dict[str, Any]) -> PolicyConfig:
     return PolicyConfig(kw["policy"], kw["n_init"], kw["n_local"], kw["select_top_k"],
                         kw["chunk_size"], kw["selection_threshold"], kw["pool_kernel"],
                         kw["tidal_budget"], kw["tidal_select_layer"], kw["tidal_reselect_layers"],
-                        kw["tidal_per_kv_head"])
+                        kw["tidal_per_kv_head"], kw["recycle_k"], kw["recycle_stride"],
+                        kw["recycle_threshold"], kw["recycle_fixed_stride"])
 
 
 # ---- sampling -----------------------------------------------------------------------------------

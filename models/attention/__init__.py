@@ -8,6 +8,7 @@ from ..config import ModelConfig, PolicyConfig
 from tsedge.tir_kernels.tokenselect_scoring import check_shapes
 
 from .dense import DensePolicy
+from .recycled import RecycledPolicy
 from .tidaldecode import TidalDecodePolicy, check_tidaldecode
 from .tokenselect import StreamingPolicy, TokenSelectPolicy
 
@@ -31,5 +32,7 @@ def make_policy(policy: PolicyConfig, cfg: ModelConfig, dtype: str, target: Targ
         return StreamingPolicy(cfg, dtype, target, policy)
     if policy.name == "tidaldecode":
         return TidalDecodePolicy(cfg, dtype, target, policy)
+    if policy.name == "recycled":
+        return RecycledPolicy(cfg, dtype, target, policy)
     raise NotImplementedError(f"policy {policy.name!r} is not compiled yet "
-                              "(available: dense, tokenselect, streaming, tidaldecode)")
+                              "(available: dense, tokenselect, streaming, tidaldecode, recycled)")
