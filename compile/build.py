@@ -94,11 +94,11 @@ def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtyp
     mod, params, state, functions = build_ir(cfg, policy, target, dtype, quantization)
     start = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
-    # CUDA: the static stretches of each function (decode: every kernel between two attention
-    # calls) are captured once as CUDA graphs and replayed (Relax RewriteCUDAGraph)
+    # CUDA: the static stretches of each function (a decode step: all its kernels but the
+    # last cast of the logits) are captured once as CUDA graphs and replayed (RewriteCUDAGraph)
     config = {"relax.backend.use_cuda_graph": target.kind.name == "cuda"}
     with fatbin_build_context(target), tvm.transform.PassContext(config=config, instruments=[_PassReporter(stage)]):
-        executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
+        executable = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, max_context))
         stage("export (host compiler" + (", nvcc)" if target.kind.name == "cuda" else ")"))
         tmp = out.with_suffix(".tmp.so")
         executable.export_library(str(tmp))

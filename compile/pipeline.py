@@ -75,13 +75,51 @@ def schedule_passes(target: Target) -> list:
                                     dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
 
 
-def relax_pipeline(target: Target):
-    """``relax_pipeline`` for ``tvm.compile``: TVM's CUDA pass list with our schedule step."""
+DECODE_FUNCTIONS = ("decode", "decode_select")
+
+
+def graph_decode(max_context: int) -> tvm.transform.Pass:
+    """Mark the decode functions for whole-step CUDA graphs.
+
+    RewriteCUDAGraph captures the kernels whose arguments live at fixed addresses with fixed
+    shapes: by default the weights and the buffers the function allocates itself. A decode step
+    gets every other input (token id, KV cache, RoPE table, device length, policy state) from
+    the runtime, which keeps them at fixed addresses (``tsedge/engine.py``), so ``num_input = 0``
+    declares them fixed too; the GPU decode kernels read the length from the device, so no
+    kernel argument changes from step to step. ``tir_var_upper_bound`` sizes the buffers that
+    scale with the cache's capacity for ``max_context`` tokens, which makes them static.
+    A decode function whose body still uses ``past`` (a policy with per-step shapes) is left to
+    TVM's default capture: fixing ``past`` would capture a new graph at every step.
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphDecode")
+    def _mark(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        for gv, func in list(mod.functions.items()):
+            if (isinstance(func, relax.Function) and gv.name_hint in DECODE_FUNCTIONS
+                    and not _uses_past(func)):
+                mod[gv] = func.with_attr("num_input", 0).with_attr("tir_var_upper_bound", {"capacity": max_context})
+        return mod
+
+    return _mark
+
+
+def _uses_past(func: relax.Function) -> bool:
+    """Whether ``func``'s body uses the symbolic ``past`` its ``past`` parameter defines."""
+    others = [p for p in func.params if p.name != "past"]
+    body_only = relax.Function(others, func.body, func.ret_ty, func.is_pure)
+    return any(v.name == "past" for v in relax.analysis.free_symbolic_vars(body_only))
+
+
+def relax_pipeline(target: Target, max_context: int | None = None):
+    """``relax_pipeline`` for ``tvm.compile``: TVM's CUDA pass list with our schedule step;
+    on CUDA with ``max_context``, decode steps replay as whole CUDA graphs (``graph_decode``)."""
 
     @tvm.transform.module_pass(opt_level=0, name="TsedgePipeline")
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
         # x @ W^T as one matmul kernel (else W^T is materialised on every call)
         accumulate = [fp32_accumulate] if target.kind.name == "cuda" else []
+        if target.kind.name == "cuda" and max_context is not None:
+            accumulate = [graph_decode(max_context)] + accumulate
         fuse = ([fuse_dequantize_matmul()] + accumulate + [relax.transform.FuseTransposeMatmul()]
                 + cuda_passes.legalize_passes(target)[:-1])
         finalize = cuda_passes.finalize_passes(target)

@@ -29,9 +29,15 @@ class Step:
     rope: nn.Tensor
     past: object  # int64 shape variable: tokens cached before this step
     n: object  # tokens in this step
+    length: nn.Tensor  # int32 [1] on the device: past + n (kernels that must not change per step read it)
     state: list  # policy state tensors (e.g. the selection cache), in ``state_specs`` order
     select: bool = False  # the context exceeds the policy's budget: attend to a selection
     rows: nn.Tensor | None = None  # per-step attended rows shared by all layers (dense)
+
+    @property
+    def one_query(self) -> bool:
+        """A decode step (one new token)."""
+        return isinstance(self.n, int) and self.n == 1
 
 
 class Attention(nn.Module):
@@ -113,29 +119,33 @@ class LlamaForCausalLM(nn.Module):
         table = self.model.embed_tokens.weight
         return op.wrap_nested(relax.op.take(table._expr, ids._expr, axis=0, mode="clip"), name="embed")
 
-    def _forward(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past, state, select=False):
+    def _forward(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past, length: nn.Tensor, state,
+                 select=False):
         x = self._embed(ids)
-        step = Step(kv, rope, past, ids.shape[0], list(state), select)
+        step = Step(kv, rope, past, ids.shape[0], length, list(state), select)
         self.policy.begin_step(step)
         for layer_id, layer in enumerate(self.model.layers):
             x = layer(x, layer_id, self.policy, step)
         return self._logits(x), step.kv, tuple(step.state)
 
-    def prefill(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past, state):
-        """One chunk of ``n`` tokens after ``past`` cached ones -> (last logits, kv, state)."""
-        return self._forward(ids, kv, rope, past, state)
+    def prefill(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past, length: nn.Tensor, state):
+        """One chunk of ``n`` tokens after ``past`` cached ones -> (last logits, kv, state).
+        ``length`` int32 [1] on the device holds ``past + n``."""
+        return self._forward(ids, kv, rope, past, length, state)
 
-    def decode(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past, state):
-        """One token after ``past`` cached ones -> (logits, kv, state)."""
-        return self._forward(ids, kv, rope, past, state)
+    def decode(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past, length: nn.Tensor, state):
+        """One token after ``past`` cached ones -> (logits, kv, state). ``length`` int32 [1] on
+        the device holds ``past + 1``; on GPUs no kernel reads ``past``, so every step launches
+        the same kernels with the same arguments (one CUDA graph, ``compile/pipeline.py``)."""
+        return self._forward(ids, kv, rope, past, length, state)
 
-    def prefill_select(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past, state):
+    def prefill_select(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past, length: nn.Tensor, state):
         """``prefill`` for a context over the policy's budget: attend to selected tokens."""
-        return self._forward(ids, kv, rope, past, state, select=True)
+        return self._forward(ids, kv, rope, past, length, state, select=True)
 
-    def decode_select(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past, state):
+    def decode_select(self, ids: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, past, length: nn.Tensor, state):
         """``decode`` for a context over the policy's budget: attend to selected tokens."""
-        return self._forward(ids, kv, rope, past, state, select=True)
+        return self._forward(ids, kv, rope, past, length, state, select=True)
 
     def _logits(self, x: nn.Tensor) -> nn.Tensor:
         last = op.tensor_ir_op(self.last_row_kernel, "last_row", args=[x],
@@ -159,7 +169,8 @@ class LlamaForCausalLM(nn.Module):
         rope = nn.spec.Tensor(["num_pos", cfg.head_dim], "float32")
         state = [nn.spec.Tensor(shape, dtype) for _, shape, dtype in self.policy.state_specs()]
         mode = {"$": {"param_mode": "packed", "effect_mode": "none"}}
-        step = {"kv": kv, "rope": rope, "past": int, "state": state, **mode}
+        length = nn.spec.Tensor([1], "int32")
+        step = {"kv": kv, "rope": rope, "past": int, "length": length, "state": state, **mode}
         functions = {
             "prefill": {"ids": nn.spec.Tensor(["n"], "int32"), **step},
             "decode": {"ids": nn.spec.Tensor([1], "int32"), **step},

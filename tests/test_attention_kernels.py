@@ -33,7 +33,7 @@ def test_kv_append(n, pos):
     out = tensor(kv)
     q = rng.standard_normal((n, 6, 64)).astype(np.float16)  # the fused projection's q heads come first
     build(cache_ops.make_kv_append, NUM_LAYERS, 3, 64, "float16")(
-        out, tensor(np.concatenate([q, k, v], axis=1)), LAYER, pos)
+        out, tensor(np.concatenate([q, k, v], axis=1)), LAYER, tensor(np.array([pos + n], np.int32)))
     expected = kv.copy()
     expected[LAYER, 0, :, pos:pos + n] = k.transpose(1, 0, 2)
     expected[LAYER, 1, :, pos:pos + n] = v.transpose(1, 0, 2)
@@ -117,6 +117,47 @@ def test_decode_attention(n_heads, n_kv, head_dim, dtype, m, capacity):
     expected = attention(q, kv[LAYER, 0][:, rows], kv[LAYER, 1][:, rows], table)
     tol = 2e-3 if dtype == "float16" else 1e-5
     np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("chunks, valid", [(256, 1), (256, 37), (9, 9)])
+def test_merge_reads_only_the_valid_chunks(chunks, valid):
+    """The merge of a dense GPU decode step: the device length says how many chunks hold
+    keys; the others (left unwritten by the kernel: NaN here) are never read."""
+    rng = np.random.default_rng(valid)
+    n_heads, head_dim, length = 4, 64, valid * dec.MIN_KEYS_PER_SPLIT
+    assert dec.decode_splits(length) == valid
+    o = np.full((1, chunks, n_heads, head_dim), np.nan, np.float32)
+    lse = np.full((1, chunks, n_heads), np.nan, np.float32)
+    o[:, :valid] = rng.standard_normal((1, valid, n_heads, head_dim))
+    lse[:, :valid] = rng.standard_normal((1, valid, n_heads)) * 3
+    out = tensor(np.full((1, n_heads, head_dim), np.nan, np.float32))
+    merge = build(attn.make_attention_merge, n_heads, head_dim, "float32", valid_chunks=dec.decode_splits)
+    merge(tensor(o), tensor(lse), tensor(np.array([length], np.int32)), out)
+    w = np.exp2(lse[0, :valid] - lse[0, :valid].max(0))  # [valid, H]
+    want = np.einsum("ch,chd->hd", w, o[0, :valid]) / w.sum(0)[:, None]
+    np.testing.assert_allclose(out.numpy()[0], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(MODE == "llvm", reason="GPU-only kernel (CPU decode runs attention_partial, tested above)")
+@pytest.mark.parametrize("n_heads, n_kv, head_dim, dtype, m, capacity", [
+    (32, 8, 128, "float16", 1, 16), (32, 8, 128, "float16", 97, 200), (9, 3, 64, "float16", 2049, 2100),
+    (32, 8, 128, "float16", 40001, 40003)])
+def test_decode_attention_dense(n_heads, n_kv, head_dim, dtype, m, capacity):
+    """Rows 0 .. length - 1 from a device length, ``MAX_SPLITS`` chunks whatever the length."""
+    rng = np.random.default_rng(m)
+    kv = rng.standard_normal((NUM_LAYERS, 2, n_kv, capacity, head_dim)).astype(dtype)
+    q = rng.standard_normal((1, n_heads, head_dim)).astype(dtype)
+    table = rope_table(inv_freq(head_dim, 5e5), capacity)
+    splits = dec.MAX_SPLITS
+    o = tensor(np.full((1, splits, n_heads, head_dim), np.nan, np.float32))
+    lse = tensor(np.full((1, splits, n_heads), np.nan, np.float32))
+    out = tensor(np.full((1, n_heads, head_dim), np.nan, dtype))
+    length = tensor(np.array([m], np.int32))
+    build(dec.make_decode_attention, NUM_LAYERS, n_heads, n_kv, head_dim, dtype, dense=True)(
+        tensor(q), tensor(kv), tensor(table.astype(np.float32)), length, LAYER, o, lse)
+    build(attn.make_attention_merge, n_heads, head_dim, dtype, valid_chunks=dec.decode_splits)(o, lse, length, out)
+    expected = attention(q, kv[LAYER, 0][:, :m], kv[LAYER, 1][:, :m], table[:m])
+    np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=2e-3, atol=2e-3)
 
 
 CHUNK_CASES = [

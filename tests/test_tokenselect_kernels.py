@@ -27,20 +27,35 @@ def random_kv(rng, n_kv, capacity, head_dim, dtype):
     return rng.standard_normal((NUM_LAYERS, 2, n_kv, capacity, head_dim)).astype(dtype)
 
 
+def length_tensor(length: int) -> tvm.runtime.Tensor:
+    return tensor(np.array([length], np.int32))
+
+
 def run_scoring(qbar, kv, state, length, n_heads, n_init, n_local, pool, dtype):
-    n_kv, head_dim = kv.shape[2], kv.shape[4]
+    """crit of the ``length - n_init - n_local`` candidates; the outputs are sized for the
+    cache's capacity and the entries past the candidates must stay untouched."""
+    n_kv, capacity, head_dim = kv.shape[2], kv.shape[3], kv.shape[4]
     f = build(make_scoring, NUM_LAYERS, n_heads, n_kv, head_dim, n_init, n_local, pool, dtype)
-    c = length - n_init - n_local
-    crit = poisoned((c,))
-    f(tensor(qbar), tensor(kv), tensor(state), LAYER, length, crit, poisoned((n_heads, c)),
+    c, size = length - n_init - n_local, capacity - n_init - n_local
+    crit = poisoned((size,))
+    f(tensor(qbar), tensor(kv), tensor(state), LAYER, length_tensor(length), crit, poisoned((n_heads, size)),
       poisoned((n_heads, SCORE_BLOCKS + 1, 2)))
-    return crit.numpy()
+    if MODE != "cuda-build":
+        assert np.isnan(crit.numpy()[c:]).all()
+    return crit.numpy()[:c]
+
+
+TOPK_N_LOCAL = 5
 
 
 def run_topk(crit, k, n_init, state, cache_idx):
-    f = build(make_topk, NUM_LAYERS, k, n_init)
+    """Top-k of ``crit`` given in a longer buffer whose tail (past the length's candidates) holds
+    larger values that must not be taken."""
+    f = build(make_topk, NUM_LAYERS, k, n_init, n_local=TOPK_N_LOCAL)
     idx = tensor(cache_idx)
-    f(tensor(crit.astype(np.float32)), tensor(state), idx, LAYER, poisoned((WORKSPACE_SIZE,), "int32"))
+    padded = np.concatenate([crit, np.full(7, 1e30)]).astype(np.float32)
+    f(tensor(padded), tensor(state), idx, LAYER, length_tensor(len(crit) + n_init + TOPK_N_LOCAL),
+      poisoned((WORKSPACE_SIZE,), "int32"))
     return idx.numpy()
 
 
@@ -219,9 +234,9 @@ def test_select_rows_matches_numpy(n_init, top_k, n_local, length):
     kernel = build(make_select_rows, num_layers, n_init, top_k, n_local)
     rows = tensor(np.full(n_init + top_k + n_local, -7, np.int32))
     if top_k:
-        kernel(tensor(cache_idx), layer, length, rows)
+        kernel(tensor(cache_idx), layer, length_tensor(length), rows)
     else:
-        kernel(length, rows)
+        kernel(length_tensor(length), rows)
     want = np.concatenate([np.arange(n_init), cache_idx[layer, :top_k],
                            np.arange(length - n_local, length)])
     np.testing.assert_array_equal(rows.numpy(), want)

@@ -16,6 +16,7 @@ normalised partial output and its log2-sum-exp, and ``attention_merge`` combines
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from tvm import tirx
 from tvm.script import tirx as T
@@ -339,10 +340,13 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_s
     return attention_partial.with_attr("global_symbol", "attention_partial_sets") if per_set else attention_partial
 
 
-def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target) -> tirx.PrimFunc:
+def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target,
+                         valid_chunks: Callable[[tirx.PrimExpr], tirx.PrimExpr] | None = None) -> tirx.PrimFunc:
     """Combine chunk partials. Args: o[n, S, H, d] f32, lse[n, S, H] f32; output out[n, H, d].
 
     A chunk with ``lse = NEG_INF`` (no visible key) has no weight; at least one must have keys.
+    ``valid_chunks``: the merge takes length[1] int32 (a device tensor) after ``lse`` and combines
+    only the first ``valid_chunks(length[0])`` chunks (``decode_attention`` built ``dense``).
     On GPUs one block per (query, head): ``MERGE_GROUPS`` groups of ``head_dim / 4`` threads walk
     every ``MERGE_GROUPS``-th chunk with a running max (16-byte loads), then combine the groups.
     """
@@ -351,13 +355,8 @@ def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target
     H, D = i64(n_heads), i64(head_dim)
     gpu = is_gpu(target)
 
-    @T.prim_func(s_tir=True)
-    def attention_merge(o_h: T.handle, lse_h: T.handle, out_h: T.handle):
-        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        n, s = T.int64(), T.int64()
-        o = T.match_buffer(o_h, (n, s, H, D), "float32")
-        lse = T.match_buffer(lse_h, (n, s, H), "float32")
-        out = T.match_buffer(out_h, (n, H, D), dtype)
+    @T.macro
+    def merge(o, lse, out, n, s, size):  # merges chunks [0, s) of the size chunks
         if gpu:  # MERGE_GROUPS groups of threads walk the chunks (online), then combine
             for bx in T.thread_binding(n * H, thread="blockIdx.x"):
                 for ty in T.thread_binding(i64(MERGE_GROUPS), thread="threadIdx.y"):
@@ -412,7 +411,7 @@ def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target
                 with T.sblock("merge"):
                     T.reads()
                     T.writes()
-                    w = T.sblock_alloc_buffer((s,), "float32")
+                    w = T.sblock_alloc_buffer((size,), "float32")
                     acc = T.sblock_alloc_buffer((D,), "float32")
                     stat = T.sblock_alloc_buffer((2,), "float32")
                     _merge_stats(lse, bx // H, bx % H, s, stat)
@@ -425,6 +424,29 @@ def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target
                             acc[dd] = acc[dd] + w[c] * o[bx // H, c, bx % H, dd]
                     for dd in T.vectorized(D):
                         out[bx // H, bx % H, dd] = T.Cast(dtype, acc[dd] / stat[1])
+
+    if valid_chunks is not None:
+
+        @T.prim_func(s_tir=True)
+        def attention_merge_length(o_h: T.handle, lse_h: T.handle, length_h: T.handle, out_h: T.handle):
+            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+            n, s = T.int64(), T.int64()
+            o = T.match_buffer(o_h, (n, s, H, D), "float32")
+            lse = T.match_buffer(lse_h, (n, s, H), "float32")
+            length = T.match_buffer(length_h, (T.int64(1),), "int32")
+            out = T.match_buffer(out_h, (n, H, D), dtype)
+            merge(o, lse, out, n, T.min(valid_chunks(T.Cast("int64", length[0])), s), s)
+
+        return attention_merge_length
+
+    @T.prim_func(s_tir=True)
+    def attention_merge(o_h: T.handle, lse_h: T.handle, out_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        n, s = T.int64(), T.int64()
+        o = T.match_buffer(o_h, (n, s, H, D), "float32")
+        lse = T.match_buffer(lse_h, (n, s, H), "float32")
+        out = T.match_buffer(out_h, (n, H, D), dtype)
+        merge(o, lse, out, n, s, s)
 
     return attention_merge
 

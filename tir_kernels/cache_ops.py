@@ -15,18 +15,22 @@ def make_kv_append(num_layers: int, n_kv: int, head_dim: int, dtype: str, target
     """``kv[layer, 0|1, :, pos + i, :] = k|v[i]`` for the step's ``n`` new tokens, in place.
 
     Args (in order): kv, new[n, heads, d] whose last ``2 n_kv`` heads are k then v (the fused QKV
-    projection's output as it is, or k and v alone), layer (int64), pos (int64).
+    projection's output as it is, or k and v alone), layer (int64), length[1] int32 (tokens
+    cached after this step, so ``pos = length[0] - n``: a device tensor, which keeps a decode
+    step's kernel arguments the same from step to step, as a CUDA graph needs).
     """
     gpu = is_gpu(target)
     num_layers, n_kv, head_dim = i64(num_layers), i64(n_kv), i64(head_dim)
 
     @T.prim_func(s_tir=True)
-    def kv_append(kv_h: T.handle, new_h: T.handle, layer: T.int64, pos: T.int64):
+    def kv_append(kv_h: T.handle, new_h: T.handle, layer: T.int64, length_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
         cap, n, heads = T.int64(), T.int64(), T.int64()
         kv = T.match_buffer(kv_h, (num_layers, T.int64(2), n_kv, cap, head_dim), dtype)
         new = T.match_buffer(new_h, (n, heads, head_dim), dtype)
+        length = T.match_buffer(length_h, (T.int64(1),), "int32")
         k0: T.let[T.int64] = heads - 2 * n_kv  # first key head
+        pos: T.let[T.int64] = T.Cast("int64", length[0]) - n
         if gpu:
             total: T.let[T.int64] = n * n_kv * head_dim
             for bx in T.thread_binding(T.ceildiv(total, _THREADS), thread="blockIdx.x"):

@@ -48,7 +48,7 @@ def decode_splits(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
 
 def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
                           target: Target, tile_keys: int | None = None, stages: int = STAGES,
-                          row_sets: int = 0, logit_sets: int = 0) -> tirx.PrimFunc:
+                          row_sets: int = 0, logit_sets: int = 0, dense: bool = False) -> tirx.PrimFunc:
     """Args: q[1, >= H, d] (the first H heads are the query's), kv[layers, 2, Hkv, cap, d],
     rope[P, d] f32, rows[M] int32, layer (int64).
 
@@ -63,6 +63,13 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
     lists ``rows[row_sets, M]`` at true positions (the slots then own row sets, each set's keys
     and RoPE rows gathered into the tiles), or the extra output logits[logit_sets, M] float32
     (``q.k / sqrt(d) * log2(e)``, per KV head the group's max). Both 0: the kernel is unchanged.
+
+    ``dense``: the rows are ``0 .. length[0] - 1`` at their true positions, and the argument after
+    ``rope`` is length[1] int32 (a device tensor) instead of ``rows``; the grid and the outputs
+    then have ``S = MAX_SPLITS`` chunks whatever the length (the chunks past
+    ``decode_splits(length)`` write nothing; ``attention_merge`` built with ``dense`` skips
+    them), so a decode step's kernels keep their arguments and grids from step to step and the
+    step replays as one CUDA graph.
     """
     if not is_gpu(target):
         raise ValueError(f"decode attention is a GPU kernel; {target.kind.name} uses attention_partial")
@@ -111,6 +118,8 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
         return h * group // kv_group if per_set else h
 
     def row_of(rows, h, j):
+        if dense:
+            return j
         return rows[h, j] if per_set else rows[j]
 
     def rope_of(rows, h, j):  # the RoPE row of list entry j: its true position, or j
@@ -164,8 +173,8 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                         logits[kvh, jt + kk * PH + lane] = mx[0]
 
     @T.macro
-    def body(q, kv, rope, rows, layer, o, lse, logits, kv_flat, rope_flat, m_keys, cap):
-        for bx in T.thread_binding(decode_splits(m_keys), thread="blockIdx.x"):
+    def body(q, kv, rope, rows, layer, o, lse, logits, kv_flat, rope_flat, m_keys, cap, grid):
+        for bx in T.thread_binding(grid, thread="blockIdx.x"):
             for ty in T.thread_binding(i64(slots), thread="threadIdx.y"):
                 for tx in T.thread_binding(i64(td), thread="threadIdx.x"):
                     with T.sblock("attn"):
@@ -270,7 +279,7 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                                     r_sh[((kvh * (PH - 1) + lane - 1) * G + g) * (D + 2) + D] = m_run[g]
                                     r_sh[((kvh * (PH - 1) + lane - 1) * G + g) * (D + 2) + D + 1] = d_run[g]
                         T.tvm_storage_sync("shared")
-                        if lane == 0:  # merge the slots of this KV head
+                        if lane == 0 and bx < decode_splits(m_keys):  # merge the slots of this KV head
                             for g in T.unroll(G):
                                 merged[0] = m_run[g]
                                 for w in T.serial(PH - 1):
@@ -307,9 +316,29 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
             logits = T.match_buffer(logits_h, (i64(max(logit_sets, 1)), m_keys), "float32")
             kv_flat = T.decl_buffer((num_layers * 2 * PHYS * cap * D,), dtype, data=kv.data)
             rope_flat = T.decl_buffer((num_pos * D,), "float32", data=rope.data)
-            body(q, kv, rope, rows, layer, o, lse, logits, kv_flat, rope_flat, m_keys, cap)
+            body(q, kv, rope, rows, layer, o, lse, logits, kv_flat, rope_flat, m_keys, cap, decode_splits(m_keys))
 
         return attention_decode_logits
+
+    if dense:
+
+        @T.prim_func(s_tir=True)
+        def attention_decode_dense(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, length_h: T.handle,
+                                   layer: T.int64, o_h: T.handle, lse_h: T.handle):
+            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+            n, cap, num_pos, heads = T.int64(), T.int64(), T.int64(), T.int64()
+            q = T.match_buffer(q_h, (n, heads, D), dtype)
+            kv = T.match_buffer(kv_h, (num_layers, T.int64(2), PHYS, cap, D), dtype)
+            rope = T.match_buffer(rope_h, (num_pos, D), "float32")
+            length = T.match_buffer(length_h, (T.int64(1),), "int32")
+            o = T.match_buffer(o_h, (n, i64(MAX_SPLITS), H, D), "float32")
+            lse = T.match_buffer(lse_h, (n, i64(MAX_SPLITS), H), "float32")
+            kv_flat = T.decl_buffer((num_layers * 2 * PHYS * cap * D,), dtype, data=kv.data)
+            rope_flat = T.decl_buffer((num_pos * D,), "float32", data=rope.data)
+            body(q, kv, rope, None, layer, o, lse, None, kv_flat, rope_flat, T.Cast("int64", length[0]), cap,
+                 i64(MAX_SPLITS))
+
+        return attention_decode_dense
 
     @T.prim_func(s_tir=True)
     def attention_decode(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
@@ -324,6 +353,6 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
         lse = T.match_buffer(lse_h, (n, decode_splits(m_keys), H), "float32")
         kv_flat = T.decl_buffer((num_layers * 2 * PHYS * cap * D,), dtype, data=kv.data)
         rope_flat = T.decl_buffer((num_pos * D,), "float32", data=rope.data)
-        body(q, kv, rope, rows, layer, o, lse, None, kv_flat, rope_flat, m_keys, cap)
+        body(q, kv, rope, rows, layer, o, lse, None, kv_flat, rope_flat, m_keys, cap, decode_splits(m_keys))
 
     return attention_decode.with_attr("global_symbol", "attention_decode_sets") if per_set else attention_decode

@@ -21,8 +21,9 @@ def make_select_rows(num_layers: int, n_init: int, top_k: int, n_local: int,
                      target: Target) -> tirx.PrimFunc:
     """The row list of one layer and step (``L`` = context length after the step's append).
 
-    ``top_k > 0`` (TokenSelect): args cache_idx[num_layers, top_k] int32, layer (int64), L (int64).
-    ``top_k == 0`` (StreamingLLM: sinks and window only): args L (int64).
+    ``top_k > 0`` (TokenSelect): args cache_idx[num_layers, top_k] int32, layer (int64),
+    length[1] int32 (a device tensor holding ``L``).
+    ``top_k == 0`` (StreamingLLM: sinks and window only): args length[1] int32.
     Output: rows[M] int32.
     """
     gpu = is_gpu(target)
@@ -51,18 +52,20 @@ def make_select_rows(num_layers: int, n_init: int, top_k: int, n_local: int,
     if top_k == 0:
 
         @T.prim_func(s_tir=True)
-        def window_rows(L: T.int64, rows_h: T.handle):
+        def window_rows(length_h: T.handle, rows_h: T.handle):
             T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+            length = T.match_buffer(length_h, (T.int64(1),), "int32")
             rows = T.match_buffer(rows_h, (size,), "int32")
-            build(rows, None, None, L)
+            build(rows, None, None, T.Cast("int64", length[0]))
 
         return window_rows
 
     @T.prim_func(s_tir=True)
-    def select_rows(cache_idx_h: T.handle, layer: T.int64, L: T.int64, rows_h: T.handle):
+    def select_rows(cache_idx_h: T.handle, layer: T.int64, length_h: T.handle, rows_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
         cache_idx = T.match_buffer(cache_idx_h, (i64(num_layers), i64(top_k)), "int32")
+        length = T.match_buffer(length_h, (T.int64(1),), "int32")
         rows = T.match_buffer(rows_h, (size,), "int32")
-        build(rows, cache_idx, layer, L)
+        build(rows, cache_idx, layer, T.Cast("int64", length[0]))
 
     return select_rows

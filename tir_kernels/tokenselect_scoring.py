@@ -128,9 +128,11 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
 
     Args (in order): qbar[H, d] float32, kv[num_layers, 2, n_kv, capacity, d] ``dtype``,
     state[num_layers, 4] int32 (selection cache; nothing is computed when ``state[layer, 0]`` is 1,
-    a hit), layer (int64), L (int64, context length after this step's KV append).
-    Outputs (fresh): crit[C] float32 with C = L - n_init - n_local >= 1, candidates
-    ``t`` ↔ positions ``n_init + t``; workspaces scores[H, C] float32 and
+    a hit), layer (int64), length[1] int32 (a device tensor: ``L``, the context length after
+    this step's KV append). Outputs (fresh), sized for the cache's capacity (``S = capacity -
+    n_init - n_local``) so that a decode step's shapes do not change with ``L``: crit[S] float32
+    whose first ``C = L - n_init - n_local >= 1`` entries are the candidates, candidates
+    ``t`` ↔ positions ``n_init + t``; workspaces scores[H, S] float32 and
     partials[H, SCORE_BLOCKS + 1, 2] float32 (per-chunk softmax max/sum, then the merged max and
     1/sum in slot SCORE_BLOCKS).
 
@@ -185,17 +187,18 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
                 crit[t] = T.if_then_else(t < C + 2 * pad - p + 1, best[0], T.float32("-inf"))
 
     @T.prim_func(s_tir=True)
-    def scoring(qbar_h: T.handle, kv_h: T.handle, state_h: T.handle, layer: T.int64, L: T.int64,
+    def scoring(qbar_h: T.handle, kv_h: T.handle, state_h: T.handle, layer: T.int64, length_h: T.handle,
                 crit_h: T.handle, scores_h: T.handle, partials_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
         cap = T.int64()
         qbar = T.match_buffer(qbar_h, (H, d), "float32")
         kv = T.match_buffer(kv_h, (i64(num_layers), 2, i64(n_kv_heads), cap, d), dtype)
         state = T.match_buffer(state_h, (i64(num_layers), 4), "int32")
-        crit = T.match_buffer(crit_h, (L - offset,), "float32")
-        scores = T.match_buffer(scores_h, (H, L - offset), "float32")
+        crit = T.match_buffer(crit_h, (cap - offset,), "float32")
+        scores = T.match_buffer(scores_h, (H, cap - offset), "float32")
         partials = T.match_buffer(partials_h, (H, NB + 1, 2), "float32")
-        C: T.let[T.int64] = L - offset
+        length = T.match_buffer(length_h, (T.int64(1),), "int32")
+        C: T.let[T.int64] = T.Cast("int64", length[0]) - offset
         chunk: T.let[T.int64] = T.ceildiv(C, NB)
         if gpu:
             # pass 1: block (b, g) scores tokens [b*chunk, (b+1)*chunk) of KV head g for the query
@@ -267,12 +270,12 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
                                 partials[h, NB, 0] = mx[0]
                                 partials[h, NB, 1] = T.float32(1) / total[0]
             # pass 3: one block per tile of tokens; the tile and its halo are voted into smem
-            for b in T.thread_binding(T.ceildiv(C, tile), thread="blockIdx.x"):
+            for b in T.thread_binding(T.ceildiv(cap - offset, tile), thread="blockIdx.x"):
                 for tx in T.thread_binding(tile, thread="threadIdx.x"):
                     with T.sblock("vote"):
                         raw = T.sblock_alloc_buffer((width,), "float32", scope="shared")
                         acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        if state[layer, 0] == 0:
+                        if state[layer, 0] == 0 and b * tile < C:
                             for it in range(T.ceildiv(width, tile)):
                                 w: T.let[T.int64] = it * tile + tx
                                 if w < width:

@@ -107,12 +107,15 @@ def _select_cpu(crit, ws, out, row, C, kk, off, cb, wb, active):
                 taken[1] = taken[1] + 1
 
 
-def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: int = 0) -> tirx.PrimFunc:
+def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: int = 0,
+              n_local: int = 0) -> tirx.PrimFunc:
     """``cache_idx[layer] = sorted(n_init + top-k positions of crit)`` unless the cache hit.
 
-    Args (in order): crit[C] float32 (C >= top_k), state[num_layers, 4] int32 (nothing happens
-    when ``state[layer, 0]`` is 1), cache_idx[num_layers, top_k] int32 (updated in place),
-    layer (int64). Output (fresh): workspace[WORKSPACE_SIZE] int32.
+    Args (in order): crit[S] float32 (its first ``C = length[0] - n_init - n_local`` entries are
+    the candidates, ``top_k <= C <= S``), state[num_layers, 4] int32 (nothing happens when
+    ``state[layer, 0]`` is 1), cache_idx[num_layers, top_k] int32 (updated in place), layer
+    (int64), length[1] int32 (a device tensor: the context length after the step's KV append).
+    Output (fresh): workspace[WORKSPACE_SIZE] int32.
     Relax: ``call_tir_inplace`` with inplace_indices ``[2, -1]`` (cache_idx, workspace).
 
     ``heads > 0`` (TidalDecode, CPU): a batch of independent selections, ``num_layers`` and
@@ -197,10 +200,12 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: i
 
     @T.prim_func(s_tir=True)
     def topk(crit_h: T.handle, state_h: T.handle, cache_idx_h: T.handle, layer: T.int64,
-             ws_h: T.handle):
+             length_h: T.handle, ws_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        C = T.int64()
-        crit = T.match_buffer(crit_h, (C,), "float32")
+        size = T.int64()
+        crit = T.match_buffer(crit_h, (size,), "float32")
+        length = T.match_buffer(length_h, (T.int64(1),), "int32")
+        C: T.let[T.int64] = T.min(T.Cast("int64", length[0]) - n_init - n_local, size)
         state = T.match_buffer(state_h, (i64(num_layers), 4), "int32")
         cache_idx = T.match_buffer(cache_idx_h, (i64(num_layers), i64(k)), "int32")
         ws = T.match_buffer(ws_h, (i64(WORKSPACE_SIZE),), "int32")

@@ -66,6 +66,8 @@ def _device(target: str) -> tvm.runtime.Device:
             raise LibraryError(f"library is built for {target} but no CUDA GPU is visible; "
                                "compile with --target llvm for this machine")
         return dev
+    if target == "vulkan":
+        return _vulkan().device()
     return tvm.cpu(0)
 
 
@@ -87,7 +89,20 @@ def load_library(lib: str | Path) -> tuple[LibraryMeta, tvm.runtime.Module]:
     meta = LibraryMeta.load(lib.with_suffix(".json"))
     if meta.target.startswith("cuda"):
         load_cuda_runtime()
+    if meta.target == "vulkan":
+        _vulkan().load()
     return meta, tvm.runtime.load_module(str(lib))
+
+
+def _vulkan():
+    """``tsedge.vulkan``; its VulkanError (no wgpu, compiler or driver) as a LibraryError."""
+    from tsedge import vulkan
+
+    try:
+        vulkan.load()
+    except vulkan.VulkanError as err:
+        raise LibraryError(f"library is built for vulkan, but {err}") from None
+    return vulkan
 
 
 def load_cuda_runtime() -> None:
@@ -134,6 +149,10 @@ class Engine:
                                        f"{self.meta.max_context}; recompile with --max-context")
         self.cache = KVCache(self.meta, capacity, self.device)
         self.rope = self.vm["rope_table"](tvm.runtime.ShapeTuple([capacity]), self.params)
+        # device tensors the library reads at fixed addresses (a decode step replays as one
+        # CUDA graph that captured them): the context length after a step, a decode step's token
+        self.length = tvm.runtime.empty((1,), "int32", self.device)
+        self.token = tvm.runtime.empty((1,), "int32", self.device)
 
     def _load_params(self, source: ModelSource, on_load: LoadProgress) -> list[tvm.runtime.Tensor]:
         """Each library parameter from its source tensors (streamed once; fused projections wait
@@ -211,11 +230,15 @@ class Engine:
         past = len(self.cache)
         if f"{func}_select" in self.meta.functions and past + len(ids) > self.meta.policy.budget:
             func = f"{func}_select"
-        ids_t = tvm.runtime.tensor(np.asarray(ids, dtype="int32"), self.device)
-        logits, self.cache.tensor, state = self.vm[func](
-            ids_t, self.cache.tensor, self.rope, tvm.runtime.ShapeTuple([past]), self.cache.state,
-            self.params)
-        self.cache.state = list(state)
+        ids_np = np.asarray(ids, dtype="int32")
+        if len(ids) == 1:
+            ids_t = self.token.copyfrom(ids_np)
+        else:
+            ids_t = tvm.runtime.tensor(ids_np, self.device)
+        self.length.copyfrom(np.array([past + len(ids)], dtype="int32"))
+        logits, self.cache.tensor, _ = self.vm[func](
+            ids_t, self.cache.tensor, self.rope, tvm.runtime.ShapeTuple([past]), self.length,
+            self.cache.state, self.params)
         self.cache.tokens.extend(ids)
         return logits
 

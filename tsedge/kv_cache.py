@@ -31,9 +31,13 @@ class KVCache:
         self.tokens: list[int] = []
 
     def reset_state(self) -> None:
-        """Zero the policy state (e.g. the selection cache): it describes the dropped tokens."""
-        self.state = [tvm.runtime.tensor(np.zeros(shape, dtype), self.device)
-                      for _, shape, dtype in self.state_specs]
+        """Zero the policy state (e.g. the selection cache): it describes the dropped tokens.
+        In place: the library updates these tensors in place, and a CUDA graph of a decode step
+        holds their addresses."""
+        if not self.state:
+            self.state = [tvm.runtime.empty(shape, dtype, self.device) for _, shape, dtype in self.state_specs]
+        for tensor, (_, shape, dtype) in zip(self.state, self.state_specs):
+            tensor.copyfrom(np.zeros(shape, dtype))
 
     def __len__(self) -> int:
         return len(self.tokens)

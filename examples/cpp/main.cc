@@ -125,8 +125,10 @@ class Runner {
     auto n = static_cast<int64_t>(ids.size());
     if (meta_.HasFunction(func + "_select") && past_ + n > meta_.budget) func += "_select";
     ffi::Tensor ids_t = tsedge::NewTensor({n}, {kDLInt, 32, 1}, device_, ids.data());
-    auto out =
-        Function(func)(ids_t, kv_, rope_, ffi::Shape({past_}), state_, params_).cast<ffi::Array<ffi::Any>>();
+    const int32_t length = static_cast<int32_t>(past_ + n);  // the context after this call
+    ffi::Tensor length_t = tsedge::NewTensor({1}, {kDLInt, 32, 1}, device_, &length);
+    auto out = Function(func)(ids_t, kv_, rope_, ffi::Shape({past_}), length_t, state_, params_)
+                   .cast<ffi::Array<ffi::Any>>();
     if (out.size() != 3)
       throw UserError(func + " returned " + std::to_string(out.size()) +
                       " values, not 3; recompile the library");

@@ -7,7 +7,7 @@ from tvm.relax.frontend.nn import op
 from tvm.target import Target
 
 from tsedge.tir_kernels import attention, cache_ops, chunk_attention, decode_attention
-from tsedge.tir_kernels.common import i64, is_gpu
+from tsedge.tir_kernels.common import has_warp_shuffle, i64
 
 from ..config import ModelConfig
 
@@ -28,7 +28,13 @@ class DensePolicy:
         self.iota = cache_ops.make_iota(target)
         self.partial = attention.make_attention_partial(n_layers, h, hkv, d, dtype, target)
         self.merge = attention.make_attention_merge(h, d, dtype, target)
-        self.decode = decode_attention.make_decode_attention(n_layers, h, hkv, d, dtype, target) if is_gpu(target) else None
+        gpu = has_warp_shuffle(target)  # CUDA; Vulkan (WGSL) decodes with attention_partial
+        self.decode = decode_attention.make_decode_attention(n_layers, h, hkv, d, dtype, target) if gpu else None
+        # GPU decode over rows 0 .. length - 1 read from the device (static grid: one CUDA graph)
+        self.decode_dense = (decode_attention.make_decode_attention(n_layers, h, hkv, d, dtype, target, dense=True)
+                             if gpu else None)
+        self.merge_dense = (attention.make_attention_merge(h, d, dtype, target, decode_attention.decode_splits)
+                            if gpu else None)
         self.chunk = (chunk_attention.make_chunk_attention(n_layers, h, hkv, d, dtype, target)
                       if chunk_attention.supported(dtype, d, target) else None)
 
@@ -39,15 +45,19 @@ class DensePolicy:
         return []
 
     def begin_step(self, step) -> None:
-        """Per-forward work shared by all layers: the attended rows ``0 .. past + n - 1``."""
+        """Per-forward work shared by all layers: the attended rows ``0 .. past + n - 1`` (none
+        for a GPU decode step: its kernel takes them from the device length)."""
+        step.rows = None if step.one_query and self.decode_dense is not None else self.dense_rows(step)
+
+    def dense_rows(self, step) -> nn.Tensor:
+        """The rows ``0 .. past + n - 1`` (int32)."""
         total = step.past + step.n
-        step.rows = op.tensor_ir_op(self.iota, "iota", args=[total],
-                                    out=nn.Tensor.placeholder([total], "int32"))
+        return op.tensor_ir_op(self.iota, "iota", args=[total], out=nn.Tensor.placeholder([total], "int32"))
 
     def append(self, layer_id: int, qkv: nn.Tensor, step) -> None:
         """Write the step's K (no RoPE) and V (the last 2 Hkv heads of ``qkv``) into the cache."""
         step.kv = op.tensor_ir_inplace_op(
-            self.kv_append, "kv_append", args=[step.kv, qkv, i64(layer_id), step.past],
+            self.kv_append, "kv_append", args=[step.kv, qkv, i64(layer_id), step.length],
             inplace_indices=[0], out=nn.Tensor.placeholder(step.kv.shape, step.kv.dtype))
 
     def attend_rows(self, layer_id: int, q: nn.Tensor, kv: nn.Tensor, rope: nn.Tensor, rows: nn.Tensor):
@@ -71,4 +81,16 @@ class DensePolicy:
     def attend(self, layer_id: int, qkv: nn.Tensor, step) -> nn.Tensor:
         """``qkv[n, H + 2 Hkv, d]``: the step's query, key and value heads -> attention [n, H, d]."""
         self.append(layer_id, qkv, step)
+        if step.rows is None:
+            return self.attend_decode_dense(layer_id, qkv, step)
         return self.attend_rows(layer_id, qkv, step.kv, step.rope, step.rows)
+
+    def attend_decode_dense(self, layer_id: int, q: nn.Tensor, step) -> nn.Tensor:
+        """A GPU decode step's attention over every cached row (true positions), with fixed
+        grids and shapes: ``MAX_SPLITS`` chunks, of which the merge reads the used ones."""
+        h, d, s = self.cfg.num_heads, self.cfg.head_dim, decode_attention.MAX_SPLITS
+        o, lse = op.tensor_ir_op(
+            self.decode_dense, "attention_decode_dense", args=[q, step.kv, step.rope, step.length, i64(layer_id)],
+            out=[nn.Tensor.placeholder([1, s, h, d], "float32"), nn.Tensor.placeholder([1, s, h], "float32")])
+        return op.tensor_ir_op(self.merge_dense, "attention_merge_length", args=[o, lse, step.length],
+                               out=nn.Tensor.placeholder([1, h, d], self.dtype))

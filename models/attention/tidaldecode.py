@@ -50,6 +50,13 @@ class TidalDecodePolicy(DensePolicy):
         self.sparse = make(nl, h, hkv, d, dtype, target, row_sets=self.sets)
         self.topk = make_topk(nl, policy.tidal_budget, 0, target, heads=self.sets)
 
+    def begin_step(self, step) -> None:
+        """Beyond the budget, the dense rows, which the selection layers' logits kernel reads."""
+        if step.select:
+            step.rows = self.dense_rows(step)
+        else:
+            super().begin_step(step)
+
     def attend(self, layer_id: int, qkv: nn.Tensor, step) -> nn.Tensor:
         sparse_step = step.select and isinstance(step.n, int) and step.n == 1  # prefill: dense
         if not sparse_step or layer_id < self.policy.tidal_select_layer:

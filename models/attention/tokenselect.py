@@ -47,7 +47,7 @@ class TokenSelectPolicy(DensePolicy):
         self.fingerprint = make_fingerprint(h, d, p.n_local, dtype, target)
         self.check = make_selection_check(nl, h, d, p.selection_threshold, target)
         self.scoring = make_scoring(nl, h, hkv, d, p.n_init, p.n_local, p.pool_kernel, dtype, target)
-        self.topk = make_topk(nl, p.top_k, p.n_init, target)
+        self.topk = make_topk(nl, p.top_k, p.n_init, target, n_local=p.n_local)
         self.select_rows = make_select_rows(nl, p.n_init, p.top_k, p.n_local, target)
 
     def state_specs(self) -> list[tuple[str, list[int], str]]:
@@ -70,25 +70,25 @@ class TokenSelectPolicy(DensePolicy):
     def select(self, layer_id: int, q: nn.Tensor, step) -> nn.Tensor:
         """Update the layer's selection (in ``step.state``) and return its attended rows."""
         cache_qbar, cache_idx, sel_state = step.state
-        layer, length = i64(layer_id), step.past + step.n
+        layer = i64(layer_id)
         h, d = self.cfg.num_heads, self.cfg.head_dim
-        force_miss = i64(0 if isinstance(step.n, int) and step.n == 1 else 1)  # decode: 1 token
+        force_miss = i64(0 if step.one_query else 1)  # decode: 1 token
         qbar = op.tensor_ir_op(self.fingerprint, "fingerprint", args=[q, step.rope],
                                out=nn.Tensor.placeholder([h, d], "float32"))
         cache_qbar, sel_state = op.tensor_ir_inplace_op(
             self.check, "selection_check", args=[qbar, cache_qbar, sel_state, layer, force_miss],
             inplace_indices=[1, 2], out=[_like(cache_qbar), _like(sel_state)])
-        candidates = length - self.policy.n_init - self.policy.n_local
+        candidates = step.kv.shape[3] - self.policy.n_init - self.policy.n_local  # sized for the capacity
         crit, _, _ = op.tensor_ir_op(
-            self.scoring, "tokenselect_scoring", args=[qbar, step.kv, sel_state, layer, length],
+            self.scoring, "tokenselect_scoring", args=[qbar, step.kv, sel_state, layer, step.length],
             out=[nn.Tensor.placeholder([candidates], "float32"),
                  nn.Tensor.placeholder([h, candidates], "float32"),
                  nn.Tensor.placeholder([h, SCORE_BLOCKS + 1, 2], "float32")])
         cache_idx, _ = op.tensor_ir_inplace_op(
-            self.topk, "topk", args=[crit, sel_state, cache_idx, layer], inplace_indices=[2, -1],
+            self.topk, "topk", args=[crit, sel_state, cache_idx, layer, step.length], inplace_indices=[2, -1],
             out=[_like(cache_idx), nn.Tensor.placeholder([WORKSPACE_SIZE], "int32")])
         step.state = [cache_qbar, cache_idx, sel_state]
-        return op.tensor_ir_op(self.select_rows, "select_rows", args=[cache_idx, layer, length],
+        return op.tensor_ir_op(self.select_rows, "select_rows", args=[cache_idx, layer, step.length],
                                out=nn.Tensor.placeholder([self.policy.budget], "int32"))
 
 
@@ -108,5 +108,5 @@ class StreamingPolicy(DensePolicy):
         if not step.select:
             super().begin_step(step)
             return
-        step.rows = op.tensor_ir_op(self.window_rows, "window_rows", args=[step.past + step.n],
+        step.rows = op.tensor_ir_op(self.window_rows, "window_rows", args=[step.length],
                                     out=nn.Tensor.placeholder([self.size], "int32"))
