@@ -10,7 +10,6 @@ eval from the command line; one-line errors.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import attention_reference as aref
 import numpy as np
@@ -18,8 +17,8 @@ import pytest
 import recycled_reference as rref
 import tidaldecode_reference as tref
 from click.testing import CliRunner
+from test_tidaldecode_model import CHUNK, folder, prompt_ids, source  # noqa: F401 (fixtures: the tiny model)
 from test_tokenselect_model import MAX_CONTEXT, ReferenceModel, engines  # noqa: F401 (a fixture)
-from tiny_model import make_tiny_hf_model
 
 from tsedge.cli import main
 from tsedge.compile.build import compile_library
@@ -27,24 +26,8 @@ from tsedge.compile.targets import parse_target
 from tsedge.eval.agreement import forced_logits, greedy
 from tsedge.models.config import ModelConfig, PolicyConfig
 from tsedge.tir_kernels.recycle import POOL_KERNEL
-from tsedge.weights import ModelSource, load_source
 
 RECYCLED = dict(name="recycled", recycle_k=32, recycle_stride=2)
-CHUNK = 64  # test_tokenselect_model's engines prefill in chunks of 64
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return make_tiny_hf_model(tmp_path_factory.mktemp("tiny6"), num_layers=6, seed=5)
-
-
-@pytest.fixture(scope="module")
-def source(folder) -> ModelSource:
-    return load_source(str(folder))
-
-
-def prompt_ids(source: ModelSource, count: int) -> list[int]:
-    return np.random.default_rng(count).integers(3, source.config.vocab_size, count).tolist()
 
 
 class RecycledReference(ReferenceModel):
@@ -163,7 +146,7 @@ def test_compile_generate_and_eval_from_the_command_line(folder, tmp_path, monke
     path = tmp_path / "eval.json"
     result = CliRunner().invoke(main, [
         "eval", "run", *common, "--tasks", "niah_single", "--haystacks", "repeat", "--policies", "recycled",
-        "--lengths", "300", "--samples", "1", *CLI_RECYCLED[2:], "-o", str(path)], catch_exceptions=False)
+        "--lengths", "400", "--samples", "1", *CLI_RECYCLED[2:], "-o", str(path)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = json.loads(path.read_text())
     assert data["config"]["policies"]["recycled"]["recycle_k"] == 32
