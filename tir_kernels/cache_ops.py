@@ -30,13 +30,13 @@ def make_kv_append(num_layers: int, n_kv: int, head_dim: int, dtype: str, target
         new = T.match_buffer(new_h, (n, heads, head_dim), dtype)
         length = T.match_buffer(length_h, (T.int64(1),), "int32")
         k0: T.let[T.int64] = heads - 2 * n_kv  # first key head
-        pos: T.let[T.int64] = T.Cast("int64", length[0]) - n
         if gpu:
             total: T.let[T.int64] = n * n_kv * head_dim
             for bx in T.thread_binding(T.ceildiv(total, _THREADS), thread="blockIdx.x"):
                 for tx in T.thread_binding(_THREADS, thread="threadIdx.x"):
                     with T.sblock("append"):
                         f: T.let[T.int64] = bx * _THREADS + tx
+                        pos: T.let[T.int64] = T.Cast("int64", length[0]) - n  # read on the device
                         if f < total:
                             i: T.let[T.int64] = f // (n_kv * head_dim)
                             h: T.let[T.int64] = f // head_dim % n_kv
@@ -48,6 +48,7 @@ def make_kv_append(num_layers: int, n_kv: int, head_dim: int, dtype: str, target
                 for h in T.serial(n_kv):
                     for d in T.vectorized(head_dim):
                         with T.sblock("append"):
+                            pos: T.let[T.int64] = T.Cast("int64", length[0]) - n
                             kv[layer, 0, h, pos + i, d] = new[i, k0 + h, d]
                             kv[layer, 1, h, pos + i, d] = new[i, k0 + n_kv + h, d]
 

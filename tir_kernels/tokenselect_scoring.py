@@ -186,6 +186,9 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
                     best[0] = T.max(best[0], raw[w0 + j])
                 crit[t] = T.if_then_else(t < C + 2 * pad - p + 1, best[0], T.float32("-inf"))
 
+    def n_candidates(length):  # C, loaded where it is used: kernels read it on the device, never the host
+        return T.Cast("int64", length[0]) - offset
+
     @T.prim_func(s_tir=True)
     def scoring(qbar_h: T.handle, kv_h: T.handle, state_h: T.handle, layer: T.int64, length_h: T.handle,
                 crit_h: T.handle, scores_h: T.handle, partials_h: T.handle):
@@ -198,8 +201,6 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
         scores = T.match_buffer(scores_h, (H, cap - offset), "float32")
         partials = T.match_buffer(partials_h, (H, NB + 1, 2), "float32")
         length = T.match_buffer(length_h, (T.int64(1),), "int32")
-        C: T.let[T.int64] = T.Cast("int64", length[0]) - offset
-        chunk: T.let[T.int64] = T.ceildiv(C, NB)
         if gpu:
             # pass 1: block (b, g) scores tokens [b*chunk, (b+1)*chunk) of KV head g for the query
             # heads of its group: one token row per thread (its 16-byte loads all issued before the
@@ -209,6 +210,8 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
                 for g in T.thread_binding(i64(n_kv_heads), thread="blockIdx.y"):
                     for tx in T.thread_binding(tile, thread="threadIdx.x"):
                         with T.sblock("score"):
+                            T.reads()
+                            T.writes()
                             qs = T.sblock_alloc_buffer((group, d), "float32", scope="shared")
                             kl = T.sblock_alloc_buffer((d,), dtype, scope="local")
                             q4 = T.sblock_alloc_buffer((4,), "float32", scope="local")
@@ -218,6 +221,8 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
                             val = T.sblock_alloc_buffer((1,), "float32", scope="local")
                             mx = T.sblock_alloc_buffer((1,), "float32", scope="local")
                             total = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            C: T.let[T.int64] = n_candidates(length)
+                            chunk: T.let[T.int64] = T.ceildiv(C, NB)
                             if state[layer, 0] == 0:
                                 for it in range(T.ceildiv(group * d, tile)):
                                     e: T.let[T.int64] = it * tile + tx
@@ -273,8 +278,11 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
             for b in T.thread_binding(T.ceildiv(cap - offset, tile), thread="blockIdx.x"):
                 for tx in T.thread_binding(tile, thread="threadIdx.x"):
                     with T.sblock("vote"):
+                        T.reads()
+                        T.writes()
                         raw = T.sblock_alloc_buffer((width,), "float32", scope="shared")
                         acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        C: T.let[T.int64] = n_candidates(length)
                         if state[layer, 0] == 0 and b * tile < C:
                             for it in range(T.ceildiv(width, tile)):
                                 w: T.let[T.int64] = it * tile + tx
@@ -286,9 +294,13 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
         else:
             for b in T.parallel(NB):
                 with T.sblock("score"):
+                    T.reads()
+                    T.writes()
                     qv = T.sblock_alloc_buffer((vec,), "float32", scope="local")
                     m = T.sblock_alloc_buffer((1,), "float32", scope="local")
                     z = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    C: T.let[T.int64] = n_candidates(length)
+                    chunk: T.let[T.int64] = T.ceildiv(C, NB)
                     if state[layer, 0] == 0:
                         for h in range(H):
                             m[0] = T.float32(_NEG)
@@ -317,10 +329,13 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
                             merge_partial(m, z, 0, partials[h, b, 0], partials[h, b, 1])
                         partials[h, NB, 0] = m[0]
                         partials[h, NB, 1] = T.float32(1) / z[0]
-            for b in T.parallel(T.ceildiv(C, tile)):
+            for b in T.parallel(T.ceildiv(n_candidates(length), tile)):
                 with T.sblock("vote"):
+                    T.reads()
+                    T.writes()
                     raw = T.sblock_alloc_buffer((width,), "float32")
                     acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    C: T.let[T.int64] = n_candidates(length)
                     if state[layer, 0] == 0:
                         for w in range(width):
                             vote(scores, partials, b * tile + w - pad, C, acc)

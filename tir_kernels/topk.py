@@ -198,6 +198,9 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: i
                             ws[_COUNTS + 2 * b] = sum_gt[0]
                             ws[_COUNTS + 2 * b + 1] = sum_eq[0]
 
+    def candidates(length, size):  # C, read where it is used: device code must load it, not the host
+        return T.min(T.Cast("int64", length[0]) - n_init - n_local, size)
+
     @T.prim_func(s_tir=True)
     def topk(crit_h: T.handle, state_h: T.handle, cache_idx_h: T.handle, layer: T.int64,
              length_h: T.handle, ws_h: T.handle):
@@ -205,7 +208,6 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: i
         size = T.int64()
         crit = T.match_buffer(crit_h, (size,), "float32")
         length = T.match_buffer(length_h, (T.int64(1),), "int32")
-        C: T.let[T.int64] = T.min(T.Cast("int64", length[0]) - n_init - n_local, size)
         state = T.match_buffer(state_h, (i64(num_layers), 4), "int32")
         cache_idx = T.match_buffer(cache_idx_h, (i64(num_layers), i64(k)), "int32")
         ws = T.match_buffer(ws_h, (i64(WORKSPACE_SIZE),), "int32")
@@ -218,15 +220,16 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: i
                         ws[tx] = 0
                         if tx == 0:
                             ws[_KREM] = k
-            radix_pass(crit, state, ws, layer, C, 0)
-            radix_pass(crit, state, ws, layer, C, 1)
-            radix_pass(crit, state, ws, layer, C, 2)
-            radix_pass(crit, state, ws, layer, C, 3)
-            radix_pass(crit, state, ws, layer, C, 4)
+            radix_pass(crit, state, ws, layer, candidates(length, size), 0)
+            radix_pass(crit, state, ws, layer, candidates(length, size), 1)
+            radix_pass(crit, state, ws, layer, candidates(length, size), 2)
+            radix_pass(crit, state, ws, layer, candidates(length, size), 3)
+            radix_pass(crit, state, ws, layer, candidates(length, size), 4)
             # compaction: output slot = (#gt before) + min(#ties before, krem)
             for b in T.thread_binding(NB, thread="blockIdx.x"):
                 for tx in T.thread_binding(threads, thread="threadIdx.x"):
                     with T.sblock("compact"):
+                        C: T.let[T.int64] = candidates(length, size)
                         chunk: T.let[T.int64] = _active_chunk(state, layer, C, NB)
                         buf = T.sblock_alloc_buffer((bins,), "int32", scope="shared")
                         tmp = T.sblock_alloc_buffer((1,), "int32", scope="local")
@@ -251,7 +254,8 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: i
                             compact_step(key, tau[0], krem, run, buf, tmp, tx, cache_idx, layer, T.Cast("int32", n_init + t))
         else:
             with T.sblock("topk"):
-                _select_cpu(crit, ws, cache_idx, layer, C, k, n_init, 0, 0, state[layer, 0] == 0)
+                _select_cpu(crit, ws, cache_idx, layer, candidates(length, size), k, n_init, 0, 0,
+                            state[layer, 0] == 0)
 
     return topk
 
