@@ -55,7 +55,8 @@ def build(factory, *args, **options):
     if MODE == "llvm":
         return tvm.compile(tvm.IRModule({"main": factory(*args, LLVM, **options)}), target=LLVM)["main"]
     source = Path(sys.modules[factory.__module__].__file__).read_bytes()  # a changed kernel rebuilds
-    key = hashlib.sha1(repr((factory.__name__, args, sorted(options.items()))).encode() + source).hexdigest()[:12]
+    named = sorted((k, f"{v.__module__}.{v.__qualname__}" if callable(v) else v) for k, v in options.items())
+    key = hashlib.sha1(repr((factory.__name__, args, named)).encode() + source).hexdigest()[:12]  # no addresses
     path = LIB_DIR / f"{factory.__name__}-{key}.so"
     if MODE == "cuda-build":
         if not path.exists():
