@@ -121,12 +121,12 @@ def device() -> tvm.runtime.Device:
     return tvm.runtime.device("webgpu", 0)
 
 
-def dispatch_counts(module: tvm.runtime.Module) -> dict[str, int]:
-    """Dispatches per WGSL kernel so far, for a loaded vulkan library (its webgpu import)."""
-    for sub in module.imports:
-        if sub.kind == "webgpu":
-            return dict(sub.get_function("tsedge.dispatch_counts")())
-        found = dispatch_counts(sub)
-        if found:
-            return found
-    return {}
+def dispatch_counts() -> dict[str, tuple[int, float]]:
+    """``{kernel: (dispatches so far, seconds)}`` over the vulkan libraries loaded in this process.
+
+    Seconds are measured only with ``TSEDGE_VULKAN_PROFILE=1`` set before ``load()``: each
+    dispatch then runs alone (submitted and waited for), so the sum is the kernels' time plus one
+    submit-and-wait each; without it they are 0."""
+    load()
+    counts = tvm.get_global_func("tsedge.vulkan.dispatch_counts")()
+    return {k: (int(v[0]), float(v[1])) for k, v in counts.items()}

@@ -29,6 +29,7 @@
 #include <wgpu.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -406,6 +407,7 @@ struct Dispatch {
   uint32_t uniform_bytes = 0;
   std::vector<WGPUBindGroupEntry> entries;  // scratch for bind group creation
   uint64_t calls = 0;
+  double seconds = 0;  // with profiling on: wall time of each dispatch run alone (submit + wait)
 
   void Call(ffi::PackedArgs args);
 };
@@ -506,9 +508,34 @@ void Dispatch::Call(ffi::PackedArgs args) {
   WGPUComputePassEncoder pass = ctx->Pass();
   wgpuComputePassEncoderSetPipeline(pass, pipeline);
   wgpuComputePassEncoderSetBindGroup(pass, 0, group, 1, &offset);
+  static const bool profile = std::getenv("TSEDGE_VULKAN_PROFILE") != nullptr;
+  auto start = std::chrono::steady_clock::now();
   wgpuComputePassEncoderDispatchWorkgroups(pass, static_cast<uint32_t>(work[0]), static_cast<uint32_t>(work[1]),
                                            static_cast<uint32_t>(work[2]));
   ++calls;
+  if (profile) {
+    ctx->Sync();
+    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+}
+
+// Every kernel built in this process (for dispatch counts and profiles); kernels live as long as
+// their module, and modules of a loaded library are never unloaded by the TVM runtime.
+static std::vector<Dispatch*>& AllKernels() {
+  static std::vector<Dispatch*> all;
+  return all;
+}
+
+// {kernel name: [dispatches so far, seconds if profiled]}, summed over loaded libraries
+static ffi::Map<ffi::String, ffi::Array<double>> DispatchCounts() {
+  std::map<std::string, std::pair<double, double>> sums;
+  for (const Dispatch* d : AllKernels()) {
+    sums[d->name].first += static_cast<double>(d->calls);
+    sums[d->name].second += d->seconds;
+  }
+  ffi::Map<ffi::String, ffi::Array<double>> out;
+  for (const auto& kv : sums) out.Set(kv.first, ffi::Array<double>{kv.second.first, kv.second.second});
+  return out;
 }
 
 // ---- the module --------------------------------------------------------------------------------
@@ -555,13 +582,6 @@ class WebGPUModule final : public ffi::ModuleObj {
   }
 
   ffi::Optional<ffi::Function> GetFunction(const ffi::String& name) final {
-    if (name == "tsedge.dispatch_counts") {  // {kernel: dispatches so far}
-      return ffi::Function::FromTyped([this]() {
-        ffi::Map<ffi::String, int64_t> out;
-        for (const auto& kv : kernels_) out.Set(kv.first, static_cast<int64_t>(kv.second->calls));
-        return out;
-      });
-    }
     std::string key(name);
     auto it = kernels_.find(key);
     if (it == kernels_.end()) {
@@ -569,6 +589,7 @@ class WebGPUModule final : public ffi::ModuleObj {
       auto s = smap_.find(key);
       if (f == fmap_.end() || s == smap_.end()) return std::nullopt;
       it = kernels_.emplace(key, Build(key, f->second, s->second)).first;
+      AllKernels().push_back(it->second.get());
     }
     Dispatch* d = it->second.get();
     return ffi::Function([d](ffi::PackedArgs args, ffi::Any*) { d->Call(args); });
@@ -732,6 +753,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("ffi.Module.load_from_bytes.webgpu", LoadFromBytes)
       .def_packed("device_api.webgpu",
                   [](ffi::PackedArgs, ffi::Any* rv) { *rv = static_cast<void*>(WebGPUDeviceAPI::Global()); })
+      .def("tsedge.vulkan.dispatch_counts", DispatchCounts)
       .def("tsedge.vulkan.describe", []() { return ffi::String(Context::Global()->Describe()); })
       .def("tsedge.vulkan.shader_f16", []() {
         Context::Global()->Ensure();
