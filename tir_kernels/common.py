@@ -35,6 +35,12 @@ def has_warp_shuffle(target: Target) -> bool:
     return is_gpu(target) and int(target.attrs.get("thread_warp_size", 1)) >= 32
 
 
+def emits_wgsl(target: Target) -> bool:
+    """True for the Vulkan target (TVM's ``webgpu`` kind): WGSL has no atomics in TVM's codegen,
+    no 64-bit integers and vectors of at most 4 lanes."""
+    return target.kind.name == "webgpu"
+
+
 def has_mma_sync(target: Target) -> bool:
     """True for CUDA targets of sm_80 or newer (``mma.sync.m16n8k16`` with float16, ``ldmatrix``,
     ``cp.async``)."""

@@ -26,7 +26,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from .common import i64, is_gpu
+from .common import emits_wgsl, i64, is_gpu
 
 SCORE_BLOCKS = 256  # token chunks of the scoring pass; partials[H, SCORE_BLOCKS + 1, 2]
 _THREADS = 256
@@ -151,6 +151,7 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
     tile = i64(_THREADS)
     width = tile + p - 1  # pooled tile plus its halo
     vec = 16 // (2 if dtype in ("float16", "bfloat16") else 4)  # 16-byte loads of key rows
+    vec = min(vec, 4) if emits_wgsl(target) else vec  # WGSL vectors: at most 4 lanes
 
     @T.macro
     def online_update(m, z, j, s):

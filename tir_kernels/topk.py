@@ -13,7 +13,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from .common import i64, is_gpu
+from .common import emits_wgsl, i64, is_gpu
 from .tokenselect_scoring import allreduce_sum_i32
 
 TOPK_BLOCKS = 256  # CUDA blocks per pass, each over one contiguous chunk of candidates
@@ -127,6 +127,10 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: i
     """
     if heads:
         return _topk_heads(heads, top_k, target)
+    if emits_wgsl(target):  # Vulkan: no atomics, no int64
+        from .wgsl_topk import make_topk_wgsl
+
+        return make_topk_wgsl(num_layers, top_k, n_init, n_local)
     gpu = is_gpu(target)
     k, NB, threads, bins = top_k, i64(TOPK_BLOCKS), i64(_THREADS), i64(_BINS)
 
