@@ -38,17 +38,19 @@ TILE_BYTES = 32768  # K and V bytes of one tile (all KV heads): the default tile
 STAGES = 2  # tiles in shared memory: one computed, the others in flight
 
 
-def decode_splits(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
-    """Chunks (blocks, partial outputs) for ``num_keys`` rows: ≥ 8 keys each, at most 256 chunks."""
+def decode_splits(num_keys: "tirx.PrimExpr | int", max_splits: int = MAX_SPLITS) -> "tirx.PrimExpr | int":
+    """Chunks (blocks, partial outputs) for ``num_keys`` rows: ≥ 8 keys each, at most
+    ``max_splits`` (256) chunks."""
     per_min = (num_keys + MIN_KEYS_PER_SPLIT - 1) // MIN_KEYS_PER_SPLIT
     if isinstance(per_min, int):
-        return min(per_min, MAX_SPLITS)
-    return tirx.min(per_min, i64(MAX_SPLITS))
+        return min(per_min, max_splits)
+    return tirx.min(per_min, i64(max_splits))
 
 
 def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
                           target: Target, tile_keys: int | None = None, stages: int = STAGES,
-                          row_sets: int = 0, logit_sets: int = 0, dense: bool = False) -> tirx.PrimFunc:
+                          row_sets: int = 0, logit_sets: int = 0, dense: bool = False,
+                          max_splits: int = MAX_SPLITS) -> tirx.PrimFunc:
     """Args: q[1, >= H, d] (the first H heads are the query's), kv[layers, 2, Hkv, cap, d],
     rope[P, d] f32, rows[M] int32, layer (int64).
 
@@ -66,8 +68,8 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
 
     ``dense``: the rows are ``0 .. length[0] - 1`` at their true positions, and the argument after
     ``rope`` is length[1] int32 (a device tensor) instead of ``rows``; the grid and the outputs
-    then have ``S = MAX_SPLITS`` chunks whatever the length (the chunks past
-    ``decode_splits(length)`` write nothing; ``attention_merge`` built with ``dense`` skips
+    then have ``S = max_splits`` chunks whatever the length (the chunks past
+    ``decode_splits(length, max_splits)`` write nothing; ``attention_merge`` built with ``dense`` skips
     them), so a decode step's kernels keep their arguments and grids from step to step and the
     step replays as one CUDA graph.
     """
@@ -172,6 +174,9 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                             mx[0] = T.max(mx[0], part[kk, g])
                         logits[kvh, jt + kk * PH + lane] = mx[0]
 
+    def splits_of(m):
+        return decode_splits(m, max_splits)
+
     @T.macro
     def body(q, kv, rope, rows, layer, o, lse, logits, kv_flat, rope_flat, m_keys, cap, grid):
         for bx in T.thread_binding(grid, thread="blockIdx.x"):
@@ -201,7 +206,7 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                         d0: T.let[T.int64] = tx * V
                         dp: T.let[T.int64] = (d0 + half) % head_dim  # the partner dims under RoPE
                         sign: T.let[T.float32] = T.if_then_else(d0 < half, T.float32(-1), T.float32(1))
-                        chunk: T.let[T.int64] = (m_keys + decode_splits(m_keys) - 1) // decode_splits(m_keys)
+                        chunk: T.let[T.int64] = (m_keys + splits_of(m_keys) - 1) // splits_of(m_keys)
                         j0: T.let[T.int64] = bx * chunk
                         j1: T.let[T.int64] = T.min(j0 + chunk, m_keys)
                         tiles: T.let[T.int64] = T.max(j1 - j0 + TK - 1, i64(0)) // TK
@@ -279,7 +284,7 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                                     r_sh[((kvh * (PH - 1) + lane - 1) * G + g) * (D + 2) + D] = m_run[g]
                                     r_sh[((kvh * (PH - 1) + lane - 1) * G + g) * (D + 2) + D + 1] = d_run[g]
                         T.tvm_storage_sync("shared")
-                        if lane == 0 and bx < decode_splits(m_keys):  # merge the slots of this KV head
+                        if lane == 0 and bx < splits_of(m_keys):  # merge the slots of this KV head
                             for g in T.unroll(G):
                                 merged[0] = m_run[g]
                                 for w in T.serial(PH - 1):
@@ -311,12 +316,12 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
             kv = T.match_buffer(kv_h, (num_layers, T.int64(2), PHYS, cap, D), dtype)
             rope = T.match_buffer(rope_h, (num_pos, D), "float32")
             rows = T.match_buffer(rows_h, (m_keys,), "int32")
-            o = T.match_buffer(o_h, (n, decode_splits(m_keys), H, D), "float32")
-            lse = T.match_buffer(lse_h, (n, decode_splits(m_keys), H), "float32")
+            o = T.match_buffer(o_h, (n, splits_of(m_keys), H, D), "float32")
+            lse = T.match_buffer(lse_h, (n, splits_of(m_keys), H), "float32")
             logits = T.match_buffer(logits_h, (i64(max(logit_sets, 1)), m_keys), "float32")
             kv_flat = T.decl_buffer((num_layers * 2 * PHYS * cap * D,), dtype, data=kv.data)
             rope_flat = T.decl_buffer((num_pos * D,), "float32", data=rope.data)
-            body(q, kv, rope, rows, layer, o, lse, logits, kv_flat, rope_flat, m_keys, cap, decode_splits(m_keys))
+            body(q, kv, rope, rows, layer, o, lse, logits, kv_flat, rope_flat, m_keys, cap, splits_of(m_keys))
 
         return attention_decode_logits
 
@@ -331,12 +336,12 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
             kv = T.match_buffer(kv_h, (num_layers, T.int64(2), PHYS, cap, D), dtype)
             rope = T.match_buffer(rope_h, (num_pos, D), "float32")
             length = T.match_buffer(length_h, (T.int64(1),), "int32")
-            o = T.match_buffer(o_h, (n, i64(MAX_SPLITS), H, D), "float32")
-            lse = T.match_buffer(lse_h, (n, i64(MAX_SPLITS), H), "float32")
+            o = T.match_buffer(o_h, (n, i64(max_splits), H, D), "float32")
+            lse = T.match_buffer(lse_h, (n, i64(max_splits), H), "float32")
             kv_flat = T.decl_buffer((num_layers * 2 * PHYS * cap * D,), dtype, data=kv.data)
             rope_flat = T.decl_buffer((num_pos * D,), "float32", data=rope.data)
             body(q, kv, rope, None, layer, o, lse, None, kv_flat, rope_flat, T.Cast("int64", length[0]), cap,
-                 i64(MAX_SPLITS))
+                 i64(max_splits))
 
         return attention_decode_dense
 
@@ -349,10 +354,10 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
         kv = T.match_buffer(kv_h, (num_layers, T.int64(2), PHYS, cap, D), dtype)
         rope = T.match_buffer(rope_h, (num_pos, D), "float32")
         rows = T.match_buffer(rows_h, (HKV, m_keys) if per_set else (m_keys,), "int32")
-        o = T.match_buffer(o_h, (n, decode_splits(m_keys), H, D), "float32")
-        lse = T.match_buffer(lse_h, (n, decode_splits(m_keys), H), "float32")
+        o = T.match_buffer(o_h, (n, splits_of(m_keys), H, D), "float32")
+        lse = T.match_buffer(lse_h, (n, splits_of(m_keys), H), "float32")
         kv_flat = T.decl_buffer((num_layers * 2 * PHYS * cap * D,), dtype, data=kv.data)
         rope_flat = T.decl_buffer((num_pos * D,), "float32", data=rope.data)
-        body(q, kv, rope, rows, layer, o, lse, None, kv_flat, rope_flat, m_keys, cap, decode_splits(m_keys))
+        body(q, kv, rope, rows, layer, o, lse, None, kv_flat, rope_flat, m_keys, cap, splits_of(m_keys))
 
     return attention_decode.with_attr("global_symbol", "attention_decode_sets") if per_set else attention_decode

@@ -13,6 +13,7 @@ causal multiply-adds of Q·Kᵀ and P·V (4·H·d per visible pair). Scoring: To
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,10 @@ from pathlib import Path
 LIBS = Path(".carry/attn")
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 8, 32, 8, 128, 131072 + 64
 CASES = [("dense", m) for m in (128, 4096, 32768, 131072)] + [("gathered", 2688)]
-DECODE_SHAPES = {"decode": {}}  # variants: make_decode_attention(tile_keys=, stages=)
+DECODE_SHAPES = {"decode": {}}  # variants over row lists: make_decode_attention(tile_keys=, stages=)
+# variants of the dense decode kernel (rows 0..L-1 from a device length, a fixed grid of max_splits)
+DENSE_SHAPES = {"dense 256": {"max_splits": 256}, "dense 396": {"max_splits": 396},
+                "dense 528": {"max_splits": 528}, "dense 792": {"max_splits": 792}}
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
 CHUNK_SHAPES = {"chunk": {}}  # variants: make_chunk_attention(warps=, keys=, stages=, m_tiles=)
@@ -40,6 +44,11 @@ def prepare() -> None:
                   for name, kw in CHUNK_SHAPES.items()},
                **{name: decode_attention.make_decode_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, **kw)
                   for name, kw in DECODE_SHAPES.items()}}
+    for name, kw in DENSE_SHAPES.items():
+        kernels[name] = decode_attention.make_decode_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target,
+                                                              dense=True, **kw)
+        kernels[f"merge {name}"] = attention.make_attention_merge(
+            HEADS, HEAD_DIM, "float16", target, functools.partial(decode_attention.decode_splits, **kw))
     kernels["scoring"] = tokenselect_scoring.make_scoring(LAYERS, HEADS, KV_HEADS, HEAD_DIM, 128, 512, 0, "float16",
                                                           target)  # TokenSelect paper budgets 128/512
     with fatbin_build_context(target):
@@ -91,6 +100,10 @@ def run(out_path: Path) -> None:
             kernel(*args, layer, ffi(o), ffi(lse))
             merge(ffi(o), ffi(lse), ffi(out))
 
+        return timed_calls(call, calls)
+
+    def timed_calls(call, calls: int) -> float:
+        """Microseconds per ``call(layer)``, each call on another layer (after one of each)."""
         for layer in range(LAYERS):
             call(layer)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -116,6 +129,25 @@ def run(out_path: Path) -> None:
             results.append({"variant": name, "kind": "decode", "rows": case, "m": m, "us_per_layer": round(us, 2),
                             "kv_gb_per_s": round(gbs, 1)})
             print(f"{name:38s} {case:8s} M={m:7d}: {us:9.2f} us/layer  {gbs:8.1f} GB/s", flush=True)
+    for name, kw in DENSE_SHAPES.items():
+        kernel, merge_dense, splits = load(_file(name)), load(_file(f"merge {name}")), kw["max_splits"]
+        o = torch.empty((1, splits, HEADS, HEAD_DIM), device=dev, dtype=torch.float32)
+        lse = torch.empty((1, splits, HEADS), device=dev, dtype=torch.float32)
+        out = torch.empty((1, HEADS, HEAD_DIM), device=dev, dtype=torch.float16)
+        for case, m in CASES[:-1]:
+            length = torch.tensor([m], device=dev, dtype=torch.int32)
+            args = [ffi(t) for t in (q[:1], kv, rope, length)]
+            calls = 8 * LAYERS if m >= 32768 else 64 * LAYERS
+
+            def call(layer: int) -> None:
+                kernel(*args, layer, ffi(o), ffi(lse))
+                merge_dense(ffi(o), ffi(lse), ffi(length), ffi(out))
+
+            us = timed_calls(call, calls)
+            gbs = m * KV_HEADS * HEAD_DIM * 2 * 2 / us / 1e3
+            results.append({"variant": name, "kind": "decode", "rows": case, "m": m, "us_per_layer": round(us, 2),
+                            "kv_gb_per_s": round(gbs, 1)})
+            print(f"{name:38s} {case:8s} M={m:7d}: {us:9.2f} us/layer  {gbs:8.1f} GB/s", flush=True)
     for name in CHUNK_SHAPES:
         kernel = load(_file(name))
         for depth in PREFILL_DEPTHS:
@@ -131,19 +163,13 @@ def run(out_path: Path) -> None:
     state = torch.zeros((LAYERS, 4), device=dev, dtype=torch.int32)  # no Selection Cache hit: score
     qbar = torch.randn((HEADS, HEAD_DIM), generator=gen, device=dev, dtype=torch.float32)
     length = CAPACITY - 64  # 131,072 rows: 130,432 candidates after the 128 sinks and 512 local ones
-    candidates = length - 128 - 512
+    candidates, size = length - 128 - 512, CAPACITY - 128 - 512
     kernel = load("scoring")
     outs = [torch.empty(shape, device=dev, dtype=torch.float32)
-            for shape in ((candidates,), (HEADS, candidates), (HEADS, tokenselect_scoring.SCORE_BLOCKS + 1, 2))]
-    for layer in range(LAYERS):
-        kernel(ffi(qbar), ffi(kv), ffi(state), layer, length, *[ffi(t) for t in outs])
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for i in range(8 * LAYERS):
-        kernel(ffi(qbar), ffi(kv), ffi(state), i % LAYERS, length, *[ffi(t) for t in outs])
-    end.record()
-    torch.cuda.synchronize()
-    us = start.elapsed_time(end) * 1000 / (8 * LAYERS)
+            for shape in ((size,), (HEADS, size), (HEADS, tokenselect_scoring.SCORE_BLOCKS + 1, 2))]
+    length_t = torch.tensor([length], device=dev, dtype=torch.int32)
+    us = timed_calls(lambda layer: kernel(ffi(qbar), ffi(kv), ffi(state), layer, ffi(length_t),
+                                          *[ffi(t) for t in outs]), 8 * LAYERS)
     gbs = candidates * KV_HEADS * HEAD_DIM * 2 / us / 1e3
     results.append({"variant": "scoring (TokenSelect, re-selecting)", "kind": "scoring", "candidates": candidates,
                     "us_per_layer": round(us, 2), "k_gb_per_s": round(gbs, 1)})
