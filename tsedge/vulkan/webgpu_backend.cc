@@ -28,6 +28,7 @@
 #include <webgpu.h>
 #include <wgpu.h>
 
+#include <cctype>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -538,6 +539,25 @@ static ffi::Map<ffi::String, ffi::Array<double>> DispatchCounts() {
   return out;
 }
 
+// TVM's webgpu codegen prints float infinity as `inff` (f32) / `infh` (f16), which are not WGSL
+// (WGSL has no infinity literal): spell them as bit patterns.
+static std::string PatchInfinity(const std::string& wgsl) {
+  auto ident = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; };
+  std::string out;
+  out.reserve(wgsl.size());
+  for (size_t i = 0; i < wgsl.size();) {
+    bool at_word = i == 0 || !ident(wgsl[i - 1]);
+    if (at_word && wgsl.compare(i, 3, "inf") == 0 && i + 4 <= wgsl.size() &&
+        (wgsl[i + 3] == 'f' || wgsl[i + 3] == 'h') && (i + 4 == wgsl.size() || !ident(wgsl[i + 4]))) {
+      out += wgsl[i + 3] == 'f' ? "bitcast<f32>(0x7f800000u)" : "bitcast<vec2<f16>>(0x7c00u)[0]";
+      i += 4;
+    } else {
+      out += wgsl[i++];
+    }
+  }
+  return out;
+}
+
 // ---- the module --------------------------------------------------------------------------------
 class Reader {
  public:
@@ -657,7 +677,8 @@ class WebGPUModule final : public ffi::ModuleObj {
     WGPUPipelineLayout playout = wgpuDeviceCreatePipelineLayout(ctx->device(), &pdesc);
 
     WGPUShaderSourceWGSL src = WGPU_SHADER_SOURCE_WGSL_INIT;
-    src.code = View(wgsl);
+    std::string code = PatchInfinity(wgsl);
+    src.code = View(code);
     WGPUShaderModuleDescriptor sdesc = WGPU_SHADER_MODULE_DESCRIPTOR_INIT;
     sdesc.nextInChain = &src.chain;
     WGPUShaderModule shader = wgpuDeviceCreateShaderModule(ctx->device(), &sdesc);
