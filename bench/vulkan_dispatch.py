@@ -31,7 +31,7 @@ def _run(lib: str, steps: int, context: int) -> dict:
     before = vulkan.dispatch_counts()
     start = time.perf_counter()
     for _ in range(steps):
-        engine.prefill([int(prompt[-1])])  # one-token steps: the decode function
+        engine.decode(int(prompt[-1]))
     elapsed = time.perf_counter() - start
     after = vulkan.dispatch_counts()
     kernels = {k: (after[k][0] - before.get(k, (0, 0))[0], after[k][1] - before.get(k, (0, 0))[1]) for k in after}

@@ -119,7 +119,7 @@ def _teacher_forced(gpu, cpu, prompt: list[int], steps: int) -> int:
         top2 = np.sort(theirs)[-2:]
         agree += int(ours.argmax() == theirs.argmax())
         assert ours.argmax() == theirs.argmax() or top2[1] - top2[0] < 0.25
-        ours, theirs = gpu.prefill([token]), cpu.prefill([token])
+        ours, theirs = gpu.decode(token), cpu.decode(token)  # the libraries' decode functions
     return agree
 
 
