@@ -13,7 +13,7 @@ from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from tsedge.tir_kernels import cache_ops
+from tsedge.tir_kernels import cache_ops, sampling
 
 from .config import ModelConfig
 from .linear import QuantEmbedding, make_linear
@@ -89,7 +89,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Exports ``prefill``, ``decode`` and ``rope_table`` (see DESIGN.md, runtime contract), and
+    """Exports ``prefill``, ``decode`` and ``rope_table`` (see DESIGN.md, runtime contract),
+    ``sample`` (the next token picked on the device; CUDA and CPU targets), and
     for selecting policies ``prefill_select``/``decode_select``, which the runtime calls once
     the context exceeds the policy's budget.
 
@@ -110,6 +111,9 @@ class LlamaForCausalLM(nn.Module):
         self.rope_kernel = cache_ops.make_rope_table(cfg.head_dim, policy.target)
         self.last_row_kernel = cache_ops.make_last_row(cfg.hidden_size, dtype, policy.target)
         self.inv_freq = cfg.inv_freq()
+        # device sampling (``sample``) where its single-block kernel builds: CUDA and CPUs
+        self.sample_kernel = (sampling.make_sample(cfg.vocab_size, policy.target)
+                              if policy.target.kind.name in ("cuda", "llvm") else None)
 
     def _embed(self, ids: nn.Tensor) -> nn.Tensor:
         """Embedding rows of ``ids`` [n] -> [n, hidden]; "clip" mode, so an id outside the table
@@ -163,6 +167,19 @@ class LlamaForCausalLM(nn.Module):
         return op.tensor_ir_op(self.rope_kernel, "compute_rope_table", args=[inv, num_pos],
                                out=nn.Tensor.placeholder([num_pos, self.cfg.head_dim], "float32"))
 
+    def sample(self, logits: nn.Tensor, params: nn.Tensor, counts: nn.Tensor, recent: nn.Tensor,
+               token: nn.Tensor, workspace: nn.Tensor):
+        """The next token from ``logits`` [1, vocab] float32 on the device -> (token, counts,
+        recent, workspace), all updated in place: ``token`` [1] int32 gets the id (the next decode
+        step's input). ``params`` [8] float32, ``counts`` [2, vocab] int32 and ``recent`` [R + 1]
+        int32 are laid out as ``tir_kernels/sampling.py make_sample`` documents; the semantics
+        are ``tsedge/sampling.py``'s."""
+        args = [logits, params, counts, recent, token, workspace]
+        counts, recent, token, workspace = op.tensor_ir_inplace_op(
+            self.sample_kernel, "sample_token", args=args, inplace_indices=[2, 3, 4, 5],
+            out=[nn.Tensor.placeholder(list(t.shape), t.dtype) for t in args[2:]])
+        return token, counts, recent, workspace
+
     def get_default_spec(self):
         cfg = self.cfg
         kv = nn.spec.Tensor([cfg.num_layers, 2, cfg.num_kv_heads, "capacity", cfg.head_dim], self.dtype)
@@ -176,6 +193,15 @@ class LlamaForCausalLM(nn.Module):
             "decode": {"ids": nn.spec.Tensor([1], "int32"), **step},
             "rope_table": {"num_pos": int, **mode},
         }
+        if self.sample_kernel is not None:
+            vocab = cfg.vocab_size
+            functions["sample"] = {"logits": nn.spec.Tensor([1, vocab], "float32"),
+                                   "params": nn.spec.Tensor([sampling.PARAMS], "float32"),
+                                   "counts": nn.spec.Tensor([2, vocab], "int32"),
+                                   "recent": nn.spec.Tensor(["ring"], "int32"),
+                                   "token": nn.spec.Tensor([1], "int32"),
+                                   "workspace": nn.spec.Tensor([vocab], "float32"),
+                                   "$": {"param_mode": "none", "effect_mode": "none"}}  # no weights
         if self.policy.selects:
             functions["prefill_select"] = dict(functions["prefill"])  # from_raw pops "$"
             functions["decode_select"] = dict(functions["decode"])

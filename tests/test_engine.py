@@ -135,3 +135,27 @@ def test_tiny_hf_models_match_transformers(tmp_path, qkv_bias, tie):
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0, -1].numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(),
+    SamplingParams(temperature=0.9, top_p=0.9, top_k=50, repetition_penalty=1.2, presence_penalty=0.4,
+                   frequency_penalty=0.3, repeat_last_n=8, seed=3),
+    SamplingParams(temperature=1.3, top_p=0.95, repetition_penalty=1.1, repeat_last_n=0, seed=11),
+])
+def test_device_sampler_generates_the_host_samplers_tokens(tiny_folder, tiny_lib, params):
+    engine = Engine(tiny_lib, load_source(str(tiny_folder)))
+    assert engine.sampler is not None  # the library exports ``sample``
+    prompt = list(range(3, 23))
+    runs = {}
+    for on_device in (True, False):
+        engine.device_sampling = on_device
+        engine.reset()
+        runs[on_device] = engine.generate(prompt, max_new_tokens=30, sampling=params, stop_ids=[]).tokens
+    assert runs[True] == runs[False] and len(runs[True]) == 30
+    # the greedy device step used by ``tsedge bench decode`` picks the argmax of ``decode``'s logits
+    engine.reset()
+    engine.prefill(prompt)
+    token = engine.decode_greedy(5)
+    engine.cache.truncate(len(prompt))
+    assert token == int(np.argmax(engine.decode(5)))

@@ -17,6 +17,7 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
+from tsedge.device_sampling import SAMPLE_FUNCTION, DeviceSampler
 from tsedge.kv_cache import ContextOverflowError, KVCache
 from tsedge.models.library import LibraryMeta
 from tsedge.models.quantization import QuantizationError, QuantizedTensor, concatenate, library_arrays, quantize, scheme
@@ -24,6 +25,9 @@ from tsedge.sampling import Sampler, SamplingParams
 from tsedge.weights import ModelSource, WeightsError, load_source
 
 __all__ = ["ContextOverflowError", "Engine", "GenerationResult", "LibraryError"]
+
+
+_GREEDY = SamplingParams()
 
 
 class LibraryError(ValueError):
@@ -153,6 +157,11 @@ class Engine:
         # CUDA graph that captured them): the context length after a step, a decode step's token
         self.length = tvm.runtime.empty((1,), "int32", self.device)
         self.token = tvm.runtime.empty((1,), "int32", self.device)
+        self._token_value: int | None = None  # what ``self.token`` holds (None: unknown)
+        # sampling on the device when the library has ``sample``: only the token id is read back
+        self.sampler = (DeviceSampler(self.vm, self.device, self.meta.model.vocab_size)
+                        if SAMPLE_FUNCTION in self.meta.functions else None)
+        self.device_sampling = self.sampler is not None  # False: sample on the host
 
     def _load_params(self, source: ModelSource, on_load: LoadProgress) -> list[tvm.runtime.Tensor]:
         """Each library parameter from its source tensors (streamed once; fused projections wait
@@ -232,7 +241,10 @@ class Engine:
             func = f"{func}_select"
         ids_np = np.asarray(ids, dtype="int32")
         if len(ids) == 1:
-            ids_t = self.token.copyfrom(ids_np)
+            if self._token_value != ids[0]:  # the device sampler may have written it already
+                self.token.copyfrom(ids_np)
+                self._token_value = ids[0]
+            ids_t = self.token
         else:
             ids_t = tvm.runtime.tensor(ids_np, self.device)
         self.length.copyfrom(np.array([past + len(ids)], dtype="int32"))
@@ -246,6 +258,10 @@ class Engine:
         """Append ``ids`` to the cache in chunks of ``prefill_chunk`` tokens; float32 logits of
         the last token. ``on_progress(done, total)`` is called before the first chunk and after
         each one."""
+        return self._prefill(ids, on_progress).numpy()[0]
+
+    def _prefill(self, ids: list[int], on_progress: PrefillProgress | None) -> tvm.runtime.Tensor:
+        """``prefill``, the logits [1, vocab] left on the device."""
         if not ids:
             raise ValueError("prefill needs at least one token")
         self.cache.check_room(len(ids))
@@ -255,11 +271,29 @@ class Engine:
             logits = self._run("prefill", ids[start:start + self.prefill_chunk])
         if on_progress is not None:
             on_progress(len(ids), len(ids))
-        return logits.numpy()[0]
+        return logits
 
     def decode(self, token: int) -> np.ndarray:
+        """Append ``token``; float32 logits [vocab] of the next token, copied to the host."""
+        return self._decode(token).numpy()[0]
+
+    def _decode(self, token: int) -> tvm.runtime.Tensor:
         self.cache.check_room(1)
-        return self._run("decode", [token]).numpy()[0]
+        return self._run("decode", [token])
+
+    def decode_greedy(self, token: int) -> int:
+        """Append ``token`` and pick the next one greedily (no penalties) on the device: only its
+        id (4 bytes) is copied to the host, and ``token`` is not uploaded when it is the last
+        pick. Raises LibraryError for a library without ``sample`` (compiled before it existed)."""
+        if self.sampler is None:
+            raise LibraryError("this library has no device sampler (`sample`); recompile it with `tsedge compile`")
+        if self.sampler.params != _GREEDY:
+            self.sampler.start(_GREEDY)
+        return self._pick_on_device(self._decode(token))
+
+    def _pick_on_device(self, logits: tvm.runtime.Tensor) -> int:
+        self._token_value = self.sampler.pick(logits, self.token)
+        return self._token_value
 
     def reset(self) -> None:
         self.cache.truncate(0)
@@ -298,19 +332,29 @@ class Engine:
         reused = min(self.cache.common_prefix(prompt), len(prompt) - 1)
         self.cache.truncate(reused)
         stop = set(self.tokenizer.eos_token_ids if stop_ids is None else stop_ids)
-        sampler = Sampler(sampling, prompt)
+        pick = self._picker(sampling, prompt)
         start = time.perf_counter()
-        logits = self.prefill(prompt[reused:], on_prefill)
+        logits = self._prefill(prompt[reused:], on_prefill)
         prefill_s = time.perf_counter() - start
-        token = sampler(logits)
+        token = pick(logits)
         ttft = time.perf_counter() - start
         tokens = [token]
-        stopped = self._continue(tokens, sampler, stop, max_new_tokens, on_token)
+        stopped = self._continue(tokens, pick, stop, max_new_tokens, on_token)
         return GenerationResult(tokens, len(prompt), reused, prefill_s, ttft,
                                 time.perf_counter() - start - ttft, stopped)
 
-    def _continue(self, tokens: list[int], sampler: Sampler, stop: set[int], max_new_tokens: int,
-                  on_token: Callable[[int], bool | None] | None) -> str:
+    def _picker(self, sampling: SamplingParams, prompt: list[int]) -> Callable[[tvm.runtime.Tensor], int]:
+        """The next-token function of one generation, logits [1, vocab] on the device -> id: the
+        library's ``sample`` when it has one and ``device_sampling`` is on, else the host Sampler
+        (the logits copied to the host). Both give the same tokens (``tsedge/sampling.py``)."""
+        if self.sampler is not None and self.device_sampling:
+            self.sampler.start(sampling, prompt)
+            return self._pick_on_device
+        sampler = Sampler(sampling, prompt)
+        return lambda logits: sampler(logits.numpy()[0])
+
+    def _continue(self, tokens: list[int], pick: Callable[[tvm.runtime.Tensor], int], stop: set[int],
+                  max_new_tokens: int, on_token: Callable[[int], bool | None] | None) -> str:
         """Decode after ``tokens`` (appended in place) until a stop; returns why it stopped."""
         while True:
             token = tokens[-1]
@@ -322,4 +366,4 @@ class Engine:
                 return "length"
             if len(self.cache) >= self.cache.capacity:
                 return "context_full"
-            tokens.append(sampler(self.decode(token)))
+            tokens.append(pick(self._decode(token)))

@@ -151,10 +151,24 @@ class Sampler:
         self.generated: Counter[int] = Counter()  # output token id -> occurrences
 
     def __call__(self, logits: np.ndarray) -> int:
-        token = self._pick(self._penalized(np.asarray(logits, dtype=np.float64).reshape(-1)))
+        token = self.pick(logits, self.uniform())
+        self.record(token)
+        return token
+
+    def uniform(self) -> float:
+        """The uniform number in [0, 1) of the next draw from the seeded generator (one per
+        sampled step, none when greedy: returns 0.0 without advancing the generator)."""
+        return float(self.rng.random()) if self.params.temperature > 0 else 0.0
+
+    def record(self, token: int) -> None:
+        """Remember a picked token for the penalties."""
         self.history.append(token)
         self.generated[token] += 1
-        return token
+
+    def pick(self, logits: np.ndarray, u: float) -> int:
+        """The token for ``logits`` [vocab] (any float dtype) after the penalties, drawn at the
+        uniform number ``u`` (unused when greedy); the state is not changed."""
+        return self._pick(self._penalized(np.asarray(logits, dtype=np.float64).reshape(-1)), u)
 
     def _penalized(self, logits: np.ndarray) -> np.ndarray:
         p = self.params
@@ -167,11 +181,18 @@ class Sampler:
             logits = frequency_penalty(logits, self.generated, p.frequency_penalty)
         return logits
 
-    def _pick(self, logits: np.ndarray) -> int:
+    def _pick(self, logits: np.ndarray, u: float) -> int:
         p = self.params
         if p.temperature == 0:
             return int(np.argmax(logits))
         z = _top_k(logits / p.temperature, p.top_k)
         probs = np.exp(z - z.max())
         probs = _top_p(probs / probs.sum(), p.top_p)
-        return int(self.rng.choice(probs.size, p=probs))
+        return inverse_cdf(probs, u)
+
+
+def inverse_cdf(probs: np.ndarray, u: float) -> int:
+    """The first token whose cumulative probability (in id order) exceeds ``u`` in [0, 1): what
+    numpy's ``Generator.choice(n, p=probs)`` returns when its ``random()`` gives ``u``."""
+    cdf = np.cumsum(probs)
+    return int(np.searchsorted(cdf / cdf[-1], u, side="right"))

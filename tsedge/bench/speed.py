@@ -53,21 +53,32 @@ def prefill_speed(engine: Engine, length: int, seed: int = 0) -> dict[str, float
     return {"tokens": length, "seconds": round(seconds, 4), "tok_per_s": round(length / seconds, 2)}
 
 
-def decode_speed(engine: Engine, context: int, steps: int = 64, fill: str = "random") -> dict[str, float]:
-    """Greedy-free decode steps after ``context`` cached tokens (filled randomly or by prefill)."""
+def decode_speed(engine: Engine, context: int, steps: int = 64, fill: str = "random") -> dict[str, Any]:
+    """Decode steps after ``context`` cached tokens (filled randomly or by prefill); with a device
+    sampler each step includes its greedy pick on the device (``Engine.decode_greedy``)."""
     if fill == "random":
         fill_random(engine, context)
     else:
         engine.reset()
         engine.prefill(random_ids(engine, context))
     engine.cache.check_room(steps + 2)
-    engine.decode(1)  # warm-up
+    # a library with ``sample``: each step decodes and picks greedily on the device, feeding the
+    # pick back (only the id crosses to the host), as generation does; else logits to the host
+    on_device = engine.sampler is not None
+
+    def step(token: int) -> int:
+        if on_device:
+            return engine.decode_greedy(token)
+        engine.decode(token)
+        return token
+
+    token = step(1)  # warm-up
     start = time.perf_counter()
     for _ in range(steps):
-        engine.decode(1)
+        token = step(token)
     seconds = time.perf_counter() - start
     return {"context": context, "steps": steps, "ms_per_token": round(1000 * seconds / steps, 3),
-            "tok_per_s": round(steps / seconds, 2)}
+            "tok_per_s": round(steps / seconds, 2), "sampling": "device" if on_device else "host"}
 
 
 def prefill_chunk_speed(engine: Engine, context: int, chunk: int, reps: int = 5) -> dict[str, float]:
