@@ -7,6 +7,7 @@ Skipped, with the reason printed, where wgpu, a C++ compiler or a Vulkan driver 
 
 from __future__ import annotations
 
+import os
 import tempfile
 
 import numpy as np
@@ -50,6 +51,19 @@ def test_backend_copies_and_reports_the_adapter():
         c = tvm.runtime.empty((n,), dtype, DEV)
         c.copyfrom(t)  # device to device
         np.testing.assert_array_equal(c.numpy(), a)
+
+
+def test_no_vulkan_driver_is_one_line_naming_the_fix():
+    """With the Vulkan loader pointed at no driver, load() fails in one line naming Mesa's packages."""
+    import subprocess
+    import sys
+
+    code = ("from tsedge import vulkan\ntry:\n    vulkan.load()\nexcept vulkan.VulkanError as e:\n"
+            "    print('VulkanError:', e)\n")
+    env = {**os.environ, "VK_ICD_FILENAMES": "/nonexistent/icd.json", "VK_DRIVER_FILES": "/nonexistent/icd.json"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    lines = [line for line in out.splitlines() if line.startswith("VulkanError:")]
+    assert len(lines) == 1 and "apt install mesa-vulkan-drivers libvulkan1" in lines[0], out
 
 
 @pytest.mark.parametrize("n", [1000, 65536 * 2 + 1])  # the second folds its grid into blockIdx.z

@@ -91,6 +91,10 @@ def load() -> Path:
     path = _cache_dir() / f"webgpu_backend-{key}.so"
     if not path.exists():
         _build(path, res)
+    if "XDG_RUNTIME_DIR" not in os.environ:  # headless: Mesa's Wayland probe prints an "error" without it
+        runtime = _cache_dir() / "runtime"
+        runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
     ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     _loaded = path
     describe()  # fails here, in one line, when there is no Vulkan device

@@ -113,8 +113,8 @@ class Context {
     wgpuInstanceRequestAdapter(instance_, &opts, acb);
     while (waiting_) wgpuInstanceProcessEvents(instance_);
     if (!adapter_) {
-      Fail("no Vulkan device found (" + pending_message_ +
-           "): install a Vulkan driver, e.g. `apt install mesa-vulkan-drivers libvulkan1`");
+      Fail("no Vulkan device found: install a Vulkan driver, e.g. `apt install mesa-vulkan-drivers libvulkan1` "
+           "(wgpu: " + pending_message_ + ")");
     }
     WGPUAdapterInfo info = WGPU_ADAPTER_INFO_INIT;
     wgpuAdapterGetInfo(adapter_, &info);
@@ -312,7 +312,10 @@ class Context {
   uint32_t uniform_align_ = 256;
 
  private:
-  [[noreturn]] void Fail(const std::string& msg) {
+  [[noreturn]] void Fail(std::string msg) {
+    for (char& c : msg) {
+      if (c == '\n') c = ' ';  // one line: wgpu's messages span several
+    }
     init_error_ = msg;
     TVM_FFI_THROW(RuntimeError) << msg;
   }
