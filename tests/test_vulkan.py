@@ -197,3 +197,17 @@ def test_topk(c, k, hit):
     expected = np.full(k, -1) if hit else np.sort(order) + n_init
     np.testing.assert_array_equal(cache_idx.numpy()[layer], expected)
     assert (cache_idx.numpy()[[0, 1]] == -1).all()
+
+
+def test_cli_caps_the_kv_cache_to_one_storage_binding():
+    """--target vulkan: the KV cache is one tensor bound whole, so a --max-context past 128 MiB of
+    it is one line naming the limit (5632 tokens for SmolLM2 in float16), before any compile."""
+    from click.testing import CliRunner
+
+    from tsedge.cli import main
+
+    result = CliRunner().invoke(main, ["compile", "--target", "vulkan", "--max-context", "8192"])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines() == [
+        "Error: --max-context 8192: on Vulkan smollm2-135m's KV cache must fit one 128 MiB storage binding; "
+        "use --max-context 5632 or less"]

@@ -16,7 +16,7 @@ from tsedge.cli_options import (POSITIVE_INTS, TARGET_HELP, FiniteFloatRange, Pr
                                  read_text_file, resolve_target, sampling_options, sampling_params,
                                  utf8_option)
 from tsedge.cli_serve import serve
-from tsedge.models.config import PRESETS, PolicyConfig
+from tsedge.models.config import PRESETS, ModelConfig, PolicyConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -40,7 +40,17 @@ def _errors(func):
     return wrapper
 
 
-def _max_context(kw: dict, policy: PolicyConfig, window: int) -> int:
+def _max_context(kw: dict, policy: PolicyConfig, window: int, cfg: ModelConfig | None = None,
+                 target: str | None = None) -> int:
+    if target == "vulkan" and cfg is not None:  # the KV cache must fit one storage binding
+        from tsedge.vulkan import BINDING_BYTES, kv_context_limit
+
+        limit = kv_context_limit(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 4 if kw["dtype"] == "float32" else 2)
+        if kw["max_context"] and kw["max_context"] > limit:
+            raise ValueError(f"--max-context {kw['max_context']}: on Vulkan {cfg.name}'s KV cache must fit one "
+                             f"{BINDING_BYTES >> 20} MiB storage binding; use --max-context {limit} or less")
+        if not kw["max_context"]:
+            return min(_max_context(kw, policy, window), limit)
     if kw["max_context"]:
         if kw["max_context"] > window and policy.name == "dense":
             click.echo(f"tsedge: note: --max-context {kw['max_context']} exceeds the model's window of {window} "
@@ -93,7 +103,7 @@ def _engine(model, target: str | None, lib: str | None, kw: dict):
     if lib is None:
         log = functools.partial(click.echo, err=True)
         lib = ensure_library(source.config, policy, target, kw["dtype"],
-                             _max_context(kw, policy, source.config.context_window), log=log,
+                             _max_context(kw, policy, source.config.context_window, source.config, target), log=log,
                              quantization=kw.get("quantization") or source.quantization)
     meta = LibraryMeta.load(Path(lib).with_suffix(".json"))
     if meta.quantization == "q0" or source.quantization != "q0":
@@ -165,9 +175,9 @@ def compile(model: str, target: str | None, output: str | None, **kw) -> None:  
     check_policy(policy, cfg)
     quant = "" if kw["quantization"] == "q0" else f"-{kw['quantization']}"
     out = Path(output or f"{cfg.name}-{policy.name}{quant}-{target_name.replace(':', '_')}.so")
+    max_context = _max_context(kw, policy, cfg.context_window, cfg, target_name)
     with stage_progress(f"compiling {cfg.name} ({policy.name}, {target_name}, {kw['quantization']})") as stage:
-        meta = compile_library(cfg, policy, parse_target(target_name), kw["dtype"],
-                               _max_context(kw, policy, cfg.context_window), out, stage=stage,
+        meta = compile_library(cfg, policy, parse_target(target_name), kw["dtype"], max_context, out, stage=stage,
                                quantization=kw["quantization"])
     click.echo(f"wrote {out} and {out.with_suffix('.json')} ({meta.target}, {meta.dtype}, {meta.quantization}, "
                f"max context {meta.max_context}, {meta.compile_seconds} s)")

@@ -20,7 +20,11 @@ from pathlib import Path
 
 import tvm
 
-__all__ = ["VulkanError", "describe", "device", "dispatch_counts", "load", "shader_f16"]
+__all__ = ["VulkanError", "describe", "device", "dispatch_counts", "kv_context_limit", "load", "shader_f16"]
+
+# The storage binding size every WebGPU adapter offers (wgpu-native on llvmpipe offers no more):
+# the KV cache is one tensor, bound whole by each attention kernel
+BINDING_BYTES = 128 << 20
 
 _SOURCE = Path(__file__).with_name("webgpu_backend.cc")
 _loaded: Path | None = None
@@ -99,6 +103,13 @@ def load() -> Path:
     _loaded = path
     describe()  # fails here, in one line, when there is no Vulkan device
     return path
+
+
+def kv_context_limit(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
+    """The largest ``max_context`` (a multiple of 256 tokens) whose KV cache
+    ``[num_layers, 2, num_kv_heads, max_context, head_dim]`` fits one storage binding."""
+    per_token = num_layers * 2 * num_kv_heads * head_dim * dtype_bytes
+    return BINDING_BYTES // per_token // 256 * 256
 
 
 def describe() -> str:
