@@ -117,7 +117,7 @@ def relax_pipeline(target: Target, max_context: int | None = None):
     @tvm.transform.module_pass(opt_level=0, name="TsedgePipeline")
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
         # x @ W^T as one matmul kernel (else W^T is materialised on every call)
-        accumulate = [fp32_accumulate] if target.kind.name == "cuda" else []
+        accumulate = [fp32_accumulate] if target.kind.name in ("cuda", "webgpu") else []  # webgpu: --target vulkan
         if target.kind.name == "cuda" and max_context is not None:
             accumulate = [graph_decode(max_context)] + accumulate
         fuse = ([fuse_dequantize_matmul()] + accumulate + [relax.transform.FuseTransposeMatmul()]

@@ -129,7 +129,7 @@ def _teacher_forced(gpu, cpu, prompt: list[int], steps: int) -> int:
     ours, theirs = gpu.prefill(prompt), cpu.prefill(prompt)
     agree = 0
     for token in ref:
-        assert np.abs(ours - theirs).max() < 1.0
+        assert np.abs(ours - theirs).max() < 0.3
         top2 = np.sort(theirs)[-2:]
         agree += int(ours.argmax() == theirs.argmax())
         assert ours.argmax() == theirs.argmax() or top2[1] - top2[0] < 0.25
@@ -149,14 +149,14 @@ def _vulkan_engine(smol_source, policy, path):
 
 def test_smollm2_matches_the_cpu_build(smol_source, smol_lib, tmp_path):
     """SmolLM2-135M (real weights), dense, float16 on Vulkan vs the float32 CPU library, teacher-
-    forced on the CPU build's 24 greedy tokens (measured: logits within 0.48 on logits of ~20; 22
-    of 24 next tokens the same, the two others near-ties with margins 0.008 and 0.06)."""
+    forced on the CPU build's 24 greedy tokens (measured: logits within 0.072 on logits of ~20, all
+    24 next tokens the same; 0.48 and 22 of 24 with float16 matmul accumulation)."""
     from tsedge.engine import Engine
     from tsedge.models.config import PolicyConfig
 
     gpu = _vulkan_engine(smol_source, PolicyConfig(), tmp_path / "dense.so")
     prompt = smol_source.tokenizer.encode("The three primary colours are")
-    assert _teacher_forced(gpu, Engine(smol_lib, smol_source), prompt, 24) >= 20
+    assert _teacher_forced(gpu, Engine(smol_lib, smol_source), prompt, 24) >= 23
 
 
 def test_smollm2_tokenselect_matches_the_cpu_build(smol_source, tmp_path):
