@@ -62,20 +62,16 @@ def decode_speed(engine: Engine, context: int, steps: int = 64, fill: str = "ran
         engine.reset()
         engine.prefill(random_ids(engine, context))
     engine.cache.check_room(steps + 2)
-    # a library with ``sample``: each step decodes and picks greedily on the device, feeding the
-    # pick back (only the id crosses to the host), as generation does; else logits to the host
+    # a library with ``sample``: each step decodes and picks greedily on the device (only the id
+    # crosses to the host), as generation does; else the logits come to the host. Every step
+    # feeds the same token, so a policy's cache behaves as its variant says (TokenSelect's
+    # Selection Cache hits on repeats; ``tokenselect-reselect`` misses by construction).
     on_device = engine.sampler is not None
-
-    def step(token: int) -> int:
-        if on_device:
-            return engine.decode_greedy(token)
-        engine.decode(token)
-        return token
-
-    token = step(1)  # warm-up
+    step = engine.decode_greedy if on_device else engine.decode
+    step(1)  # warm-up (and the CUDA graph's capture)
     start = time.perf_counter()
     for _ in range(steps):
-        token = step(token)
+        step(1)
     seconds = time.perf_counter() - start
     return {"context": context, "steps": steps, "ms_per_token": round(1000 * seconds / steps, 3),
             "tok_per_s": round(steps / seconds, 2), "sampling": "device" if on_device else "host"}
