@@ -38,10 +38,11 @@ TILE_BYTES = 32768  # K and V bytes of one tile (all KV heads): the default tile
 STAGES = 2  # tiles in shared memory: one computed, the others in flight
 
 
-def decode_splits(num_keys: "tirx.PrimExpr | int", max_splits: int = MAX_SPLITS) -> "tirx.PrimExpr | int":
-    """Chunks (blocks, partial outputs) for ``num_keys`` rows: ≥ 8 keys each, at most
-    ``max_splits`` (256) chunks."""
-    per_min = (num_keys + MIN_KEYS_PER_SPLIT - 1) // MIN_KEYS_PER_SPLIT
+def decode_splits(num_keys: "tirx.PrimExpr | int", max_splits: int = MAX_SPLITS,
+                  min_keys: int = MIN_KEYS_PER_SPLIT) -> "tirx.PrimExpr | int":
+    """Chunks (blocks, partial outputs) for ``num_keys`` rows: ≥ ``min_keys`` (8) keys each, at
+    most ``max_splits`` (256) chunks."""
+    per_min = (num_keys + min_keys - 1) // min_keys
     if isinstance(per_min, int):
         return min(per_min, max_splits)
     return tirx.min(per_min, i64(max_splits))
@@ -50,7 +51,7 @@ def decode_splits(num_keys: "tirx.PrimExpr | int", max_splits: int = MAX_SPLITS)
 def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
                           target: Target, tile_keys: int | None = None, stages: int = STAGES,
                           row_sets: int = 0, logit_sets: int = 0, dense: bool = False,
-                          max_splits: int = MAX_SPLITS) -> tirx.PrimFunc:
+                          max_splits: int = MAX_SPLITS, min_keys: int = MIN_KEYS_PER_SPLIT) -> tirx.PrimFunc:
     """Args: q[1, >= H, d] (the first H heads are the query's), kv[layers, 2, Hkv, cap, d],
     rope[P, d] f32, rows[M] int32, layer (int64).
 
@@ -68,7 +69,7 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
 
     ``dense``: the rows are ``0 .. length[0] - 1`` at their true positions, and the argument after
     ``rope`` is length[1] int32 (a device tensor) instead of ``rows``; the grid and the outputs
-    then have ``S = max_splits`` chunks whatever the length (the chunks past
+    then have ``S = max_splits`` chunks whatever the length (``min_keys``: rows at least per chunk) (the chunks past
     ``decode_splits(length, max_splits)`` write nothing; ``attention_merge`` built with ``dense`` skips
     them), so a decode step's kernels keep their arguments and grids from step to step and the
     step replays as one CUDA graph.
@@ -175,7 +176,7 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                         logits[kvh, jt + kk * PH + lane] = mx[0]
 
     def splits_of(m):
-        return decode_splits(m, max_splits)
+        return decode_splits(m, max_splits, min_keys)
 
     @T.macro
     def body(q, kv, rope, rows, layer, o, lse, logits, kv_flat, rope_flat, m_keys, cap, grid):

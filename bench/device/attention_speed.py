@@ -21,10 +21,10 @@ from pathlib import Path
 LIBS = Path(".carry/attn")
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 8, 32, 8, 128, 131072 + 64
 CASES = [("dense", m) for m in (128, 4096, 32768, 131072)] + [("gathered", 2688)]
-DECODE_SHAPES = {"decode": {}}  # variants over row lists: make_decode_attention(tile_keys=, stages=)
+DECODE_SHAPES = {"decode": {}, "decode min16": {"min_keys": 16}, "decode min32": {"min_keys": 32},
+                 "decode min64": {"min_keys": 64}}  # variants over row lists: make_decode_attention(options)
 # variants of the dense decode kernel (rows 0..L-1 from a device length, a fixed grid of max_splits)
-DENSE_SHAPES = {"dense 256": {"max_splits": 256}, "dense 396": {"max_splits": 396},
-                "dense 528": {"max_splits": 528}, "dense 792": {"max_splits": 792}}
+DENSE_SHAPES = {"dense 256": {"max_splits": 256}, "dense 256 min32": {"max_splits": 256, "min_keys": 32}}
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
 CHUNK_SHAPES = {"chunk": {}}  # variants: make_chunk_attention(warps=, keys=, stages=, m_tiles=)
@@ -118,12 +118,12 @@ def run(out_path: Path) -> None:
         return tvm.runtime.load_module(str(LIBS / f"{name}.so"))["main"]
 
     results = []
-    for name in DECODE_SHAPES:
+    for name, kw in DECODE_SHAPES.items():
         kernel = load(_file(name))
         for case, m in CASES:
             rows = (torch.arange(m, device=dev) if case == "dense" else
                     torch.from_numpy(np.sort(np.random.default_rng(0).choice(CAPACITY, m, replace=False))).to(dev))
-            splits = decode_attention.decode_splits(m)
+            splits = decode_attention.decode_splits(m, **kw)
             us = timed(kernel, q[:1], rows.to(torch.int32), splits, 8 * LAYERS if m >= 32768 else 64 * LAYERS)
             gbs = m * KV_HEADS * HEAD_DIM * 2 * 2 / us / 1e3
             results.append({"variant": name, "kind": "decode", "rows": case, "m": m, "us_per_layer": round(us, 2),
