@@ -2,8 +2,12 @@
 
 ``Engine(lib, weights, device)`` loads the library and its weights, allocates the KV cache, runs
 chunked prefill and the decode loop. Any language with a TVM runtime can do the same: call
-``rope_table`` once, then ``prefill(ids, kv, rope, past, params)`` per chunk and
-``decode(id, kv, rope, past, params)`` per token (see DESIGN.md, runtime contract).
+``rope_table`` once, then ``prefill(ids, kv, rope, past, length, state, params)`` per chunk and
+``decode(id, kv, rope, past, length, state, params)`` per token, where ``length`` is an int32 [1]
+device tensor holding ``past`` plus the call's tokens; keep the token, KV cache, RoPE table,
+length and state tensors at fixed addresses (a CUDA decode step replays as one CUDA graph that
+captured them), and ``sample(logits, ...)`` picks the next token on the device where the library
+has it (see DESIGN.md, runtime contract).
 """
 
 from __future__ import annotations
