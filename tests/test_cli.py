@@ -247,3 +247,15 @@ def test_lib_given_its_metadata_file(tmp_path):
     result = run("generate", "--lib", str(meta), "--prompt", "x")
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert "give the library itself, model.so" in result.output
+
+
+@pytest.mark.skipif(has_cuda_gpu(), reason="checks a machine without a CUDA driver")
+def test_cuda_library_without_a_cuda_driver(tiny_lib, tmp_path):
+    meta = json.loads(tiny_lib.with_suffix(".json").read_text())
+    meta["target"] = "cuda:sm_90"
+    lib = tmp_path / "cuda.so"
+    lib.write_bytes(b"")  # never opened: the CUDA runtime fails to load first
+    lib.with_suffix(".json").write_text(json.dumps(meta))
+    result = run("generate", "--lib", str(lib), "--prompt", "x")
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "no CUDA driver" in result.output and "--target llvm" in result.output

@@ -114,12 +114,18 @@ def _vulkan():
 
 
 def load_cuda_runtime() -> None:
-    """The CUDA runtime module is not loaded by a runtime-only TVM install; load it."""
+    """The CUDA runtime module is not loaded by a runtime-only TVM install; load it.
+
+    Raises LibraryError when this machine has no CUDA driver (``libcuda.so.1``)."""
     import ctypes
 
     path = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
     if path.exists():
-        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        try:
+            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        except OSError as err:
+            raise LibraryError(f"the library is built for CUDA, but this machine has no CUDA driver ({err}); "
+                               "run it on a machine with an NVIDIA GPU, or compile one with --target llvm") from None
 
 
 class Engine:
