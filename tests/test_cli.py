@@ -249,13 +249,29 @@ def test_lib_given_its_metadata_file(tmp_path):
     assert "give the library itself, model.so" in result.output
 
 
-@pytest.mark.skipif(has_cuda_gpu(), reason="checks a machine without a CUDA driver")
-def test_cuda_library_without_a_cuda_driver(tiny_lib, tmp_path):
+def _library_like(tiny_lib, folder, target: str):
+    """An empty .so with ``tiny_lib``'s metadata for ``target``."""
     meta = json.loads(tiny_lib.with_suffix(".json").read_text())
-    meta["target"] = "cuda:sm_90"
-    lib = tmp_path / "cuda.so"
-    lib.write_bytes(b"")  # never opened: the CUDA runtime fails to load first
+    meta["target"] = target
+    lib = folder / f"{target.replace(':', '-')}.so"
+    lib.write_bytes(b"")
     lib.with_suffix(".json").write_text(json.dumps(meta))
-    result = run("generate", "--lib", str(lib), "--prompt", "x")
+    return lib
+
+
+def test_cuda_library_without_a_cuda_driver(tiny_lib, tmp_path, monkeypatch):
+    import ctypes
+
+    def no_driver(*_args, **_kwargs):
+        raise OSError("libcuda.so.1: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_driver)  # as on a machine without NVIDIA's driver
+    result = run("generate", "--lib", str(_library_like(tiny_lib, tmp_path, "cuda:sm_90")), "--prompt", "x")
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert "no CUDA driver" in result.output and "--target llvm" in result.output
+
+
+def test_unloadable_library_file(tiny_lib, tmp_path):
+    result = run("generate", "--lib", str(_library_like(tiny_lib, tmp_path, "llvm")), "--prompt", "x")
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "cannot be loaded" in result.output and "tsedge compile" in result.output

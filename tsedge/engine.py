@@ -99,7 +99,12 @@ def load_library(lib: str | Path) -> tuple[LibraryMeta, tvm.runtime.Module]:
         load_cuda_runtime()
     if meta.target == "vulkan":
         _vulkan().load()
-    return meta, tvm.runtime.load_module(str(lib))
+    try:
+        module = tvm.runtime.load_module(str(lib))
+    except Exception as err:  # TVM reports a truncated or foreign file as InternalError
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise LibraryError(f"{lib} cannot be loaded ({reason}); rebuild it with `tsedge compile`") from None
+    return meta, module
 
 
 def _vulkan():
