@@ -118,9 +118,8 @@ def relax_pipeline(target: Target, max_context: int | None = None):
     def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
         # x @ W^T as one matmul kernel (else W^T is materialised on every call)
         accumulate = [fp32_accumulate] if target.kind.name in ("cuda", "webgpu") else []  # webgpu: --target vulkan
-        if target.kind.name == "cuda" and max_context is not None:
-            accumulate = [graph_decode(max_context)] + accumulate
-        fuse = ([fuse_dequantize_matmul()] + accumulate + [relax.transform.FuseTransposeMatmul()]
+        graph = [graph_decode(max_context)] if target.kind.name == "cuda" and max_context is not None else []
+        fuse = ([fuse_dequantize_matmul()] + graph + accumulate + [relax.transform.FuseTransposeMatmul()]
                 + cuda_passes.legalize_passes(target)[:-1])
         finalize = cuda_passes.finalize_passes(target)
         if target.kind.name == "llvm":

@@ -26,7 +26,7 @@ class KVCache:
         self.tensor = tvm.runtime.empty(shape, meta.dtype, device)
         self.state_specs = meta.state
         self.device = device
-        self.state: list[tvm.runtime.Tensor] = []
+        self.state = [tvm.runtime.empty(s, dtype, device) for _, s, dtype in self.state_specs]
         self.reset_state()
         self.tokens: list[int] = []
 
@@ -34,8 +34,6 @@ class KVCache:
         """Zero the policy state (e.g. the selection cache): it describes the dropped tokens.
         In place: the library updates these tensors in place, and a CUDA graph of a decode step
         holds their addresses."""
-        if not self.state:
-            self.state = [tvm.runtime.empty(shape, dtype, self.device) for _, shape, dtype in self.state_specs]
         for tensor, (_, shape, dtype) in zip(self.state, self.state_specs):
             tensor.copyfrom(np.zeros(shape, dtype))
 
