@@ -11,6 +11,7 @@ from tsedge.tir_kernels import attention as attn
 from tsedge.tir_kernels import cache_ops
 from tsedge.tir_kernels import chunk_attention as chunk
 from tsedge.tir_kernels import decode_attention as dec
+from tsedge.tir_kernels import decode_attention_mma as dec_mma
 
 NUM_LAYERS, LAYER = 3, 2
 
@@ -95,12 +96,23 @@ DECODE_CASES = [
     (16, 2, 128, "float16", 1000, 1200),     # group 8: each slot one query head, no key lanes
     (9, 3, 64, "float32", 4099, 5000),       # float32 library: 4-element loads
     (4, 4, 64, "float32", 33, 64),           # group 1, a split of one key
+    (24, 2, 64, "float16", 777, 900),        # group 12: mma rows past 8 hold query heads too
 ]
+DECODE_KERNELS = {"simt": dec.make_decode_attention, "mma": dec_mma.make_decode_attention_mma}
+
+
+def decode_kernel(name: str, n_heads: int, n_kv: int, head_dim: int, dtype: str):
+    """The decode kernel maker ``name``; skips where the tensor-core kernel does not apply."""
+    if name == "mma" and not dec_mma.supported(n_heads, n_kv, head_dim, dtype, CUDA):
+        pytest.skip("tensor-core decode attention: float16, head_dim % 32 == 0, group <= 16 only")
+    return DECODE_KERNELS[name]
 
 
 @pytest.mark.skipif(MODE == "llvm", reason="GPU-only kernel (CPU decode runs attention_partial, tested above)")
 @pytest.mark.parametrize("n_heads, n_kv, head_dim, dtype, m, capacity", DECODE_CASES)
-def test_decode_attention(n_heads, n_kv, head_dim, dtype, m, capacity):
+@pytest.mark.parametrize("kernel", DECODE_KERNELS)
+def test_decode_attention(kernel, n_heads, n_kv, head_dim, dtype, m, capacity):
+    make = decode_kernel(kernel, n_heads, n_kv, head_dim, dtype)
     rng = np.random.default_rng(m)
     kv = rng.standard_normal((NUM_LAYERS, 2, n_kv, capacity, head_dim)).astype(dtype)
     q = rng.standard_normal((1, n_heads, head_dim)).astype(dtype)
@@ -111,11 +123,11 @@ def test_decode_attention(n_heads, n_kv, head_dim, dtype, m, capacity):
     lse = tensor(np.full((1, splits, n_heads), np.nan, np.float32))
     out = tensor(np.full((1, n_heads, head_dim), np.nan, dtype))
     qkv = np.concatenate([q, rng.standard_normal((1, 2 * n_kv, head_dim)).astype(dtype)], axis=1)
-    build(dec.make_decode_attention, NUM_LAYERS, n_heads, n_kv, head_dim, dtype)(
+    build(make, NUM_LAYERS, n_heads, n_kv, head_dim, dtype)(
         tensor(qkv), tensor(kv), tensor(table.astype(np.float32)), tensor(rows), LAYER, o, lse)
     build(attn.make_attention_merge, n_heads, head_dim, dtype)(o, lse, out)
     expected = attention(q, kv[LAYER, 0][:, rows], kv[LAYER, 1][:, rows], table)
-    tol = 2e-3 if dtype == "float16" else 1e-5
+    tol = (4e-3 if kernel == "mma" else 2e-3) if dtype == "float16" else 1e-5  # mma: float16 q and rotated keys
     np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=tol, atol=tol)
 
 
@@ -142,8 +154,10 @@ def test_merge_reads_only_the_valid_chunks(chunks, valid):
 @pytest.mark.parametrize("n_heads, n_kv, head_dim, dtype, m, capacity", [
     (32, 8, 128, "float16", 1, 16), (32, 8, 128, "float16", 97, 200), (9, 3, 64, "float16", 2049, 2100),
     (32, 8, 128, "float16", 40001, 40003)])
-def test_decode_attention_dense(n_heads, n_kv, head_dim, dtype, m, capacity):
+@pytest.mark.parametrize("kernel", DECODE_KERNELS)
+def test_decode_attention_dense(kernel, n_heads, n_kv, head_dim, dtype, m, capacity):
     """Rows 0 .. length - 1 from a device length, ``MAX_SPLITS`` chunks whatever the length."""
+    make = decode_kernel(kernel, n_heads, n_kv, head_dim, dtype)
     rng = np.random.default_rng(m)
     kv = rng.standard_normal((NUM_LAYERS, 2, n_kv, capacity, head_dim)).astype(dtype)
     q = rng.standard_normal((1, n_heads, head_dim)).astype(dtype)
@@ -153,11 +167,12 @@ def test_decode_attention_dense(n_heads, n_kv, head_dim, dtype, m, capacity):
     lse = tensor(np.full((1, splits, n_heads), np.nan, np.float32))
     out = tensor(np.full((1, n_heads, head_dim), np.nan, dtype))
     length = tensor(np.array([m], np.int32))
-    build(dec.make_decode_attention, NUM_LAYERS, n_heads, n_kv, head_dim, dtype, dense=True)(
+    build(make, NUM_LAYERS, n_heads, n_kv, head_dim, dtype, dense=True)(
         tensor(q), tensor(kv), tensor(table.astype(np.float32)), length, LAYER, o, lse)
     build(attn.make_attention_merge, n_heads, head_dim, dtype, valid_chunks=dec.decode_splits)(o, lse, length, out)
     expected = attention(q, kv[LAYER, 0][:, :m], kv[LAYER, 1][:, :m], table[:m])
-    np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=2e-3, atol=2e-3)
+    tol = 4e-3 if kernel == "mma" else 2e-3
+    np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=tol, atol=tol)
 
 
 CHUNK_CASES = [
@@ -226,6 +241,26 @@ def test_decode_attention_cuda_pipelines_16_byte_copies(dtype, load):
     source = cuda_source(dec.make_decode_attention(2, 32, 8, 128, dtype, CUDA))
     assert "cp.async.cg.shared.global" in source and "cp.async.wait_group 0" in source  # 2 stages
     assert f"*({load}*)(((" in source  # a thread reads 16 bytes of a row from shared memory
+
+
+@pytest.mark.skipif(MODE != "llvm", reason="codegen check runs where the compiler is")
+def test_decode_attention_mma_uses_tensor_cores():
+    source = cuda_source(dec_mma.make_decode_attention_mma(2, 32, 8, 128, "float16", CUDA))
+    assert source.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 32  # 16 Q Kᵀ + 16 P V a tile
+    assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in source and "cp.async.cg.shared.global" in source
+    assert "__launch_bounds__(128)" in source  # four KV heads (warps) a block
+
+
+@pytest.mark.skipif(MODE != "llvm", reason="target checks run where the compiler is")
+def test_decode_attention_mma_support():
+    assert dec_mma.supported(32, 8, 128, "float16", CUDA) and dec_mma.supported(9, 3, 64, "float16", CUDA)
+    assert not dec_mma.supported(32, 8, 128, "float32", CUDA)
+    assert not dec_mma.supported(32, 8, 80, "float16", CUDA)  # RoPE halves of 40 dims: not whole k-steps
+    assert not dec_mma.supported(64, 2, 128, "float16", CUDA)  # a group of 32 query heads
+    with pytest.raises(ValueError, match="make_decode_attention"):
+        dec_mma.make_decode_attention_mma(2, 32, 8, 128, "float32", CUDA)
+    with pytest.raises(ValueError, match="shared memory"):
+        dec_mma.make_decode_attention_mma(2, 32, 8, 128, "float16", CUDA, heads_per_block=8, keys=64)
 
 
 @pytest.mark.skipif(MODE != "llvm", reason="target checks run where the compiler is")

@@ -21,10 +21,15 @@ from pathlib import Path
 LIBS = Path(".carry/attn")
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 8, 32, 8, 128, 131072 + 64
 CASES = [("dense", m) for m in (128, 4096, 32768, 131072)] + [("gathered", 2688)]
-DECODE_SHAPES = {"decode": {}, "decode min16": {"min_keys": 16}, "decode min32": {"min_keys": 32},
-                 "decode min64": {"min_keys": 64}}  # variants over row lists: make_decode_attention(options)
+# variants over row lists: (kernel, options): "simt" make_decode_attention, "mma" make_decode_attention_mma
+DECODE_SHAPES = {"decode": ("simt", {}), "mma": ("mma", {}), "mma h8": ("mma", {"heads_per_block": 8}),
+                 "mma h2": ("mma", {"heads_per_block": 2}), "mma k32": ("mma", {"keys": 32}),
+                 "mma s3": ("mma", {"stages": 3}), "mma min16": ("mma", {"min_keys": 16})}
 # variants of the dense decode kernel (rows 0..L-1 from a device length, a fixed grid of max_splits)
-DENSE_SHAPES = {"dense 256": {"max_splits": 256}, "dense 256 min32": {"max_splits": 256, "min_keys": 32}}
+DENSE_SHAPES = {"dense 256": ("simt", {"max_splits": 256}), "mma dense 256": ("mma", {"max_splits": 256}),
+                "mma dense 132": ("mma", {"max_splits": 132}), "mma dense 396": ("mma", {"max_splits": 396}),
+                "mma dense 256 h8": ("mma", {"max_splits": 256, "heads_per_block": 8})}
+SPLIT_OPTIONS = ("max_splits", "min_keys")  # the options decode_splits takes
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
 CHUNK_SHAPES = {"chunk": {}}  # variants: make_chunk_attention(warps=, keys=, stages=, m_tiles=)
@@ -35,20 +40,21 @@ def prepare() -> None:
 
     from tsedge.compile.cuda_fatbin import fatbin_build_context
     from tsedge.compile.targets import parse_target
-    from tsedge.tir_kernels import attention, chunk_attention, decode_attention, tokenselect_scoring
+    from tsedge.tir_kernels import (attention, chunk_attention, decode_attention, decode_attention_mma,
+                                    tokenselect_scoring)
 
     target = parse_target("cuda:sm_90")
+    makers = {"simt": decode_attention.make_decode_attention, "mma": decode_attention_mma.make_decode_attention_mma}
     LIBS.mkdir(parents=True, exist_ok=True)
     kernels = {"merge": attention.make_attention_merge(HEADS, HEAD_DIM, "float16", target),
                **{name: chunk_attention.make_chunk_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, **kw)
                   for name, kw in CHUNK_SHAPES.items()},
-               **{name: decode_attention.make_decode_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, **kw)
-                  for name, kw in DECODE_SHAPES.items()}}
-    for name, kw in DENSE_SHAPES.items():
-        kernels[name] = decode_attention.make_decode_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target,
-                                                              dense=True, **kw)
+               **{name: makers[kind](LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, **kw)
+                  for name, (kind, kw) in DECODE_SHAPES.items()}}
+    for name, (kind, kw) in DENSE_SHAPES.items():
+        kernels[name] = makers[kind](LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, dense=True, **kw)
         kernels[f"merge {name}"] = attention.make_attention_merge(
-            HEADS, HEAD_DIM, "float16", target, functools.partial(decode_attention.decode_splits, **kw))
+            HEADS, HEAD_DIM, "float16", target, functools.partial(decode_attention.decode_splits, **_split_kw(kw)))
     kernels["scoring"] = tokenselect_scoring.make_scoring(LAYERS, HEADS, KV_HEADS, HEAD_DIM, 128, 512, 0, "float16",
                                                           target)  # TokenSelect paper budgets 128/512
     with fatbin_build_context(target):
@@ -63,6 +69,10 @@ def rope_table(positions: int, dev):
     pos = torch.arange(positions, device=dev, dtype=torch.float64)[:, None]
     inv = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device=dev, dtype=torch.float64) / HEAD_DIM)
     return torch.cat([torch.cos(pos * inv), torch.sin(pos * inv)], 1).float()
+
+
+def _split_kw(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k in SPLIT_OPTIONS}
 
 
 def _file(name: str) -> str:
@@ -118,18 +128,18 @@ def run(out_path: Path) -> None:
         return tvm.runtime.load_module(str(LIBS / f"{name}.so"))["main"]
 
     results = []
-    for name, kw in DECODE_SHAPES.items():
+    for name, (_, kw) in DECODE_SHAPES.items():
         kernel = load(_file(name))
         for case, m in CASES:
             rows = (torch.arange(m, device=dev) if case == "dense" else
                     torch.from_numpy(np.sort(np.random.default_rng(0).choice(CAPACITY, m, replace=False))).to(dev))
-            splits = decode_attention.decode_splits(m, **kw)
+            splits = decode_attention.decode_splits(m, **_split_kw(kw))
             us = timed(kernel, q[:1], rows.to(torch.int32), splits, 8 * LAYERS if m >= 32768 else 64 * LAYERS)
             gbs = m * KV_HEADS * HEAD_DIM * 2 * 2 / us / 1e3
             results.append({"variant": name, "kind": "decode", "rows": case, "m": m, "us_per_layer": round(us, 2),
                             "kv_gb_per_s": round(gbs, 1)})
             print(f"{name:38s} {case:8s} M={m:7d}: {us:9.2f} us/layer  {gbs:8.1f} GB/s", flush=True)
-    for name, kw in DENSE_SHAPES.items():
+    for name, (_, kw) in DENSE_SHAPES.items():
         kernel, merge_dense, splits = load(_file(name)), load(_file(f"merge {name}")), kw["max_splits"]
         o = torch.empty((1, splits, HEADS, HEAD_DIM), device=dev, dtype=torch.float32)
         lse = torch.empty((1, splits, HEADS), device=dev, dtype=torch.float32)

@@ -6,7 +6,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.target import Target
 
-from tsedge.tir_kernels import attention, cache_ops, chunk_attention, decode_attention
+from tsedge.tir_kernels import attention, cache_ops, chunk_attention, decode_attention, decode_attention_mma
 from tsedge.tir_kernels.common import has_warp_shuffle, i64
 
 from ..config import ModelConfig
@@ -29,10 +29,11 @@ class DensePolicy:
         self.partial = attention.make_attention_partial(n_layers, h, hkv, d, dtype, target)
         self.merge = attention.make_attention_merge(h, d, dtype, target)
         gpu = has_warp_shuffle(target)  # CUDA; Vulkan (WGSL) decodes with attention_partial
-        self.decode = decode_attention.make_decode_attention(n_layers, h, hkv, d, dtype, target) if gpu else None
+        make_decode = (decode_attention_mma.make_decode_attention_mma  # tensor cores: sm_80+, float16
+                       if decode_attention_mma.supported(h, hkv, d, dtype, target) else decode_attention.make_decode_attention)
+        self.decode = make_decode(n_layers, h, hkv, d, dtype, target) if gpu else None
         # GPU decode over rows 0 .. length - 1 read from the device (static grid: one CUDA graph)
-        self.decode_dense = (decode_attention.make_decode_attention(n_layers, h, hkv, d, dtype, target, dense=True)
-                             if gpu else None)
+        self.decode_dense = make_decode(n_layers, h, hkv, d, dtype, target, dense=True) if gpu else None
         self.merge_dense = (attention.make_attention_merge(h, d, dtype, target, decode_attention.decode_splits)
                             if gpu else None)
         self.chunk = (chunk_attention.make_chunk_attention(n_layers, h, hkv, d, dtype, target)
