@@ -24,7 +24,8 @@ CASES = [("dense", m) for m in (128, 4096, 32768, 131072)] + [("gathered", 2688)
 # variants over row lists: (kernel, options): "simt" make_decode_attention, "mma" make_decode_attention_mma
 DECODE_SHAPES = {"decode": ("simt", {}), "mma": ("mma", {}), "mma h8": ("mma", {"heads_per_block": 8}),
                  "mma h2": ("mma", {"heads_per_block": 2}), "mma k32": ("mma", {"keys": 32}),
-                 "mma s3": ("mma", {"stages": 3}), "mma min16": ("mma", {"min_keys": 16})}
+                 "mma s3": ("mma", {"stages": 3}), "mma min16": ("mma", {"min_keys": 16}),
+                 "mma min64": ("mma", {"min_keys": 64}), "mma min128": ("mma", {"min_keys": 128})}
 # variants of the dense decode kernel (rows 0..L-1 from a device length, a fixed grid of max_splits)
 DENSE_SHAPES = {"dense 256": ("simt", {"max_splits": 256}), "mma dense 256": ("mma", {"max_splits": 256}),
                 "mma dense 132": ("mma", {"max_splits": 132}), "mma dense 396": ("mma", {"max_splits": 396}),
