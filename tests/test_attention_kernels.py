@@ -92,18 +92,22 @@ DECODE_CASES = [
     (32, 8, 128, "float16", 2049, 2100),     # 256 splits of 9 keys, the last ones empty
     (32, 8, 128, "float16", 2689, 40000),    # a Selection Cache hit's gathered rows
     (32, 8, 128, "float16", 40961, 41000),   # 256 splits of 161 keys
+    (32, 8, 128, "float16", 8449, 9000),     # mma: 132 splits of 65 keys, the last ones empty
     (9, 3, 64, "float16", 300, 1200),        # SmolLM2 heads (group 3)
     (16, 2, 128, "float16", 1000, 1200),     # group 8: each slot one query head, no key lanes
     (9, 3, 64, "float32", 4099, 5000),       # float32 library: 4-element loads
     (4, 4, 64, "float32", 33, 64),           # group 1, a split of one key
     (24, 2, 64, "float16", 777, 900),        # group 12: mma rows past 8 hold query heads too
 ]
-DECODE_KERNELS = {"simt": dec.make_decode_attention, "mma": dec_mma.make_decode_attention_mma}
+# kernel maker, its chunks for M rows, its dense grid
+DECODE_KERNELS = {"simt": (dec.make_decode_attention, dec.decode_splits, dec.MAX_SPLITS),
+                  "mma": (dec_mma.make_decode_attention_mma, dec_mma.mma_splits, dec_mma.MAX_SPLITS)}
 
 
 def decode_kernel(name: str, n_heads: int, n_kv: int, head_dim: int, dtype: str):
-    """The decode kernel maker ``name``; skips where the tensor-core kernel does not apply."""
-    if name == "mma" and not dec_mma.supported(n_heads, n_kv, head_dim, dtype, CUDA):
+    """(maker, splits, max_splits) of decode kernel ``name``; skips shapes the tensor-core kernel
+    does not take."""
+    if name == "mma" and not dec_mma.fits(n_heads, n_kv, head_dim, dtype):
         pytest.skip("tensor-core decode attention: float16, head_dim % 32 == 0, group <= 16 only")
     return DECODE_KERNELS[name]
 
@@ -112,13 +116,13 @@ def decode_kernel(name: str, n_heads: int, n_kv: int, head_dim: int, dtype: str)
 @pytest.mark.parametrize("n_heads, n_kv, head_dim, dtype, m, capacity", DECODE_CASES)
 @pytest.mark.parametrize("kernel", DECODE_KERNELS)
 def test_decode_attention(kernel, n_heads, n_kv, head_dim, dtype, m, capacity):
-    make = decode_kernel(kernel, n_heads, n_kv, head_dim, dtype)
+    make, splits_of, _ = decode_kernel(kernel, n_heads, n_kv, head_dim, dtype)
     rng = np.random.default_rng(m)
     kv = rng.standard_normal((NUM_LAYERS, 2, n_kv, capacity, head_dim)).astype(dtype)
     q = rng.standard_normal((1, n_heads, head_dim)).astype(dtype)
     rows = np.sort(rng.choice(capacity, m, replace=False)).astype(np.int32)
     table = rope_table(inv_freq(head_dim, 5e5), m)
-    splits = dec.decode_splits(m)
+    splits = splits_of(m)
     o = tensor(np.full((1, splits, n_heads, head_dim), np.nan, np.float32))
     lse = tensor(np.full((1, splits, n_heads), np.nan, np.float32))
     out = tensor(np.full((1, n_heads, head_dim), np.nan, dtype))
@@ -157,19 +161,18 @@ def test_merge_reads_only_the_valid_chunks(chunks, valid):
 @pytest.mark.parametrize("kernel", DECODE_KERNELS)
 def test_decode_attention_dense(kernel, n_heads, n_kv, head_dim, dtype, m, capacity):
     """Rows 0 .. length - 1 from a device length, ``MAX_SPLITS`` chunks whatever the length."""
-    make = decode_kernel(kernel, n_heads, n_kv, head_dim, dtype)
+    make, splits_of, splits = decode_kernel(kernel, n_heads, n_kv, head_dim, dtype)
     rng = np.random.default_rng(m)
     kv = rng.standard_normal((NUM_LAYERS, 2, n_kv, capacity, head_dim)).astype(dtype)
     q = rng.standard_normal((1, n_heads, head_dim)).astype(dtype)
     table = rope_table(inv_freq(head_dim, 5e5), capacity)
-    splits = dec.MAX_SPLITS
     o = tensor(np.full((1, splits, n_heads, head_dim), np.nan, np.float32))
     lse = tensor(np.full((1, splits, n_heads), np.nan, np.float32))
     out = tensor(np.full((1, n_heads, head_dim), np.nan, dtype))
     length = tensor(np.array([m], np.int32))
     build(make, NUM_LAYERS, n_heads, n_kv, head_dim, dtype, dense=True)(
         tensor(q), tensor(kv), tensor(table.astype(np.float32)), length, LAYER, o, lse)
-    build(attn.make_attention_merge, n_heads, head_dim, dtype, valid_chunks=dec.decode_splits)(o, lse, length, out)
+    build(attn.make_attention_merge, n_heads, head_dim, dtype, valid_chunks=splits_of)(o, lse, length, out)
     expected = attention(q, kv[LAYER, 0][:, :m], kv[LAYER, 1][:, :m], table[:m])
     tol = 4e-3 if kernel == "mma" else 2e-3
     np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=tol, atol=tol)

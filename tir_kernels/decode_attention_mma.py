@@ -11,7 +11,8 @@ byte cut so K/V stream at bandwidth:
   ``O += P V`` run on tensor cores with float32 accumulators, with no per-key reduction across
   threads (the SIMT kernel spends most of its instructions on warp shuffles);
 - the block's tiles of ``keys`` rows (K and V of its KV heads, and their float32 RoPE rows) are
-  copied into shared memory by ``cp.async`` ``stages - 1`` tiles ahead of the one computed; rows
+  copied into shared memory by ``cp.async`` ``stages - 1`` tiles ahead of the one computed (issued
+  before waiting for that one, so ``stages - 1`` tiles stay in flight while a block waits); rows
   are padded by 16 bytes (RoPE rows by 32), so ``ldmatrix`` and the RoPE loads are free of bank
   conflicts;
 - RoPE is applied to the key fragments in registers: the fragment of dims ``d .. d + 15`` and the
@@ -31,20 +32,31 @@ from tvm.target import Target
 
 from .attention import LOG2E, NEG_INF, rope_rotated
 from .common import has_mma_sync, i64, max_shared_memory
-from .decode_attention import MAX_SPLITS, MIN_KEYS_PER_SPLIT, decode_splits
+from .decode_attention import decode_splits
 
 HEADS_PER_BLOCK = 4  # KV heads (warps) per block
+MAX_SPLITS = 132  # Llama-3-8B (8 KV heads): 264 blocks, one wave at two blocks per SM of a 132-SM H100/H200
+MIN_KEYS = 64  # rows at least per split: fewer partial outputs to write and merge for short lists
 KEYS = 16  # rows per shared-memory tile
 STAGES = 2
 PAD = 8  # float16 elements of padding per K/V row (float32 elements per RoPE row: 32 bytes)
 V_GROUP = 4  # ldmatrix.x4 of V fragments loaded before their mma
 
 
+def fits(n_heads: int, n_kv: int, head_dim: int, dtype: str) -> bool:
+    """True for shapes the kernel takes: float16, ``head_dim`` a multiple of 32 (RoPE halves of
+    whole 16-dim k-steps) and a GQA group of at most 16 query heads (one mma tile)."""
+    return dtype == "float16" and head_dim % 32 == 0 and n_heads % n_kv == 0 and n_heads // n_kv <= 16
+
+
 def supported(n_heads: int, n_kv: int, head_dim: int, dtype: str, target: Target) -> bool:
-    """True where the kernel runs: CUDA sm_80+, float16, ``head_dim`` a multiple of 32 (RoPE halves
-    of whole 16-dim k-steps) and a GQA group of at most 16 query heads (one mma tile)."""
-    return (has_mma_sync(target) and dtype == "float16" and head_dim % 32 == 0
-            and n_heads % n_kv == 0 and n_heads // n_kv <= 16)
+    """True where the kernel runs: ``fits`` on CUDA sm_80+."""
+    return has_mma_sync(target) and fits(n_heads, n_kv, head_dim, dtype)
+
+
+def mma_splits(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
+    """Chunks (blocks along x, partial outputs) for ``num_keys`` rows with the default options."""
+    return decode_splits(num_keys, MAX_SPLITS, MIN_KEYS)
 
 
 def _shared_bytes(head_dim: int, warps: int, keys: int, stages: int) -> int:
@@ -55,15 +67,15 @@ def _shared_bytes(head_dim: int, warps: int, keys: int, stages: int) -> int:
 def make_decode_attention_mma(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
                               target: Target, dense: bool = False, heads_per_block: int = HEADS_PER_BLOCK,
                               keys: int = KEYS, stages: int = STAGES, max_splits: int = MAX_SPLITS,
-                              min_keys: int = MIN_KEYS_PER_SPLIT) -> tirx.PrimFunc:
+                              min_keys: int = MIN_KEYS) -> tirx.PrimFunc:
     """Args: q[1, >= H, d] float16 (the first H heads are the query's), kv[layers, 2, Hkv, cap, d]
     float16, rope[P, d] float32, rows[M] int32 (``dense``: length[1] int32, a device tensor), layer
     (int64).
 
     Outputs: o[1, S, H, d] float32 (each chunk's normalised output), lse[1, S, H] float32
     (log2-sum-exp of the chunk's scaled scores, ``NEG_INF`` for an empty chunk), ``S =
-    decode_splits(M, max_splits, min_keys)`` (``dense``: ``S = max_splits``; chunks past
-    ``decode_splits(length)`` write nothing). ``heads_per_block``: KV heads (warps) per block (the
+    decode_splits(M, max_splits, min_keys)`` (``dense``: ``S = max_splits``; the blocks of chunks past
+    ``decode_splits(length, ...)`` load and write nothing; ``mma_splits`` is the default). ``heads_per_block``: KV heads (warps) per block (the
     largest divisor of Hkv up to it); ``keys``: rows per tile (a multiple of 16); ``stages`` (≥ 2)
     tiles in shared memory. Raises ValueError where ``supported`` is False or the block exceeds the
     target's shared memory.
@@ -125,6 +137,7 @@ def make_decode_attention_mma(num_layers: int, n_heads: int, n_kv: int, head_dim
 
     @T.macro
     def body(q, kv, rope, rows, layer, o, lse, m_keys, cap, grid):
+        """Grid ``grid x Hkv / W`` of ``W`` warps."""
         for bx in T.thread_binding(grid, thread="blockIdx.x"):
             for by in T.thread_binding(HKV // W, thread="blockIdx.y"):
                 for ty in T.thread_binding(W, thread="threadIdx.y"):
@@ -150,7 +163,9 @@ def make_decode_attention_mma(num_layers: int, n_heads: int, n_kv: int, head_dim
                             chunk: T.let[T.int64] = (m_keys + splits_of(m_keys) - 1) // splits_of(m_keys)
                             j0: T.let[T.int64] = bx * chunk
                             j1: T.let[T.int64] = T.min(j0 + chunk, m_keys)
-                            tiles: T.let[T.int64] = T.max(j1 - j0 + keys - 1, i64(0)) // keys
+                            # blocks past the used chunks (dense's fixed grid) load and write nothing
+                            tiles: T.let[T.int64] = T.if_then_else(bx < splits_of(m_keys),
+                                                                   T.max(j1 - j0 + keys - 1, i64(0)) // keys, i64(0))
                             k_base: T.let[T.int64] = ty * 2 * keys * stride
                             for t in T.unroll(i64(stages - 1)):  # the first tiles' copies
                                 if t < tiles:
@@ -159,7 +174,7 @@ def make_decode_attention_mma(num_layers: int, n_heads: int, n_kv: int, head_dim
                             for it in T.serial(i64(q_items)):  # the warps' queries: rotated, scaled, float16
                                 f: T.let[T.int64] = (it * threads + tid) // head_dim  # warp * 16 + mma row
                                 dq: T.let[T.int64] = (it * threads + tid) % head_dim
-                                if it * threads + tid < warps * 16 * head_dim:
+                                if it * threads + tid < warps * 16 * head_dim and bx < splits_of(m_keys):
                                     q_sh[f * stride + dq] = T.if_then_else(
                                         f % 16 < G, T.Cast("float16", scale * rope_rotated(
                                             q, 0, (by * W + f // 16) * G + f % 16, dq, rope, m_keys - 1, half)),
@@ -178,11 +193,12 @@ def make_decode_attention_mma(num_layers: int, n_heads: int, n_kv: int, head_dim
                             for t in T.serial(tiles):
                                 stage: T.let[T.int64] = t % stages * stage_elems
                                 lim: T.let[T.int64] = j1 - (j0 + t * keys)  # valid rows of the tile
-                                T.evaluate(T.ptx.cp.async_.wait_group(stages - 2))  # tile t landed (own copies)
-                                T.tvm_storage_sync("shared")  # everyone's; the previous tile's stage is free
+                                T.tvm_storage_sync("shared")  # every warp is done with tile t - 1: its stage is free
                                 if t + stages - 1 < tiles:
                                     copy_tile(kv, rope, rows, kv_st, r_st, layer, cap, by, t + stages - 1, j0, j1, tid)
                                 T.evaluate(T.ptx.cp.async_.commit_group())
+                                T.evaluate(T.ptx.cp.async_.wait_group(stages - 1))  # tile t landed (own copies),
+                                T.tvm_storage_sync("shared")  # everyone's; the next stages - 1 tiles stay in flight
                                 for e in T.unroll(key_blocks * 4):
                                     sf[e] = T.float32(0)
                                 for p in T.unroll(i64(keys // 16)):  # 16 keys: fragments, RoPE, S = Q Kᵀ
@@ -247,20 +263,19 @@ def make_decode_attention_mma(num_layers: int, n_heads: int, n_kv: int, head_dim
                                                 + (2 * (vg * v_group + nd) + tx // 16) * 8, dtype="float16"))
                                         for nd in T.unroll(2 * v_group):
                                             mma(pf, kk * 8, bv, nd * 4, of, (vg * 2 * v_group + nd) * 4)
-                            if bx < splits_of(m_keys):  # normalise, write the chunk's output
-                                for rr in T.unroll(row_halves):
-                                    red[0] = l_run[rr]
-                                    for r in T.unroll(2):
-                                        red[0] = red[0] + T.tvm_warp_shuffle(
-                                            T.uint32(0xFFFFFFFF), red[0], tx ^ (T.int64(1) << r), 32, 32)
-                                    if tx // 4 + 8 * rr < G:
-                                        for nd in T.unroll(d_blocks):
-                                            for c in T.unroll(2):
-                                                o[0, bx, kvh * G + tx // 4 + 8 * rr, nd * 8 + tx % 4 * 2 + c] = T.if_then_else(
-                                                    red[0] > T.float32(0), of[nd * 4 + rr * 2 + c] / red[0], T.float32(0))
-                                        if tx % 4 == 0:
-                                            lse[0, bx, kvh * G + tx // 4 + 8 * rr] = T.if_then_else(
-                                                red[0] > T.float32(0), m_run[rr] + T.log2(red[0]), T.float32(NEG_INF))
+                            for rr in T.unroll(row_halves):  # normalise, write the chunk's output
+                                red[0] = l_run[rr]
+                                for r in T.unroll(2):
+                                    red[0] = red[0] + T.tvm_warp_shuffle(
+                                        T.uint32(0xFFFFFFFF), red[0], tx ^ (T.int64(1) << r), 32, 32)
+                                if tx // 4 + 8 * rr < G and bx < splits_of(m_keys):
+                                    for nd in T.unroll(d_blocks):
+                                        for c in T.unroll(2):
+                                            o[0, bx, kvh * G + tx // 4 + 8 * rr, nd * 8 + tx % 4 * 2 + c] = T.if_then_else(
+                                                red[0] > T.float32(0), of[nd * 4 + rr * 2 + c] / red[0], T.float32(0))
+                                    if tx % 4 == 0:
+                                        lse[0, bx, kvh * G + tx // 4 + 8 * rr] = T.if_then_else(
+                                            red[0] > T.float32(0), m_run[rr] + T.log2(red[0]), T.float32(NEG_INF))
 
     if dense:
 

@@ -23,14 +23,14 @@ LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 8, 32, 8, 128, 131072 + 64
 CASES = [("dense", m) for m in (128, 4096, 32768, 131072)] + [("gathered", 2688)]
 # variants over row lists: (kernel, options): "simt" make_decode_attention, "mma" make_decode_attention_mma
 DECODE_SHAPES = {"decode": ("simt", {}), "mma": ("mma", {}), "mma h8": ("mma", {"heads_per_block": 8}),
-                 "mma h2": ("mma", {"heads_per_block": 2}), "mma k32": ("mma", {"keys": 32}),
-                 "mma s3": ("mma", {"stages": 3}), "mma min16": ("mma", {"min_keys": 16}),
-                 "mma min64": ("mma", {"min_keys": 64}), "mma min128": ("mma", {"min_keys": 128})}
+                 "mma 256 min8": ("mma", {"max_splits": 256, "min_keys": 8})}
 # variants of the dense decode kernel (rows 0..L-1 from a device length, a fixed grid of max_splits)
-DENSE_SHAPES = {"dense 256": ("simt", {"max_splits": 256}), "mma dense 256": ("mma", {"max_splits": 256}),
-                "mma dense 132": ("mma", {"max_splits": 132}), "mma dense 396": ("mma", {"max_splits": 396}),
-                "mma dense 256 h8": ("mma", {"max_splits": 256, "heads_per_block": 8})}
+DENSE_SHAPES = {"dense 256": ("simt", {"max_splits": 256, "min_keys": 8}), "mma dense": ("mma", {}),
+                "mma dense h8": ("mma", {"heads_per_block": 8}), "mma dense s3": ("mma", {"stages": 3}),
+                "mma dense 264": ("mma", {"max_splits": 264})}
 SPLIT_OPTIONS = ("max_splits", "min_keys")  # the options decode_splits takes
+SPLIT_DEFAULTS = {"simt": {"max_splits": 256, "min_keys": 8},  # decode_attention's MAX_SPLITS, MIN_KEYS_PER_SPLIT
+                  "mma": {"max_splits": 132, "min_keys": 64}}  # decode_attention_mma's MAX_SPLITS, MIN_KEYS
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
 CHUNK_SHAPES = {"chunk": {}}  # variants: make_chunk_attention(warps=, keys=, stages=, m_tiles=)
@@ -55,7 +55,8 @@ def prepare() -> None:
     for name, (kind, kw) in DENSE_SHAPES.items():
         kernels[name] = makers[kind](LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, dense=True, **kw)
         kernels[f"merge {name}"] = attention.make_attention_merge(
-            HEADS, HEAD_DIM, "float16", target, functools.partial(decode_attention.decode_splits, **_split_kw(kw)))
+            HEADS, HEAD_DIM, "float16", target,
+            functools.partial(decode_attention.decode_splits, **_split_kw({**SPLIT_DEFAULTS[kind], **kw})))
     kernels["scoring"] = tokenselect_scoring.make_scoring(LAYERS, HEADS, KV_HEADS, HEAD_DIM, 128, 512, 0, "float16",
                                                           target)  # TokenSelect paper budgets 128/512
     with fatbin_build_context(target):
@@ -129,19 +130,20 @@ def run(out_path: Path) -> None:
         return tvm.runtime.load_module(str(LIBS / f"{name}.so"))["main"]
 
     results = []
-    for name, (_, kw) in DECODE_SHAPES.items():
+    for name, (kind, kw) in DECODE_SHAPES.items():
         kernel = load(_file(name))
         for case, m in CASES:
             rows = (torch.arange(m, device=dev) if case == "dense" else
                     torch.from_numpy(np.sort(np.random.default_rng(0).choice(CAPACITY, m, replace=False))).to(dev))
-            splits = decode_attention.decode_splits(m, **_split_kw(kw))
+            splits = decode_attention.decode_splits(m, **_split_kw({**SPLIT_DEFAULTS[kind], **kw}))
             us = timed(kernel, q[:1], rows.to(torch.int32), splits, 8 * LAYERS if m >= 32768 else 64 * LAYERS)
             gbs = m * KV_HEADS * HEAD_DIM * 2 * 2 / us / 1e3
             results.append({"variant": name, "kind": "decode", "rows": case, "m": m, "us_per_layer": round(us, 2),
                             "kv_gb_per_s": round(gbs, 1)})
             print(f"{name:38s} {case:8s} M={m:7d}: {us:9.2f} us/layer  {gbs:8.1f} GB/s", flush=True)
-    for name, (_, kw) in DENSE_SHAPES.items():
-        kernel, merge_dense, splits = load(_file(name)), load(_file(f"merge {name}")), kw["max_splits"]
+    for name, (kind, kw) in DENSE_SHAPES.items():
+        kernel, merge_dense = load(_file(name)), load(_file(f"merge {name}"))
+        splits = {**SPLIT_DEFAULTS[kind], **kw}["max_splits"]
         o = torch.empty((1, splits, HEADS, HEAD_DIM), device=dev, dtype=torch.float32)
         lse = torch.empty((1, splits, HEADS), device=dev, dtype=torch.float32)
         out = torch.empty((1, HEADS, HEAD_DIM), device=dev, dtype=torch.float16)

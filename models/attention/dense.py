@@ -29,13 +29,16 @@ class DensePolicy:
         self.partial = attention.make_attention_partial(n_layers, h, hkv, d, dtype, target)
         self.merge = attention.make_attention_merge(h, d, dtype, target)
         gpu = has_warp_shuffle(target)  # CUDA; Vulkan (WGSL) decodes with attention_partial
-        make_decode = (decode_attention_mma.make_decode_attention_mma  # tensor cores: sm_80+, float16
-                       if decode_attention_mma.supported(h, hkv, d, dtype, target) else decode_attention.make_decode_attention)
+        if decode_attention_mma.supported(h, hkv, d, dtype, target):  # tensor cores: sm_80+, float16
+            make_decode, self.decode_splits = decode_attention_mma.make_decode_attention_mma, decode_attention_mma.mma_splits
+            self.max_splits = decode_attention_mma.MAX_SPLITS
+        else:
+            make_decode, self.decode_splits = decode_attention.make_decode_attention, decode_attention.decode_splits
+            self.max_splits = decode_attention.MAX_SPLITS
         self.decode = make_decode(n_layers, h, hkv, d, dtype, target) if gpu else None
         # GPU decode over rows 0 .. length - 1 read from the device (static grid: one CUDA graph)
         self.decode_dense = make_decode(n_layers, h, hkv, d, dtype, target, dense=True) if gpu else None
-        self.merge_dense = (attention.make_attention_merge(h, d, dtype, target, decode_attention.decode_splits)
-                            if gpu else None)
+        self.merge_dense = attention.make_attention_merge(h, d, dtype, target, self.decode_splits) if gpu else None
         self.chunk = (chunk_attention.make_chunk_attention(n_layers, h, hkv, d, dtype, target)
                       if chunk_attention.supported(dtype, d, target) else None)
 
@@ -67,7 +70,7 @@ class DensePolicy:
         n, h, d = q.shape[0], self.cfg.num_heads, self.cfg.head_dim
         m = rows.shape[0]
         if n == 1 and self.decode is not None:  # one query: split the rows over the whole GPU
-            kernel, name, chunks = self.decode, "attention_decode", decode_attention.decode_splits(m)
+            kernel, name, chunks = self.decode, "attention_decode", self.decode_splits(m)
         elif self.chunk is not None:  # a prefill chunk on tensor cores
             kernel, name, chunks = self.chunk, "chunk_attention", chunk_attention.chunk_splits(m)
         else:
@@ -88,8 +91,8 @@ class DensePolicy:
 
     def attend_decode_dense(self, layer_id: int, q: nn.Tensor, step) -> nn.Tensor:
         """A GPU decode step's attention over every cached row (true positions), with fixed
-        grids and shapes: ``MAX_SPLITS`` chunks, of which the merge reads the used ones."""
-        h, d, s = self.cfg.num_heads, self.cfg.head_dim, decode_attention.MAX_SPLITS
+        grids and shapes: ``max_splits`` chunks, of which the merge reads the used ones."""
+        h, d, s = self.cfg.num_heads, self.cfg.head_dim, self.max_splits
         o, lse = op.tensor_ir_op(
             self.decode_dense, "attention_decode_dense", args=[q, step.kv, step.rope, step.length, i64(layer_id)],
             out=[nn.Tensor.placeholder([1, s, h, d], "float32"), nn.Tensor.placeholder([1, s, h], "float32")])
