@@ -34,8 +34,8 @@ from .attention import LOG2E, NEG_INF, rope_rotated
 from .common import has_mma_sync, i64, max_shared_memory
 from .decode_attention import decode_splits
 
-HEADS_PER_BLOCK = 4  # KV heads (warps) per block
-MAX_SPLITS = 132  # Llama-3-8B (8 KV heads): 264 blocks, one wave at two blocks per SM of a 132-SM H100/H200
+HEADS_PER_BLOCK = 8  # KV heads (warps) per block: each RoPE row staged once for all of Llama-3-8B's
+MAX_SPLITS = 132  # one wave of one block per SM on a 132-SM H100/H200
 MIN_KEYS = 64  # rows at least per split: fewer partial outputs to write and merge for short lists
 KEYS = 16  # rows per shared-memory tile
 STAGES = 2
@@ -76,7 +76,7 @@ def make_decode_attention_mma(num_layers: int, n_heads: int, n_kv: int, head_dim
     (log2-sum-exp of the chunk's scaled scores, ``NEG_INF`` for an empty chunk), ``S =
     decode_splits(M, max_splits, min_keys)`` (``dense``: ``S = max_splits``; the blocks of chunks past
     ``decode_splits(length, ...)`` load and write nothing; ``mma_splits`` is the default). ``heads_per_block``: KV heads (warps) per block (the
-    largest divisor of Hkv up to it); ``keys``: rows per tile (a multiple of 16); ``stages`` (≥ 2)
+    largest divisor of Hkv up to it whose block fits the target's shared memory); ``keys``: rows per tile (a multiple of 16); ``stages`` (≥ 2)
     tiles in shared memory. Raises ValueError where ``supported`` is False or the block exceeds the
     target's shared memory.
     """
@@ -84,10 +84,12 @@ def make_decode_attention_mma(num_layers: int, n_heads: int, n_kv: int, head_dim
         raise ValueError("tensor-core decode attention needs CUDA sm_80+, float16, head_dim a multiple of 32 "
                          f"and at most 16 query heads per KV head (got {target.kind.name}, {dtype}, head_dim "
                          f"{head_dim}, {n_heads}/{n_kv} heads); use decode_attention.make_decode_attention")
-    warps = max(w for w in range(1, heads_per_block + 1) if n_kv % w == 0)
-    if keys % 16 or stages < 2 or _shared_bytes(head_dim, warps, keys, stages) > max_shared_memory(target):
-        raise ValueError(f"tensor-core decode attention: {warps} KV heads x {keys} keys x {stages} stages do not "
-                         "fit one block's shared memory (keys must be a multiple of 16)")
+    fitting = [w for w in range(1, heads_per_block + 1)
+               if n_kv % w == 0 and _shared_bytes(head_dim, w, keys, stages) <= max_shared_memory(target)]
+    if keys % 16 or stages < 2 or not fitting:
+        raise ValueError(f"tensor-core decode attention: tiles of {keys} keys x {stages} stages do not fit one "
+                         "block's shared memory (keys must be a multiple of 16, stages at least 2)")
+    warps = max(fitting)
     group, half = n_heads // n_kv, head_dim // 2
     stride, rstride = head_dim + PAD, head_dim + PAD
     threads = 32 * warps
@@ -98,7 +100,8 @@ def make_decode_attention_mma(num_layers: int, n_heads: int, n_kv: int, head_dim
     chunks16 = head_dim // 8  # 16-byte pieces of a K or V row
     kv_items = (warps * keys * chunks16 + threads - 1) // threads
     rope_items = (keys * (head_dim // 4) + threads - 1) // threads
-    q_items = (warps * 16 * head_dim + threads - 1) // threads
+    q_items = (warps * group * head_dim + threads - 1) // threads
+    zero_items = (warps * (16 - group) * head_dim + threads - 1) // threads
     stage_elems = 2 * warps * keys * stride  # float16: K then V of every warp's head
     scale = LOG2E / math.sqrt(head_dim)
     H, D, HKV, G, W = i64(n_heads), i64(head_dim), i64(n_kv), i64(group), i64(warps)
@@ -171,14 +174,19 @@ def make_decode_attention_mma(num_layers: int, n_heads: int, n_kv: int, head_dim
                                 if t < tiles:
                                     copy_tile(kv, rope, rows, kv_st, r_st, layer, cap, by, t, j0, j1, tid)
                                 T.evaluate(T.ptx.cp.async_.commit_group())
-                            for it in T.serial(i64(q_items)):  # the warps' queries: rotated, scaled, float16
-                                f: T.let[T.int64] = (it * threads + tid) // head_dim  # warp * 16 + mma row
-                                dq: T.let[T.int64] = (it * threads + tid) % head_dim
-                                if it * threads + tid < warps * 16 * head_dim and bx < splits_of(m_keys):
-                                    q_sh[f * stride + dq] = T.if_then_else(
-                                        f % 16 < G, T.Cast("float16", scale * rope_rotated(
-                                            q, 0, (by * W + f // 16) * G + f % 16, dq, rope, m_keys - 1, half)),
-                                        T.float16(0))
+                            for it in T.unroll(i64(q_items)):  # the warps' queries: rotated, scaled, float16
+                                w: T.let[T.int64] = (it * threads + tid) // (G * D)
+                                g: T.let[T.int64] = (it * threads + tid) // D % G
+                                if it * threads + tid < warps * group * head_dim and bx < splits_of(m_keys):
+                                    q_sh[(w * 16 + g) * stride + (it * threads + tid) % D] = T.Cast(
+                                        "float16", scale * rope_rotated(q, 0, (by * W + w) * G + g,
+                                                                        (it * threads + tid) % D, rope, m_keys - 1, half))
+                            if group < 16:  # static: the mma rows past the group are zero
+                                for it in T.unroll(i64(zero_items)):
+                                    if it * threads + tid < warps * (16 - group) * head_dim:
+                                        q_sh[((it * threads + tid) // ((16 - group) * D) * 16 + group
+                                              + (it * threads + tid) // D % (16 - group)) * stride
+                                             + (it * threads + tid) % D] = T.float16(0)
                             for rr in T.unroll(2):
                                 m_run[rr] = T.float32(NEG_INF)
                                 l_run[rr] = T.float32(0)

@@ -22,12 +22,10 @@ LIBS = Path(".carry/attn")
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 8, 32, 8, 128, 131072 + 64
 CASES = [("dense", m) for m in (128, 4096, 32768, 131072)] + [("gathered", 2688)]
 # variants over row lists: (kernel, options): "simt" make_decode_attention, "mma" make_decode_attention_mma
-DECODE_SHAPES = {"decode": ("simt", {}), "mma": ("mma", {}), "mma h8": ("mma", {"heads_per_block": 8}),
-                 "mma 256 min8": ("mma", {"max_splits": 256, "min_keys": 8})}
+DECODE_SHAPES = {"decode": ("simt", {}), "mma": ("mma", {}), "mma h4": ("mma", {"heads_per_block": 4})}
 # variants of the dense decode kernel (rows 0..L-1 from a device length, a fixed grid of max_splits)
 DENSE_SHAPES = {"dense 256": ("simt", {"max_splits": 256, "min_keys": 8}), "mma dense": ("mma", {}),
-                "mma dense h8": ("mma", {"heads_per_block": 8}), "mma dense s3": ("mma", {"stages": 3}),
-                "mma dense 264": ("mma", {"max_splits": 264})}
+                "mma dense h4": ("mma", {"heads_per_block": 4})}
 SPLIT_OPTIONS = ("max_splits", "min_keys")  # the options decode_splits takes
 SPLIT_DEFAULTS = {"simt": {"max_splits": 256, "min_keys": 8},  # decode_attention's MAX_SPLITS, MIN_KEYS_PER_SPLIT
                   "mma": {"max_splits": 132, "min_keys": 64}}  # decode_attention_mma's MAX_SPLITS, MIN_KEYS
