@@ -68,7 +68,8 @@ def test_scores_are_pooled_group_max_probabilities(n_heads, n_kv, length, pool):
     assert (got[:, length] == PAD_SCORE).all()
 
 
-@pytest.mark.parametrize("n_kv, k, length", [(1, 1, 1), (3, 17, 300), (8, 300, 1000), (2, 50, 50), (3, 9, 12)])
+@pytest.mark.parametrize("n_kv, k, length", [(1, 1, 1), (3, 17, 300), (8, 300, 1000), (2, 50, 50), (3, 9, 12),
+                                             (8, 256, 30001)])  # GPU: 59 blocks per KV head
 def test_topk_and_store_rebuild_the_partial_cache(n_kv, k, length):
     """The top K of pooled scores (many ties: lower positions first), sorted, with their scores."""
     rng = np.random.default_rng(k + length)

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import tidaldecode_reference as tref
 from attention_reference import rope_table
-from kernel_harness import CUDA, MODE, build, cuda_source, tensor
+from kernel_harness import CUDA, DEV, MODE, build, cuda_source, tensor
 
 from tsedge.models.config import PolicyConfig
 from tsedge.tir_kernels import attention as attn
 from tsedge.tir_kernels import decode_attention as dec
-from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
+from tsedge.tir_kernels.topk import TOPK_BLOCKS, WORKSPACE_SIZE, _head_blocks, make_topk
 
 NUM_LAYERS, LAYER = 3, 1
 GPU = MODE != "llvm"  # cuda-build / cuda-run: one query per step runs decode_attention
@@ -117,24 +117,92 @@ def test_dense_attention_writes_logits(n_heads, n_kv, head_dim, dtype, per_kv, n
 
 TOPK_CASES = [
     # sets, budget, L
-    (1, 1, 1),       # the current token only
-    (2, 1, 300),     # a budget of one: the current token, nothing selected
-    (4, 5, 5),       # the whole context
-    (32, 256, 4099),
-    (3, 100, 257),
+    (1, 1, 1),        # the current token only
+    (2, 1, 300),      # a budget of one: the current token, nothing selected
+    (4, 5, 5),        # the whole context
+    (32, 256, 4099),  # GPU: 9 blocks per head
+    (3, 100, 257),    # one block per head
+    (8, 257, 131072), # Recycled Attention on Llama-3-8B at 128K: 128 blocks per head
+    (32, 256, 70001), # TidalDecode per query head: 32 blocks per head, a ragged last one
+    (3, 2048, 9001),  # 18 blocks per head, a budget of several blocks' worth
+    (2, 4097, 4097),  # the whole context over 8 blocks
+    (5, 600, 1026),   # 3 blocks per head, the last one shorter
 ]
+
+
+def topk_scores(sets: int, length: int, seed: int) -> np.ndarray:
+    """``[sets, length]`` float32, no zeros: random normal rows, and ties across blocks: row 0 of
+    few distinct values (the k-th largest tied many times), row 1 one value throughout (the first
+    positions win), row 2 (where there is one) normal but for a tied first half; the current
+    token's logit lowest (it is kept whatever its logit)."""
+    rng = np.random.default_rng(seed)
+    scores = rng.standard_normal((sets, length)).astype(np.float32)
+    scores[0] = (rng.integers(-4, 4, length) + 0.5) / 4
+    if sets > 1:
+        scores[1] = 0.75
+    if sets > 2:
+        scores[2, : length // 2] = 0.5
+    scores[:, -1] = -1e30
+    return scores
 
 
 @pytest.mark.parametrize("sets, budget, length", TOPK_CASES)
 def test_topk_per_head_keeps_current_token(sets, budget, length):
-    rng = np.random.default_rng(length)
-    scores = rng.standard_normal((sets, length)).astype(np.float32)
-    scores[:, -1] = -1e30  # the current token is kept whatever its logit
-    scores[0, : length // 2] = 0.5  # ties: lower positions first
+    scores = topk_scores(sets, length, length + budget)
     idx = tensor(np.full((sets, budget), -1, np.int32))
-    ws = tensor(np.zeros((sets, WORKSPACE_SIZE), np.int32))
+    ws = tensor(np.random.default_rng(sets).integers(-9, 9, (sets, WORKSPACE_SIZE)).astype(np.int32))
     build(make_topk, NUM_LAYERS, budget, 0, heads=sets)(tensor(scores), idx, ws)
     np.testing.assert_array_equal(idx.numpy(), tref.select(scores.astype(np.float64), budget))
+
+
+@pytest.mark.skipif(MODE == "llvm", reason="GPU timing (cuda-run); the CPU runs the serial select")
+@pytest.mark.parametrize("sets, budget", [(8, 257), (32, 256)])
+def test_topk_per_head_spreads_over_the_gpu(sets, budget):
+    """At 128K the per-head top-k runs every head over many blocks: one block per head took
+    ~20 ms for 8 heads on the H200 (a Recycled Attention full step); a few tens of µs now."""
+    import time
+
+    length = 131072
+    f = build(make_topk, NUM_LAYERS, budget, 0, heads=sets)
+    args = (tensor(topk_scores(sets, length, 1)), tensor(np.full((sets, budget), -1, np.int32)),
+            tensor(np.zeros((sets, WORKSPACE_SIZE), np.int32)))
+    f(*args)
+    DEV.sync()
+    start, calls = time.perf_counter(), 50
+    for _ in range(calls):
+        f(*args)
+    DEV.sync()
+    per_call = (time.perf_counter() - start) / calls
+    assert per_call < 1e-3, f"per-head top-k of {sets} x {length}: {per_call * 1e3:.2f} ms a call"
+
+
+@pytest.mark.skipif(MODE != "llvm", reason="codegen check runs where the compiler is")
+@pytest.mark.parametrize("sets, budget", [(8, 257), (32, 256), (3, 1)])
+def test_topk_per_head_compiles_for_sm90(sets, budget):
+    """The per-head top-k builds for sm_90 with nvcc: a clear, 4 histogram passes, a count pass and
+    the compaction, every head's scan over blocks of its own (head = blockIdx.y); a budget of one
+    only writes the current token."""
+    source = cuda_source(make_topk(NUM_LAYERS, budget, 0, CUDA, heads=sets))
+    kernels = source.count("__global__") // 2  # declared, then defined
+    if budget == 1:
+        assert kernels == 1 and "crit_ptr" not in source
+        return
+    assert kernels == 7
+    assert source.count("(((int64_t)blockIdx.y) * L)") >= 5  # the passes read their head's row
+    assert "atomic_add" in source
+
+
+@pytest.mark.skipif(MODE != "llvm", reason="compiler-side check (simplifier)")
+@pytest.mark.parametrize("sets, candidates, blocks", [
+    (8, 131071, 128), (32, 131071, 32), (1, 10**6, TOPK_BLOCKS), (8, 4098, 9), (8, 512, 1), (3, 1, 1)])
+def test_topk_per_head_grid(sets, candidates, blocks):
+    """Blocks per head: about 1024 for all heads together, at most TOPK_BLOCKS (the workspace's
+    per-block counts), at least 512 candidates each but one block at the least."""
+    from tvm import tirx
+    from tvm.sym import Analyzer
+
+    got = Analyzer().simplify(_head_blocks(sets, tirx.IntImm("int64", candidates)))
+    assert int(got) == blocks
 
 
 def test_policy_settings_checked_in_one_line():

@@ -16,15 +16,17 @@ from tvm.target import Target
 from .common import emits_wgsl, i64, is_gpu
 from .tokenselect_scoring import allreduce_sum_i32
 
-TOPK_BLOCKS = 256  # CUDA blocks per pass, each over one contiguous chunk of candidates
+TOPK_BLOCKS = 256  # CUDA blocks per pass (per head: at most), each over one contiguous chunk of candidates
 _THREADS = 256
 _BINS = 256
 # int32 workspace: hist[4, 256] | digits of tau [4] | ties still to take before digit p [5]
-# | per-block (count > tau, count == tau) [TOPK_BLOCKS, 2]
+# | per-block (count > tau, count == tau) [TOPK_BLOCKS, 2]; the per-head form: one such row per head
 _DIGITS = 4 * _BINS
 _KREM = _DIGITS + 4
 _COUNTS = _KREM + 5
 WORKSPACE_SIZE = _COUNTS + 2 * TOPK_BLOCKS
+_HEAD_GRID = 1024  # per-head GPU top-k: blocks of all heads together at long contexts
+_MIN_CHUNK = 512  # ... and candidates per block at the least (2 per thread)
 
 
 def order_key(x: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -33,11 +35,6 @@ def order_key(x: tirx.PrimExpr) -> tirx.PrimExpr:
     flipped = T.if_then_else(u >> T.uint32(31) == T.uint32(1), u ^ T.uint32(0xFFFFFFFF),
                              u | T.uint32(0x80000000))
     return T.Cast("int64", flipped)
-
-
-def _active_chunk(state, layer, C, blocks):
-    """Candidates per block, 0 on a selection-cache hit (an expression evaluated on the device)."""
-    return T.if_then_else(state[layer, 0] == 0, T.ceildiv(C, blocks), T.int64(0))
 
 
 @T.macro
@@ -107,6 +104,131 @@ def _select_cpu(crit, ws, out, row, C, kk, off, cb, wb, active):
                 taken[1] = taken[1] + 1
 
 
+def _chunk(active, C, nb):
+    """Candidates per block: ``ceildiv(C, nb)``, 0 where ``active`` (a device-side test, or
+    Python ``True``) fails. An expression: blocks evaluate it on the device."""
+    return T.ceildiv(C, nb) if active is True else T.if_then_else(active, T.ceildiv(C, nb), T.int64(0))
+
+
+@T.macro
+def _key_prefix(ws, hh, n_digits, out):
+    # the key bits of digits 0..n_digits-1 of row hh's tau
+    out[0] = T.int64(0)
+    for q in range(n_digits):
+        out[0] = out[0] | (T.Cast("int64", ws[hh, _DIGITS + q]) << T.int64(24 - 8 * q))
+
+
+@T.macro
+def _resolve_digit(ws, hh, p, buf, tmp, res, tx, b):
+    # digit p of row hh's tau: the bin where the running count from the top reaches krem
+    krem_in: T.let[T.int32] = ws[hh, _KREM + p]
+    buf[tx] = ws[hh, p * _BINS + _BINS - 1 - tx]
+    block_scan(buf, tmp, tx)
+    tmp[0] = buf[tx]  # (shared loads cannot sit in branch conditions)
+    above: T.let[T.int32] = tmp[0] - ws[hh, p * _BINS + _BINS - 1 - tx]
+    if above < krem_in and krem_in <= tmp[0]:
+        res[0] = T.Cast("int32", _BINS - 1 - tx)
+        if b == 0:
+            ws[hh, _DIGITS + p] = T.Cast("int32", _BINS - 1 - tx)
+            ws[hh, _KREM + p + 1] = krem_in - above
+    T.tvm_storage_sync("shared")
+
+
+@T.macro
+def _radix_pass(crit, ws, rows, nb, C, active, p, out, row0, off):
+    # one kernel of the GPU radix select, grid rows (blockIdx.y) x nb blocks (blockIdx.x), each
+    # block over one contiguous chunk of its row's candidates crit[hh, :C]. p < 4: histogram of
+    # digit p over the keys matching digits 0..p-1 of tau; p == 4: per-block counts of keys > tau
+    # and == tau; p == 5: the compaction, output slot = (#gt before) + min(#ties before, krem).
+    for hh in T.thread_binding(rows, thread="blockIdx.y"):
+        for b in T.thread_binding(nb, thread="blockIdx.x"):
+            for tx in T.thread_binding(i64(_THREADS), thread="threadIdx.x"):
+                with T.sblock("radix"):
+                    T.reads()  # regions would name the block's lets
+                    T.writes()
+                    c: T.let[T.int64] = C
+                    chunk: T.let[T.int64] = _chunk(active, c, nb)
+                    buf = T.sblock_alloc_buffer((i64(_BINS),), "int32", scope="shared")
+                    res = T.sblock_alloc_buffer((1,), "int32", scope="shared")
+                    tmp = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    prefix = T.sblock_alloc_buffer((1,), "int64", scope="local")  # of tau's key
+                    n_gt = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    n_eq = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    sum_gt = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    sum_eq = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    run = T.sblock_alloc_buffer((2,), "int32", scope="local")  # (#gt, #eq) before
+                    _key_prefix(ws, hh, min(max(p - 1, 0), 4), prefix)
+                    if p == 5:
+                        krem: T.let[T.int32] = ws[hh, _KREM + 4]
+                        n_gt[0] = T.if_then_else(tx < b, ws[hh, _COUNTS + 2 * tx], 0)
+                        allreduce_sum_i32(n_gt, sum_gt, tx)
+                        n_eq[0] = T.if_then_else(tx < b, ws[hh, _COUNTS + 2 * tx + 1], 0)
+                        allreduce_sum_i32(n_eq, sum_eq, tx)
+                        # allreduce results are read-only: count on in a buffer of our own
+                        run[0] = sum_gt[0]
+                        run[1] = sum_eq[0]
+                        for it in range(T.ceildiv(chunk, _THREADS)):
+                            t: T.let[T.int64] = b * chunk + it * _THREADS + tx
+                            inside: T.let[T.bool] = it * _THREADS + tx < chunk and t < c
+                            key: T.let[T.int64] = T.if_then_else(inside, order_key(crit[hh, T.min(t, c - 1)]), T.int64(-1))
+                            compact_step(key, prefix[0], krem, run, buf, tmp, tx, out, row0 + hh, T.Cast("int32", off + t))
+                    else:
+                        if p > 0:
+                            _resolve_digit(ws, hh, p - 1, buf, tmp, res, tx, b)
+                            prefix[0] = prefix[0] | (T.Cast("int64", res[0]) << T.int64(32 - 8 * p))
+                        n_gt[0] = 0
+                        n_eq[0] = 0
+                        buf[tx] = 0
+                        T.tvm_storage_sync("shared")
+                        for it in range(T.ceildiv(chunk, _THREADS)):
+                            t: T.let[T.int64] = b * chunk + it * _THREADS + tx
+                            if it * _THREADS + tx < chunk and t < c:
+                                key: T.let[T.int64] = order_key(crit[hh, t])
+                                if p < 4:
+                                    if key >> T.int64(32 - 8 * p) == prefix[0] >> T.int64(32 - 8 * p):
+                                        T.cuda.atomic_add(T.address_of(buf[(key >> T.int64(24 - 8 * p)) & T.int64(255)]), 1)
+                                else:
+                                    n_gt[0] = n_gt[0] + T.Cast("int32", key > prefix[0])
+                                    n_eq[0] = n_eq[0] + T.Cast("int32", key == prefix[0])
+                        T.tvm_storage_sync("shared")
+                        if p < 4:
+                            tmp[0] = buf[tx]
+                            if tmp[0] > 0:
+                                T.cuda.atomic_add(T.address_of(ws[hh, p * _BINS + tx]), tmp[0])
+                        else:
+                            allreduce_sum_i32(n_gt, sum_gt, tx)
+                            allreduce_sum_i32(n_eq, sum_eq, tx)
+                            if tx == 0:
+                                ws[hh, _COUNTS + 2 * b] = sum_gt[0]
+                                ws[hh, _COUNTS + 2 * b + 1] = sum_eq[0]
+
+
+@T.macro
+def _radix_select(crit, ws, rows, nb, C, active, k, out, row0, off, last):
+    # GPU: for each row hh < rows where ``active``: out[row0 + hh, :k] = off + the positions of
+    # the k largest of crit[hh, :C] (ties: lower position), sorted; out[row0 + hh, k] = last
+    # unless ``last`` is None. crit[rows, >= C] float32, ws[rows, WORKSPACE_SIZE] int32; every
+    # pass runs nb blocks of 256 threads per row. Inactive rows: every loop runs zero times (no
+    # early return around barriers); each kernel evaluates ``active`` and ``C`` itself (the
+    # host cannot read device memory).
+    for hh in T.thread_binding(rows, thread="blockIdx.x"):
+        for tx in T.thread_binding(i64(_DIGITS), thread="threadIdx.x"):
+            with T.sblock("zero"):
+                if active:
+                    ws[hh, tx] = 0
+                    if tx == 0:
+                        ws[hh, _KREM] = k
+                if last is not None:
+                    if tx == 0:
+                        out[row0 + hh, k] = last
+    _radix_pass(crit, ws, rows, nb, C, active, 0, out, row0, off)
+    _radix_pass(crit, ws, rows, nb, C, active, 1, out, row0, off)
+    _radix_pass(crit, ws, rows, nb, C, active, 2, out, row0, off)
+    _radix_pass(crit, ws, rows, nb, C, active, 3, out, row0, off)
+    _radix_pass(crit, ws, rows, nb, C, active, 4, out, row0, off)
+    _radix_pass(crit, ws, rows, nb, C, active, 5, out, row0, off)
+
+
 def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: int = 0,
               n_local: int = 0) -> tirx.PrimFunc:
     """``cache_idx[layer] = sorted(n_init + top-k positions of crit)`` unless the cache hit.
@@ -118,8 +240,9 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: i
     Output (fresh): workspace[WORKSPACE_SIZE] int32.
     Relax: ``call_tir_inplace`` with inplace_indices ``[2, -1]`` (cache_idx, workspace).
 
-    ``heads > 0`` (TidalDecode, CPU): a batch of independent selections, ``num_layers`` and
-    ``n_init`` unused. Args: crit[heads, L] float32 (``L >= top_k``: the logits of every cached
+    ``heads > 0`` (TidalDecode, Recycled Attention): a batch of independent selections,
+    ``num_layers`` and ``n_init`` unused; on a GPU every head's scan is spread over several
+    blocks (up to ``TOPK_BLOCKS``; about 1024 blocks for all heads together at long contexts). Args: crit[heads, L] float32 (``L >= top_k``: the logits of every cached
     token). Outputs (fresh): idx[heads, top_k] int32, per head the ``top_k - 1`` largest of
     ``crit[h, :L - 1]`` (ties: lower position first) sorted, then ``L - 1`` (the current token is
     always kept, as TidalDecode's selection); workspace[heads, WORKSPACE_SIZE] int32.
@@ -132,75 +255,7 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: i
 
         return make_topk_wgsl(num_layers, top_k, n_init, n_local)
     gpu = is_gpu(target)
-    k, NB, threads, bins = top_k, i64(TOPK_BLOCKS), i64(_THREADS), i64(_BINS)
-
-    @T.macro
-    def resolve_digit(ws, p, buf, tmp, res, tx, b):
-        # digit p of tau: the bin where the running count from the top reaches krem
-        krem_in: T.let[T.int32] = ws[_KREM + p]
-        buf[tx] = ws[p * _BINS + _BINS - 1 - tx]
-        block_scan(buf, tmp, tx)
-        tmp[0] = buf[tx]  # (shared loads cannot sit in branch conditions)
-        above: T.let[T.int32] = tmp[0] - ws[p * _BINS + _BINS - 1 - tx]
-        if above < krem_in and krem_in <= tmp[0]:
-            res[0] = T.Cast("int32", _BINS - 1 - tx)
-            if b == 0:
-                ws[_DIGITS + p] = T.Cast("int32", _BINS - 1 - tx)
-                ws[_KREM + p + 1] = krem_in - above
-        T.tvm_storage_sync("shared")
-
-    @T.macro
-    def key_prefix(ws, n_digits, out):
-        # the key bits of digits 0..n_digits-1 of tau
-        out[0] = T.int64(0)
-        for q in range(n_digits):
-            out[0] = out[0] | (T.Cast("int64", ws[_DIGITS + q]) << T.int64(24 - 8 * q))
-
-    @T.macro
-    def radix_pass(crit, state, ws, layer, C, p):
-        # p < 4: histogram of digit p over the keys matching digits 0..p-1 of tau;
-        # p == 4: per-block counts of keys > tau and == tau
-        for b in T.thread_binding(NB, thread="blockIdx.x"):
-            for tx in T.thread_binding(threads, thread="threadIdx.x"):
-                with T.sblock("radix"):
-                    chunk: T.let[T.int64] = _active_chunk(state, layer, C, NB)
-                    buf = T.sblock_alloc_buffer((bins,), "int32", scope="shared")
-                    res = T.sblock_alloc_buffer((1,), "int32", scope="shared")
-                    tmp = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                    prefix = T.sblock_alloc_buffer((1,), "int64", scope="local")
-                    n_gt = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                    n_eq = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                    sum_gt = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                    sum_eq = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                    key_prefix(ws, max(p - 1, 0), prefix)
-                    if p > 0:
-                        resolve_digit(ws, p - 1, buf, tmp, res, tx, b)
-                        prefix[0] = prefix[0] | (T.Cast("int64", res[0]) << T.int64(32 - 8 * p))
-                    n_gt[0] = 0
-                    n_eq[0] = 0
-                    buf[tx] = 0
-                    T.tvm_storage_sync("shared")
-                    for it in range(T.ceildiv(chunk, threads)):
-                        t: T.let[T.int64] = b * chunk + it * threads + tx
-                        if it * threads + tx < chunk and t < C:
-                            key: T.let[T.int64] = order_key(crit[t])
-                            if p < 4:
-                                if key >> T.int64(32 - 8 * p) == prefix[0] >> T.int64(32 - 8 * p):
-                                    T.cuda.atomic_add(T.address_of(buf[(key >> T.int64(24 - 8 * p)) & T.int64(255)]), 1)
-                            else:
-                                n_gt[0] = n_gt[0] + T.Cast("int32", key > prefix[0])
-                                n_eq[0] = n_eq[0] + T.Cast("int32", key == prefix[0])
-                    T.tvm_storage_sync("shared")
-                    if p < 4:
-                        tmp[0] = buf[tx]
-                        if tmp[0] > 0:
-                            T.cuda.atomic_add(T.address_of(ws[p * _BINS + tx]), tmp[0])
-                    else:
-                        allreduce_sum_i32(n_gt, sum_gt, tx)
-                        allreduce_sum_i32(n_eq, sum_eq, tx)
-                        if tx == 0:
-                            ws[_COUNTS + 2 * b] = sum_gt[0]
-                            ws[_COUNTS + 2 * b + 1] = sum_eq[0]
+    k, NB = top_k, i64(TOPK_BLOCKS)
 
     def candidates(length, size):  # C, read where it is used: device code must load it, not the host
         return T.min(T.Cast("int64", length[0]) - n_init - n_local, size)
@@ -215,47 +270,11 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: i
         state = T.match_buffer(state_h, (i64(num_layers), 4), "int32")
         cache_idx = T.match_buffer(cache_idx_h, (i64(num_layers), i64(k)), "int32")
         ws = T.match_buffer(ws_h, (i64(WORKSPACE_SIZE),), "int32")
-        if gpu:
-            # on a cache hit every loop below runs zero times (no early return around barriers);
-            # each kernel reads the hit flag itself (the host cannot read device memory)
-            for tx in T.thread_binding(i64(_DIGITS), thread="threadIdx.x"):
-                with T.sblock("zero"):
-                    if state[layer, 0] == 0:
-                        ws[tx] = 0
-                        if tx == 0:
-                            ws[_KREM] = k
-            radix_pass(crit, state, ws, layer, candidates(length, size), 0)
-            radix_pass(crit, state, ws, layer, candidates(length, size), 1)
-            radix_pass(crit, state, ws, layer, candidates(length, size), 2)
-            radix_pass(crit, state, ws, layer, candidates(length, size), 3)
-            radix_pass(crit, state, ws, layer, candidates(length, size), 4)
-            # compaction: output slot = (#gt before) + min(#ties before, krem)
-            for b in T.thread_binding(NB, thread="blockIdx.x"):
-                for tx in T.thread_binding(threads, thread="threadIdx.x"):
-                    with T.sblock("compact"):
-                        C: T.let[T.int64] = candidates(length, size)
-                        chunk: T.let[T.int64] = _active_chunk(state, layer, C, NB)
-                        buf = T.sblock_alloc_buffer((bins,), "int32", scope="shared")
-                        tmp = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                        tau = T.sblock_alloc_buffer((1,), "int64", scope="local")
-                        val = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                        n_gt = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                        n_eq = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                        run = T.sblock_alloc_buffer((2,), "int32", scope="local")  # (#gt, #eq) before
-                        key_prefix(ws, 4, tau)
-                        krem: T.let[T.int32] = ws[_KREM + 4]
-                        val[0] = T.if_then_else(tx < b, ws[_COUNTS + 2 * tx], 0)
-                        allreduce_sum_i32(val, n_gt, tx)
-                        val[0] = T.if_then_else(tx < b, ws[_COUNTS + 2 * tx + 1], 0)
-                        allreduce_sum_i32(val, n_eq, tx)
-                        # allreduce results are read-only: count on in a buffer of our own
-                        run[0] = n_gt[0]
-                        run[1] = n_eq[0]
-                        for it in range(T.ceildiv(chunk, threads)):
-                            t: T.let[T.int64] = b * chunk + it * threads + tx
-                            inside: T.let[T.bool] = it * threads + tx < chunk and t < C
-                            key: T.let[T.int64] = T.if_then_else(inside, order_key(crit[T.min(t, C - 1)]), T.int64(-1))
-                            compact_step(key, tau[0], krem, run, buf, tmp, tx, cache_idx, layer, T.Cast("int32", n_init + t))
+        if gpu:  # one selection (a row of one) over NB blocks, nothing on a selection-cache hit
+            crit_rows = T.decl_buffer((T.int64(1), size), "float32", data=crit.data)
+            ws_rows = T.decl_buffer((T.int64(1), i64(WORKSPACE_SIZE)), "int32", data=ws.data)
+            _radix_select(crit_rows, ws_rows, T.int64(1), NB, candidates(length, size),
+                          state[layer, 0] == 0, k, cache_idx, layer, n_init, None)
         else:
             with T.sblock("topk"):
                 _select_cpu(crit, ws, cache_idx, layer, candidates(length, size), k, n_init, 0, 0,
@@ -264,16 +283,24 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: i
     return topk
 
 
+def _head_blocks(heads: int, C: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Blocks per head of the GPU per-head top-k over ``C`` candidates: about ``_HEAD_GRID``
+    blocks for all heads together (at most ``TOPK_BLOCKS`` per head: the workspace's per-block
+    counts), fewer while a block would get under ``_MIN_CHUNK`` candidates; at least 1."""
+    most = i64(max(1, min(TOPK_BLOCKS, _HEAD_GRID // heads)))
+    return T.max(T.min(T.ceildiv(C, i64(_MIN_CHUNK)), most), i64(1))
+
+
 def _topk_heads(heads: int, top_k: int, target: Target) -> tirx.PrimFunc:
     """``make_topk``'s batched form (``heads`` selections of ``top_k`` with the last token kept).
 
-    CPU: one task per head runs ``_select_cpu`` in its workspace row. GPU: one block of 256
-    threads per head runs the same radix select with its histograms in shared memory (the
-    workspace is not used) and compacts 256 candidates at a time with one block scan.
+    CPU: one task per head runs ``_select_cpu`` in its workspace row. GPU: the single selection's
+    radix select, every head at once (grid heads x ``_head_blocks`` blocks of 256 threads per
+    pass), each head's histograms, digits and per-block counts in its workspace row.
     """
     if top_k < 1:
         raise ValueError(f"top_k={top_k}: a selection keeps at least the current token")
-    HS, K, WS, threads, bins = i64(heads), i64(top_k), i64(WORKSPACE_SIZE), i64(_THREADS), i64(_BINS)
+    HS, K, WS = i64(heads), i64(top_k), i64(WORKSPACE_SIZE)
     kk = top_k - 1  # selected besides the current token
 
     if is_gpu(target):
@@ -284,49 +311,14 @@ def _topk_heads(heads: int, top_k: int, target: Target) -> tirx.PrimFunc:
             L = T.int64()
             crit = T.match_buffer(crit_h, (HS, L), "float32")
             idx = T.match_buffer(idx_h, (HS, K), "int32")
-            T.match_buffer(ws_h, (HS, WS), "int32")
-            for hh in T.thread_binding(HS, thread="blockIdx.x"):
-                for tx in T.thread_binding(threads, thread="threadIdx.x"):
-                    with T.sblock("topk"):
-                        buf = T.sblock_alloc_buffer((bins,), "int32", scope="shared")
-                        res = T.sblock_alloc_buffer((2,), "int32", scope="shared")  # digit, ties left
-                        tmp = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                        own = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                        tau = T.sblock_alloc_buffer((1,), "int64", scope="local")
-                        krem = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                        run = T.sblock_alloc_buffer((2,), "int32", scope="local")  # (#gt, #eq) before
-                        if kk > 0:  # static: a budget of 1 keeps only the current token
-                            tau[0] = T.int64(0)
-                            krem[0] = kk
-                            for p in range(4):  # digit p of tau: histogram, then a suffix scan
-                                buf[tx] = 0
-                                T.tvm_storage_sync("shared")
-                                for it in range(T.ceildiv(L - 1, threads)):
-                                    if it * threads + tx < L - 1:
-                                        key: T.let[T.int64] = order_key(crit[hh, it * threads + tx])
-                                        if key >> T.int64(32 - 8 * p) == tau[0] >> T.int64(32 - 8 * p):
-                                            T.cuda.atomic_add(T.address_of(buf[(key >> T.int64(24 - 8 * p)) & T.int64(255)]), 1)
-                                T.tvm_storage_sync("shared")
-                                own[0] = buf[_BINS - 1 - tx]
-                                T.tvm_storage_sync("shared")
-                                buf[tx] = own[0]  # bins from the top
-                                block_scan(buf, tmp, tx)
-                                tmp[0] = buf[tx]
-                                if tmp[0] - own[0] < krem[0] and krem[0] <= tmp[0]:
-                                    res[0] = T.Cast("int32", _BINS - 1 - tx)
-                                    res[1] = krem[0] - (tmp[0] - own[0])
-                                T.tvm_storage_sync("shared")
-                                tau[0] = tau[0] | (T.Cast("int64", res[0]) << T.int64(24 - 8 * p))
-                                krem[0] = res[1]
-                                T.tvm_storage_sync("shared")
-                            run[0] = 0
-                            run[1] = 0
-                            for it in range(T.ceildiv(L - 1, threads)):
-                                t: T.let[T.int64] = it * threads + tx
-                                key: T.let[T.int64] = T.if_then_else(t < L - 1, order_key(crit[hh, T.min(t, L - 2)]), T.int64(-1))
-                                compact_step(key, tau[0], krem[0], run, buf, tmp, tx, idx, hh, T.Cast("int32", t))
-                        if tx == 0:
-                            idx[hh, top_k - 1] = T.Cast("int32", L - 1)
+            ws = T.match_buffer(ws_h, (HS, WS), "int32")
+            if kk > 0:  # static; the current token L - 1 goes last, after the kk selected
+                _radix_select(crit, ws, HS, _head_blocks(heads, L - 1), L - 1, True, kk, idx,
+                              T.int64(0), 0, T.Cast("int32", L - 1))
+            else:  # a budget of 1 keeps only the current token
+                for hh in T.thread_binding(HS, thread="threadIdx.x"):
+                    with T.sblock("last"):
+                        idx[hh, 0] = T.Cast("int32", L - 1)
 
         return topk_heads_gpu
 
