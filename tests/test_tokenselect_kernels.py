@@ -221,6 +221,8 @@ def test_cuda_codegen(dtype, head_dim):
     ]
     for func, must_contain in zip(funcs, ["__global__", "__shfl", "__shfl", "atomicAdd", "__shfl"]):
         assert must_contain in cuda_source(func)
+    # float16 caches with groups of at most 8 heads score on tensor cores (scoring_mma.py)
+    assert ("mma.sync.aligned.m16n8k16" in cuda_source(funcs[1])) == (dtype == "float16")
 
 
 @pytest.mark.parametrize("n_init, top_k, n_local, length", [

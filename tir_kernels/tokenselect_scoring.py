@@ -26,6 +26,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
+from . import scoring_mma
 from .common import emits_wgsl, i64, is_gpu
 
 SCORE_BLOCKS = 256  # token chunks of the scoring pass; partials[H, SCORE_BLOCKS + 1, 2]
@@ -190,6 +191,10 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
     def n_candidates(length):  # C, loaded where it is used: kernels read it on the device, never the host
         return T.Cast("int64", length[0]) - offset
 
+    use_mma = scoring_mma.fits(n_heads, n_kv_heads, head_dim, dtype, target)  # pass 1 on tensor cores
+    score_pass_mma = (scoring_mma.make_score_pass(num_layers, n_heads, n_kv_heads, head_dim, n_init, offset,
+                                                  SCORE_BLOCKS, online_update, merge_partial) if use_mma else None)
+
     @T.prim_func(s_tir=True)
     def scoring(qbar_h: T.handle, kv_h: T.handle, state_h: T.handle, layer: T.int64, length_h: T.handle,
                 crit_h: T.handle, scores_h: T.handle, partials_h: T.handle):
@@ -203,63 +208,66 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
         partials = T.match_buffer(partials_h, (H, NB + 1, 2), "float32")
         length = T.match_buffer(length_h, (T.int64(1),), "int32")
         if gpu:
-            # pass 1: block (b, g) scores tokens [b*chunk, (b+1)*chunk) of KV head g for the query
-            # heads of its group: one token row per thread (its 16-byte loads all issued before the
-            # first multiply, so a row is in flight at once; no shuffles per token),
-            # then a block reduction of the per-thread online-softmax states
-            for b in T.thread_binding(NB, thread="blockIdx.x"):
-                for g in T.thread_binding(i64(n_kv_heads), thread="blockIdx.y"):
-                    for tx in T.thread_binding(tile, thread="threadIdx.x"):
-                        with T.sblock("score"):
-                            T.reads()
-                            T.writes()
-                            qs = T.sblock_alloc_buffer((group, d), "float32", scope="shared")
-                            kl = T.sblock_alloc_buffer((d,), dtype, scope="local")
-                            q4 = T.sblock_alloc_buffer((4,), "float32", scope="local")
-                            acc = T.sblock_alloc_buffer((group,), "float32", scope="local")
-                            m = T.sblock_alloc_buffer((group,), "float32", scope="local")
-                            z = T.sblock_alloc_buffer((group,), "float32", scope="local")
-                            val = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                            mx = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                            total = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                            C: T.let[T.int64] = n_candidates(length)
-                            chunk: T.let[T.int64] = T.ceildiv(C, NB)
-                            if state[layer, 0] == 0:
-                                for it in range(T.ceildiv(group * d, tile)):
-                                    e: T.let[T.int64] = it * tile + tx
-                                    if e < group * d:
-                                        qs[e // d, e % d] = qbar[g * group + e // d, e % d]
-                                T.tvm_storage_sync("shared")
-                                for j in range(group):
-                                    m[j] = T.float32(_NEG)
-                                    z[j] = T.float32(0)
-                                for it in range(T.ceildiv(chunk, tile)):
-                                    # a barrier keeps the compiler from hoisting all of qs into registers
+            if use_mma:  # static: tensor cores (scoring_mma.py)
+                score_pass_mma(qbar, kv, state, layer, length, scores, partials, cap)
+            else:
+                # pass 1: block (b, g) scores tokens [b*chunk, (b+1)*chunk) of KV head g for the query
+                # heads of its group: one token row per thread (its 16-byte loads all issued before the
+                # first multiply, so a row is in flight at once; no shuffles per token),
+                # then a block reduction of the per-thread online-softmax states
+                for b in T.thread_binding(NB, thread="blockIdx.x"):
+                    for g in T.thread_binding(i64(n_kv_heads), thread="blockIdx.y"):
+                        for tx in T.thread_binding(tile, thread="threadIdx.x"):
+                            with T.sblock("score"):
+                                T.reads()
+                                T.writes()
+                                qs = T.sblock_alloc_buffer((group, d), "float32", scope="shared")
+                                kl = T.sblock_alloc_buffer((d,), dtype, scope="local")
+                                q4 = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                                acc = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                                m = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                                z = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                                val = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                mx = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                total = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                C: T.let[T.int64] = n_candidates(length)
+                                chunk: T.let[T.int64] = T.ceildiv(C, NB)
+                                if state[layer, 0] == 0:
+                                    for it in range(T.ceildiv(group * d, tile)):
+                                        e: T.let[T.int64] = it * tile + tx
+                                        if e < group * d:
+                                            qs[e // d, e % d] = qbar[g * group + e // d, e % d]
                                     T.tvm_storage_sync("shared")
-                                    t: T.let[T.int64] = b * chunk + it * tile + tx
-                                    if it * tile + tx < chunk and t < C:
-                                        for j in T.unroll(group):
-                                            acc[j] = T.float32(0)
-                                        for c in T.unroll(d // vec):  # the whole row in flight at once
-                                            for v in T.vectorized(vec):
-                                                kl[c * vec + v] = kv[layer, 0, g, n_init + t, c * vec + v]
-                                        for c in T.unroll(d // 4):  # 16-byte (broadcast) reads of the queries
+                                    for j in range(group):
+                                        m[j] = T.float32(_NEG)
+                                        z[j] = T.float32(0)
+                                    for it in range(T.ceildiv(chunk, tile)):
+                                        # a barrier keeps the compiler from hoisting all of qs into registers
+                                        T.tvm_storage_sync("shared")
+                                        t: T.let[T.int64] = b * chunk + it * tile + tx
+                                        if it * tile + tx < chunk and t < C:
                                             for j in T.unroll(group):
-                                                for v in T.vectorized(4):
-                                                    q4[v] = qs[j, c * 4 + v]
-                                                for v in T.unroll(4):
-                                                    acc[j] += q4[v] * T.Cast("float32", kl[c * 4 + v])
-                                        for j in T.unroll(group):
-                                            online_update(m, z, j, acc[j])
-                                            scores[g * group + j, t] = acc[j]
-                                for j in range(group):
-                                    val[0] = m[j]
-                                    allreduce_max_f32(val, mx, tx)
-                                    val[0] = z[j] * T.exp(m[j] - mx[0])
-                                    allreduce_sum_f32(val, total, tx)
-                                    if tx == 0:
-                                        partials[g * group + j, b, 0] = mx[0]
-                                        partials[g * group + j, b, 1] = total[0]
+                                                acc[j] = T.float32(0)
+                                            for c in T.unroll(d // vec):  # the whole row in flight at once
+                                                for v in T.vectorized(vec):
+                                                    kl[c * vec + v] = kv[layer, 0, g, n_init + t, c * vec + v]
+                                            for c in T.unroll(d // 4):  # 16-byte (broadcast) reads of the queries
+                                                for j in T.unroll(group):
+                                                    for v in T.vectorized(4):
+                                                        q4[v] = qs[j, c * 4 + v]
+                                                    for v in T.unroll(4):
+                                                        acc[j] += q4[v] * T.Cast("float32", kl[c * 4 + v])
+                                            for j in T.unroll(group):
+                                                online_update(m, z, j, acc[j])
+                                                scores[g * group + j, t] = acc[j]
+                                    for j in range(group):
+                                        val[0] = m[j]
+                                        allreduce_max_f32(val, mx, tx)
+                                        val[0] = z[j] * T.exp(m[j] - mx[0])
+                                        allreduce_sum_f32(val, total, tx)
+                                        if tx == 0:
+                                            partials[g * group + j, b, 0] = mx[0]
+                                            partials[g * group + j, b, 1] = total[0]
             # pass 2: one block per head merges the chunk partials
             for h in T.thread_binding(H, thread="blockIdx.x"):
                 for tx in T.thread_binding(NB, thread="threadIdx.x"):
