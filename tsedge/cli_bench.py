@@ -1,8 +1,10 @@
-"""``tsedge bench decode`` and ``tsedge bench prefill``: long-context speed by policy and depth."""
+"""``tsedge bench decode`` and ``tsedge bench prefill``: long-context speed by policy and depth;
+``tsedge bench speed``'s options and body beside llama.cpp (``--peer``, ``--threads``)."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -102,6 +104,86 @@ def _compile_into(preset: str, variants: dict, target: str | None, lib_dir: Path
         meta = compile_library(PRESETS[preset], policy, parse_target(resolve_target(target)), "auto", capacity,
                                lib_dir / f"{name}.so")
         click.echo(f"wrote {lib_dir / name}.so ({meta.target}, {meta.compile_seconds} s)", err=True)
+
+
+def speed_options(func):
+    """``--peer`` and ``--threads`` of ``tsedge bench speed``."""
+    func = click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="CPU threads of tsedge (TVM_NUM_THREADS) and of the peer [default: the cores "
+                             "this process may run on]")(func)
+    return click.option("--peer", type=click.Choice(["llama.cpp"]), default=None,
+                        help="also time llama.cpp (llama-cpp-python, the `bench` extra) on the same GGUF file, "
+                             "token ids and threads, and print both with their ratio")(func)
+
+
+def speed_setup(peer: str | None, threads: int | None, model: str):
+    """Before the engine is made: the peer's checks (one line naming the fix, before any model
+    is fetched or compiled), the model (a ModelSource) and the thread count, set for TVM (whose
+    default on x86 is half the cores: it assumes hyper-threading). Returns (threads, source)."""
+    from tsedge.bench.llamacpp_peer import missing_message
+    from tsedge.weights import load_source
+
+    if peer and (message := missing_message()):
+        raise click.ClickException(message)
+    source = load_source(model)
+    if peer and source.path.suffix != ".gguf":
+        raise click.ClickException(f"--peer llama.cpp reads GGUF files only, and {source.path} is not one: "
+                                   "pass --model with a .gguf file (the default model is one)")
+    threads = threads or len(os.sched_getaffinity(0))
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
+    return threads, source
+
+
+def run_speed(engine, model_path: Path, prefill_lengths: list[int], decode_contexts: list[int], steps: int,
+              output: str | None, peer: str | None, threads: int) -> dict:
+    """``tsedge bench speed``: prefill and greedy decode of CPython's docs (tsedge's tokenizer),
+    then with ``peer`` llama.cpp on the same ids, the table of both; JSON (and with a peer a PNG
+    beside it, by default ``bench/results/cpu_<model>_vs_llamacpp_<quantization>``)."""
+    from datetime import datetime, timezone
+
+    import tvm
+
+    import tsedge
+    from tsedge.bench import llamacpp_peer as lp
+    from tsedge.bench.speed import (cpu_info, greedy_decode_speed, ids_digest, machine_info, prefill_speed,
+                                    text_ids)
+
+    if peer and engine.meta.target != "llvm":
+        raise click.ClickException(f"--peer llama.cpp runs llama.cpp on the CPU, and this library is for "
+                                   f"{engine.meta.target}: use --target llvm")
+    ids = text_ids(engine, max(prefill_lengths + decode_contexts))
+    prefill = {n: ids[:n] for n in prefill_lengths}
+    decode = {n: ids[:n] for n in decode_contexts}
+    result = {"info": {**machine_info(engine), **cpu_info(), "threads": threads,
+                       "tvm_threads": tvm.get_global_func("runtime.NumThreads")(),
+                       "tvm": tvm.__version__, "tsedge": tsedge.__version__, "python": platform.python_version(),
+                       "model_file": Path(model_path).name,
+                       "tokens": "CPython's docs (pydoc_data.topics) by tsedge's tokenizer, fed to both engines",
+                       "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
+              "prefill": [], "decode": []}
+    for length, prompt in prefill.items():
+        result["prefill"].append({**prefill_speed(engine, length, ids=prompt), "ids": ids_digest(prompt)})
+        click.echo(f"prefill {length:6d} tokens: {result['prefill'][-1]['tok_per_s']:8.1f} tok/s")
+    for context, prompt in decode.items():
+        result["decode"].append({**greedy_decode_speed(engine, prompt, steps), "ids": ids_digest(prompt)})
+        click.echo(f"decode after {context:6d}: {result['decode'][-1]['tok_per_s']:8.1f} tok/s")
+    if peer:
+        click.echo(f"timing {peer} on {Path(model_path).name} with the same token ids, {threads} threads", err=True)
+        try:
+            result["peer"] = lp.measure(Path(model_path), prefill, decode, steps, threads)
+        except lp.PeerError as err:
+            raise click.ClickException(str(err)) from None
+        result["ratios"] = lp.ratios(result)
+        click.echo(lp.table(result))
+        output = output or (f"bench/results/cpu_{engine.meta.model.name.split('-')[0]}_vs_llamacpp_"
+                            f"{engine.meta.quantization}.json")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=1))
+        if peer:
+            lp.plot(result, Path(output).with_suffix(".png"))
+        click.echo(f"wrote {output}" + (" and its .png" if peer else ""), err=True)
+    return result
 
 
 bench_decode = _bench_command("decode")
