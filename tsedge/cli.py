@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from tsedge.cli_bench import bench_decode, bench_prefill
+from tsedge.cli_bench import bench_decode, bench_prefill, speed_options
 from tsedge.cli_eval import eval_run, eval_table
 from tsedge.cli_options import (POSITIVE_INTS, TARGET_HELP, FiniteFloatRange, PrefillDisplay,
                                  context_full_note, number_list, policy_config, policy_options,
@@ -299,25 +299,18 @@ def bench() -> None:
               callback=POSITIVE_INTS, help="context before decoding (tokens)")
 @click.option("--steps", type=click.IntRange(min=1), default=64, show_default=True, help="decode steps")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="write the results as JSON here")
+@speed_options
 @quantization_option(None)
 @policy_options
 @_errors
-def bench_speed(model, target, lib, prefill_lengths, decode_contexts, steps, output, **kw) -> None:
-    """Prefill tok/s at the given lengths and decode tok/s after the given contexts."""
-    from tsedge.bench.speed import decode_speed, machine_info, prefill_speed
+def bench_speed(model, target, lib, prefill_lengths, decode_contexts, steps, output, peer, threads, **kw) -> None:
+    """Prefill tok/s at the given lengths and greedy decode tok/s after the given contexts (CPython's
+    docs); with --peer llama.cpp beside it on the same GGUF, token ids and threads."""
+    from tsedge.cli_bench import run_speed, speed_setup
 
-    engine = _engine(model, _checked_target(target, lib), lib, kw)
-    result = {"info": machine_info(engine), "prefill": [], "decode": []}
-    for length in prefill_lengths:
-        result["prefill"].append(prefill_speed(engine, length))
-        click.echo(f"prefill {length:6d} tokens: {result['prefill'][-1]['tok_per_s']:8.1f} tok/s")
-    for context in decode_contexts:
-        result["decode"].append(decode_speed(engine, context, steps, fill="prefill"))
-        click.echo(f"decode after {context:6d}: {result['decode'][-1]['tok_per_s']:8.1f} tok/s")
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(result, indent=1))
-        click.echo(f"wrote {output}")
+    threads, source = speed_setup(peer, threads, model)  # before TVM's thread pool starts
+    engine = _engine(source, _checked_target(target, lib), lib, kw)
+    run_speed(engine, source.path, prefill_lengths, decode_contexts, steps, output, peer, threads)
 
 
 @bench.command("accuracy")

@@ -109,7 +109,7 @@ def _compile_into(preset: str, variants: dict, target: str | None, lib_dir: Path
 def speed_options(func):
     """``--peer`` and ``--threads`` of ``tsedge bench speed``."""
     func = click.option("--threads", type=click.IntRange(min=1), default=None,
-                        help="CPU threads of tsedge (TVM_NUM_THREADS) and of the peer [default: the cores "
+                        help="CPU threads of tsedge (TVM_NUM_THREADS) and of the peer [default: the physical cores "
                              "this process may run on]")(func)
     return click.option("--peer", type=click.Choice(["llama.cpp"]), default=None,
                         help="also time llama.cpp (llama-cpp-python, the `bench` extra) on the same GGUF file, "
@@ -121,6 +121,7 @@ def speed_setup(peer: str | None, threads: int | None, model: str):
     is fetched or compiled), the model (a ModelSource) and the thread count, set for TVM (whose
     default on x86 is half the cores: it assumes hyper-threading). Returns (threads, source)."""
     from tsedge.bench.llamacpp_peer import missing_message
+    from tsedge.threads import physical_cores
     from tsedge.weights import load_source
 
     if peer and (message := missing_message()):
@@ -129,7 +130,7 @@ def speed_setup(peer: str | None, threads: int | None, model: str):
     if peer and source.path.suffix != ".gguf":
         raise click.ClickException(f"--peer llama.cpp reads GGUF files only, and {source.path} is not one: "
                                    "pass --model with a .gguf file (the default model is one)")
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or physical_cores()
     os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
     return threads, source
 

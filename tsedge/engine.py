@@ -26,7 +26,10 @@ from tsedge.kv_cache import ContextOverflowError, KVCache
 from tsedge.models.library import LibraryMeta
 from tsedge.models.quantization import QuantizationError, QuantizedTensor, concatenate, library_arrays, quantize, scheme
 from tsedge.sampling import Sampler, SamplingParams
+from tsedge.threads import use_physical_cores
 from tsedge.weights import ModelSource, WeightsError, load_source
+
+use_physical_cores()  # before TVM's thread pool starts: TVM's x86 default is half the logical CPUs
 
 __all__ = ["ContextOverflowError", "Engine", "GenerationResult", "LibraryError"]
 
