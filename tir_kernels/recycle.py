@@ -121,22 +121,28 @@ def make_query_mean(n_heads: int, head_dim: int, dtype: str, target: Target) -> 
     return query_mean
 
 
+SCORE_CHUNKS = 64  # GPU: blocks per query head of the log-sum-exp pass
+
+
 def make_recycle_scores(n_heads: int, n_kv: int, pool: int, target: Target) -> tirx.PrimFunc:
     """A full step's token scores per KV head, max-pooled.
 
     Args: logits[H, L] float32, the step's last query's scores in log2 units (``q.k / sqrt(d)
-    * log2(e)``, the attention kernels' ``logit_sets = H`` output). Output: crit[Hkv, L + 1]
+    * log2(e)``, the attention kernels' ``logit_sets = H`` output). Outputs: crit[Hkv, L + 1]
     float32 with ``crit[g, t] = max_{|u - t| <= pool // 2, 0 <= u < L} max_{h of group g}
     p[h, u]``, ``p[h] = softmax(logits[h])`` (the attention probabilities), and the padding
     column ``crit[g, L] = PAD_SCORE`` (so ``make_topk(heads=Hkv)`` with ``K + 1`` keeps the top K
-    of the L real scores and returns the pad last). Raises ValueError for an even ``pool``.
-    GPU: one block per KV head; CPU: one task per KV head.
+    of the L real scores and returns the pad last); workspace stats[H, SCORE_CHUNKS + 1, 2]
+    float32 (per chunk of each head's logits: max and sum of exp2 below it; then in slot
+    SCORE_CHUNKS the head's log2-sum-exp). Raises ValueError for an even ``pool``.
+    GPU: three passes over the whole GPU — chunk statistics (H x SCORE_CHUNKS blocks), their
+    merge per head, the pooled scores (one thread a token); CPU: one task per KV head.
     """
     if pool < 1 or pool % 2 == 0:
         raise ValueError(f"pool={pool}: the max-pooling kernel must be odd (the paper's is 7)")
     gpu = is_gpu(target)
     group, radius = n_heads // n_kv, pool // 2
-    H, HKV, G = i64(n_heads), i64(n_kv), i64(n_heads // n_kv)
+    H, HKV, G, NC = i64(n_heads), i64(n_kv), i64(n_heads // n_kv), i64(SCORE_CHUNKS)
 
     @T.macro
     def pooled(logits, crit, lse, g, t, L, best):
@@ -149,34 +155,59 @@ def make_recycle_scores(n_heads: int, n_kv: int, pool: int, target: Target) -> t
         crit[g, t] = best[0]
 
     @T.prim_func(s_tir=True)
-    def recycle_scores(logits_h: T.handle, crit_h: T.handle):
+    def recycle_scores(logits_h: T.handle, crit_h: T.handle, stats_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
         L = T.int64()
         logits = T.match_buffer(logits_h, (H, L), "float32")
         crit = T.match_buffer(crit_h, (HKV, L + 1), "float32")
+        stats = T.match_buffer(stats_h, (H, NC + 1, 2), "float32")
         if gpu:
-            for g in T.thread_binding(HKV, thread="blockIdx.x"):
-                for tx in T.thread_binding(i64(_THREADS), thread="threadIdx.x"):
-                    with T.sblock("scores"):
-                        lse = T.sblock_alloc_buffer((group,), "float32", scope="local")
+            for b in T.thread_binding(NC, thread="blockIdx.x"):  # chunk b of head h: max, sum below it
+                for h in T.thread_binding(H, thread="blockIdx.y"):
+                    for tx in T.thread_binding(i64(_THREADS), thread="threadIdx.x"):
+                        with T.sblock("chunk_stats"):
+                            T.reads()
+                            T.writes()
+                            part = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            top = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            total = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            j0: T.let[T.int64] = b * T.ceildiv(L, NC)
+                            j1: T.let[T.int64] = T.min(j0 + T.ceildiv(L, NC), L)
+                            part[0] = T.float32(-_BIG)
+                            for it in T.serial(T.ceildiv(T.max(j1 - j0 - tx, i64(0)), _THREADS)):
+                                part[0] = T.max(part[0], logits[h, j0 + it * _THREADS + tx])
+                            allreduce_max_f32(part, top, tx)
+                            part[0] = T.float32(0)
+                            for it in T.serial(T.ceildiv(T.max(j1 - j0 - tx, i64(0)), _THREADS)):
+                                part[0] = part[0] + T.exp2(logits[h, j0 + it * _THREADS + tx] - top[0])
+                            allreduce_sum_f32(part, total, tx)
+                            if tx == 0:
+                                stats[h, b, 0] = top[0]
+                                stats[h, b, 1] = total[0]
+            for h in T.thread_binding(H, thread="blockIdx.x"):  # per head: log2-sum-exp of the chunks
+                for tx in T.thread_binding(NC, thread="threadIdx.x"):
+                    with T.sblock("merge"):
                         part = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         top = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         total = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        best = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        for h in T.serial(G):  # log2-sum-exp of each query head of the group
-                            part[0] = T.float32(-_BIG)
-                            for it in T.serial(T.ceildiv(L - tx, _THREADS)):
-                                part[0] = T.max(part[0], logits[g * group + h, it * _THREADS + tx])
-                            allreduce_max_f32(part, top, tx)
-                            part[0] = T.float32(0)
-                            for it in T.serial(T.ceildiv(L - tx, _THREADS)):
-                                part[0] = part[0] + T.exp2(logits[g * group + h, it * _THREADS + tx] - top[0])
-                            allreduce_sum_f32(part, total, tx)
-                            lse[h] = top[0] + T.log2(total[0])
-                        for it in T.serial(T.ceildiv(L - tx, _THREADS)):
-                            pooled(logits, crit, lse, g, it * _THREADS + tx, L, best)
+                        part[0] = stats[h, tx, 0]
+                        allreduce_max_f32(part, top, tx)
+                        part[0] = stats[h, tx, 1] * T.exp2(stats[h, tx, 0] - top[0])
+                        allreduce_sum_f32(part, total, tx)
                         if tx == 0:
-                            crit[g, L] = T.float32(PAD_SCORE)
+                            stats[h, NC, 0] = top[0] + T.log2(total[0])
+            for b in T.thread_binding(T.ceildiv(L + 1, _THREADS), thread="blockIdx.x"):  # one thread a token
+                for g in T.thread_binding(HKV, thread="blockIdx.y"):
+                    for tx in T.thread_binding(i64(_THREADS), thread="threadIdx.x"):
+                        with T.sblock("scores"):
+                            lse = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                            best = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            if b * _THREADS + tx < L:
+                                for h in T.serial(G):
+                                    lse[h] = stats[g * group + h, NC, 0]
+                                pooled(logits, crit, lse, g, b * _THREADS + tx, L, best)
+                            if b * _THREADS + tx == L:
+                                crit[g, L] = T.float32(PAD_SCORE)
         else:
             for g in T.parallel(HKV):
                 with T.sblock("scores"):
@@ -191,6 +222,7 @@ def make_recycle_scores(n_heads: int, n_kv: int, pool: int, target: Target) -> t
                         for t in T.serial(L):
                             stat[1] = stat[1] + T.exp2(logits[g * group + h, t] - stat[0])
                         lse[h] = stat[0] + T.log2(stat[1])
+                        stats[g * group + h, NC, 0] = lse[h]
                     for t in T.serial(L):
                         pooled(logits, crit, lse, g, t, L, best)
                     crit[g, L] = T.float32(PAD_SCORE)

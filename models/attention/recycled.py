@@ -28,8 +28,8 @@ from tvm.target import Target
 
 from tsedge.tir_kernels import attention, cache_ops, decode_attention
 from tsedge.tir_kernels.common import i64, is_gpu
-from tsedge.tir_kernels.recycle import (POOL_KERNEL, gated, make_query_mean, make_recycle_append,
-                                        make_recycle_scores, make_recycle_store)
+from tsedge.tir_kernels.recycle import (POOL_KERNEL, SCORE_CHUNKS, gated, make_query_mean,
+                                        make_recycle_append, make_recycle_scores, make_recycle_store)
 from tsedge.tir_kernels.selection_cache import STRIDE_STATE, make_selection_check
 from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
 
@@ -153,8 +153,9 @@ class RecycledPolicy(DensePolicy):
         """On a full step: scores, top-K per KV head, stored into the layer's partial cache."""
         cache_qbar, cache_idx, cache_score, sel_state = step.state
         layer, hkv, k = i64(layer_id), self.cfg.num_kv_heads, self.policy.recycle_k
-        crit = op.tensor_ir_op(self.scores, "recycle_scores", args=[logits, sel_state, layer],
-                               out=nn.Tensor.placeholder([hkv, logits.shape[1] + 1], "float32"))
+        crit, _ = op.tensor_ir_op(self.scores, "recycle_scores", args=[logits, sel_state, layer],
+                                  out=[nn.Tensor.placeholder([hkv, logits.shape[1] + 1], "float32"),
+                                       nn.Tensor.placeholder([self.cfg.num_heads, SCORE_CHUNKS + 1, 2], "float32")])
         idx, _ = op.tensor_ir_op(self.topk, "recycle_topk", args=[crit, sel_state, layer],
                                  out=[nn.Tensor.placeholder([hkv, k + 1], "int32"),
                                       nn.Tensor.placeholder([hkv, WORKSPACE_SIZE], "int32")])
