@@ -38,7 +38,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from .attention import LOG2E, NEG_INF, rope_rotated
-from .common import has_mma_sync, i64, max_shared_memory
+from .common import has_mma_sync, i64, max_shared_memory, mma_m16n8k16
 
 WARPS = 4  # per block
 M_TILES = 2  # 16-row mma tiles of (query, head) rows per warp: each K/V fragment feeds this many mma
@@ -109,10 +109,6 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
     rope_items = (keys * (head_dim // 4) + threads - 1) // threads  # copies: 16 bytes of a RoPE row
     scale = LOG2E / math.sqrt(head_dim)
     H, D, HKV, G = i64(n_heads), i64(head_dim), i64(n_kv), i64(group)
-
-    def mma(a, a_off, b, b_off, c, c_off):
-        return T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                           a.data, a_off, b.data, b_off, c.data, c_off, False, dtype="float32"))
 
     @T.macro
     def copy_tile(kv, rope, rows, kv_st, r_st, layer, cap, by, t, key_start, key_lim, tid):
@@ -255,7 +251,7 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                                 dtype="float16"))
                                         for mt in T.unroll(MT):
                                             for nb in T.unroll(key_blocks):
-                                                mma(qf, mt * 8, bk, nb * 4, sf, (mt * key_blocks + nb) * 4)
+                                                mma_m16n8k16(qf, mt * 8, bk, nb * 4, sf, (mt * key_blocks + nb) * 4)
                                     for mt in T.unroll(MT):  # mask, online softmax of rows row0 + 16 mt + 8 rr
                                         for rr in T.unroll(2):
                                             red[0] = T.float32(NEG_INF)
@@ -294,7 +290,7 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                                     + (2 * (vg * v_group + nd) + tx // 16) * 8, dtype="float16"))
                                             for mt in T.unroll(MT):
                                                 for nd in T.unroll(2 * v_group):
-                                                    mma(pf, (mt * pv_steps + kk) * 8, bv, nd * 4, of,
+                                                    mma_m16n8k16(pf, (mt * pv_steps + kk) * 8, bv, nd * 4, of,
                                                         (mt * d_blocks + vg * 2 * v_group + nd) * 4)
                                 for mt in T.unroll(MT):  # normalise, write the split's output
                                     for rr in T.unroll(2):

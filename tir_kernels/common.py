@@ -18,6 +18,7 @@ and ``op_pattern`` 8 (opaque) so Relax fusion leaves it alone.
 from __future__ import annotations
 
 from tvm import tirx
+from tvm.script import tirx as T
 from tvm.target import Target
 
 GPU_KINDS = ("cuda", "rocm", "metal", "vulkan", "webgpu", "opencl")
@@ -45,6 +46,14 @@ def has_mma_sync(target: Target) -> bool:
     """True for CUDA targets of sm_80 or newer (``mma.sync.m16n8k16`` with float16, ``ldmatrix``,
     ``cp.async``)."""
     return target.kind.name == "cuda" and _cuda_arch(target) >= 80
+
+
+def mma_m16n8k16(a, a_off, b, b_off, c, c_off):
+    """``c[c_off:] += a[a_off:] @ b[b_off:]`` on tensor cores: one ``mma.sync.m16n8k16`` (row-major
+    A, column-major B, float16 operands, float32 accumulators) on a warp's fragments (local
+    buffers; offsets in elements), inside TIR."""
+    return T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                       a.data, a_off, b.data, b_off, c.data, c_off, False, dtype="float32"))
 
 
 def _cuda_arch(target: Target) -> int:

@@ -31,7 +31,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from .attention import LOG2E, NEG_INF, rope_rotated
-from .common import has_mma_sync, i64, max_shared_memory
+from .common import has_mma_sync, i64, max_shared_memory, mma_m16n8k16
 from .decode_attention import decode_splits
 
 HEADS_PER_BLOCK = 8  # KV heads (warps) per block: each RoPE row staged once for all of Llama-3-8B's
@@ -111,10 +111,6 @@ def make_decode_attention_mma(num_layers: int, n_heads: int, n_kv: int, head_dim
 
     def row_of(rows, j):
         return j if dense else T.Cast("int64", rows[j])
-
-    def mma(a, a_off, b, b_off, c, c_off):
-        return T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                           a.data, a_off, b.data, b_off, c.data, c_off, False, dtype="float32"))
 
     @T.macro
     def copy_tile(kv, rope, rows, kv_st, r_st, layer, cap, by, t, j0, j1, tid):
@@ -233,7 +229,7 @@ def make_decode_attention_mma(num_layers: int, n_heads: int, n_kv: int, head_dim
                                                                                     red[1] * cs[e] + red[0] * cs[8 + e])
                                     for ks in T.unroll(k_steps):
                                         for nb in T.unroll(2):
-                                            mma(qf, ks * 8, bk, ks * 8 + nb * 4, sf, (p * 2 + nb) * 4)
+                                            mma_m16n8k16(qf, ks * 8, bk, ks * 8 + nb * 4, sf, (p * 2 + nb) * 4)
                                 for rr in T.unroll(row_halves):  # mask, online softmax of row tx/4 + 8 rr
                                     red[0] = T.float32(NEG_INF)
                                     for nb in T.unroll(key_blocks):
@@ -270,7 +266,7 @@ def make_decode_attention_mma(num_layers: int, n_heads: int, n_kv: int, head_dim
                                                 stage + k_base + keys * stride + (kk * 16 + (tx // 8) % 2 * 8 + tx % 8) * stride
                                                 + (2 * (vg * v_group + nd) + tx // 16) * 8, dtype="float16"))
                                         for nd in T.unroll(2 * v_group):
-                                            mma(pf, kk * 8, bv, nd * 4, of, (vg * 2 * v_group + nd) * 4)
+                                            mma_m16n8k16(pf, kk * 8, bv, nd * 4, of, (vg * 2 * v_group + nd) * 4)
                             for rr in T.unroll(row_halves):  # normalise, write the chunk's output
                                 red[0] = l_run[rr]
                                 for r in T.unroll(2):

@@ -18,7 +18,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from .common import has_mma_sync, i64
+from .common import has_mma_sync, i64, mma_m16n8k16
 
 KEYS = 16  # candidates per shared-memory tile
 STAGES = 2
@@ -49,10 +49,6 @@ def make_score_pass(num_layers: int, n_heads: int, n_kv: int, head_dim: int, n_i
     q_items = (16 * head_dim + 31) // 32
     stage_elems = KEYS * stride
     D, HKV, G, NB = i64(head_dim), i64(n_kv), i64(group), i64(chunks)
-
-    def mma(a, a_off, b, b_off, c, c_off):
-        return T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                           a.data, a_off, b.data, b_off, c.data, c_off, False, dtype="float32"))
 
     @T.macro
     def copy_tile(kv, k_st, layer, cap, g, t, j0, j1, tx):
@@ -124,7 +120,7 @@ def make_score_pass(num_layers: int, n_heads: int, n_kv: int, head_dim: int, n_i
                                     t % STAGES * stage_elems + (tx // 16 * 8 + tx % 8) * stride + ks * 16
                                     + (tx // 8) % 2 * 8, dtype="float16"))
                                 for nb in T.unroll(2):
-                                    mma(qf, ks * 8, bk, nb * 4, sf, nb * 4)
+                                    mma_m16n8k16(qf, ks * 8, bk, nb * 4, sf, nb * 4)
                             for nb in T.unroll(2):  # row tx / 4 (hi) + row tx / 4 + 8 (lo): the score
                                 for c in T.unroll(2):
                                     sc[0] = sf[nb * 4 + c] + sf[nb * 4 + 2 + c]
