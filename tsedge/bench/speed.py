@@ -81,14 +81,10 @@ def prefill_speed(engine: Engine, length: int, seed: int = 0, ids: list[int] | N
     return {"tokens": length, "seconds": round(seconds, 4), "tok_per_s": round(length / seconds, 2)}
 
 
-def decode_speed(engine: Engine, context: int, steps: int = 64, fill: str = "random") -> dict[str, Any]:
-    """Decode steps after ``context`` cached tokens (filled randomly or by prefill); with a device
-    sampler each step includes its greedy pick on the device (``Engine.decode_greedy``)."""
-    if fill == "random":
-        fill_random(engine, context)
-    else:
-        engine.reset()
-        engine.prefill(random_ids(engine, context))
+def decode_speed(engine: Engine, context: int, steps: int = 64) -> dict[str, Any]:
+    """Decode steps after ``context`` cached tokens filled with random values (``fill_random``);
+    with a device sampler each step includes its greedy pick on the device (``Engine.decode_greedy``)."""
+    fill_random(engine, context)
     engine.cache.check_room(steps + 2)
     # a library with ``sample``: each step decodes and picks greedily on the device (only the id
     # crosses to the host), as generation does; else the logits come to the host. Every step
