@@ -15,7 +15,7 @@ from tsedge.cli import main
 from tsedge.cli_options import PrefillDisplay, sampling_params
 from tsedge.compile.targets import has_cuda_gpu
 from tsedge.engine import Engine
-from tsedge.sampling import SamplingParams
+from tsedge.sampling import SamplingParams, generation_config_defaults
 from tsedge.weights import load_source
 
 
@@ -113,6 +113,8 @@ def test_convert_folder_runs_like_the_gguf(smol_lib, smol_source, tmp_path):
     original = Engine(smol_lib, smol_source).prefill(ids)
     assert converted.argmax() == original.argmax()
     assert np.abs(converted - original).max() < 0.1  # float16 weights vs float32
+    # it samples as the embedded model does (greedy), not at the peers' temperature 0.7
+    assert generation_config_defaults(tmp_path / "w") == {"temperature": 0.0}
 
 
 @pytest.mark.parametrize("args, message", [

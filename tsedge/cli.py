@@ -203,7 +203,21 @@ def convert(model: str, output: str, quantization: str) -> None:
         tensors = ((update(i + 1), item)[1] for i, item in enumerate(source.tensors()))
         save_weights_folder(output, tensors, source.config, source.tokenizer,
                             {"model": source.config.name, "source": str(source.path)}, quantization)
+    _keep_sampling_defaults(source.path, Path(output))
     click.echo(f"wrote {output} ({quantization})")
+
+
+def _keep_sampling_defaults(source: Path, output: Path) -> None:
+    """The converted folder samples as its source did: the source folder's generation_config.json,
+    or the embedded model's greedy default (``fetch.SAMPLING``) written as one."""
+    import shutil
+
+    from tsedge import fetch
+
+    if (source / "generation_config.json").is_file():
+        shutil.copyfile(source / "generation_config.json", output / "generation_config.json")
+    elif fetch.is_default_model(source):
+        (output / "generation_config.json").write_text(json.dumps(fetch.SAMPLING, indent=1))
 
 
 def _prompt_ids(engine, prompt: str, raw: bool) -> list[int]:
