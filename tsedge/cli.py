@@ -199,6 +199,8 @@ def convert(model: str, output: str, quantization: str) -> None:
         raise ValueError(f"{source.path} is already a {source.quantization} folder; convert from the float "
                          "weights (GGUF or Hugging Face folder) instead")
     total = len(expected_shapes(source.config))
+    if Path(output).is_dir() and any(Path(output).iterdir()):
+        click.echo(f"tsedge: note: {output} is not empty; its weights, config and tokenizer are replaced", err=True)
     with count_progress(f"converting {source.config.name} ({quantization})", total) as update:
         tensors = ((update(i + 1), item)[1] for i, item in enumerate(source.tensors()))
         save_weights_folder(output, tensors, source.config, source.tokenizer,
