@@ -130,6 +130,27 @@ def test_bad_inputs_are_clear_errors(args, message):
     assert message in result.output
 
 
+def test_vulkan_without_wgpu_is_refused_before_compiling(monkeypatch):
+    """No wgpu: one line naming the install, and no library compiled first."""
+    import builtins
+
+    import tsedge.library_cache
+
+    real_import = builtins.__import__
+
+    def no_wgpu(name, *args, **kwargs):
+        if name == "wgpu":
+            raise ImportError("no wgpu")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wgpu)
+    monkeypatch.setattr(tsedge.library_cache, "ensure_library",
+                        lambda *a, **k: pytest.fail("compiled before checking wgpu"))
+    result = run("generate", "--target", "vulkan", "--prompt", "hi")
+    assert result.exit_code != 0
+    assert "pip install 'tsedge[vulkan]'" in result.output and "Traceback" not in result.output
+
+
 NOT_UTF8 = ("not UTF-8 text (byte 0xe9 at offset 3); re-encode it as UTF-8, e.g. with iconv -f "
             "latin1 -t utf-8")
 

@@ -62,7 +62,7 @@ def _max_context(kw: dict, policy: PolicyConfig, window: int, cfg: ModelConfig |
 
 def _checked_target(target: str | None, lib: str | None) -> str | None:
     """The resolved ``--target`` to run on here (or a check that ``--lib`` exists), before any
-    model is loaded or compiled: a CUDA target needs a visible GPU."""
+    model is loaded or compiled: a CUDA target needs a visible GPU, the Vulkan target wgpu-native."""
     from tsedge.compile.targets import has_cuda_gpu
     from tsedge.engine import check_library
 
@@ -73,6 +73,13 @@ def _checked_target(target: str | None, lib: str | None) -> str | None:
     if name.startswith("cuda") and not has_cuda_gpu():
         raise ValueError(f"--target {target} runs the model on a CUDA GPU, but none is visible; use --target "
                          "llvm here, or `tsedge compile --target cuda:sm_XX` to build for another machine")
+    if name == "vulkan":  # wgpu-native runs the WGSL kernels: missing, say so before compiling
+        from tsedge.vulkan import VulkanError, wgpu_resources
+
+        try:
+            wgpu_resources()
+        except VulkanError as err:
+            raise ValueError(str(err)) from None
     return name
 
 

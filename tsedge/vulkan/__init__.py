@@ -34,7 +34,9 @@ class VulkanError(RuntimeError):
     """The Vulkan backend cannot run here (no wgpu, no C++ compiler, no driver); one line with the fix."""
 
 
-def _wgpu_resources() -> Path:
+def wgpu_resources() -> Path:
+    """The wgpu package's folder of ``webgpu.h`` and ``libwgpu_native``; raises VulkanError (one line
+    naming the fix) where wgpu is missing or incomplete. Cheap: run commands check it before compiling."""
     try:
         import wgpu
     except ImportError:
@@ -88,7 +90,7 @@ def load() -> Path:
     global _loaded
     if _loaded is not None:
         return _loaded
-    res = _wgpu_resources()
+    res = wgpu_resources()
     import wgpu
 
     key = hashlib.sha256(_SOURCE.read_bytes() + f"{tvm.__version__} {wgpu.__version__}".encode()).hexdigest()[:16]
