@@ -1,7 +1,7 @@
 """GPU decode attention on tensor cores (CUDA sm_80+, float16), flash-decoding over any row list.
 
 Same contract as ``decode_attention.make_decode_attention`` (key ``j`` of ``rows`` at RoPE position
-``j``, the query at ``M - 1``; ``decode_splits(M)`` chunks merged by ``attention.make_attention_merge``;
+``j``, the query at ``M - 1``; ``mma_splits(M)`` chunks merged by ``attention.make_attention_merge``;
 ``dense``: rows ``0 .. length[0] - 1`` from a device length and a fixed grid), but with the work per
 byte cut so K/V stream at bandwidth:
 
@@ -34,7 +34,7 @@ from .attention import LOG2E, NEG_INF, rope_rotated
 from .common import has_mma_sync, i64, max_shared_memory, mma_m16n8k16
 from .decode_attention import decode_splits
 
-HEADS_PER_BLOCK = 8  # KV heads (warps) per block: each RoPE row staged once for all of Llama-3-8B's
+HEADS_PER_BLOCK = 8  # KV heads (warps) per block: a RoPE row is staged once for Llama-3-8B's eight
 MAX_SPLITS = 132  # one wave of one block per SM on a 132-SM H100/H200
 MIN_KEYS = 64  # rows at least per split: fewer partial outputs to write and merge for short lists
 KEYS = 16  # rows per shared-memory tile
@@ -74,11 +74,12 @@ def make_decode_attention_mma(num_layers: int, n_heads: int, n_kv: int, head_dim
 
     Outputs: o[1, S, H, d] float32 (each chunk's normalised output), lse[1, S, H] float32
     (log2-sum-exp of the chunk's scaled scores, ``NEG_INF`` for an empty chunk), ``S =
-    decode_splits(M, max_splits, min_keys)`` (``dense``: ``S = max_splits``; the blocks of chunks past
-    ``decode_splits(length, ...)`` load and write nothing; ``mma_splits`` is the default). ``heads_per_block``: KV heads (warps) per block (the
-    largest divisor of Hkv up to it whose block fits the target's shared memory); ``keys``: rows per tile (a multiple of 16); ``stages`` (≥ 2)
-    tiles in shared memory. Raises ValueError where ``supported`` is False or the block exceeds the
-    target's shared memory.
+    decode_splits(M, max_splits, min_keys)`` (``mma_splits`` with the defaults; ``dense``: ``S =
+    max_splits``, and the blocks of chunks past ``decode_splits(length, ...)`` load and write
+    nothing). ``heads_per_block``: KV heads (warps) per block (the largest divisor of Hkv up to it
+    whose block fits the target's shared memory); ``keys``: rows per tile (a multiple of 16);
+    ``stages`` (≥ 2): tiles in shared memory. Raises ValueError where ``supported`` is False or no
+    block fits the target's shared memory.
     """
     if not supported(n_heads, n_kv, head_dim, dtype, target):
         raise ValueError("tensor-core decode attention needs CUDA sm_80+, float16, head_dim a multiple of 32 "
