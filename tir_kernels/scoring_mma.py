@@ -33,13 +33,14 @@ def fits(n_heads: int, n_kv: int, head_dim: int, dtype: str, target: Target) -> 
 
 
 def make_score_pass(num_layers: int, n_heads: int, n_kv: int, head_dim: int, n_init: int, offset: int,
-                    chunks: int, online_update, merge_partial):
+                    chunks: int, online_update, merge_partial, neg: float):
     """A TIR macro ``(qbar, kv, state, layer, length, scores, partials)``: for chunk ``b`` of
     ``chunks`` and KV head ``g``, ``scores[h, t] = qbar[h] · kv[layer, 0, g, n_init + t]`` (float32)
     for the chunk's candidates ``t < C = length[0] - offset`` and ``partials[h, b] = (max, sum of
     exp(score - max))`` for each query head ``h`` of the group; nothing when ``state[layer, 0]`` is
     1 (a Selection Cache hit). ``online_update`` / ``merge_partial``: the caller's online-softmax
-    macros on 1-element (m, z) buffers, so both passes keep one rule.
+    macros on 1-element (m, z) buffers, and ``neg`` its finite minus infinity (an empty state's
+    max), so both passes keep one rule.
     """
     group = n_heads // n_kv
     stride = head_dim + PAD
@@ -103,7 +104,7 @@ def make_score_pass(num_layers: int, n_heads: int, n_kv: int, head_dim: int, n_i
                             T.evaluate(T.ptx_legacy.ldmatrix(
                                 False, 4, ".b16", qf.data, ks * 8, q_sh.access_ptr("r"),
                                 ((tx // 8) % 2 * 8 + tx % 8) * stride + ks * 16 + tx // 16 * 8, dtype="float16"))
-                        m[0] = T.float32(-1.0e30)
+                        m[0] = T.float32(neg)
                         z[0] = T.float32(0)
                         for t in T.serial(tiles):
                             T.tvm_storage_sync("shared")  # the warp is done with tile t - 1: its stage is free

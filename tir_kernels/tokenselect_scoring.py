@@ -193,7 +193,7 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
 
     use_mma = scoring_mma.fits(n_heads, n_kv_heads, head_dim, dtype, target)  # pass 1 on tensor cores
     score_pass_mma = (scoring_mma.make_score_pass(num_layers, n_heads, n_kv_heads, head_dim, n_init, offset,
-                                                  SCORE_BLOCKS, online_update, merge_partial) if use_mma else None)
+                                                  SCORE_BLOCKS, online_update, merge_partial, _NEG) if use_mma else None)
 
     @T.prim_func(s_tir=True)
     def scoring(qbar_h: T.handle, kv_h: T.handle, state_h: T.handle, layer: T.int64, length_h: T.handle,

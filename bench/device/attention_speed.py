@@ -27,8 +27,6 @@ DECODE_SHAPES = {"decode": ("simt", {}), "mma": ("mma", {}), "mma h4": ("mma", {
 DENSE_SHAPES = {"dense 256": ("simt", {"max_splits": 256, "min_keys": 8}), "mma dense": ("mma", {}),
                 "mma dense h4": ("mma", {"heads_per_block": 4})}
 SPLIT_OPTIONS = ("max_splits", "min_keys")  # the options decode_splits takes
-SPLIT_DEFAULTS = {"simt": {"max_splits": 256, "min_keys": 8},  # decode_attention's MAX_SPLITS, MIN_KEYS_PER_SPLIT
-                  "mma": {"max_splits": 132, "min_keys": 64}}  # decode_attention_mma's MAX_SPLITS, MIN_KEYS
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
 CHUNK_SHAPES = {"chunk": {}}  # variants: make_chunk_attention(warps=, keys=, stages=, m_tiles=)
@@ -54,7 +52,7 @@ def prepare() -> None:
         kernels[name] = makers[kind](LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, dense=True, **kw)
         kernels[f"merge {name}"] = attention.make_attention_merge(
             HEADS, HEAD_DIM, "float16", target,
-            functools.partial(decode_attention.decode_splits, **_split_kw({**SPLIT_DEFAULTS[kind], **kw})))
+            functools.partial(decode_attention.decode_splits, **_split_options(kind, kw)))
     kernels["scoring"] = tokenselect_scoring.make_scoring(LAYERS, HEADS, KV_HEADS, HEAD_DIM, 128, 512, 0, "float16",
                                                           target)  # TokenSelect paper budgets 128/512
     with fatbin_build_context(target):
@@ -71,8 +69,13 @@ def rope_table(positions: int, dev):
     return torch.cat([torch.cos(pos * inv), torch.sin(pos * inv)], 1).float()
 
 
-def _split_kw(options: dict) -> dict:
-    return {k: v for k, v in options.items() if k in SPLIT_OPTIONS}
+def _split_options(kind: str, options: dict) -> dict:
+    """The split options (``SPLIT_OPTIONS``) of a ``kind`` variant: its module's defaults, then ``options``."""
+    from tsedge.tir_kernels import decode_attention, decode_attention_mma
+
+    defaults = {"simt": {"max_splits": decode_attention.MAX_SPLITS, "min_keys": decode_attention.MIN_KEYS_PER_SPLIT},
+                "mma": {"max_splits": decode_attention_mma.MAX_SPLITS, "min_keys": decode_attention_mma.MIN_KEYS}}
+    return {k: v for k, v in {**defaults[kind], **options}.items() if k in SPLIT_OPTIONS}
 
 
 def _file(name: str) -> str:
@@ -133,7 +136,7 @@ def run(out_path: Path) -> None:
         for case, m in CASES:
             rows = (torch.arange(m, device=dev) if case == "dense" else
                     torch.from_numpy(np.sort(np.random.default_rng(0).choice(CAPACITY, m, replace=False))).to(dev))
-            splits = decode_attention.decode_splits(m, **_split_kw({**SPLIT_DEFAULTS[kind], **kw}))
+            splits = decode_attention.decode_splits(m, **_split_options(kind, kw))
             us = timed(kernel, q[:1], rows.to(torch.int32), splits, 8 * LAYERS if m >= 32768 else 64 * LAYERS)
             gbs = m * KV_HEADS * HEAD_DIM * 2 * 2 / us / 1e3
             results.append({"variant": name, "kind": "decode", "rows": case, "m": m, "us_per_layer": round(us, 2),
@@ -141,7 +144,7 @@ def run(out_path: Path) -> None:
             print(f"{name:38s} {case:8s} M={m:7d}: {us:9.2f} us/layer  {gbs:8.1f} GB/s", flush=True)
     for name, (kind, kw) in DENSE_SHAPES.items():
         kernel, merge_dense = load(_file(name)), load(_file(f"merge {name}"))
-        splits = {**SPLIT_DEFAULTS[kind], **kw}["max_splits"]
+        splits = _split_options(kind, kw)["max_splits"]
         o = torch.empty((1, splits, HEADS, HEAD_DIM), device=dev, dtype=torch.float32)
         lse = torch.empty((1, splits, HEADS), device=dev, dtype=torch.float32)
         out = torch.empty((1, HEADS, HEAD_DIM), device=dev, dtype=torch.float16)

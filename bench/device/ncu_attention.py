@@ -20,8 +20,8 @@ import torch  # noqa: E402
 import tvm  # noqa: E402
 import tvm_ffi  # noqa: E402
 
-from attention_speed import HEAD_DIM, HEADS, KV_HEADS, LAYERS, SPLIT_DEFAULTS, rope_table  # noqa: E402
-from tsedge.tir_kernels import chunk_attention  # noqa: E402
+from attention_speed import HEAD_DIM, HEADS, KV_HEADS, LAYERS, rope_table  # noqa: E402
+from tsedge.tir_kernels import chunk_attention, decode_attention_mma  # noqa: E402
 
 kind = sys.argv[1]
 depth = int(sys.argv[2]) if len(sys.argv) > 2 else 32768
@@ -35,7 +35,7 @@ if kind == "chunk":
     splits, lib = chunk_attention.chunk_splits(m), "chunk"
     rows = torch.arange(m, device=dev, dtype=torch.int32)
 else:
-    splits, lib = SPLIT_DEFAULTS["mma"]["max_splits"], "mma_dense"
+    splits, lib = decode_attention_mma.MAX_SPLITS, "mma_dense"
     rows = torch.tensor([m], device=dev, dtype=torch.int32)  # the device length of the dense kernel
 o = torch.empty((queries, splits, HEADS, HEAD_DIM), device=dev)
 lse = torch.empty((queries, splits, HEADS), device=dev)
