@@ -9,10 +9,10 @@ import tvm
 
 from kernel_harness import CUDA, MODE, build, cuda_source, tensor
 
-from tsedge.tir_kernels.select_rows import make_select_rows
 from tsedge.tir_kernels.selection_cache import make_selection_check
 from tsedge.tir_kernels.tokenselect_scoring import SCORE_BLOCKS, make_fingerprint, make_scoring
 from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
+from tsedge.tir_kernels.window_rows import make_window_rows
 
 NUM_LAYERS = 3
 LAYER = 1
@@ -48,15 +48,25 @@ def run_scoring(qbar, kv, state, length, n_heads, n_init, n_local, pool, dtype):
 TOPK_N_LOCAL = 5
 
 
-def run_topk(crit, k, n_init, state, cache_idx):
+def run_topk(crit, k, n_init, state, cache_idx, workspace=None):
     """Top-k of ``crit`` given in a longer buffer whose tail (past the length's candidates) holds
-    larger values that must not be taken."""
+    larger values that must not be taken. The row list the kernel also writes must be sinks,
+    the layer's (new or kept) selection and the window; its workspace (a zeroed state) must be
+    left zeroed for the next call."""
     f = build(make_topk, NUM_LAYERS, k, n_init, n_local=TOPK_N_LOCAL)
     idx = tensor(cache_idx)
     padded = np.concatenate([crit, np.full(7, 1e30)]).astype(np.float32)
-    f(tensor(padded), tensor(state), idx, LAYER, length_tensor(len(crit) + n_init + TOPK_N_LOCAL),
-      poisoned((WORKSPACE_SIZE,), "int32"))
-    return idx.numpy()
+    length = len(crit) + n_init + TOPK_N_LOCAL
+    ws = tensor(np.zeros(WORKSPACE_SIZE, np.int32)) if workspace is None else workspace
+    rows = poisoned((n_init + k + TOPK_N_LOCAL,), "int32")
+    f(tensor(padded), tensor(state), idx, ws, LAYER, length_tensor(length), rows)
+    got = idx.numpy()
+    if MODE != "cuda-build":
+        want_rows = np.concatenate([np.arange(n_init), got[LAYER], np.arange(length - TOPK_N_LOCAL, length)])
+        np.testing.assert_array_equal(rows.numpy(), want_rows)
+        if MODE != "llvm":  # the GPU kernel's histograms (the CPU one zeroes its own each pass)
+            assert not ws.numpy()[:4 * 256].any()
+    return got
 
 
 @pytest.mark.parametrize("n, n_heads, head_dim, dtype", [
@@ -127,6 +137,17 @@ def test_topk_distinct_and_negative_values():
     state = np.zeros((NUM_LAYERS, 4), np.int32)
     got = run_topk(crit, 1000, 0, state, np.zeros((NUM_LAYERS, 1000), np.int32))
     np.testing.assert_array_equal(got[LAYER], ref.topk_positions(crit, 1000, 0))
+
+
+def test_topk_workspace_reused_across_selections():
+    """One workspace state for several selections in a row (as the layers of a step share it)."""
+    rng = np.random.default_rng(11)
+    state = np.zeros((NUM_LAYERS, 4), np.int32)
+    ws = tensor(np.zeros(WORKSPACE_SIZE, np.int32))
+    for c, k in [(5003, 64), (700, 300), (20_000, 2048)]:
+        crit = rng.standard_normal(c).astype(np.float32)
+        got = run_topk(crit, k, 3, state, np.zeros((NUM_LAYERS, k), np.int32), ws)
+        np.testing.assert_array_equal(got[LAYER], ref.topk_positions(crit, k, 3))
 
 
 def test_topk_keeps_cache_on_hit():
@@ -209,6 +230,30 @@ def test_selection_check_matches_reference():
         np.testing.assert_array_equal(dev_cache.numpy(), cache_qbar)
 
 
+@pytest.mark.parametrize("n, n_heads, head_dim, dtype", [(1, 32, 128, "float16"), (1, 9, 64, "float32"),
+                                                       (3, 6, 64, "float16")])
+def test_fused_fingerprint_check(n, n_heads, head_dim, dtype):
+    """The decode step's one-kernel fingerprint + check equals the two kernels it replaces."""
+    rng = np.random.default_rng(n_heads)
+    n_local, theta = 21, 0.9
+    rope = ref.rope_table(n_local + n + 2, head_dim)
+    fused = build(make_selection_check, NUM_LAYERS, n_heads, head_dim, theta, fingerprint=(n_local, dtype))
+    cache_qbar = rng.standard_normal((NUM_LAYERS, n_heads, head_dim)).astype(np.float32)
+    state = np.zeros((NUM_LAYERS, 4), np.int32)
+    dev_cache, dev_state = tensor(cache_qbar), tensor(state)
+    q = rng.standard_normal((n, n_heads + 3, head_dim)).astype(dtype)  # the K/V heads follow
+    for noise, force in [(0, 0), (0, 0), (0.05, 0), (2.0, 0), (0, 1)]:
+        q = (q + noise * rng.standard_normal(q.shape)).astype(dtype)
+        qbar = poisoned((n_heads, head_dim))
+        fused(tensor(q), tensor(rope), dev_cache, dev_state, LAYER, force, qbar)
+        want = ref.fingerprint(q[:, :n_heads], rope, n_local)
+        np.testing.assert_allclose(qbar.numpy(), want, rtol=1e-5, atol=1e-5)
+        ref.cache_check(qbar.numpy(), cache_qbar, state, LAYER, theta, bool(force))
+        np.testing.assert_array_equal(dev_state.numpy(), state)
+        np.testing.assert_array_equal(dev_cache.numpy(), cache_qbar)
+    assert state[LAYER, 2] >= 1 and state[LAYER, 3] - state[LAYER, 2] >= 1  # hits and misses both seen
+
+
 @pytest.mark.skipif(MODE != "llvm", reason="codegen check runs where the compiler is")
 @pytest.mark.parametrize("dtype, head_dim", [("float16", 128), ("float32", 64)])
 def test_cuda_codegen(dtype, head_dim):
@@ -225,23 +270,11 @@ def test_cuda_codegen(dtype, head_dim):
     assert ("mma.sync.aligned.m16n8k16" in cuda_source(funcs[1])) == (dtype == "float16")
 
 
-@pytest.mark.parametrize("n_init, top_k, n_local, length", [
-    (4, 10, 6, 60), (16, 128, 64, 209), (0, 33, 5, 1000), (3, 0, 7, 50), (1, 300, 2, 303)])
-def test_select_rows_matches_numpy(n_init, top_k, n_local, length):
-    rng = np.random.default_rng(length)
-    num_layers, layer = 3, 1
-    candidates = np.arange(n_init, length - n_local)
-    cache_idx = np.stack([np.sort(rng.choice(candidates, top_k, replace=False))
-                          for _ in range(num_layers)]).astype(np.int32)
-    kernel = build(make_select_rows, num_layers, n_init, top_k, n_local)
-    rows = tensor(np.full(n_init + top_k + n_local, -7, np.int32))
-    if top_k:
-        kernel(tensor(cache_idx), layer, length_tensor(length), rows)
-    else:
-        kernel(length_tensor(length), rows)
-    want = np.concatenate([np.arange(n_init), cache_idx[layer, :top_k],
-                           np.arange(length - n_local, length)])
-    np.testing.assert_array_equal(rows.numpy(), want)
+@pytest.mark.parametrize("n_init, n_local, length", [(4, 6, 60), (16, 64, 209), (0, 5, 1000), (3, 300, 303)])
+def test_window_rows_matches_numpy(n_init, n_local, length):
+    rows = tensor(np.full(n_init + n_local, -7, np.int32))
+    build(make_window_rows, n_init, n_local)(length_tensor(length), rows)
+    np.testing.assert_array_equal(rows.numpy(), np.concatenate([np.arange(n_init), np.arange(length - n_local, length)]))
 
 
 @pytest.mark.skipif(MODE != "llvm", reason="target checks run where the compiler is")

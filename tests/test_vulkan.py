@@ -180,7 +180,8 @@ def test_smollm2_tokenselect_matches_the_cpu_build(smol_source, tmp_path):
 @pytest.mark.parametrize("c, k, hit", [(700, 64, False), (3000, 256, False), (64, 64, False), (500, 32, True)])
 def test_topk(c, k, hit):
     """TokenSelect's top-k (WGSL: one workgroup, no atomics) vs NumPy: the k largest candidates,
-    ties to the lower position, written sorted by position; a selection-cache hit writes nothing."""
+    ties to the lower position, written sorted by position (a selection-cache hit writes nothing),
+    and the row list sinks + selection + window."""
     from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
 
     layers, layer, n_init, n_local = 3, 2, 4, 16
@@ -191,12 +192,15 @@ def test_topk(c, k, hit):
     state[layer, 0] = int(hit)
     cache_idx = tensor(np.full((layers, k), -1, np.int32))
     length = np.array([c + n_init + n_local], np.int32)
+    rows = tensor(np.full(n_init + k + n_local, -7, np.int32))
     build(make_topk(layers, k, n_init, TARGET, n_local=n_local))(
-        tensor(crit), tensor(state), cache_idx, layer, tensor(length), tensor(np.zeros(WORKSPACE_SIZE, np.int32)))
+        tensor(crit), tensor(state), cache_idx, tensor(np.zeros(WORKSPACE_SIZE, np.int32)), layer, tensor(length), rows)
     order = np.lexsort((np.arange(c), -crit[:c]))[:k]  # largest first, ties by position
     expected = np.full(k, -1) if hit else np.sort(order) + n_init
     np.testing.assert_array_equal(cache_idx.numpy()[layer], expected)
     assert (cache_idx.numpy()[[0, 1]] == -1).all()
+    window = np.arange(length[0] - n_local, length[0])  # the attended rows: sinks, selection, window
+    np.testing.assert_array_equal(rows.numpy(), np.concatenate([np.arange(n_init), expected, window]))
 
 
 def test_cli_caps_the_kv_cache_to_one_storage_binding():

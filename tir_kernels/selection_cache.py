@@ -21,14 +21,15 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from .common import i64, is_gpu
-from .tokenselect_scoring import allreduce_sum_f32
+from .tokenselect_scoring import allreduce_sum_f32, rotated_term
 
 _THREADS = 1024
 STRIDE_STATE = 5  # state columns with a stride: the four above, then steps since the last miss
 
 
 def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold: float | None,
-                         target: Target, stride: int = 0) -> tirx.PrimFunc:
+                         target: Target, stride: int = 0,
+                         fingerprint: tuple[int, str] | None = None) -> tirx.PrimFunc:
     """Decide hit/miss for ``layer`` and update the cache state in place.
 
     Args (in order): qbar[H, d] float32, cache_qbar[num_layers, H, d] float32 (in place),
@@ -44,6 +45,11 @@ def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold
     column 4 counting the steps since the layer's last miss; a step ``s`` steps after it compares
     only when ``s % stride == 0`` and hits otherwise (a valid layer); ``threshold=None`` (the
     fixed-stride variant) never hits on those steps. A miss resets the count to 0.
+    ``fingerprint=(n_local, dtype)`` (a decode step: one launch instead of two): the kernel also
+    computes the fingerprint (tokenselect_scoring.make_fingerprint's ``qbar``, meant for a few
+    queries: one block does it all on a GPU). Args: q[n, >= H, d] ``dtype``, rope[P, d] float32
+    (P >= n_local + n), cache_qbar, state, layer, force_miss as above; fresh output qbar[H, d]
+    float32. Relax: inplace_indices ``[2, 3, -1]``.
     Raises ValueError for ``stride < 0`` or ``threshold=None`` without a stride.
     """
     if stride < 0 or (threshold is None and stride == 0):
@@ -77,13 +83,21 @@ def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold
             if stride > 0:  # static
                 state[layer, width - 1] = T.if_then_else(hit, since, 0)
 
-    @T.prim_func(s_tir=True)
-    def selection_check(qbar_h: T.handle, cache_qbar_h: T.handle, state_h: T.handle,
-                        layer: T.int64, force_miss: T.int64):
-        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        qbar = T.match_buffer(qbar_h, (H, d), "float32")
-        cache_qbar = T.match_buffer(cache_qbar_h, (i64(num_layers), H, d), "float32")
-        state = T.match_buffer(state_h, (i64(num_layers), width), "int32")
+    @T.macro
+    def element(qbar, q, rope, e, av):
+        # av[0] = the fingerprint's flat element e: read from qbar, or (fused) computed from the
+        # queries and stored into qbar
+        if q is None:
+            av[0] = qbar[e // d, e % d]
+        else:
+            av[0] = T.float32(0)
+            for r in range(q.shape[0]):
+                rotated_term(q, rope, e // d, e % d, r, av, fingerprint[0], head_dim // 2)
+            av[0] = av[0] / T.Cast("float32", q.shape[0])
+            qbar[e // d, e % d] = av[0]
+
+    @T.macro
+    def check(qbar, q, rope, cache_qbar, state, layer, force_miss):
         if gpu:
             for tx in T.thread_binding(i64(_THREADS), thread="threadIdx.x"):
                 with T.sblock("check"):
@@ -94,16 +108,17 @@ def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold
                     ab = T.sblock_alloc_buffer((1,), "float32", scope="local")
                     aa = T.sblock_alloc_buffer((1,), "float32", scope="local")
                     bb = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    av = T.sblock_alloc_buffer((1,), "float32", scope="local")
                     valid: T.let[T.int32] = state[layer, 1]  # read before any thread writes
                     since: T.let[T.int32] = state[layer, width - 1] + 1
                     p_ab[0] = T.float32(0)
                     p_aa[0] = T.float32(0)
                     p_bb[0] = T.float32(0)
                     for i in range(T.ceildiv(size - tx, _THREADS)):
-                        a: T.let[T.float32] = qbar[(tx + i * _THREADS) // d, (tx + i * _THREADS) % d]
+                        element(qbar, q, rope, tx + i * _THREADS, av)
                         b: T.let[T.float32] = cache_qbar[layer, (tx + i * _THREADS) // d, (tx + i * _THREADS) % d]
-                        p_ab[0] = p_ab[0] + a * b
-                        p_aa[0] = p_aa[0] + a * a
+                        p_ab[0] = p_ab[0] + av[0] * b
+                        p_aa[0] = p_aa[0] + av[0] * av[0]
                         p_bb[0] = p_bb[0] + b * b
                     allreduce_sum_f32(p_ab, ab, tx)
                     allreduce_sum_f32(p_aa, aa, tx)
@@ -113,13 +128,40 @@ def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold
         else:
             with T.sblock("check"):
                 part = T.sblock_alloc_buffer((3,), "float32")
+                av = T.sblock_alloc_buffer((1,), "float32")
                 for j in range(3):
                     part[j] = T.float32(0)
-                for h, i in T.grid(H, d):
-                    part[0] = part[0] + qbar[h, i] * cache_qbar[layer, h, i]
-                    part[1] = part[1] + qbar[h, i] * qbar[h, i]
-                    part[2] = part[2] + cache_qbar[layer, h, i] * cache_qbar[layer, h, i]
+                for e in range(size):
+                    element(qbar, q, rope, e, av)
+                    part[0] = part[0] + av[0] * cache_qbar[layer, e // d, e % d]
+                    part[1] = part[1] + av[0] * av[0]
+                    part[2] = part[2] + cache_qbar[layer, e // d, e % d] * cache_qbar[layer, e // d, e % d]
                 update(qbar, cache_qbar, state, layer, force_miss, part[0], part[1], part[2],
                        state[layer, 1], state[layer, width - 1] + 1, 0, 1, True)
+
+    if fingerprint is not None:
+
+        @T.prim_func(s_tir=True)
+        def fingerprint_check(q_h: T.handle, rope_h: T.handle, cache_qbar_h: T.handle, state_h: T.handle,
+                              layer: T.int64, force_miss: T.int64, qbar_h: T.handle):
+            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+            n, P, heads = T.int64(), T.int64(), T.int64()
+            q = T.match_buffer(q_h, (n, heads, d), fingerprint[1])  # queries: the first H heads
+            rope = T.match_buffer(rope_h, (P, d), "float32")
+            qbar = T.match_buffer(qbar_h, (H, d), "float32")
+            cache_qbar = T.match_buffer(cache_qbar_h, (i64(num_layers), H, d), "float32")
+            state = T.match_buffer(state_h, (i64(num_layers), width), "int32")
+            check(qbar, q, rope, cache_qbar, state, layer, force_miss)
+
+        return fingerprint_check
+
+    @T.prim_func(s_tir=True)
+    def selection_check(qbar_h: T.handle, cache_qbar_h: T.handle, state_h: T.handle,
+                        layer: T.int64, force_miss: T.int64):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        qbar = T.match_buffer(qbar_h, (H, d), "float32")
+        cache_qbar = T.match_buffer(cache_qbar_h, (i64(num_layers), H, d), "float32")
+        state = T.match_buffer(state_h, (i64(num_layers), width), "int32")
+        check(qbar, None, None, cache_qbar, state, layer, force_miss)
 
     return selection_check

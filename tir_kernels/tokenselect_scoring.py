@@ -57,6 +57,16 @@ allreduce_max_f32 = thread_allreduce(lambda a, b: T.max(a, b), T.float32(_NEG))
 allreduce_sum_i32 = thread_allreduce(lambda a, b: a + b, T.int32(0))
 
 
+@T.macro
+def rotated_term(q, rope, h, i, r, acc, n_local, half):
+    """``acc[0] += rope(q[r, h], n_local + r)[i]`` (rotate-half: the partner element, signed;
+    ``half`` = head_dim / 2)."""
+    acc[0] += (T.Cast("float32", q[r, h, i]) * rope[n_local + r, i % half]
+               + T.if_then_else(i < half, T.float32(-1), T.float32(1))
+               * T.Cast("float32", q[r, h, T.if_then_else(i < half, i + half, i - half)])
+               * rope[n_local + r, half + i % half])
+
+
 def make_fingerprint(n_heads: int, head_dim: int, n_local: int, dtype: str,
                      target: Target) -> tirx.PrimFunc:
     """Query fingerprint ``qbar[h] = mean_i rope(q[i, h], position n_local + i)``.
@@ -68,15 +78,7 @@ def make_fingerprint(n_heads: int, head_dim: int, n_local: int, dtype: str,
     Output: qbar[H, d] float32.
     """
     gpu = is_gpu(target)
-    H, d, half = i64(n_heads), i64(head_dim), head_dim // 2
-
-    @T.macro
-    def rotated_term(q, rope, h, i, r, acc):
-        """``acc[0] += rope(q[r, h], n_local + r)[i]`` (rotate-half: the partner element, signed)."""
-        acc[0] += (T.Cast("float32", q[r, h, i]) * rope[n_local + r, i % half]
-                   + T.if_then_else(i < half, T.float32(-1), T.float32(1))
-                   * T.Cast("float32", q[r, h, T.if_then_else(i < half, i + half, i - half)])
-                   * rope[n_local + r, half + i % half])
+    H, d = i64(n_heads), i64(head_dim)
 
     @T.prim_func(s_tir=True)
     def fingerprint(q_h: T.handle, rope_h: T.handle, qbar_h: T.handle):
@@ -94,7 +96,7 @@ def make_fingerprint(n_heads: int, head_dim: int, n_local: int, dtype: str,
                             part = T.sblock_alloc_buffer((FP_GROUPS, head_dim), "float32", scope="shared")
                             acc[0] = T.float32(0)
                             for rr in T.serial((n + FP_GROUPS - 1 - ty) // FP_GROUPS):
-                                rotated_term(q, rope, h, i, rr * FP_GROUPS + ty, acc)
+                                rotated_term(q, rope, h, i, rr * FP_GROUPS + ty, acc, n_local, head_dim // 2)
                             part[ty, i] = acc[0]
                             T.tvm_storage_sync("shared")
                             if ty == 0:
@@ -109,7 +111,7 @@ def make_fingerprint(n_heads: int, head_dim: int, n_local: int, dtype: str,
                         acc = T.sblock_alloc_buffer((1,), "float32")
                         acc[0] = T.float32(0)
                         for r in T.serial(n):
-                            rotated_term(q, rope, h, i, r, acc)
+                            rotated_term(q, rope, h, i, r, acc, n_local, head_dim // 2)
                         qbar[h, i] = acc[0] / T.Cast("float32", n)
 
     return fingerprint

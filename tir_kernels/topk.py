@@ -49,21 +49,22 @@ def block_scan(buf, tmp, tx):
 
 
 @T.macro
-def compact_step(key, tau, krem, run, buf, tmp, tx, out, row, value):
+def compact_step(key, tau, krem, run, buf, tmp, tx, out, row, value, rows, rows_off):
     # one block-wide step of the order-preserving compaction (a thread per candidate): ``value``
-    # goes to out[row, #taken before it] for a key > tau or one of the first ``krem`` ties;
-    # ``run`` counts (#gt, #eq) of the earlier steps. (gt, eq) flags packed as gt * 2^16 + eq:
-    # one scan for both counts.
+    # goes to out[row, #taken before it] (and rows[rows_off + #taken before it] unless ``rows``
+    # is None) for a key > tau or one of the first ``krem`` ties; ``run`` counts (#gt, #eq) of
+    # the earlier steps. (gt, eq) flags packed as gt * 2^16 + eq: one scan for both counts.
     flag: T.let[T.int32] = T.if_then_else(key > tau, 65536, 0) + T.if_then_else(key == tau, 1, 0)
     T.tvm_storage_sync("shared")
     buf[tx] = flag
     block_scan(buf, tmp, tx)
     gt_before: T.let[T.int32] = run[0] + ((buf[tx] - flag) >> 16)
     eq_before: T.let[T.int32] = run[1] + ((buf[tx] - flag) & 65535)
-    if key > tau:
-        out[row, gt_before + T.min(eq_before, krem)] = value
-    if key == tau and eq_before < krem:
-        out[row, gt_before + eq_before] = value
+    if key > tau or (key == tau and eq_before < krem):
+        slot: T.let[T.int32] = gt_before + T.if_then_else(key > tau, T.min(eq_before, krem), eq_before)
+        out[row, slot] = value
+        if rows is not None:
+            rows[rows_off + slot] = value
     run[0] = run[0] + (buf[_BINS - 1] >> 16)
     run[1] = run[1] + (buf[_BINS - 1] & 65535)
 
@@ -118,10 +119,15 @@ def _key_prefix(ws, hh, n_digits, out):
         out[0] = out[0] | (T.Cast("int64", ws[hh, _DIGITS + q]) << T.int64(24 - 8 * q))
 
 
+def _krem_before(ws, hh, p: int, sel) -> tirx.PrimExpr:
+    """How many of row hh's selection are still to take at digit p: the workspace slot, or for
+    digit 0 of a kept-clean workspace (``sel``, TokenSelect) the constant k."""
+    return T.int32(sel[3]) if p == 0 and sel is not None else ws[hh, _KREM + p]
+
+
 @T.macro
-def _resolve_digit(ws, hh, p, buf, tmp, res, tx, b):
-    # digit p of row hh's tau: the bin where the running count from the top reaches krem
-    krem_in: T.let[T.int32] = ws[hh, _KREM + p]
+def _resolve_digit(ws, hh, p, buf, tmp, res, tx, b, krem_in):
+    # digit p of row hh's tau: the bin where the running count from the top reaches krem_in
     buf[tx] = ws[hh, p * _BINS + _BINS - 1 - tx]
     block_scan(buf, tmp, tx)
     tmp[0] = buf[tx]  # (shared loads cannot sit in branch conditions)
@@ -135,11 +141,30 @@ def _resolve_digit(ws, hh, p, buf, tmp, res, tx, b):
 
 
 @T.macro
-def _radix_pass(crit, ws, rows, nb, C, active, p, out, row0, off):
+def _finish_selection(ws, out, row0, nb, b, tx, active, rows, n_init, n_local, k, L):
+    # TokenSelect's compaction pass, besides the compaction: block b zeroes its share of the
+    # histograms (the workspace is left clean for the next selection) and writes its share of
+    # the row list: sinks, window and, on a Selection Cache hit, the cached positions
+    share: T.let[T.int64] = T.ceildiv(i64(max(_DIGITS, n_init + n_local + k)), nb)
+    if tx < share:
+        j: T.let[T.int64] = b * share + tx
+        if j < _DIGITS:
+            ws[0, j] = 0
+        if j < n_init:
+            rows[j] = T.Cast("int32", j)
+        elif j < n_init + n_local:
+            rows[k + j] = T.Cast("int32", L - n_init - n_local + j)
+        if not active and j < k:
+            rows[n_init + j] = out[row0, j]
+
+
+@T.macro
+def _radix_pass(crit, ws, rows, nb, C, active, p, out, row0, off, sel):
     # one kernel of the GPU radix select, grid rows (blockIdx.y) x nb blocks (blockIdx.x), each
     # block over one contiguous chunk of its row's candidates crit[hh, :C]. p < 4: histogram of
     # digit p over the keys matching digits 0..p-1 of tau; p == 4: per-block counts of keys > tau
     # and == tau; p == 5: the compaction, output slot = (#gt before) + min(#ties before, krem).
+    # ``sel`` (TokenSelect's single selection, else None): see ``_radix_select``.
     for hh in T.thread_binding(rows, thread="blockIdx.y"):
         for b in T.thread_binding(nb, thread="blockIdx.x"):
             for tx in T.thread_binding(i64(_THREADS), thread="threadIdx.x"):
@@ -159,6 +184,8 @@ def _radix_pass(crit, ws, rows, nb, C, active, p, out, row0, off):
                     run = T.sblock_alloc_buffer((2,), "int32", scope="local")  # (#gt, #eq) before
                     _key_prefix(ws, hh, min(max(p - 1, 0), 4), prefix)
                     if p == 5:
+                        if sel is not None:
+                            _finish_selection(ws, out, row0, nb, b, tx, active, sel[0], sel[1], sel[2], sel[3], sel[4])
                         krem: T.let[T.int32] = ws[hh, _KREM + 4]
                         n_gt[0] = T.if_then_else(tx < b, ws[hh, _COUNTS + 2 * tx], 0)
                         allreduce_sum_i32(n_gt, sum_gt, tx)
@@ -171,10 +198,11 @@ def _radix_pass(crit, ws, rows, nb, C, active, p, out, row0, off):
                             t: T.let[T.int64] = b * chunk + it * _THREADS + tx
                             inside: T.let[T.bool] = it * _THREADS + tx < chunk and t < c
                             key: T.let[T.int64] = T.if_then_else(inside, order_key(crit[hh, T.min(t, c - 1)]), T.int64(-1))
-                            compact_step(key, prefix[0], krem, run, buf, tmp, tx, out, row0 + hh, T.Cast("int32", off + t))
+                            compact_step(key, prefix[0], krem, run, buf, tmp, tx, out, row0 + hh,
+                                         T.Cast("int32", off + t), None if sel is None else sel[0], off)
                     else:
                         if p > 0:
-                            _resolve_digit(ws, hh, p - 1, buf, tmp, res, tx, b)
+                            _resolve_digit(ws, hh, p - 1, buf, tmp, res, tx, b, _krem_before(ws, hh, p - 1, sel))
                             prefix[0] = prefix[0] | (T.Cast("int64", res[0]) << T.int64(32 - 8 * p))
                         n_gt[0] = 0
                         n_eq[0] = 0
@@ -204,46 +232,55 @@ def _radix_pass(crit, ws, rows, nb, C, active, p, out, row0, off):
 
 
 @T.macro
-def _radix_select(crit, ws, rows, nb, C, active, k, out, row0, off, last):
+def _radix_select(crit, ws, rows, nb, C, active, k, out, row0, off, last, sel):
     # GPU: for each row hh < rows where ``active``: out[row0 + hh, :k] = off + the positions of
     # the k largest of crit[hh, :C] (ties: lower position), sorted; out[row0 + hh, k] = last
     # unless ``last`` is None. crit[rows, >= C] float32, ws[rows, WORKSPACE_SIZE] int32; every
     # pass runs nb blocks of 256 threads per row. Inactive rows: every loop runs zero times (no
     # early return around barriers); each kernel evaluates ``active`` and ``C`` itself (the
     # host cannot read device memory).
-    for hh in T.thread_binding(rows, thread="blockIdx.x"):
-        for tx in T.thread_binding(i64(_DIGITS), thread="threadIdx.x"):
-            with T.sblock("zero"):
-                if active:
-                    ws[hh, tx] = 0
-                    if tx == 0:
-                        ws[hh, _KREM] = k
-                if last is not None:
-                    if tx == 0:
-                        out[row0 + hh, k] = last
-    _radix_pass(crit, ws, rows, nb, C, active, 0, out, row0, off)
-    _radix_pass(crit, ws, rows, nb, C, active, 1, out, row0, off)
-    _radix_pass(crit, ws, rows, nb, C, active, 2, out, row0, off)
-    _radix_pass(crit, ws, rows, nb, C, active, 3, out, row0, off)
-    _radix_pass(crit, ws, rows, nb, C, active, 4, out, row0, off)
-    _radix_pass(crit, ws, rows, nb, C, active, 5, out, row0, off)
+    # ``sel = (rows_out, n_init, n_local, k, L)`` (TokenSelect, one row): the workspace is a
+    # state kept clean between selections (no zeroing kernel; the last pass re-zeroes it) and the
+    # last pass also writes rows_out[n_init + k + n_local]: sinks, the selection, the window.
+    if sel is None:
+        for hh in T.thread_binding(rows, thread="blockIdx.x"):
+            for tx in T.thread_binding(i64(_DIGITS), thread="threadIdx.x"):
+                with T.sblock("zero"):
+                    if active:
+                        ws[hh, tx] = 0
+                        if tx == 0:
+                            ws[hh, _KREM] = k
+                    if last is not None:
+                        if tx == 0:
+                            out[row0 + hh, k] = last
+    _radix_pass(crit, ws, rows, nb, C, active, 0, out, row0, off, sel)
+    _radix_pass(crit, ws, rows, nb, C, active, 1, out, row0, off, sel)
+    _radix_pass(crit, ws, rows, nb, C, active, 2, out, row0, off, sel)
+    _radix_pass(crit, ws, rows, nb, C, active, 3, out, row0, off, sel)
+    _radix_pass(crit, ws, rows, nb, C, active, 4, out, row0, off, sel)
+    _radix_pass(crit, ws, rows, nb, C, active, 5, out, row0, off, sel)
 
 
 def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: int = 0,
               n_local: int = 0) -> tirx.PrimFunc:
-    """``cache_idx[layer] = sorted(n_init + top-k positions of crit)`` unless the cache hit.
+    """``cache_idx[layer] = sorted(n_init + top-k positions of crit)`` unless the cache hit, and
+    the layer's attended rows.
 
     Args (in order): crit[S] float32 (its first ``C = length[0] - n_init - n_local`` entries are
-    the candidates, ``top_k <= C <= S``), state[num_layers, 4] int32 (nothing happens when
-    ``state[layer, 0]`` is 1), cache_idx[num_layers, top_k] int32 (updated in place), layer
-    (int64), length[1] int32 (a device tensor: the context length after the step's KV append).
-    Output (fresh): workspace[WORKSPACE_SIZE] int32.
-    Relax: ``call_tir_inplace`` with inplace_indices ``[2, -1]`` (cache_idx, workspace).
+    the candidates, ``top_k <= C <= S``), state[num_layers, 4] int32 (no selection when
+    ``state[layer, 0]`` is 1), cache_idx[num_layers, top_k] int32 (updated in place),
+    workspace[WORKSPACE_SIZE] int32 (in place: a runtime-held state, zero when allocated; the
+    GPU kernel needs its histograms zero and leaves them so), layer (int64), length[1] int32 (a device tensor: the context
+    length ``L`` after the step's KV append).
+    Output (fresh): rows[n_init + top_k + n_local] int32 = ``[0, n_init) ++ cache_idx[layer] ++
+    [L - n_local, L)`` (the attended rows, written here to save a launch a layer).
+    Relax: ``call_tir_inplace`` with inplace_indices ``[2, 3, -1]``.
 
     ``heads > 0`` (TidalDecode, Recycled Attention): a batch of independent selections,
-    ``num_layers`` and ``n_init`` unused; on a GPU every head's scan is spread over several
-    blocks (up to ``TOPK_BLOCKS``; about 1024 blocks for all heads together at long contexts). Args: crit[heads, L] float32 (``L >= top_k``: the logits of every cached
-    token). Outputs (fresh): idx[heads, top_k] int32, per head the ``top_k - 1`` largest of
+    ``num_layers``, ``n_init`` and ``n_local`` unused; on a GPU every head's scan is spread over
+    several blocks (up to ``TOPK_BLOCKS``; about 1024 blocks for all heads together at long
+    contexts). Args: crit[heads, L] float32 (``L >= top_k``: the logits of every cached token).
+    Outputs (fresh): idx[heads, top_k] int32, per head the ``top_k - 1`` largest of
     ``crit[h, :L - 1]`` (ties: lower position first) sorted, then ``L - 1`` (the current token is
     always kept, as TidalDecode's selection); workspace[heads, WORKSPACE_SIZE] int32.
     Raises ValueError for ``top_k < 1``.
@@ -255,14 +292,14 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: i
 
         return make_topk_wgsl(num_layers, top_k, n_init, n_local)
     gpu = is_gpu(target)
-    k, NB = top_k, i64(TOPK_BLOCKS)
+    k, NB, M = top_k, i64(TOPK_BLOCKS), i64(n_init + top_k + n_local)
 
     def candidates(length, size):  # C, read where it is used: device code must load it, not the host
         return T.min(T.Cast("int64", length[0]) - n_init - n_local, size)
 
     @T.prim_func(s_tir=True)
-    def topk(crit_h: T.handle, state_h: T.handle, cache_idx_h: T.handle, layer: T.int64,
-             length_h: T.handle, ws_h: T.handle):
+    def topk(crit_h: T.handle, state_h: T.handle, cache_idx_h: T.handle, ws_h: T.handle, layer: T.int64,
+             length_h: T.handle, rows_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
         size = T.int64()
         crit = T.match_buffer(crit_h, (size,), "float32")
@@ -270,15 +307,22 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: i
         state = T.match_buffer(state_h, (i64(num_layers), 4), "int32")
         cache_idx = T.match_buffer(cache_idx_h, (i64(num_layers), i64(k)), "int32")
         ws = T.match_buffer(ws_h, (i64(WORKSPACE_SIZE),), "int32")
+        rows = T.match_buffer(rows_h, (M,), "int32")
         if gpu:  # one selection (a row of one) over NB blocks, nothing on a selection-cache hit
             crit_rows = T.decl_buffer((T.int64(1), size), "float32", data=crit.data)
             ws_rows = T.decl_buffer((T.int64(1), i64(WORKSPACE_SIZE)), "int32", data=ws.data)
             _radix_select(crit_rows, ws_rows, T.int64(1), NB, candidates(length, size),
-                          state[layer, 0] == 0, k, cache_idx, layer, n_init, None)
+                          state[layer, 0] == 0, k, cache_idx, layer, n_init, None,
+                          (rows, n_init, n_local, k, T.Cast("int64", length[0])))
         else:
             with T.sblock("topk"):
                 _select_cpu(crit, ws, cache_idx, layer, candidates(length, size), k, n_init, 0, 0,
                             state[layer, 0] == 0)
+                L: T.let[T.int64] = T.Cast("int64", length[0])
+                for j in range(M):
+                    rows[j] = T.Cast("int32", T.if_then_else(j < n_init, j, L - M + j))
+                    if n_init <= j and j < n_init + k:
+                        rows[j] = cache_idx[layer, j - n_init]
 
     return topk
 
@@ -314,7 +358,7 @@ def _topk_heads(heads: int, top_k: int, target: Target) -> tirx.PrimFunc:
             ws = T.match_buffer(ws_h, (HS, WS), "int32")
             if kk > 0:  # static; the current token L - 1 goes last, after the kk selected
                 _radix_select(crit, ws, HS, _head_blocks(heads, L - 1), L - 1, True, kk, idx,
-                              T.int64(0), 0, T.Cast("int32", L - 1))
+                              T.int64(0), 0, T.Cast("int32", L - 1), None)
             else:  # a budget of 1 keeps only the current token
                 for hh in T.thread_binding(HS, thread="threadIdx.x"):
                     with T.sblock("last"):

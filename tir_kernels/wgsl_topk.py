@@ -31,13 +31,15 @@ def _key32(x):
 def make_topk_wgsl(num_layers: int, top_k: int, n_init: int, n_local: int) -> tirx.PrimFunc:
     """Args: crit[S] float32 (the first ``C = length[0] - n_init - n_local`` are the candidates,
     ``top_k <= C <= S``), state[num_layers, 4] int32 (nothing happens when ``state[layer, 0]`` is
-    1), cache_idx[num_layers, top_k] int32 (in place), layer (int64), length[1] int32. Output:
-    workspace[WORKSPACE_SIZE] int32 (kept for ``make_topk``'s signature; unused)."""
+    1), cache_idx[num_layers, top_k] int32 (in place), workspace[WORKSPACE_SIZE] int32 (in place;
+    kept for ``make_topk``'s signature, unused), layer (int64), length[1] int32. Output:
+    rows[n_init + top_k + n_local] int32, as ``make_topk``'s."""
     k = top_k
+    M = i64(n_init + top_k + n_local)
 
     @T.prim_func(s_tir=True)
-    def topk(crit_h: T.handle, state_h: T.handle, cache_idx_h: T.handle, layer: T.int64,
-             length_h: T.handle, ws_h: T.handle):
+    def topk(crit_h: T.handle, state_h: T.handle, cache_idx_h: T.handle, ws_h: T.handle, layer: T.int64,
+             length_h: T.handle, rows_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
         size = T.int64()
         crit = T.match_buffer(crit_h, (size,), "float32")
@@ -45,6 +47,7 @@ def make_topk_wgsl(num_layers: int, top_k: int, n_init: int, n_local: int) -> ti
         state = T.match_buffer(state_h, (i64(num_layers), 4), "int32")
         cache_idx = T.match_buffer(cache_idx_h, (i64(num_layers), i64(k)), "int32")
         T.match_buffer(ws_h, (i64(WORKSPACE_SIZE),), "int32")
+        rows = T.match_buffer(rows_h, (M,), "int32")
         for tx in T.thread_binding(i64(_THREADS), thread="threadIdx.x"):
             with T.sblock("topk"):
                 T.reads()
@@ -89,12 +92,19 @@ def make_topk_wgsl(num_layers: int, top_k: int, n_init: int, n_local: int) -> ti
                     block_scan(buf, tmp, tx)
                     gt_before: T.let[T.int32] = run[0] + ((buf[tx] - gt * 65536 - eq) >> 16)
                     eq_before: T.let[T.int32] = run[1] + ((buf[tx] - gt * 65536 - eq) & 65535)
-                    if gt == 1:
-                        cache_idx[layer, gt_before + T.min(eq_before, krem[0])] = T.Cast("int32", n_init + t)
-                    if eq == 1 and eq_before < krem[0]:
-                        cache_idx[layer, gt_before + eq_before] = T.Cast("int32", n_init + t)
+                    if gt == 1 or (eq == 1 and eq_before < krem[0]):
+                        slot: T.let[T.int32] = gt_before + T.if_then_else(gt == 1, T.min(eq_before, krem[0]), eq_before)
+                        cache_idx[layer, slot] = T.Cast("int32", n_init + t)
+                        rows[n_init + slot] = T.Cast("int32", n_init + t)
                     run[0] = run[0] + (buf[_THREADS - 1] >> 16)
                     run[1] = run[1] + (buf[_THREADS - 1] & 65535)
                     T.tvm_storage_sync("shared")
+                for it in T.serial(T.ceildiv(M, _THREADS)):  # sinks, window; on a hit the cached selection
+                    j: T.let[T.int64] = it * _THREADS + tx
+                    if j < M:
+                        if j < n_init or j >= n_init + k:
+                            rows[j] = T.Cast("int32", T.if_then_else(j < n_init, j, T.Cast("int64", length[0]) - M + j))
+                        elif state[layer, 0] != 0:
+                            rows[j] = cache_idx[layer, j - n_init]
 
     return topk

@@ -13,10 +13,10 @@ from tvm.relax.frontend.nn import op
 from tvm.target import Target
 
 from tsedge.tir_kernels.common import i64
-from tsedge.tir_kernels.select_rows import make_select_rows
 from tsedge.tir_kernels.selection_cache import make_selection_check
 from tsedge.tir_kernels.tokenselect_scoring import SCORE_BLOCKS, make_fingerprint, make_scoring
 from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
+from tsedge.tir_kernels.window_rows import make_window_rows
 
 from ..config import ModelConfig, PolicyConfig
 from .dense import DensePolicy
@@ -33,7 +33,8 @@ class TokenSelectPolicy(DensePolicy):
 
     State (runtime-owned, zero-initialised): ``cache_qbar[NL, H, d]`` f32 (fingerprint of the last
     re-selection), ``cache_idx[NL, top_k]`` i32 (its sorted positions), ``sel_state[NL, 4]`` i32
-    (``[hit_this_step, valid, hits, lookups]``). Prefill chunks always re-select (forced miss, not
+    (``[hit_this_step, valid, hits, lookups]``), ``topk_workspace[WORKSPACE_SIZE]`` i32 (the
+    top-k's histograms, shared by the layers, left zeroed by each selection). Prefill chunks always re-select (forced miss, not
     counted); decode steps look the cache up.
     """
 
@@ -46,15 +47,18 @@ class TokenSelectPolicy(DensePolicy):
         p = policy
         self.fingerprint = make_fingerprint(h, d, p.n_local, dtype, target)
         self.check = make_selection_check(nl, h, d, p.selection_threshold, target)
+        # a decode step's fingerprint and check in one launch
+        self.fingerprint_check = make_selection_check(nl, h, d, p.selection_threshold, target,
+                                                      fingerprint=(p.n_local, dtype))
         self.scoring = make_scoring(nl, h, hkv, d, p.n_init, p.n_local, p.pool_kernel, dtype, target)
-        self.topk = make_topk(nl, p.top_k, p.n_init, target, n_local=p.n_local)
-        self.select_rows = make_select_rows(nl, p.n_init, p.top_k, p.n_local, target)
+        self.topk = make_topk(nl, p.top_k, p.n_init, target, n_local=p.n_local)  # also the row list
 
     def state_specs(self) -> list[tuple[str, list[int], str]]:
         cfg, nl = self.cfg, self.cfg.num_layers
         return [("cache_qbar", [nl, cfg.num_heads, cfg.head_dim], "float32"),
                 ("cache_idx", [nl, self.policy.top_k], "int32"),
-                ("sel_state", [nl, 4], "int32")]
+                ("sel_state", [nl, 4], "int32"),
+                ("topk_workspace", [WORKSPACE_SIZE], "int32")]
 
     def begin_step(self, step) -> None:
         """Dense rows when the context fits; beyond the budget rows are chosen per layer."""
@@ -69,27 +73,31 @@ class TokenSelectPolicy(DensePolicy):
 
     def select(self, layer_id: int, q: nn.Tensor, step) -> nn.Tensor:
         """Update the layer's selection (in ``step.state``) and return its attended rows."""
-        cache_qbar, cache_idx, sel_state = step.state
+        cache_qbar, cache_idx, sel_state, workspace = step.state
         layer = i64(layer_id)
         h, d = self.cfg.num_heads, self.cfg.head_dim
-        force_miss = i64(0 if step.one_query else 1)  # decode: 1 token
-        qbar = op.tensor_ir_op(self.fingerprint, "fingerprint", args=[q, step.rope],
-                               out=nn.Tensor.placeholder([h, d], "float32"))
-        cache_qbar, sel_state = op.tensor_ir_inplace_op(
-            self.check, "selection_check", args=[qbar, cache_qbar, sel_state, layer, force_miss],
-            inplace_indices=[1, 2], out=[_like(cache_qbar), _like(sel_state)])
+        qbar_spec = nn.Tensor.placeholder([h, d], "float32")
+        if step.one_query:  # decode: fingerprint and cache lookup in one kernel
+            cache_qbar, sel_state, qbar = op.tensor_ir_inplace_op(
+                self.fingerprint_check, "fingerprint_check", args=[q, step.rope, cache_qbar, sel_state, layer, i64(0)],
+                inplace_indices=[2, 3, -1], out=[_like(cache_qbar), _like(sel_state), qbar_spec])
+        else:  # a prefill chunk (many queries) always re-selects
+            qbar = op.tensor_ir_op(self.fingerprint, "fingerprint", args=[q, step.rope], out=qbar_spec)
+            cache_qbar, sel_state = op.tensor_ir_inplace_op(
+                self.check, "selection_check", args=[qbar, cache_qbar, sel_state, layer, i64(1)],
+                inplace_indices=[1, 2], out=[_like(cache_qbar), _like(sel_state)])
         candidates = step.kv.shape[3] - self.policy.n_init - self.policy.n_local  # sized for the capacity
         crit, _, _ = op.tensor_ir_op(
             self.scoring, "tokenselect_scoring", args=[qbar, step.kv, sel_state, layer, step.length],
             out=[nn.Tensor.placeholder([candidates], "float32"),
                  nn.Tensor.placeholder([h, candidates], "float32"),
                  nn.Tensor.placeholder([h, SCORE_BLOCKS + 1, 2], "float32")])
-        cache_idx, _ = op.tensor_ir_inplace_op(
-            self.topk, "topk", args=[crit, sel_state, cache_idx, layer, step.length], inplace_indices=[2, -1],
-            out=[_like(cache_idx), nn.Tensor.placeholder([WORKSPACE_SIZE], "int32")])
-        step.state = [cache_qbar, cache_idx, sel_state]
-        return op.tensor_ir_op(self.select_rows, "select_rows", args=[cache_idx, layer, step.length],
-                               out=nn.Tensor.placeholder([self.policy.budget], "int32"))
+        cache_idx, workspace, rows = op.tensor_ir_inplace_op(
+            self.topk, "topk", args=[crit, sel_state, cache_idx, workspace, layer, step.length],
+            inplace_indices=[2, 3, -1],
+            out=[_like(cache_idx), _like(workspace), nn.Tensor.placeholder([self.policy.budget], "int32")])
+        step.state = [cache_qbar, cache_idx, sel_state, workspace]
+        return rows
 
 
 class StreamingPolicy(DensePolicy):
@@ -101,7 +109,7 @@ class StreamingPolicy(DensePolicy):
     def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig) -> None:
         super().__init__(cfg, dtype, target)
         self.size = policy.n_init + policy.n_local
-        self.window_rows = make_select_rows(cfg.num_layers, policy.n_init, 0, policy.n_local, target)
+        self.window_rows = make_window_rows(policy.n_init, policy.n_local, target)
 
     def begin_step(self, step) -> None:
         """The rows shared by all layers: dense within the budget, sinks + window beyond it."""
