@@ -147,7 +147,8 @@ def test_topk_workspace_reused_across_selections():
     for c, k in [(5003, 64), (700, 300), (20_000, 2048)]:
         crit = rng.standard_normal(c).astype(np.float32)
         got = run_topk(crit, k, 3, state, np.zeros((NUM_LAYERS, k), np.int32), ws)
-        np.testing.assert_array_equal(got[LAYER], ref.topk_positions(crit, k, 3))
+        if MODE != "cuda-build":  # (there the kernels are only built)
+            np.testing.assert_array_equal(got[LAYER], ref.topk_positions(crit, k, 3))
 
 
 def test_topk_keeps_cache_on_hit():
@@ -230,18 +231,17 @@ def test_selection_check_matches_reference():
         np.testing.assert_array_equal(dev_cache.numpy(), cache_qbar)
 
 
-@pytest.mark.parametrize("n, n_heads, head_dim, dtype", [(1, 32, 128, "float16"), (1, 9, 64, "float32"),
-                                                       (3, 6, 64, "float16")])
-def test_fused_fingerprint_check(n, n_heads, head_dim, dtype):
+@pytest.mark.parametrize("n_heads, head_dim, dtype", [(32, 128, "float16"), (9, 64, "float32"), (6, 64, "float16")])
+def test_fused_fingerprint_check(n_heads, head_dim, dtype):
     """The decode step's one-kernel fingerprint + check equals the two kernels it replaces."""
     rng = np.random.default_rng(n_heads)
     n_local, theta = 21, 0.9
-    rope = ref.rope_table(n_local + n + 2, head_dim)
+    rope = ref.rope_table(n_local + 3, head_dim)
     fused = build(make_selection_check, NUM_LAYERS, n_heads, head_dim, theta, fingerprint=(n_local, dtype))
     cache_qbar = rng.standard_normal((NUM_LAYERS, n_heads, head_dim)).astype(np.float32)
     state = np.zeros((NUM_LAYERS, 4), np.int32)
     dev_cache, dev_state = tensor(cache_qbar), tensor(state)
-    q = rng.standard_normal((n, n_heads + 3, head_dim)).astype(dtype)  # the K/V heads follow
+    q = rng.standard_normal((1, n_heads + 3, head_dim)).astype(dtype)  # the K/V heads follow
     for noise, force in [(0, 0), (0, 0), (0.05, 0), (2.0, 0), (0, 1)]:
         q = (q + noise * rng.standard_normal(q.shape)).astype(dtype)
         qbar = poisoned((n_heads, head_dim))

@@ -84,56 +84,56 @@ def make_score_pass(num_layers: int, n_heads: int, n_kv: int, head_dim: int, n_i
                         j0: T.let[T.int64] = b * T.ceildiv(C, NB)
                         j1: T.let[T.int64] = T.min(j0 + T.ceildiv(C, NB), C)
                         miss: T.let[T.bool] = state[layer, 0] == 0
-                        tiles: T.let[T.int64] = T.if_then_else(miss, T.max(j1 - j0 + KEYS - 1, i64(0)) // KEYS, i64(0))
-                        for t in T.unroll(i64(STAGES - 1)):
-                            if t < tiles:
-                                copy_tile(kv, k_st, layer, cap, g, t, j0, j1, tx)
-                            T.evaluate(T.ptx.cp.async_.commit_group())
-                        for it in T.unroll(i64(q_items)):  # rows r < G: fp16(q̄), rows 8 + r: the remainder
-                            r: T.let[T.int64] = (it * 32 + tx) // D
-                            h: T.let[T.int64] = g * G + r % 8
-                            if miss:
+                        tiles: T.let[T.int64] = T.max(j1 - j0 + KEYS - 1, i64(0)) // KEYS
+                        for _ in range(T.Cast("int64", miss)):  # nothing on a hit (no early return: barriers)
+                            for t in T.unroll(i64(STAGES - 1)):
+                                if t < tiles:
+                                    copy_tile(kv, k_st, layer, cap, g, t, j0, j1, tx)
+                                T.evaluate(T.ptx.cp.async_.commit_group())
+                            for it in T.unroll(i64(q_items)):  # rows r < G: fp16(q̄), rows 8 + r: the remainder
+                                r: T.let[T.int64] = (it * 32 + tx) // D
+                                h: T.let[T.int64] = g * G + r % 8
                                 q_sh[r * stride + (it * 32 + tx) % D] = T.if_then_else(
                                     r % 8 < G, T.if_then_else(
                                         r < 8, T.Cast("float16", qbar[h, (it * 32 + tx) % D]),
                                         T.Cast("float16", qbar[h, (it * 32 + tx) % D] - T.Cast(
                                             "float32", T.Cast("float16", qbar[h, (it * 32 + tx) % D])))),
                                     T.float16(0))
-                        T.tvm_storage_sync("shared")
-                        for ks in T.unroll(k_steps):
-                            T.evaluate(T.ptx_legacy.ldmatrix(
-                                False, 4, ".b16", qf.data, ks * 8, q_sh.access_ptr("r"),
-                                ((tx // 8) % 2 * 8 + tx % 8) * stride + ks * 16 + tx // 16 * 8, dtype="float16"))
-                        m[0] = T.float32(neg)
-                        z[0] = T.float32(0)
-                        for t in T.serial(tiles):
-                            T.tvm_storage_sync("shared")  # the warp is done with tile t - 1: its stage is free
-                            if t + STAGES - 1 < tiles:
-                                copy_tile(kv, k_st, layer, cap, g, t + STAGES - 1, j0, j1, tx)
-                            T.evaluate(T.ptx.cp.async_.commit_group())
-                            T.evaluate(T.ptx.cp.async_.wait_group(STAGES - 1))
                             T.tvm_storage_sync("shared")
-                            for e in T.unroll(8):
-                                sf[e] = T.float32(0)
-                            for ks in T.unroll(k_steps):  # 16 keys x 16 dims a fragment load, two mma
+                            for ks in T.unroll(k_steps):
                                 T.evaluate(T.ptx_legacy.ldmatrix(
-                                    False, 4, ".b16", bk.data, 0, k_st.access_ptr("r"),
-                                    t % STAGES * stage_elems + (tx // 16 * 8 + tx % 8) * stride + ks * 16
-                                    + (tx // 8) % 2 * 8, dtype="float16"))
-                                for nb in T.unroll(2):
-                                    mma_m16n8k16(qf, ks * 8, bk, nb * 4, sf, nb * 4)
-                            for nb in T.unroll(2):  # row tx / 4 (hi) + row tx / 4 + 8 (lo): the score
-                                for c in T.unroll(2):
-                                    sc[0] = sf[nb * 4 + c] + sf[nb * 4 + 2 + c]
-                                    if j0 + t * KEYS + nb * 8 + tx % 4 * 2 + c < j1 and tx // 4 < G:
-                                        scores[g * G + tx // 4, j0 + t * KEYS + nb * 8 + tx % 4 * 2 + c] = sc[0]
-                                        online_update(m, z, 0, sc[0])
-                        for r in T.unroll(2):  # the row's four threads
-                            other[0] = T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), m[0], tx ^ (T.int64(1) << r), 32, 32)
-                            other[1] = T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), z[0], tx ^ (T.int64(1) << r), 32, 32)
-                            merge_partial(m, z, 0, other[0], other[1])
-                        if miss and tx % 4 == 0 and tx // 4 < G:
-                            partials[g * G + tx // 4, b, 0] = m[0]
-                            partials[g * G + tx // 4, b, 1] = z[0]
+                                    False, 4, ".b16", qf.data, ks * 8, q_sh.access_ptr("r"),
+                                    ((tx // 8) % 2 * 8 + tx % 8) * stride + ks * 16 + tx // 16 * 8, dtype="float16"))
+                            m[0] = T.float32(neg)
+                            z[0] = T.float32(0)
+                            for t in T.serial(tiles):
+                                T.tvm_storage_sync("shared")  # the warp is done with tile t - 1: its stage is free
+                                if t + STAGES - 1 < tiles:
+                                    copy_tile(kv, k_st, layer, cap, g, t + STAGES - 1, j0, j1, tx)
+                                T.evaluate(T.ptx.cp.async_.commit_group())
+                                T.evaluate(T.ptx.cp.async_.wait_group(STAGES - 1))
+                                T.tvm_storage_sync("shared")
+                                for e in T.unroll(8):
+                                    sf[e] = T.float32(0)
+                                for ks in T.unroll(k_steps):  # 16 keys x 16 dims a fragment load, two mma
+                                    T.evaluate(T.ptx_legacy.ldmatrix(
+                                        False, 4, ".b16", bk.data, 0, k_st.access_ptr("r"),
+                                        t % STAGES * stage_elems + (tx // 16 * 8 + tx % 8) * stride + ks * 16
+                                        + (tx // 8) % 2 * 8, dtype="float16"))
+                                    for nb in T.unroll(2):
+                                        mma_m16n8k16(qf, ks * 8, bk, nb * 4, sf, nb * 4)
+                                for nb in T.unroll(2):  # row tx / 4 (hi) + row tx / 4 + 8 (lo): the score
+                                    for c in T.unroll(2):
+                                        sc[0] = sf[nb * 4 + c] + sf[nb * 4 + 2 + c]
+                                        if j0 + t * KEYS + nb * 8 + tx % 4 * 2 + c < j1 and tx // 4 < G:
+                                            scores[g * G + tx // 4, j0 + t * KEYS + nb * 8 + tx % 4 * 2 + c] = sc[0]
+                                            online_update(m, z, 0, sc[0])
+                            for r in T.unroll(2):  # the row's four threads
+                                other[0] = T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), m[0], tx ^ (T.int64(1) << r), 32, 32)
+                                other[1] = T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), z[0], tx ^ (T.int64(1) << r), 32, 32)
+                                merge_partial(m, z, 0, other[0], other[1])
+                            if tx % 4 == 0 and tx // 4 < G:
+                                partials[g * G + tx // 4, b, 0] = m[0]
+                                partials[g * G + tx // 4, b, 1] = z[0]
 
     return score_pass

@@ -21,7 +21,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from .common import i64, is_gpu
-from .tokenselect_scoring import allreduce_sum_f32, rotated_term
+from .tokenselect_scoring import rotated_term
 
 _THREADS = 1024
 STRIDE_STATE = 5  # state columns with a stride: the four above, then steps since the last miss
@@ -46,10 +46,10 @@ def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold
     only when ``s % stride == 0`` and hits otherwise (a valid layer); ``threshold=None`` (the
     fixed-stride variant) never hits on those steps. A miss resets the count to 0.
     ``fingerprint=(n_local, dtype)`` (a decode step: one launch instead of two): the kernel also
-    computes the fingerprint (tokenselect_scoring.make_fingerprint's ``qbar``, meant for a few
-    queries: one block does it all on a GPU). Args: q[n, >= H, d] ``dtype``, rope[P, d] float32
-    (P >= n_local + n), cache_qbar, state, layer, force_miss as above; fresh output qbar[H, d]
-    float32. Relax: inplace_indices ``[2, 3, -1]``.
+    computes the fingerprint of the step's one query (tokenselect_scoring.make_fingerprint's
+    ``qbar`` for n = 1). Args: q[1, >= H, d] ``dtype``, rope[P, d] float32 (P > n_local),
+    cache_qbar, state, layer, force_miss as above; fresh output qbar[H, d] float32. Relax:
+    inplace_indices ``[2, 3, -1]``.
     Raises ValueError for ``stride < 0`` or ``threshold=None`` without a stride.
     """
     if stride < 0 or (threshold is None and stride == 0):
@@ -91,9 +91,7 @@ def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold
             av[0] = qbar[e // d, e % d]
         else:
             av[0] = T.float32(0)
-            for r in range(q.shape[0]):
-                rotated_term(q, rope, e // d, e % d, r, av, fingerprint[0], head_dim // 2)
-            av[0] = av[0] / T.Cast("float32", q.shape[0])
+            rotated_term(q, rope, e // d, e % d, 0, av, fingerprint[0], head_dim // 2)
             qbar[e // d, e % d] = av[0]
 
     @T.macro
@@ -114,15 +112,21 @@ def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold
                     p_ab[0] = T.float32(0)
                     p_aa[0] = T.float32(0)
                     p_bb[0] = T.float32(0)
-                    for i in range(T.ceildiv(size - tx, _THREADS)):
-                        element(qbar, q, rope, tx + i * _THREADS, av)
-                        b: T.let[T.float32] = cache_qbar[layer, (tx + i * _THREADS) // d, (tx + i * _THREADS) % d]
-                        p_ab[0] = p_ab[0] + av[0] * b
-                        p_aa[0] = p_aa[0] + av[0] * av[0]
-                        p_bb[0] = p_bb[0] + b * b
-                    allreduce_sum_f32(p_ab, ab, tx)
-                    allreduce_sum_f32(p_aa, aa, tx)
-                    allreduce_sum_f32(p_bb, bb, tx)
+                    for i in T.unroll((size + _THREADS - 1) // _THREADS):
+                        if tx + i * _THREADS < size:
+                            element(qbar, q, rope, tx + i * _THREADS, av)
+                            b: T.let[T.float32] = cache_qbar[layer, (tx + i * _THREADS) // d, (tx + i * _THREADS) % d]
+                            p_ab[0] = p_ab[0] + av[0] * b
+                            p_aa[0] = p_aa[0] + av[0] * av[0]
+                            p_bb[0] = p_bb[0] + b * b
+                    with T.sblock("sums"):  # the three block-wide sums in one reduction
+                        T.reads(p_ab[0], p_aa[0], p_bb[0])
+                        T.writes(ab[0], aa[0], bb[0])
+                        T.attr(T.comm_reducer(lambda a0, a1, a2, b0, b1, b2: (a0 + b0, a1 + b1, a2 + b2),
+                                              [T.float32(0), T.float32(0), T.float32(0)]),
+                               "reduce_scope", T.reinterpret("handle", T.uint64(0)))
+                        T.tvm_thread_allreduce(T.uint32(3), p_ab[0], p_aa[0], p_bb[0], True, ab[0], aa[0], bb[0],
+                                               tx, dtype="void")
                     update(qbar, cache_qbar, state, layer, force_miss, ab[0], aa[0], bb[0],
                            valid, since, tx, _THREADS, tx == 0)
         else:
@@ -145,8 +149,8 @@ def make_selection_check(num_layers: int, n_heads: int, head_dim: int, threshold
         def fingerprint_check(q_h: T.handle, rope_h: T.handle, cache_qbar_h: T.handle, state_h: T.handle,
                               layer: T.int64, force_miss: T.int64, qbar_h: T.handle):
             T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-            n, P, heads = T.int64(), T.int64(), T.int64()
-            q = T.match_buffer(q_h, (n, heads, d), fingerprint[1])  # queries: the first H heads
+            P, heads = T.int64(), T.int64()
+            q = T.match_buffer(q_h, (T.int64(1), heads, d), fingerprint[1])  # the query: the first H heads
             rope = T.match_buffer(rope_h, (P, d), "float32")
             qbar = T.match_buffer(qbar_h, (H, d), "float32")
             cache_qbar = T.match_buffer(cache_qbar_h, (i64(num_layers), H, d), "float32")

@@ -105,6 +105,12 @@ def _select_cpu(crit, ws, out, row, C, kk, off, cb, wb, active):
                 taken[1] = taken[1] + 1
 
 
+def _runs(active) -> tirx.PrimExpr:
+    """1, or 0 where ``active`` (a device-side test, or Python ``True``) fails: the trip count of
+    a loop around work with barriers, skipped by every thread of a block alike."""
+    return T.int64(1) if active is True else T.Cast("int64", active)
+
+
 def _chunk(active, C, nb):
     """Candidates per block: ``ceildiv(C, nb)``, 0 where ``active`` (a device-side test, or
     Python ``True``) fails. An expression: blocks evaluate it on the device."""
@@ -186,49 +192,51 @@ def _radix_pass(crit, ws, rows, nb, C, active, p, out, row0, off, sel):
                     if p == 5:
                         if sel is not None:
                             _finish_selection(ws, out, row0, nb, b, tx, active, sel[0], sel[1], sel[2], sel[3], sel[4])
-                        krem: T.let[T.int32] = ws[hh, _KREM + 4]
-                        n_gt[0] = T.if_then_else(tx < b, ws[hh, _COUNTS + 2 * tx], 0)
-                        allreduce_sum_i32(n_gt, sum_gt, tx)
-                        n_eq[0] = T.if_then_else(tx < b, ws[hh, _COUNTS + 2 * tx + 1], 0)
-                        allreduce_sum_i32(n_eq, sum_eq, tx)
-                        # allreduce results are read-only: count on in a buffer of our own
-                        run[0] = sum_gt[0]
-                        run[1] = sum_eq[0]
-                        for it in range(T.ceildiv(chunk, _THREADS)):
-                            t: T.let[T.int64] = b * chunk + it * _THREADS + tx
-                            inside: T.let[T.bool] = it * _THREADS + tx < chunk and t < c
-                            key: T.let[T.int64] = T.if_then_else(inside, order_key(crit[hh, T.min(t, c - 1)]), T.int64(-1))
-                            compact_step(key, prefix[0], krem, run, buf, tmp, tx, out, row0 + hh,
-                                         T.Cast("int32", off + t), None if sel is None else sel[0], off)
-                    else:
-                        if p > 0:
-                            _resolve_digit(ws, hh, p - 1, buf, tmp, res, tx, b, _krem_before(ws, hh, p - 1, sel))
-                            prefix[0] = prefix[0] | (T.Cast("int64", res[0]) << T.int64(32 - 8 * p))
-                        n_gt[0] = 0
-                        n_eq[0] = 0
-                        buf[tx] = 0
-                        T.tvm_storage_sync("shared")
-                        for it in range(T.ceildiv(chunk, _THREADS)):
-                            t: T.let[T.int64] = b * chunk + it * _THREADS + tx
-                            if it * _THREADS + tx < chunk and t < c:
-                                key: T.let[T.int64] = order_key(crit[hh, t])
-                                if p < 4:
-                                    if key >> T.int64(32 - 8 * p) == prefix[0] >> T.int64(32 - 8 * p):
-                                        T.cuda.atomic_add(T.address_of(buf[(key >> T.int64(24 - 8 * p)) & T.int64(255)]), 1)
-                                else:
-                                    n_gt[0] = n_gt[0] + T.Cast("int32", key > prefix[0])
-                                    n_eq[0] = n_eq[0] + T.Cast("int32", key == prefix[0])
-                        T.tvm_storage_sync("shared")
-                        if p < 4:
-                            tmp[0] = buf[tx]
-                            if tmp[0] > 0:
-                                T.cuda.atomic_add(T.address_of(ws[hh, p * _BINS + tx]), tmp[0])
-                        else:
+                        for _ in range(_runs(active)):  # nothing on a selection-cache hit (no early return: barriers)
+                            krem: T.let[T.int32] = ws[hh, _KREM + 4]
+                            n_gt[0] = T.if_then_else(tx < b, ws[hh, _COUNTS + 2 * tx], 0)
                             allreduce_sum_i32(n_gt, sum_gt, tx)
+                            n_eq[0] = T.if_then_else(tx < b, ws[hh, _COUNTS + 2 * tx + 1], 0)
                             allreduce_sum_i32(n_eq, sum_eq, tx)
-                            if tx == 0:
-                                ws[hh, _COUNTS + 2 * b] = sum_gt[0]
-                                ws[hh, _COUNTS + 2 * b + 1] = sum_eq[0]
+                            # allreduce results are read-only: count on in a buffer of our own
+                            run[0] = sum_gt[0]
+                            run[1] = sum_eq[0]
+                            for it in range(T.ceildiv(chunk, _THREADS)):
+                                t: T.let[T.int64] = b * chunk + it * _THREADS + tx
+                                inside: T.let[T.bool] = it * _THREADS + tx < chunk and t < c
+                                key: T.let[T.int64] = T.if_then_else(inside, order_key(crit[hh, T.min(t, c - 1)]), T.int64(-1))
+                                compact_step(key, prefix[0], krem, run, buf, tmp, tx, out, row0 + hh,
+                                             T.Cast("int32", off + t), None if sel is None else sel[0], off)
+                    else:
+                        for _ in range(_runs(active)):
+                            if p > 0:
+                                _resolve_digit(ws, hh, p - 1, buf, tmp, res, tx, b, _krem_before(ws, hh, p - 1, sel))
+                                prefix[0] = prefix[0] | (T.Cast("int64", res[0]) << T.int64(32 - 8 * p))
+                            n_gt[0] = 0
+                            n_eq[0] = 0
+                            buf[tx] = 0
+                            T.tvm_storage_sync("shared")
+                            for it in range(T.ceildiv(chunk, _THREADS)):
+                                t: T.let[T.int64] = b * chunk + it * _THREADS + tx
+                                if it * _THREADS + tx < chunk and t < c:
+                                    key: T.let[T.int64] = order_key(crit[hh, t])
+                                    if p < 4:
+                                        if key >> T.int64(32 - 8 * p) == prefix[0] >> T.int64(32 - 8 * p):
+                                            T.cuda.atomic_add(T.address_of(buf[(key >> T.int64(24 - 8 * p)) & T.int64(255)]), 1)
+                                    else:
+                                        n_gt[0] = n_gt[0] + T.Cast("int32", key > prefix[0])
+                                        n_eq[0] = n_eq[0] + T.Cast("int32", key == prefix[0])
+                            T.tvm_storage_sync("shared")
+                            if p < 4:
+                                tmp[0] = buf[tx]
+                                if tmp[0] > 0:
+                                    T.cuda.atomic_add(T.address_of(ws[hh, p * _BINS + tx]), tmp[0])
+                            else:
+                                allreduce_sum_i32(n_gt, sum_gt, tx)
+                                allreduce_sum_i32(n_eq, sum_eq, tx)
+                                if tx == 0:
+                                    ws[hh, _COUNTS + 2 * b] = sum_gt[0]
+                                    ws[hh, _COUNTS + 2 * b + 1] = sum_eq[0]
 
 
 @T.macro

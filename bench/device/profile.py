@@ -4,7 +4,7 @@ launches, gaps.
 Usage: python3 bench/device/profile.py OUT_JSON LIB:DEPTH[:prefill] [...]
 For each library (random weights) and depth: the step's wall time without the profiler, then
 torch.profiler's CUDA kernel records over 10 steps: GPU time per step, kernel launches per step,
-the gap (wall − kernel time: launch and host overhead) and the top kernels. A step is one decoded
+the gap (wall − kernel time: launch and host overhead) and the top 40 kernels. A step is one decoded
 token, or with ``:prefill`` one 512-token prefill chunk after DEPTH cached tokens (the cache
 truncated back to DEPTH before each chunk).
 """
@@ -58,7 +58,7 @@ def profile(lib: Path, depth: int, kind: str = "decode") -> dict:
             times[event.name] += event.device_time / 1e3 / STEPS  # ms per step
             counts[event.name] += 1
     kernel_ms = sum(times.values())
-    top = sorted(times, key=times.get, reverse=True)[:12]
+    top = sorted(times, key=times.get, reverse=True)[:40]
     del engine, keep
     return {"lib": lib.name, "kind": kind, "depth": depth, "wall_ms": round(wall_ms, 3), "kernel_ms": round(kernel_ms, 3),
             "gap_ms": round(wall_ms - kernel_ms, 3), "launches": sum(counts.values()) // STEPS,
