@@ -12,9 +12,9 @@ import click
 from tsedge.cli_bench import bench_decode, bench_prefill, speed_options
 from tsedge.cli_eval import eval_run, eval_table
 from tsedge.cli_options import (POSITIVE_INTS, TARGET_HELP, FiniteFloatRange, PrefillDisplay,
-                                 context_full_note, number_list, policy_config, policy_options,
-                                 read_text_file, resolve_target, sampling_options, sampling_params,
-                                 utf8_option)
+                                 cache_correction_option, context_full_note, number_list, policy_config,
+                                 policy_options, read_text_file, resolve_target, sampling_options,
+                                 sampling_params, utf8_option)
 from tsedge.cli_serve import serve
 from tsedge.models.config import PRESETS, ModelConfig, PolicyConfig
 
@@ -98,7 +98,8 @@ def quantization_option(default: str | None):
 def _engine(model, target: str | None, lib: str | None, kw: dict):
     """Engine for ``model`` (a name or a loaded ModelSource): the given library, or the cached
     one for ``target`` (compiled on first use). ``target``: what ``_checked_target`` returned.
-    Float weights for a quantized library are quantized while loading, with a progress bar."""
+    Float weights for a quantized library are quantized while loading, with a progress bar.
+    ``kw["cache_correction"]`` (absent: 0) is the Engine's."""
     from tsedge.engine import Engine
     from tsedge.library_cache import ensure_library
     from tsedge.models.library import LibraryMeta
@@ -113,10 +114,13 @@ def _engine(model, target: str | None, lib: str | None, kw: dict):
                              _max_context(kw, policy, source.config.context_window, source.config, target), log=log,
                              quantization=kw.get("quantization") or source.quantization)
     meta = LibraryMeta.load(Path(lib).with_suffix(".json"))
+    # prefill_chunk is capped by the library's policy
+    engine = functools.partial(Engine, lib, source, prefill_chunk=policy.chunk_size,
+                               cache_correction=kw.get("cache_correction", 0))
     if meta.quantization == "q0" or source.quantization != "q0":
-        return Engine(lib, source, prefill_chunk=policy.chunk_size)  # capped by the library's policy
+        return engine()
     with count_progress(f"quantizing {source.config.name} to {meta.quantization}", len(meta.params)) as update:
-        return Engine(lib, source, prefill_chunk=policy.chunk_size, on_load=lambda done, _total: update(done))
+        return engine(on_load=lambda done, _total: update(done))
 
 
 class _OneLineUsageErrors(click.Group):
@@ -239,7 +243,8 @@ def _generate_json(engine, result) -> str:
            "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.tokens),
            "ttft_s": round(result.ttft_s, 4), "prefill_tok_per_s": round(result.prefill_tok_per_s, 2),
            "decode_tok_per_s": round(result.decode_tok_per_s, 2), "stopped": result.stopped,
-           "policy": engine.meta.policy.name, "target": engine.meta.target}
+           "policy": engine.meta.policy.name, "target": engine.meta.target,
+           "cache_corrections": result.corrections}
     stats = engine.selection_stats()
     if stats is not None:
         out["selection_cache_hit_rate"] = stats["hits"] / stats["lookups"] if stats["lookups"] else 0.0
@@ -259,6 +264,7 @@ def _generate_json(engine, result) -> str:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @quantization_option(None)
 @policy_options
+@cache_correction_option
 @_errors
 def generate(model, target, lib, prompt, prompt_file, max_new_tokens, raw, as_json, **kw) -> None:
     """Generate a continuation of one prompt (sampled like chat; --temperature 0 for greedy)."""
@@ -294,6 +300,7 @@ def generate(model, target, lib, prompt, prompt_file, max_new_tokens, raw, as_js
 @sampling_options
 @quantization_option(None)
 @policy_options
+@cache_correction_option
 @_errors
 def chat(model, target, lib, max_new_tokens, system, **kw) -> None:
     """Interactive chat: /help lists the commands (/stats, /reset, /exit); Ctrl-C stops a reply."""

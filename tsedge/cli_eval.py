@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from tsedge.cli_options import TARGET_HELP, policy_config, policy_options
+from tsedge.cli_options import TARGET_HELP, cache_correction_option, policy_config, policy_options
 from tsedge.progress import interactive
 
 ALL_TASKS = "passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,ppl"
@@ -93,6 +93,7 @@ def _progress(total: int) -> Iterator[Any]:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="JSON file, the heatmap PNG beside it (default: bench/results/eval_<model>_<target>.json)")
 @_budget_options
+@cache_correction_option
 @_cli_errors
 def eval_run(model, target, tasks, haystacks, policies, lengths, samples, seed, output, **kw) -> None:
     """Accuracy of each policy on RULER's synthetic tasks and perplexity, by prompt length."""
@@ -114,10 +115,12 @@ def eval_run(model, target, tasks, haystacks, policies, lengths, samples, seed, 
                                     log=functools.partial(click.echo, err=True))
 
     def open_engine(name: str) -> Engine:
-        return Engine(libs[name], source, prefill_chunk=configs[name].chunk_size)
+        return Engine(libs[name], source, prefill_chunk=configs[name].chunk_size,
+                      cache_correction=kw["cache_correction"])
 
     with _progress(len(names) * len(grid.cases()) * samples) as progress:
         result = run(open_engine, names, grid, progress)
+    result["config"]["cache_correction"] = kw["cache_correction"]
     click.echo(format_table(result))
     path = Path(output or f"bench/results/eval_{source.config.name}_{result['info']['target'].replace(':', '_')}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

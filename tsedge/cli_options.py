@@ -130,6 +130,16 @@ def policy_options(func):
     return func
 
 
+def cache_correction_option(func):
+    """--cache-correction: ``Engine.cache_correction`` (a runtime setting; the library is the same)."""
+    return click.option(
+        "--cache-correction", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+        help="every N decoded tokens, prefill those N tokens again so their KV cache rows are "
+             "recomputed with the policy's prefill (dense for tidaldecode), bounding sparse "
+             "decoding's error; costs one N-token prefill per N tokens; 0 = off (TidalDecode's "
+             "public code uses 128)")(func)
+
+
 class RecycleK(click.ParamType):
     """--recycle-k: a positive token count. The paper's K is a fraction of each prompt; a
     library's partial caches have a fixed shape, so a fraction is refused in one line."""

@@ -7,7 +7,8 @@ chunked prefill and the decode loop. Any language with a TVM runtime can do the 
 device tensor holding ``past`` plus the call's tokens; keep the token, KV cache, RoPE table,
 length and state tensors at fixed addresses (a CUDA decode step replays as one CUDA graph that
 captured them), and ``sample(logits, ...)`` picks the next token on the device where the library
-has it (see DESIGN.md, runtime contract).
+has it (see DESIGN.md, runtime contract). ``cache_correction`` (TidalDecode's option, any policy)
+re-prefills the rows that decode steps wrote, every N of them (``Engine.cache_correction``).
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from tsedge.weights import ModelSource, WeightsError, load_source
 
 use_physical_cores()  # before TVM's thread pool starts: TVM's x86 default is half the logical CPUs
 
-__all__ = ["ContextOverflowError", "Engine", "GenerationResult", "LibraryError"]
+__all__ = ["ContextOverflowError", "Engine", "GenerationResult", "LibraryError", "check_cache_correction"]
 
 
 _GREEDY = SamplingParams()
+_NO_COUNTS = {"hits": 0, "lookups": 0}
 
 
 class LibraryError(ValueError):
@@ -56,8 +58,9 @@ class GenerationResult:
     reused_tokens: int  # prompt tokens already in the KV cache (not prefilled again)
     prefill_s: float  # prefill of the new prompt tokens
     ttft_s: float  # prefill plus picking the first token
-    decode_s: float  # the remaining tokens
+    decode_s: float  # the remaining tokens (cache corrections included)
     stopped: str  # "stop_token" | "length" | "cancelled" | "context_full" (the KV cache is full)
+    corrections: int = 0  # cache corrections during the decode (``Engine.cache_correction``)
 
     @property
     def prefill_tok_per_s(self) -> float:
@@ -121,6 +124,19 @@ def _vulkan():
     return vulkan
 
 
+def check_cache_correction(tokens: int, capacity: int) -> None:
+    """Raises ValueError (one line naming the fix) unless ``tokens`` (decoded tokens between cache
+    corrections, 0 = off) is >= 0 and below ``capacity`` (the KV cache's tokens): a correction
+    re-prefills the last ``tokens`` decoded tokens, which the cache must hold after the prompt."""
+    if tokens < 0:
+        raise ValueError(f"cache correction of {tokens} tokens: give a token count >= 0 "
+                         "(0 = off; TidalDecode's public code uses 128)")
+    if tokens >= capacity:
+        raise ValueError(f"cache correction of {tokens} tokens can never run: the prompt and {tokens} "
+                         f"decoded tokens exceed the KV cache of {capacity} tokens; use a --cache-correction "
+                         f"below {capacity} (0 = off), or a library compiled with a larger --max-context")
+
+
 def load_cuda_runtime() -> None:
     """The CUDA runtime module is not loaded by a runtime-only TVM install; load it.
 
@@ -142,11 +158,12 @@ class Engine:
     def __init__(self, lib: str | Path, weights: str | Path | ModelSource | None,
                  max_context: int | None = None, prefill_chunk: int = 512,
                  params: list[tvm.runtime.Tensor] | None = None,
-                 on_load: LoadProgress | None = None) -> None:
+                 on_load: LoadProgress | None = None, cache_correction: int = 0) -> None:
         """``weights``: a model name, .gguf, weights folder or ModelSource; or None with
         ``params`` already on the device in library order (benchmarks with random weights).
         ``on_load(done, total)`` follows the weights' loading (and quantizing, for a quantized
-        library given float weights)."""
+        library given float weights). ``cache_correction``: tokens (0 = off), see the property;
+        a ValueError when it can never run (``check_cache_correction``)."""
         self.meta, module = load_library(lib)
         self.device = _device(self.meta.target)
         self.vm = VirtualMachine(module, self.device)
@@ -170,6 +187,10 @@ class Engine:
             raise ContextOverflowError(f"max_context {capacity} exceeds the library's "
                                        f"{self.meta.max_context}; recompile with --max-context")
         self.cache = KVCache(self.meta, capacity, self.device)
+        self.cache_correction = cache_correction
+        self.corrections = 0  # cache corrections since the engine was made
+        self._prefilled = 0  # cache rows up to here were prefilled; later rows come from decode steps
+        self._carried = _NO_COUNTS  # selection counters from before the last correction's state reset
         self.rope = self.vm["rope_table"](tvm.runtime.ShapeTuple([capacity]), self.params)
         # device tensors the library reads at fixed addresses (a decode step replays as one
         # CUDA graph that captured them): the context length after a step, a decode step's token
@@ -289,6 +310,7 @@ class Engine:
             logits = self._run("prefill", ids[start:start + self.prefill_chunk])
         if on_progress is not None:
             on_progress(len(ids), len(ids))
+        self._prefilled = len(self.cache)
         return logits
 
     def decode(self, token: int) -> np.ndarray:
@@ -314,7 +336,44 @@ class Engine:
         return self._token_value
 
     def reset(self) -> None:
-        self.cache.truncate(0)
+        self._truncate(0)
+
+    def _truncate(self, length: int, carry_counts: bool = False) -> None:
+        """Keep the first ``length`` cached tokens. Dropping any zeroes the policy state (it
+        describes them) and with it the selection counters; ``carry_counts`` keeps those counters
+        in ``selection_stats``."""
+        if length < len(self.cache):
+            self._carried = (self.selection_stats() or _NO_COUNTS) if carry_counts else _NO_COUNTS
+        self.cache.truncate(length)
+        self._prefilled = min(self._prefilled, length)
+
+    @property
+    def cache_correction(self) -> int:
+        """Decode steps between cache corrections, in tokens (0 = off; TidalDecode's public code
+        uses 128). Within ``generate``, once that many tokens were decoded since the last prefill
+        (the prompt's or a correction's), their cache rows are dropped and the same ids prefilled
+        again in chunks, before the next decode step: the library's prefill (dense for tidaldecode)
+        recomputes their K/V with full attention, bounding the error sparse decoding leaves in the
+        cache. Cost: one N-token prefill per N tokens. Dropping rows zeroes the policy state as a
+        chat turn's truncation does, and the prefill rebuilds it (TokenSelect re-selects, Recycled
+        Attention rebuilds its partial caches and restarts its stride); ``selection_stats`` keeps
+        counting across corrections. Rows decoded after a generation's last correction stay as
+        decoded (a chat turn reusing them does not prefill them again). Setting it raises
+        ValueError as ``check_cache_correction``."""
+        return self._cache_correction
+
+    @cache_correction.setter
+    def cache_correction(self, tokens: int) -> None:
+        check_cache_correction(tokens, self.cache.capacity)
+        self._cache_correction = tokens
+
+    def _correct(self) -> None:
+        """Re-prefill the rows decoded since the last prefill (``cache_correction``)."""
+        start = self._prefilled
+        ids = self.cache.tokens[start:]
+        self._truncate(start, carry_counts=True)
+        self._prefill(ids, None)
+        self.corrections += 1
 
     def state(self, name: str) -> np.ndarray | None:
         """A copy of the library state tensor ``name`` (e.g. ``cache_idx``), or None if it has none."""
@@ -322,11 +381,13 @@ class Engine:
         return self.cache.state[names.index(name)].numpy() if name in names else None
 
     def selection_stats(self) -> dict[str, int] | None:
-        """Selection-cache hits and lookups since the last reset (selecting policies only)."""
+        """Selection-cache hits and lookups since the last reset or truncation (cache corrections
+        do not restart them); None for a policy without a selection cache."""
         state = self.state("sel_state")
         if state is None:
             return None
-        return {"hits": int(state[:, 2].sum()), "lookups": int(state[:, 3].sum())}
+        return {"hits": int(state[:, 2].sum()) + self._carried["hits"],
+                "lookups": int(state[:, 3].sum()) + self._carried["lookups"]}
 
     # ---- generation ----------------------------------------------------------------------------
     def generate(self, prompt: list[int], max_new_tokens: int = 256,
@@ -348,7 +409,7 @@ class Engine:
                 f"prompt of {len(prompt)} tokens exceeds the KV cache of {self.cache.capacity} "
                 "tokens; shorten it or use a library compiled with a larger --max-context")
         reused = min(self.cache.common_prefix(prompt), len(prompt) - 1)
-        self.cache.truncate(reused)
+        self._truncate(reused)
         stop = set(self.tokenizer.eos_token_ids if stop_ids is None else stop_ids)
         pick = self._picker(sampling, prompt)
         start = time.perf_counter()
@@ -357,9 +418,10 @@ class Engine:
         token = pick(logits)
         ttft = time.perf_counter() - start
         tokens = [token]
+        corrections = self.corrections
         stopped = self._continue(tokens, pick, stop, max_new_tokens, on_token)
         return GenerationResult(tokens, len(prompt), reused, prefill_s, ttft,
-                                time.perf_counter() - start - ttft, stopped)
+                                time.perf_counter() - start - ttft, stopped, self.corrections - corrections)
 
     def _picker(self, sampling: SamplingParams, prompt: list[int]) -> Callable[[tvm.runtime.Tensor], int]:
         """The next-token function of one generation, logits [1, vocab] on the device -> id: the
@@ -373,7 +435,8 @@ class Engine:
 
     def _continue(self, tokens: list[int], pick: Callable[[tvm.runtime.Tensor], int], stop: set[int],
                   max_new_tokens: int, on_token: Callable[[int], bool | None] | None) -> str:
-        """Decode after ``tokens`` (appended in place) until a stop; returns why it stopped."""
+        """Decode after ``tokens`` (appended in place) until a stop, correcting the cache every
+        ``cache_correction`` decoded tokens; returns why it stopped."""
         while True:
             token = tokens[-1]
             if token in stop:
@@ -384,4 +447,6 @@ class Engine:
                 return "length"
             if len(self.cache) >= self.cache.capacity:
                 return "context_full"
+            if self.cache_correction and len(self.cache) - self._prefilled >= self.cache_correction:
+                self._correct()
             tokens.append(pick(self._decode(token)))
