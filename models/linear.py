@@ -2,8 +2,9 @@
 dequantized in the kernel that multiplies.
 
 Where ``tir_kernels.matmul`` supports the shape on ``target`` (None: never), a prefill chunk (a
-symbolic row count) runs its tensor-core kernel; one row (decode) stays a matmul the pipeline
-schedules as a GEMV.
+symbolic row count) runs its tensor-core kernel; where ``tir_kernels.gemv`` does, one row (decode)
+runs its GEMV with the residual add or SwiGLU fused; elsewhere one row stays a matmul the
+pipeline schedules as a GEMV.
 
 The dequantization is a ``te.compute`` whose output feeds ``matmul``; Relax's FuseOps/FuseTIR make
 the pair one PrimFunc (as MLC-LLM's ``fused_dequantize_*_matmul``), which the CPU schedule and
@@ -18,7 +19,7 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from tsedge.tir_kernels import matmul
+from tsedge.tir_kernels import gemv, matmul
 
 from .quantization import QuantScheme
 
@@ -70,18 +71,37 @@ class Linear(nn.Module):
         self.prefill_kernel = (matmul.make_prefill_matmul(out_features, in_features, dtype, target)
                                if target is not None and not in_out
                                and matmul.supported(out_features, in_features, dtype, target) else None)
+        self.gemv_target = (target if target is not None and not in_out and not bias
+                            and gemv.supported(out_features, in_features, dtype, target) else None)
 
     def _weight(self) -> nn.Tensor:
         return self.weight
 
-    def forward(self, x: nn.Tensor) -> nn.Tensor:
+    def forward(self, x: nn.Tensor, residual: nn.Tensor | None = None) -> nn.Tensor:
+        """``x[n, in] -> x W^T (+ b) (+ residual)`` [n, out]."""
+        if self.gemv_applies(x):
+            return self.decode_gemv(x, "none" if residual is None else "residual", residual)
         w = self._weight()
         if self.prefill_kernel is not None and not isinstance(x.shape[0], int):
             y = op.tensor_ir_op(self.prefill_kernel, matmul.kernel_name(*self.shape), args=[x, w],
                                 out=nn.Tensor.placeholder([x.shape[0], self.shape[0]], x.dtype))
         else:
             y = op.matmul(x, w if self.in_out else op.permute_dims(w))
-        return y + self.bias if self.bias is not None else y
+        y = y + self.bias if self.bias is not None else y
+        return y + residual if residual is not None else y
+
+    def gemv_applies(self, x: nn.Tensor) -> bool:
+        """True for one row (a decode step) where ``tir_kernels.gemv`` runs this weight."""
+        return self.gemv_target is not None and isinstance(x.shape[0], int) and x.shape[0] == 1
+
+    def decode_gemv(self, x: nn.Tensor, epilogue: str, residual: nn.Tensor | None = None) -> nn.Tensor:
+        """``tir_kernels.gemv`` on ``x[1, in]`` (see ``make_decode_gemv`` for the epilogues)."""
+        n_out, k = self.shape
+        kernel = gemv.make_decode_gemv(n_out, k, x.dtype, self.gemv_target, epilogue)
+        rows = n_out // 2 if epilogue == "swiglu" else n_out
+        args = [x, self.weight] + ([residual] if residual is not None else [])
+        return op.tensor_ir_op(kernel, gemv.kernel_name(n_out, k, epilogue), args=args,
+                               out=nn.Tensor.placeholder([1, rows], x.dtype))
 
 
 class QuantLinear(Linear):
@@ -94,6 +114,7 @@ class QuantLinear(Linear):
         self.scale = nn.Parameter(s_shape, dtype)
         self.qs = qs
         self._setup(in_features, out_features, bias, dtype, in_out, target)
+        self.gemv_target = None  # decode dequantizes inside dlight's GEMV (the float weight never exists)
 
     def _weight(self) -> nn.Tensor:
         return op.tensor_expr_op(lambda q, s: dequantize_expr(self.qs, q, s, self.in_out), "dequantize",

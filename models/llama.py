@@ -47,12 +47,13 @@ class Attention(nn.Module):
         self.o_proj = make_linear(quant, h * d, cfg.hidden_size, False, dtype, in_out, target)
         self.shape = (h, hkv, d)
 
-    def forward(self, x, layer_id, policy, step):
+    def forward(self, x, layer_id, policy, step, residual):
+        """``residual + attention(x)``."""
         n = x.shape[0]
         h, hkv, d = self.shape
         qkv = op.reshape(self.qkv_proj(x), [n, h + 2 * hkv, d])  # heads: q, then k, then v
         out = policy.attend(layer_id, qkv, step)
-        return self.o_proj(op.reshape(out, [n, h * d]))
+        return self.o_proj(op.reshape(out, [n, h * d]), residual)
 
 
 class MLP(nn.Module):
@@ -62,9 +63,14 @@ class MLP(nn.Module):
         self.intermediate = cfg.intermediate_size
         self.down_proj = make_linear(quant, cfg.intermediate_size, cfg.hidden_size, False, dtype, in_out, target)
 
-    def forward(self, x: nn.Tensor) -> nn.Tensor:
-        gate, up = op.split(self.gate_up_proj(x), [self.intermediate], axis=-1)
-        return self.down_proj(op.silu(gate) * up)
+    def forward(self, x: nn.Tensor, residual: nn.Tensor) -> nn.Tensor:
+        """``residual + down(silu(gate(x)) * up(x))``."""
+        if self.gate_up_proj.gemv_applies(x):  # decode: SwiGLU in the GEMV's epilogue
+            act = self.gate_up_proj.decode_gemv(x, "swiglu")
+        else:
+            gate, up = op.split(self.gate_up_proj(x), [self.intermediate], axis=-1)
+            act = op.silu(gate) * up
+        return self.down_proj(act, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -75,8 +81,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, dtype, in_out, target, quant)
 
     def forward(self, x, layer_id, policy, step):
-        x = x + self.self_attn(self.input_layernorm(x), layer_id, policy, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.self_attn(self.input_layernorm(x), layer_id, policy, step, residual=x)
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 class LlamaModel(nn.Module):

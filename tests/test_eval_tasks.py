@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,3 +270,29 @@ def test_ppl_document_never_repeats_the_text(tok):
     assert len(set(sentences)) == len(sentences) > 900
     with pytest.raises(ValueError, match="use shorter --lengths for ppl"):
         ppl.document(tok, 200_000, sample_rng(0, "ppl"))
+
+
+def test_compile_only_builds_for_another_machine_then_runs_from_the_cache(tiny_folder, tmp_path, monkeypatch):  # noqa: F811
+    """--compile-only compiles into TSEDGE_CACHE and stops (a CUDA target needs no GPU here); a
+    later run with the same options finds its libraries there and compiles nothing."""
+    monkeypatch.setenv("TSEDGE_CACHE", str(tmp_path / "cache"))
+    common = ["eval", "run", "--model", str(tiny_folder), "--dtype", "float32", "--tasks", "ppl",
+              "--policies", "dense", "--lengths", "300", "--samples", "1"]
+    built = CliRunner().invoke(main, [*common, "--target", "llvm", "--compile-only"], catch_exceptions=False)
+    assert built.exit_code == 0, built.output
+    (path,) = built.stdout.split()
+    assert path.startswith(str(tmp_path / "cache")) and Path(path).exists() and "| task |" not in built.stdout
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("the library should come from the cache")
+
+    monkeypatch.setattr("tsedge.compile.build.compile_library", no_compile)
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(main, [*common, "--target", "llvm", "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["cells"][0]["task"] == "ppl"
+
+    targets = []  # a CUDA target on this GPU-less machine: compiled for, not refused
+    monkeypatch.setattr("tsedge.library_cache.ensure_library", lambda cfg, policy, target, *a, **k: targets.append(target) or Path(path))
+    built = CliRunner().invoke(main, [*common, "--target", "cuda:sm_90", "--compile-only"], catch_exceptions=False)
+    assert built.exit_code == 0 and targets == ["cuda:sm_90"], built.output

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from tsedge.cli_options import TARGET_HELP, cache_correction_option, policy_config, policy_options
+from tsedge.cli_options import TARGET_HELP, cache_correction_option, policy_config, policy_options, resolve_target
 from tsedge.progress import interactive
 
 ALL_TASKS = "passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,ppl"
@@ -92,10 +92,13 @@ def _progress(total: int) -> Iterator[Any]:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="seed of every sample")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="JSON file, the heatmap PNG beside it (default: bench/results/eval_<model>_<target>.json)")
+@click.option("--compile-only", is_flag=True,
+              help="compile the policies' libraries into the library cache (TSEDGE_CACHE) and stop: build "
+                   "here, run on another machine with the same cache")
 @_budget_options
 @cache_correction_option
 @_cli_errors
-def eval_run(model, target, tasks, haystacks, policies, lengths, samples, seed, output, **kw) -> None:
+def eval_run(model, target, tasks, haystacks, policies, lengths, samples, seed, output, compile_only, **kw) -> None:
     """Accuracy of each policy on RULER's synthetic tasks and perplexity, by prompt length."""
     from tsedge.cli import _checked_target, _max_context
     from tsedge.engine import Engine
@@ -106,13 +109,19 @@ def eval_run(model, target, tasks, haystacks, policies, lengths, samples, seed, 
     names = check_policies(_names(policies))
     grid = Grid(_names(tasks), _names(haystacks), parse_lengths(lengths), samples, seed)
     configs = {name: policy_config({**kw, "policy": name}) for name in names}
-    target = _checked_target(target, None)
+    if compile_only:  # the GPU is where it runs, not here
+        target = resolve_target(target)
+    else:
+        target = _checked_target(target, None)
     source = load_source(model)
     libs = {}
     for name, config in configs.items():
         capacity = _max_context({"max_context": grid.capacity()}, config, source.config.context_window)
         libs[name] = ensure_library(source.config, config, target, kw["dtype"], capacity,
                                     log=functools.partial(click.echo, err=True))
+    if compile_only:
+        click.echo("\n".join(str(path) for path in libs.values()))
+        return
 
     def open_engine(name: str) -> Engine:
         return Engine(libs[name], source, prefill_chunk=configs[name].chunk_size,

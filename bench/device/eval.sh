@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# `tsedge eval run` on the GPU (issue 10): SmolLM2-135M-Instruct (real weights), every policy.
+# Usage: bash bench/device/eval.sh prepare        (build machine: CUDA libraries into .carry/eval-cache)
+#        bash bench/device/eval.sh run OUT_DIR    (device; the GGUF's parts in /tmp/w1.part or .carry/w1,
+#                                                  and .carry/w2, as run.sh)
+# Environment: LENGTHS (4k,8k,16k,32k), SAMPLES (5), TASKS (every task), HAYSTACKS (prose),
+#              POLICIES (all five), BUDGET (2688: TidalDecode's budget and Recycled's K, TokenSelect's
+#              n_init + top_k + n_local at its defaults, so that the selecting policies read as many rows).
+set -uo pipefail
+LENGTHS=${LENGTHS:-4k,8k,16k,32k}
+SAMPLES=${SAMPLES:-5}
+HAYSTACKS=${HAYSTACKS:-prose}
+POLICIES=${POLICIES:-dense,tokenselect,streaming,tidaldecode,recycled}
+BUDGET=${BUDGET:-2688}
+task_args=()
+[ -n "${TASKS:-}" ] && task_args=(--tasks "$TASKS")
+args=(--target cuda:sm_90 --policies "$POLICIES" --lengths "$LENGTHS" --samples "$SAMPLES" --haystacks "$HAYSTACKS"
+      --tidal-budget "$BUDGET" --recycle-k "$BUDGET" "${task_args[@]}")
+if [ "$1" = prepare ]; then
+  bash bench/device/make_bundle.sh
+  gguf=$(python -c "from tsedge.fetch import default_model_path; print(default_model_path())")
+  TSEDGE_CACHE=.carry/eval-cache python -m tsedge.cli eval run --model "$gguf" "${args[@]}" --compile-only
+  exit 0
+fi
+out=$2
+mkdir -p "$out"
+source bench/device/setup.sh
+part1=/tmp/w1.part; [ -f .carry/w1/part ] && part1=.carry/w1/part
+cat "$part1" .carry/w2/part > /tmp/smollm2.gguf
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+TSEDGE_CACHE=$PWD/.carry/eval-cache python3 -P -m tsedge.cli eval run --model /tmp/smollm2.gguf "${args[@]}" \
+  -o "$out/eval_smollm2-135m_h200.json" 2> "$out/eval.log"
+tail -3 "$out/eval.log"
