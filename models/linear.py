@@ -80,7 +80,7 @@ class Linear(nn.Module):
     def forward(self, x: nn.Tensor, residual: nn.Tensor | None = None) -> nn.Tensor:
         """``x[n, in] -> x W^T (+ b) (+ residual)`` [n, out]."""
         if self.gemv_applies(x):
-            return self.decode_gemv(x, "none" if residual is None else "residual", residual)
+            return self.decode_gemv(x, residual)
         w = self._weight()
         if self.prefill_kernel is not None and not isinstance(x.shape[0], int):
             y = op.tensor_ir_op(self.prefill_kernel, matmul.kernel_name(*self.shape), args=[x, w],
@@ -94,14 +94,15 @@ class Linear(nn.Module):
         """True for one row (a decode step) where ``tir_kernels.gemv`` runs this weight."""
         return self.gemv_target is not None and isinstance(x.shape[0], int) and x.shape[0] == 1
 
-    def decode_gemv(self, x: nn.Tensor, epilogue: str, residual: nn.Tensor | None = None) -> nn.Tensor:
-        """``tir_kernels.gemv`` on ``x[1, in]`` (see ``make_decode_gemv`` for the epilogues)."""
+    def decode_gemv(self, x: nn.Tensor, residual: nn.Tensor | None = None, swiglu: bool = False) -> nn.Tensor:
+        """``tir_kernels.gemv`` on ``x[1, in]`` (``swiglu``: x[1, 2 in], the gate/up output, whose
+        SwiGLU is the input), the residual added where given."""
         n_out, k = self.shape
-        kernel = gemv.make_decode_gemv(n_out, k, x.dtype, self.gemv_target, epilogue)
-        rows = n_out // 2 if epilogue == "swiglu" else n_out
+        prologue, epilogue = "swiglu" if swiglu else "none", "none" if residual is None else "residual"
+        kernel = gemv.make_decode_gemv(n_out, k, x.dtype, self.gemv_target, epilogue, prologue)
         args = [x, self.weight] + ([residual] if residual is not None else [])
-        return op.tensor_ir_op(kernel, gemv.kernel_name(n_out, k, epilogue), args=args,
-                               out=nn.Tensor.placeholder([1, rows], x.dtype))
+        return op.tensor_ir_op(kernel, gemv.kernel_name(n_out, k, f"{prologue}_{epilogue}"), args=args,
+                               out=nn.Tensor.placeholder([1, n_out], x.dtype))
 
 
 class QuantLinear(Linear):

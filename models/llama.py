@@ -60,17 +60,17 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None):
         self.gate_up_proj = make_linear(quant, cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype, in_out,
                                         target)
+        self.gate_up_proj.gemv_target = None  # decode: dlight's GEMV reads this shape faster (tir_kernels/gemv.py)
         self.intermediate = cfg.intermediate_size
         self.down_proj = make_linear(quant, cfg.intermediate_size, cfg.hidden_size, False, dtype, in_out, target)
 
     def forward(self, x: nn.Tensor, residual: nn.Tensor) -> nn.Tensor:
         """``residual + down(silu(gate(x)) * up(x))``."""
-        if self.gate_up_proj.gemv_applies(x):  # decode: SwiGLU in the GEMV's epilogue
-            act = self.gate_up_proj.decode_gemv(x, "swiglu")
-        else:
-            gate, up = op.split(self.gate_up_proj(x), [self.intermediate], axis=-1)
-            act = op.silu(gate) * up
-        return self.down_proj(act, residual)
+        gate_up = self.gate_up_proj(x)
+        if self.down_proj.gemv_applies(x):  # decode: SwiGLU in the down GEMV's prologue
+            return self.down_proj.decode_gemv(gate_up, residual, swiglu=True)
+        gate, up = op.split(gate_up, [self.intermediate], axis=-1)
+        return self.down_proj(op.silu(gate) * up, residual)
 
 
 class DecoderLayer(nn.Module):

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -54,7 +56,7 @@ def build(factory, *args, **options):
     """The ``main`` function of ``factory(*args, target, **options)`` for the current mode."""
     if MODE == "llvm":
         return tvm.compile(tvm.IRModule({"main": factory(*args, LLVM, **options)}), target=LLVM)["main"]
-    source = Path(sys.modules[factory.__module__].__file__).read_bytes()  # a changed kernel rebuilds
+    source = _sources(factory.__module__)  # a changed kernel, or a kernel module it imports, rebuilds
     named = sorted((k, f"{v.__module__}.{v.__qualname__}" if callable(v) else v) for k, v in options.items())
     key = hashlib.sha1(repr((factory.__name__, args, named)).encode() + source).hexdigest()[:12]  # no addresses
     path = LIB_DIR / f"{factory.__name__}-{key}.so"
@@ -70,6 +72,24 @@ def build(factory, *args, **options):
     if MODE != "cuda-run":
         raise ValueError(f"TSEDGE_KERNEL_MODE={MODE!r}: use llvm, cuda-build or cuda-run")
     return tvm.runtime.load_module(str(path))["main"]
+
+
+def _sources(module: str, seen: set | None = None) -> bytes:
+    """The source of ``module`` and of the package modules it imports relatively (``from .x import``,
+    ``from . import x, y``), each once."""
+    seen = set() if seen is None else seen
+    seen.add(module)
+    text = Path(importlib.import_module(module).__file__).read_bytes()
+    package = module.rsplit(".", 1)[0]
+    names = re.findall(rb"from \.(\w+) import", text)
+    for group in re.findall(rb"from \. import ([\w, ]+)", text):
+        names += [n.strip() for n in group.split(b",")]
+    out = text
+    for name in sorted(set(names)):
+        dep = f"{package}.{name.decode()}"
+        if dep not in seen:
+            out += _sources(dep, seen)
+    return out
 
 
 def tensor(array) -> tvm.runtime.Tensor:

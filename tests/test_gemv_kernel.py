@@ -9,13 +9,12 @@ from kernel_harness import CUDA, MODE, build, cuda_source, tensor
 from tsedge.tir_kernels import gemv
 
 SHAPES = [
-    # N (outputs), K (inputs), epilogue
-    (4096, 4096, "residual"),   # Llama-3-8B o_proj + the residual stream
-    (6144, 4096, "none"),       # Llama-3-8B fused QKV
-    (4096, 14336, "residual"),  # Llama-3-8B down_proj (K not a multiple of a group of loads)
-    (28672, 4096, "swiglu"),    # Llama-3-8B fused gate/up -> SwiGLU
-    (1000, 768, "none"),        # N not a multiple of a block's 8 rows, K of 3 warp reads
-    (2 * 1539, 512, "swiglu"),  # odd output count
+    # N (outputs), K (inputs), prologue, epilogue
+    (4096, 4096, "none", "residual"),     # Llama-3-8B o_proj + the residual stream
+    (6144, 4096, "none", "none"),         # Llama-3-8B fused QKV
+    (4096, 14336, "swiglu", "residual"),  # Llama-3-8B down_proj on the gate/up output (K: 7 groups of loads)
+    (1000, 768, "none", "none"),          # N not a multiple of a block's 8 rows, K of 3 warp reads
+    (1539, 512, "swiglu", "none"),        # odd N
 ]
 
 
@@ -24,31 +23,32 @@ def _silu(v: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.skipif(MODE == "llvm", reason="CUDA kernel (CPU linears run the CPU matmul schedule)")
-@pytest.mark.parametrize("n_out, k, epilogue", SHAPES)
-def test_decode_gemv(n_out, k, epilogue):
+@pytest.mark.parametrize("n_out, k, prologue, epilogue", SHAPES)
+def test_decode_gemv(n_out, k, prologue, epilogue):
     rng = np.random.default_rng(n_out + k)
-    x = rng.standard_normal((1, k)).astype(np.float16)
+    x = rng.standard_normal((1, 2 * k if prologue == "swiglu" else k)).astype(np.float16)
     w = (rng.standard_normal((n_out, k)) / np.sqrt(k)).astype(np.float16)
-    rows = n_out // 2 if epilogue == "swiglu" else n_out
-    y = tensor(np.full((1, rows), np.nan, np.float16))
-    full = x.astype(np.float32) @ w.astype(np.float32).T
-    kernel = build(gemv.make_decode_gemv, n_out, k, "float16", epilogue=epilogue)
+    y = tensor(np.full((1, n_out), np.nan, np.float16))
+    xf = x.astype(np.float32)
+    inp = (_silu(xf[:, :k]) * xf[:, k:]).astype(np.float16).astype(np.float32) if prologue == "swiglu" else xf
+    full = inp @ w.astype(np.float32).T
+    kernel = build(gemv.make_decode_gemv, n_out, k, "float16", epilogue=epilogue, prologue=prologue)
     if epilogue == "residual":
-        r = rng.standard_normal((1, rows)).astype(np.float16)
+        r = rng.standard_normal((1, n_out)).astype(np.float16)
         kernel(tensor(x), tensor(w), tensor(r), y)
         expected = full.astype(np.float16).astype(np.float32) + r.astype(np.float32)
     else:
         kernel(tensor(x), tensor(w), y)
-        expected = _silu(full[:, :rows]) * full[:, rows:] if epilogue == "swiglu" else full
+        expected = full
     np.testing.assert_allclose(y.numpy().astype(np.float32), expected, rtol=1e-2, atol=2e-3 * np.abs(expected).max())
 
 
 @pytest.mark.skipif(MODE != "llvm", reason="codegen and target checks run where the compiler is")
 def test_decode_gemv_codegen_and_support():
-    source = cuda_source(gemv.make_decode_gemv(28672, 4096, "float16", CUDA, "swiglu"))
+    source = cuda_source(gemv.make_decode_gemv(4096, 14336, "float16", CUDA, "residual", "swiglu"))
     assert "uint4" in source and "__shfl" in source  # 16-byte loads, warp sums
     assert gemv.supported(4096, 14336, "float16", CUDA)
     assert not gemv.supported(576, 576, "float16", CUDA)  # K not a multiple of 256
     assert not gemv.supported(4096, 4096, "float32", CUDA)
-    with pytest.raises(ValueError, match="none, residual or swiglu"):
-        gemv.make_decode_gemv(4097 * 2 + 1, 4096, "float16", CUDA, "swiglu")
+    with pytest.raises(ValueError, match="use none or swiglu / none or residual"):
+        gemv.make_decode_gemv(4096, 4096, "float16", CUDA, "swiglu")

@@ -4,13 +4,14 @@ A GEMV is bound by reading ``W``; what matters is how many bytes are in flight a
 a warp does. One warp per output row (eight a block); ``x`` staged once per block in shared memory
 (float16); each lane reads 16 bytes of the row at a time, consecutive lanes consecutive 16-byte
 pieces (a warp reads 512 contiguous bytes per load), ``GROUP`` loads issued before the first
-multiply; float32 accumulators summed over the warp by shuffles. Epilogues fused so that a layer
-launches fewer kernels: the residual add (``o_proj``, ``down_proj``) and, for the fused gate/up
-weight, SwiGLU (``silu(x·gate_j) * (x·up_j)``: the MLP's activation, written as the down
-projection's input).
+multiply; float32 accumulators summed over the warp by shuffles. What it fuses, so that a layer
+launches fewer kernels: SwiGLU as the prologue of the down projection (``x = silu(gate) * up``
+computed from the gate/up GEMV's output while ``x`` is staged) and the residual add as the
+epilogue of ``o_proj`` and ``down_proj``.
 
-Replaces dlight's GEMV rule where ``supported`` (Llama-3-8B's o / QKV / down projections measured
-3.3–3.9 TB/s with it on the H200, gate/up 4.3; bench/device/matmul_speed.py).
+On the H200 (Llama-3-8B, ``profile.py``) it reads the weights as fast as dlight's GEMV rule did
+(o 10.1 µs, QKV 14.1, down 30.0 a layer); a SwiGLU epilogue on the gate/up GEMV (a warp reading a
+gate and an up row) was slower than dlight's gate/up (58.3 vs 55.0 µs), so gate/up stays dlight's.
 """
 
 from __future__ import annotations
@@ -31,98 +32,105 @@ def supported(n_out: int, k: int, dtype: str, target: Target) -> bool:
     return target.kind.name == "cuda" and has_warp_shuffle(target) and dtype == "float16" and k % (32 * _PIECE) == 0
 
 
-def kernel_name(n_out: int, k: int, epilogue: str) -> str:
-    """The PrimFunc's name for one weight shape and epilogue (a model holds one per pair)."""
-    return f"decode_gemv_{epilogue}_{n_out}x{k}"
+def kernel_name(n_out: int, k: int, fused: str) -> str:
+    """The PrimFunc's name for one weight shape and what it fuses (a model holds one per pair)."""
+    return f"decode_gemv_{fused}_{n_out}x{k}"
 
 
-def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: str = "none") -> tirx.PrimFunc:
-    """Args: x[1, k] float16, w[n_out, k] float16 (a Linear's weight, [out, in]), and for
-    ``epilogue="residual"`` r[1, n_out] float16; output y[1, n_out] float16 = ``fp16(x·Wᵀ)``
-    (+ r, added in float16 as the unfused graph does). ``epilogue="swiglu"``: ``w`` is the fused
-    [gate; up] weight (``n_out`` even) and the output y[1, n_out / 2] float16 =
-    ``silu(x·gate_j) * (x·up_j)`` in float32. Accumulation in float32.
-    Raises ValueError where ``supported`` is False, for an unknown epilogue or an odd gate/up.
+def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: str = "none",
+                     prologue: str = "none") -> tirx.PrimFunc:
+    """Args: x[1, k] float16 (``prologue="swiglu"``: x[1, 2k], the gate/up output, and the GEMV's
+    input is ``silu(x[:k]) * x[k:]``, computed in float32 and rounded to float16), w[n_out, k]
+    float16 (a Linear's weight, [out, in]), and for ``epilogue="residual"`` r[1, n_out] float16;
+    output y[1, n_out] float16 = ``fp16(x·Wᵀ)`` (+ r, added in float16 as the unfused graph does).
+    Accumulation in float32.
+    Raises ValueError where ``supported`` is False or for an unknown prologue or epilogue.
     """
     if not supported(n_out, k, dtype, target):
         raise ValueError(f"decode GEMV needs CUDA, float16 and K % 256 == 0 (got {target.kind.name}, {dtype}, K {k})")
-    if epilogue not in ("none", "residual", "swiglu") or (epilogue == "swiglu" and n_out % 2):
-        raise ValueError(f"decode GEMV epilogue {epilogue!r} with N {n_out}: use none, residual or swiglu (N even)")
-    pairs = 2 if epilogue == "swiglu" else 1  # weight rows a warp reads: gate j and up j
-    rows = n_out // pairs  # outputs
+    if epilogue not in ("none", "residual") or prologue not in ("none", "swiglu"):
+        raise ValueError(f"decode GEMV prologue {prologue!r} / epilogue {epilogue!r}: use none or swiglu / "
+                         "none or residual")
     pieces = k // (32 * _PIECE)  # 16-byte pieces a lane reads per weight row
     groups = (pieces + GROUP - 1) // GROUP
     threads = 32 * WARPS
     x_items = (k // _PIECE + threads - 1) // threads
-    N, K, R = i64(n_out), i64(k), i64(rows)
+    N, K = i64(n_out), i64(k)
+    X = i64(2 * k if prologue == "swiglu" else k)
+
+    @T.macro
+    def stage(xs, x, gu, e):
+        # xs[e : e + 8] = the GEMV's input there (16-byte loads; gu: 16 elements of registers)
+        if prologue == "swiglu":
+            for half in T.unroll(2):
+                for v in T.vectorized(_PIECE):
+                    gu[half * _PIECE + v] = x[0, half * K + e + v]
+            for v in T.unroll(_PIECE):
+                xs[e + v] = T.Cast("float16", T.Cast("float32", gu[v]) / (T.float32(1) + T.exp(
+                    -T.Cast("float32", gu[v]))) * T.Cast("float32", gu[_PIECE + v]))
+        else:
+            for v in T.vectorized(_PIECE):
+                xs[e + v] = x[0, e + v]
 
     @T.macro
     def body(x, w, r, y):
-        for bx in T.thread_binding((R + WARPS - 1) // WARPS, thread="blockIdx.x"):
+        for bx in T.thread_binding((N + WARPS - 1) // WARPS, thread="blockIdx.x"):
             for ty in T.thread_binding(i64(WARPS), thread="threadIdx.y"):
                 for tx in T.thread_binding(i64(32), thread="threadIdx.x"):
                     with T.sblock("gemv"):
                         T.reads()
                         T.writes()
                         xs = T.sblock_alloc_buffer((K,), "float16", scope="shared")
-                        wl = T.sblock_alloc_buffer((pairs * GROUP * _PIECE,), "float16", scope="local")
+                        wl = T.sblock_alloc_buffer((GROUP * _PIECE,), "float16", scope="local")
                         xl = T.sblock_alloc_buffer((_PIECE,), "float16", scope="local")
-                        acc = T.sblock_alloc_buffer((pairs,), "float32", scope="local")
+                        acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        gu = T.sblock_alloc_buffer((2 * _PIECE,), "float16", scope="local")
                         for it in T.unroll(i64(x_items)):
                             e: T.let[T.int64] = ((it * WARPS + ty) * 32 + tx) * _PIECE
                             if e < K:
-                                for v in T.vectorized(_PIECE):
-                                    xs[e + v] = x[0, e + v]
+                                stage(xs, x, gu, e)
                         T.tvm_storage_sync("shared")
-                        row: T.let[T.int64] = T.min(bx * WARPS + ty, R - 1)  # past the end: recompute the last
-                        for p in T.unroll(pairs):
-                            acc[p] = T.float32(0)
+                        row: T.let[T.int64] = T.min(bx * WARPS + ty, N - 1)  # past the end: recompute the last
+                        acc[0] = T.float32(0)
                         for g in T.serial(i64(groups)):
-                            for p in T.unroll(pairs):  # every load of the group in flight first
-                                for c in T.unroll(GROUP):
-                                    if g * GROUP + c < pieces:
-                                        for v in T.vectorized(_PIECE):
-                                            wl[(p * GROUP + c) * _PIECE + v] = w[
-                                                row + p * R, ((g * GROUP + c) * 32 + tx) * _PIECE + v]
+                            for c in T.unroll(GROUP):  # every load of the group in flight first
+                                if g * GROUP + c < pieces:
+                                    for v in T.vectorized(_PIECE):
+                                        wl[c * _PIECE + v] = w[row, ((g * GROUP + c) * 32 + tx) * _PIECE + v]
                             for c in T.unroll(GROUP):
                                 if g * GROUP + c < pieces:
                                     for v in T.vectorized(_PIECE):
                                         xl[v] = xs[((g * GROUP + c) * 32 + tx) * _PIECE + v]
-                                    for p in T.unroll(pairs):
-                                        for v in T.unroll(_PIECE):
-                                            acc[p] += T.Cast("float32", wl[(p * GROUP + c) * _PIECE + v]) * T.Cast(
-                                                "float32", xl[v])
-                        for p in T.unroll(pairs):  # butterfly: every lane ends with the warp's sum
-                            for s in T.unroll(5):
-                                acc[p] = acc[p] + T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), acc[p],
-                                                                     tx ^ (T.int64(16) >> s), 32, 32)
-                        if tx == 0 and bx * WARPS + ty < R:
-                            if epilogue == "swiglu":
-                                y[0, row] = T.Cast("float16", acc[0] / (T.float32(1) + T.exp(-acc[0])) * acc[1])
-                            elif epilogue == "residual":
+                                    for v in T.unroll(_PIECE):
+                                        acc[0] += T.Cast("float32", wl[c * _PIECE + v]) * T.Cast("float32", xl[v])
+                        for s in T.unroll(5):  # butterfly: every lane ends with the warp's sum
+                            acc[0] = acc[0] + T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), acc[0], tx ^ (T.int64(16) >> s), 32, 32)
+                        if tx == 0 and bx * WARPS + ty < N:
+                            if epilogue == "residual":
                                 y[0, row] = T.Cast("float16", acc[0]) + r[0, row]
                             else:
                                 y[0, row] = T.Cast("float16", acc[0])
 
+    name = kernel_name(n_out, k, f"{prologue}_{epilogue}")
     if epilogue == "residual":
 
         @T.prim_func(s_tir=True)
         def gemv_residual(x_h: T.handle, w_h: T.handle, r_h: T.handle, y_h: T.handle):
             T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-            x = T.match_buffer(x_h, (T.int64(1), K), "float16")
+            x = T.match_buffer(x_h, (T.int64(1), X), "float16")
             w = T.match_buffer(w_h, (N, K), "float16")
-            r = T.match_buffer(r_h, (T.int64(1), R), "float16")
-            y = T.match_buffer(y_h, (T.int64(1), R), "float16")
+            r = T.match_buffer(r_h, (T.int64(1), N), "float16")
+            y = T.match_buffer(y_h, (T.int64(1), N), "float16")
             body(x, w, r, y)
 
-        return gemv_residual.with_attr("global_symbol", kernel_name(n_out, k, epilogue))
+        return gemv_residual.with_attr("global_symbol", name)
 
     @T.prim_func(s_tir=True)
     def gemv(x_h: T.handle, w_h: T.handle, y_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        x = T.match_buffer(x_h, (T.int64(1), K), "float16")
+        x = T.match_buffer(x_h, (T.int64(1), X), "float16")
         w = T.match_buffer(w_h, (N, K), "float16")
-        y = T.match_buffer(y_h, (T.int64(1), R), "float16")
+        y = T.match_buffer(y_h, (T.int64(1), N), "float16")
         body(x, w, None, y)
 
-    return gemv.with_attr("global_symbol", kernel_name(n_out, k, epilogue))
+    return gemv.with_attr("global_symbol", name)

@@ -2,7 +2,8 @@
 # `tsedge eval run` on the GPU (issue 10): SmolLM2-135M-Instruct (real weights), every policy.
 # Usage: bash bench/device/eval.sh prepare        (build machine: CUDA libraries into .carry/eval-cache)
 #        bash bench/device/eval.sh run OUT_DIR    (device; the GGUF's parts in /tmp/w1.part or .carry/w1,
-#                                                  and .carry/w2, as run.sh)
+#                                                  and .carry/w2, as run.sh; without .carry/w2 the
+#                                                  /tmp/smollm2.gguf of an earlier call)
 # Environment: LENGTHS (4k,8k,16k,32k), SAMPLES (5), TASKS (every task), HAYSTACKS (prose),
 #              POLICIES (all five), BUDGET (2688: TidalDecode's budget and Recycled's K, TokenSelect's
 #              n_init + top_k + n_local at its defaults, so that the selecting policies read as many rows).
@@ -25,9 +26,11 @@ fi
 out=$2
 mkdir -p "$out"
 source bench/device/setup.sh
-part1=/tmp/w1.part; [ -f .carry/w1/part ] && part1=.carry/w1/part
-cat "$part1" .carry/w2/part > /tmp/smollm2.gguf
+if [ -f .carry/w2/part ]; then  # else the GGUF a previous call assembled on this (warm) machine
+  part1=/tmp/w1.part; [ -f .carry/w1/part ] && part1=.carry/w1/part
+  cat "$part1" .carry/w2/part > /tmp/smollm2.gguf
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 TSEDGE_CACHE=$PWD/.carry/eval-cache python3 -P -m tsedge.cli eval run --model /tmp/smollm2.gguf "${args[@]}" \
-  -o "$out/eval_smollm2-135m_h200.json" 2> "$out/eval.log"
+  -o "$out/eval_smollm2-135m_h200_${LENGTHS//,/-}.json" 2> "$out/eval.log"
 tail -3 "$out/eval.log"
