@@ -66,17 +66,29 @@ def default_target_name() -> str:
     return "cuda" if has_cuda_gpu() else "llvm"
 
 
-def parse_target(name: str) -> Target:
-    """Turn a CLI target name into a TVM Target; raises ValueError with the accepted forms."""
+def canonical_target_name(name: str) -> str:
+    """A CLI target name as metadata and cache keys spell it (``cuda`` gets the local GPU's arch,
+    else sm_90), without building a TVM Target: a runtime-only TVM (no compiler) can resolve it.
+    Raises ValueError with the accepted forms."""
     kind, _, arch = name.partition(":")
-    if kind == "llvm" and not arch:
-        return Target({"kind": "llvm", "mcpu": _host_cpu()})
+    if kind in ("llvm", "vulkan") and not arch:
+        return kind
     if kind == "cuda":
         arch = arch or _local_cuda_arch() or "sm_90"
-        return cuda_target(arch)
-    if kind == "vulkan" and not arch:
-        return vulkan_target()
+        if arch not in CUDA_ARCHS:
+            raise ValueError(f"bad CUDA arch {arch!r}: use one of {', '.join(CUDA_ARCHS)}")
+        return f"cuda:{arch}"
     raise ValueError(f"unknown target {name!r}; use {TARGET_HELP}")
+
+
+def parse_target(name: str) -> Target:
+    """Turn a CLI target name into a TVM Target; raises ValueError with the accepted forms."""
+    kind, _, arch = canonical_target_name(name).partition(":")
+    if kind == "llvm":
+        return Target({"kind": "llvm", "mcpu": _host_cpu()})
+    if kind == "cuda":
+        return cuda_target(arch)
+    return vulkan_target()
 
 
 def target_name(target: Target) -> str:

@@ -274,7 +274,8 @@ def test_ppl_document_never_repeats_the_text(tok):
 
 def test_compile_only_builds_for_another_machine_then_runs_from_the_cache(tiny_folder, tmp_path, monkeypatch):  # noqa: F811
     """--compile-only compiles into TSEDGE_CACHE and stops (a CUDA target needs no GPU here); a
-    later run with the same options finds its libraries there and compiles nothing."""
+    later run with the same options finds its libraries there and compiles nothing, nor builds a
+    TVM Target (a GPU machine with a runtime-only TVM cannot)."""
     monkeypatch.setenv("TSEDGE_CACHE", str(tmp_path / "cache"))
     common = ["eval", "run", "--model", str(tiny_folder), "--dtype", "float32", "--tasks", "ppl",
               "--policies", "dense", "--lengths", "300", "--samples", "1"]
@@ -287,6 +288,7 @@ def test_compile_only_builds_for_another_machine_then_runs_from_the_cache(tiny_f
         raise AssertionError("the library should come from the cache")
 
     monkeypatch.setattr("tsedge.compile.build.compile_library", no_compile)
+    monkeypatch.setattr("tsedge.compile.targets.Target", no_compile)  # as a runtime-only TVM (no compiler) has none
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(main, [*common, "--target", "llvm", "-o", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output

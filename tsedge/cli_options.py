@@ -22,9 +22,9 @@ TARGET_HELP = "llvm | cuda | cuda:sm_XX (default: cuda when a CUDA GPU is visibl
 
 def resolve_target(name: str | None) -> str:
     """The canonical target name for ``--target`` (the local GPU's arch for a bare ``cuda``)."""
-    from tsedge.compile.targets import default_target_name, parse_target, target_name
+    from tsedge.compile.targets import canonical_target_name, default_target_name
 
-    return target_name(parse_target(name or default_target_name()))
+    return canonical_target_name(name or default_target_name())
 
 
 class FiniteFloatRange(click.FloatRange):

@@ -41,14 +41,15 @@ def ensure_library(cfg: ModelConfig, policy: PolicyConfig, target: str, dtype: s
                    log=print, quantization: str = "q0") -> Path:
     """The cached library for these inputs, compiled now if missing."""
     from tsedge.compile.build import compile_library, resolve_dtype
-    from tsedge.compile.targets import parse_target, target_name
+    from tsedge.compile.targets import canonical_target_name, parse_target
     from tsedge.models.attention import check_policy
 
     check_policy(policy, cfg)
-    tvm_target = parse_target(target)
-    dtype = resolve_dtype(dtype, tvm_target)
-    path = library_path(cfg, policy, target_name(tvm_target), dtype, max_context, quantization)
+    name = canonical_target_name(target)  # no Target yet: a runtime-only TVM finds cached libraries too
+    dtype = resolve_dtype(dtype, name)
+    path = library_path(cfg, policy, name, dtype, max_context, quantization)
     if not (path.exists() and path.with_suffix(".json").exists()):
+        tvm_target = parse_target(name)
         what = f"compiling {cfg.name} ({policy.name}, {target}, {dtype}, {quantization}, max context {max_context})"
         with stage_progress(what) as stage:
             meta = compile_library(cfg, policy, tvm_target, dtype, max_context, path, stage=stage,

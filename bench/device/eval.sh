@@ -20,7 +20,7 @@ args=(--target cuda:sm_90 --policies "$POLICIES" --lengths "$LENGTHS" --samples 
 if [ "$1" = prepare ]; then
   bash bench/device/make_bundle.sh
   gguf=$(python -c "from tsedge.fetch import default_model_path; print(default_model_path())")
-  TSEDGE_CACHE=.carry/eval-cache python -m tsedge.cli eval run --model "$gguf" "${args[@]}" --compile-only
+  TSEDGE_CACHE=${CACHE:-.carry/eval-cache} python -m tsedge.cli eval run --model "$gguf" "${args[@]}" --compile-only
   exit 0
 fi
 out=$2
@@ -31,6 +31,6 @@ if [ -f .carry/w2/part ]; then  # else the GGUF a previous call assembled on thi
   cat "$part1" .carry/w2/part > /tmp/smollm2.gguf
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-TSEDGE_CACHE=$PWD/.carry/eval-cache python3 -P -m tsedge.cli eval run --model /tmp/smollm2.gguf "${args[@]}" \
+TSEDGE_CACHE=$PWD/${CACHE:-.carry/eval-cache} python3 -P -m tsedge.cli eval run --model /tmp/smollm2.gguf "${args[@]}" \
   -o "$out/eval_smollm2-135m_h200_${LENGTHS//,/-}.json" 2> "$out/eval.log"
 tail -3 "$out/eval.log"
