@@ -19,18 +19,7 @@ from tsedge.models.quantization import check_quantizable, scheme
 
 from .cuda_fatbin import fatbin_build_context
 from .pipeline import relax_pipeline
-from .targets import target_name
-
-
-def resolve_dtype(dtype: str, target: Target | str) -> str:
-    """``auto``: float16 on GPUs, float32 on CPUs (no fast fp16 arithmetic there); ``target`` a
-    Target or a canonical target name."""
-    if dtype == "auto":
-        kind = target.split(":")[0] if isinstance(target, str) else target.kind.name
-        return "float32" if kind == "llvm" else "float16"
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"unsupported dtype {dtype!r}: use float16, float32 or auto")
-    return dtype
+from .targets import resolve_dtype, target_name
 
 
 def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str, quantization: str = "q0"):

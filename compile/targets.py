@@ -100,6 +100,17 @@ def target_name(target: Target) -> str:
     return target.kind.name
 
 
+def resolve_dtype(dtype: str, target: Target | str) -> str:
+    """``auto``: float16 on GPUs, float32 on CPUs (no fast fp16 arithmetic there); ``target`` a
+    Target or a canonical target name."""
+    if dtype == "auto":
+        kind = target.split(":")[0] if isinstance(target, str) else target.kind.name
+        return "float32" if kind == "llvm" else "float16"
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"unsupported dtype {dtype!r}: use float16, float32 or auto")
+    return dtype
+
+
 def _host_cpu() -> str:
     import tvm
 

@@ -40,15 +40,17 @@ def library_path(cfg: ModelConfig, policy: PolicyConfig, target: str, dtype: str
 def ensure_library(cfg: ModelConfig, policy: PolicyConfig, target: str, dtype: str, max_context: int,
                    log=print, quantization: str = "q0") -> Path:
     """The cached library for these inputs, compiled now if missing."""
-    from tsedge.compile.build import compile_library, resolve_dtype
-    from tsedge.compile.targets import canonical_target_name, parse_target
-    from tsedge.models.attention import check_policy
+    from tsedge.compile.targets import canonical_target_name, parse_target, resolve_dtype
 
-    check_policy(policy, cfg)
-    name = canonical_target_name(target)  # no Target yet: a runtime-only TVM finds cached libraries too
+    # no Target, no Relax until a compile: a runtime-only TVM (a GPU machine) finds cached libraries
+    name = canonical_target_name(target)
     dtype = resolve_dtype(dtype, name)
     path = library_path(cfg, policy, name, dtype, max_context, quantization)
     if not (path.exists() and path.with_suffix(".json").exists()):
+        from tsedge.compile.build import compile_library
+        from tsedge.models.attention import check_policy
+
+        check_policy(policy, cfg)
         tvm_target = parse_target(name)
         what = f"compiling {cfg.name} ({policy.name}, {target}, {dtype}, {quantization}, max context {max_context})"
         with stage_progress(what) as stage:
