@@ -17,7 +17,7 @@ from tsedge.progress import interactive, token_progress
 from tsedge.sampling import PEER_DEFAULTS, SamplingParams, generation_config_defaults
 
 
-TARGET_HELP = "llvm | cuda | cuda:sm_XX (default: cuda when a CUDA GPU is visible, else llvm)"
+TARGET_HELP = "llvm | cuda | cuda:sm_XX | vulkan (default: cuda when a CUDA GPU is visible, else llvm)"
 
 
 def resolve_target(name: str | None) -> str:
