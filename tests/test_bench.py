@@ -16,6 +16,13 @@ def test_parse_depths():
         lc.variants(["dense", "tidal"], "decode")
 
 
+def test_variants_take_given_budgets():
+    chosen = lc.variants(["tidaldecode", "recycled", "tokenselect"], "decode", tidal_budget=2688, recycle_k=None)
+    assert chosen["tidaldecode"].tidal_budget == 2688
+    assert chosen["recycled"].recycle_k == lc.variants(["recycled"], "decode")["recycled"].recycle_k  # None: default
+    assert chosen["tokenselect"].top_k == 2048
+
+
 def test_variants_add_reselect_for_decode_only():
     assert list(lc.variants(["dense", "tokenselect"], "decode")) == ["dense", "tokenselect", "tokenselect-reselect"]
     assert list(lc.variants(["tokenselect"], "prefill")) == ["tokenselect"]

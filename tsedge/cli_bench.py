@@ -55,15 +55,21 @@ def _bench_command(kind: str):
     @click.option("--chunk", type=click.IntRange(1), default=512, show_default=True, help="prefill chunk (tokens)")
     @click.option("--ttft", type=click.IntRange(0), default=0, show_default=True,
                   help="prefill: also time to first token of a prompt of this many tokens (0: off)")
+    @click.option("--tidal-budget", type=click.IntRange(1), default=None,
+                  help="TidalDecode's budget (default: the policy's, 256)")
+    @click.option("--recycle-k", type=click.IntRange(1), default=None,
+                  help="Recycled Attention's K (default: the policy's, 256)")
     @click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="bench/results",
                   show_default=True, help="JSON and PNG go here")
     @click.option("--tag", default=None, help="file name stem (default: <kind>_<preset>_<device>)")
-    def command(preset, depths, policies, target, lib_dir, compile_only, steps, chunk, ttft, output_dir, tag):
+    def command(preset, depths, policies, target, lib_dir, compile_only, steps, chunk, ttft, tidal_budget, recycle_k,
+                output_dir, tag):
         from tsedge.bench import long_context as lc
 
         try:
             depth_list = lc.parse_depths(depths)
-            variants = lc.variants([p.strip() for p in policies.split(",")], kind)
+            variants = lc.variants([p.strip() for p in policies.split(",")], kind, tidal_budget=tidal_budget,
+                                   recycle_k=recycle_k)
         except ValueError as err:
             raise click.ClickException(str(err)) from None
         capacity = max(max(depth_list) + steps + chunk, ttft) + 8

@@ -11,6 +11,8 @@ Selection Cache hits almost every step; hit counts recorded) and ``tokenselect-r
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -43,14 +45,16 @@ def parse_depths(text: str) -> list[int]:
     return depths
 
 
-def variants(policies: list[str], kind: str) -> dict[str, PolicyConfig]:
-    """Library variants measured for ``policies``, each with its default budgets (decode adds
-    ``tokenselect-reselect``); raises ValueError for a policy the compiler does not know."""
+def variants(policies: list[str], kind: str, **budgets: int | None) -> dict[str, PolicyConfig]:
+    """Library variants measured for ``policies``, each with its default budgets but those given
+    (``PolicyConfig`` fields, e.g. ``tidal_budget``, ``recycle_k``; None keeps the default) —
+    decode adds ``tokenselect-reselect``; raises ValueError for a policy the compiler does not know."""
     chosen = {}
+    given = {field: value for field, value in budgets.items() if value is not None}
     for policy in policies:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r} for bench: use some of {','.join(POLICIES)}")
-        chosen[policy] = VARIANTS.get(policy, PolicyConfig(policy))
+        chosen[policy] = dataclasses.replace(VARIANTS.get(policy, PolicyConfig(policy)), **given)
         if policy == "tokenselect" and kind == "decode":
             chosen["tokenselect-reselect"] = VARIANTS["tokenselect-reselect"]
     return chosen
