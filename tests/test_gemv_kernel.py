@@ -13,8 +13,8 @@ SHAPES = [
     (4096, 4096, "none", "residual"),     # Llama-3-8B o_proj + the residual stream
     (6144, 4096, "none", "none"),         # Llama-3-8B fused QKV
     (4096, 14336, "swiglu", "residual"),  # Llama-3-8B down_proj on the gate/up output (K: 7 groups of loads)
-    (1000, 768, "none", "none"),          # N not a multiple of a block's 8 rows, K of 3 warp reads
-    (1539, 512, "swiglu", "none"),        # odd N
+    (2051, 768, "none", "none"),          # N not a multiple of a block's 8 rows, K of 3 warp reads
+    (3001, 512, "swiglu", "none"),        # odd N
 ]
 
 
@@ -48,7 +48,7 @@ def test_decode_gemv_codegen_and_support():
     source = cuda_source(gemv.make_decode_gemv(4096, 14336, "float16", CUDA, "residual", "swiglu"))
     assert "uint4" in source and "__shfl" in source  # 16-byte loads, warp sums
     assert gemv.supported(4096, 14336, "float16", CUDA)
-    assert not gemv.supported(576, 576, "float16", CUDA)  # K not a multiple of 256
+    assert not gemv.supported(4096, 576, "float16", CUDA)  # K not a multiple of 256
     assert not gemv.supported(4096, 4096, "float32", CUDA)
     with pytest.raises(ValueError, match="use none or swiglu / none or residual"):
         gemv.make_decode_gemv(4096, 4096, "float16", CUDA, "swiglu")
