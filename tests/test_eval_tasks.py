@@ -186,6 +186,12 @@ def test_names_lengths_and_policies_are_checked():
                 check_policies(["dense", name])
     with pytest.raises(ValueError, match="policy 'flash' is unknown; available: dense"):
         check_policies(["flash"])
+    assert check_policies(["tidaldecode@r3", "tidaldecode@rnone"]) == ["tidaldecode@r3", "tidaldecode@rnone"]
+    for names in (["dense", "dense"], ["tidaldecode@r3", "tidaldecode@r3"]):
+        with pytest.raises(ValueError, match="named twice"):
+            check_policies(names)
+    with pytest.raises(ValueError, match="policy 'flash' is unknown"):
+        check_policies(["flash@r3"])
     with pytest.raises(ValueError, match="task 'niah_single_1' is unknown; available: passkey, niah_single"):
         Grid(["niah_single_1"], ["repeat"], [1024], 1, 0)
     assert Grid(["ppl", "vt"], ["repeat"], [1024], 1, 0).cases() == [("ppl", "prose", 1024), ("vt", "repeat", 1024)]

@@ -144,3 +144,22 @@ def test_eval_run_accepts_tidaldecode(folder, tmp_path, monkeypatch):
     assert data["config"]["policies"]["tidaldecode"]["tidal_budget"] == 32
     (cell,) = data["cells"]
     assert cell["policy"] == "tidaldecode" and 0 <= cell["score"] <= 1
+
+
+def test_eval_run_sweeps_the_reselection_layer(folder, tmp_path, monkeypatch):
+    """--tidal-reselect-sweep: one TidalDecode library and column per re-selection layer."""
+    monkeypatch.setenv("TSEDGE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "eval.json"
+    common = ["eval", "run", "--model", str(folder), "--target", "llvm", "--dtype", "float32", "--tasks", "ppl",
+              "--lengths", "400", "--samples", "1", *CLI_TIDAL[2:]]
+    result = CliRunner().invoke(main, [*common, "--policies", "dense,tidaldecode", "--tidal-reselect-sweep", "3,none",
+                                       "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == "| task | dense 400 | tidaldecode@r3 400 | tidaldecode@rnone 400 |"
+    policies = json.loads(out.read_text())["config"]["policies"]
+    assert policies["tidaldecode@r3"]["tidal_reselect_layers"] == [3]
+    assert policies["tidaldecode@rnone"]["tidal_reselect_layers"] == []
+    for args, message in [(["--policies", "dense", "--tidal-reselect-sweep", "3"], "add tidaldecode to --policies"),
+                          (["--policies", "tidaldecode", "--tidal-reselect-sweep", "3,x"], "use layer numbers or none")]:
+        bad = CliRunner().invoke(main, [*common, *args])
+        assert bad.exit_code != 0 and bad.output.count("\n") == 1 and message in bad.output, bad.output

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 from collections.abc import Iterator
@@ -37,6 +38,25 @@ def _budget_options(func):
     func = policy_options(func)
     func.__click_params__ = [p for p in func.__click_params__ if p.name not in ("policy", "max_context")]
     return func
+
+
+def _tidal_sweep(configs: dict[str, Any], sweep: str) -> dict[str, Any]:
+    """``configs`` with ``tidaldecode`` replaced by one variant per re-selection layer of ``sweep``
+    (``"8,10,none"``), named ``tidaldecode@r8``, ..., ``tidaldecode@rnone``. Raises ValueError (one
+    line) without tidaldecode among the policies or for an entry that is not a layer."""
+    if "tidaldecode" not in configs:
+        raise ValueError("--tidal-reselect-sweep varies TidalDecode: add tidaldecode to --policies")
+    out = {}
+    for name, config in configs.items():
+        if name != "tidaldecode":
+            out[name] = config
+            continue
+        for item in (part.strip().lower() for part in sweep.split(",")):
+            if item != "none" and not item.isdigit():
+                raise ValueError(f"--tidal-reselect-sweep {sweep!r}: use layer numbers or none, e.g. 8,10,13,none")
+            layers = () if item == "none" else (int(item),)
+            out[f"tidaldecode@r{item}"] = dataclasses.replace(config, tidal_reselect_layers=layers)
+    return out
 
 
 def _names(text: str) -> list[str]:
@@ -92,13 +112,17 @@ def _progress(total: int) -> Iterator[Any]:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="seed of every sample")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="JSON file, the heatmap PNG beside it (default: bench/results/eval_<model>_<target>.json)")
+@click.option("--tidal-reselect-sweep", default=None, metavar="R,R,...",
+              help="TidalDecode: one variant per re-selection layer (`none` for none), e.g. 8,10,13 — to find "
+                   "a model's R; columns tidaldecode@r8, ... (replaces --tidal-reselect-layers)")
 @click.option("--compile-only", is_flag=True,
               help="compile the policies' libraries into the library cache (TSEDGE_CACHE) and stop: build "
                    "here, run on another machine with the same cache")
 @_budget_options
 @cache_correction_option
 @_cli_errors
-def eval_run(model, target, tasks, haystacks, policies, lengths, samples, seed, output, compile_only, **kw) -> None:
+def eval_run(model, target, tasks, haystacks, policies, lengths, samples, seed, output, tidal_reselect_sweep,
+             compile_only, **kw) -> None:
     """Accuracy of each policy on RULER's synthetic tasks and perplexity, by prompt length."""
     from tsedge.cli import _checked_target, _max_context
     from tsedge.engine import Engine
@@ -109,6 +133,9 @@ def eval_run(model, target, tasks, haystacks, policies, lengths, samples, seed, 
     names = check_policies(_names(policies))
     grid = Grid(_names(tasks), _names(haystacks), parse_lengths(lengths), samples, seed)
     configs = {name: policy_config({**kw, "policy": name}) for name in names}
+    if tidal_reselect_sweep is not None:
+        configs = _tidal_sweep(configs, tidal_reselect_sweep)
+        names = list(configs)
     if compile_only:  # the GPU is where it runs, not here
         target = resolve_target(target)
     else:

@@ -56,8 +56,12 @@ def check_names(names: list[str], what: str, available: tuple[str, ...], planned
 
 
 def check_policies(names: list[str]) -> list[str]:
-    """``names`` if each policy is compiled by tsedge; else ValueError naming the available ones."""
-    return check_names(names, "policy", POLICIES, PLANNED_POLICIES)
+    """``names`` if each policy is compiled by tsedge (a variant ``policy@label`` by its policy);
+    else ValueError naming the available ones."""
+    check_names(list(dict.fromkeys(name.split("@")[0] for name in names)), "policy", POLICIES, PLANNED_POLICIES)
+    if len(set(names)) != len(names):
+        raise ValueError(f"a policy is named twice in {','.join(names)}")
+    return names
 
 
 def parse_lengths(text: str) -> list[int]:
