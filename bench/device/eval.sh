@@ -6,7 +6,8 @@
 #                                                  /tmp/smollm2.gguf of an earlier call)
 # Environment: LENGTHS (4k,8k,16k,32k), SAMPLES (5), TASKS (every task), HAYSTACKS (prose),
 #              POLICIES (all five), BUDGET (2688: TidalDecode's budget and Recycled's K, TokenSelect's
-#              n_init + top_k + n_local at its defaults, so that the selecting policies read as many rows).
+#              n_init + top_k + n_local at its defaults, so that the selecting policies read as many rows),
+#              SWEEP (TidalDecode re-selection layers, one variant each: eval run --tidal-reselect-sweep).
 set -uo pipefail
 LENGTHS=${LENGTHS:-4k,8k,16k,32k}
 SAMPLES=${SAMPLES:-5}
@@ -15,6 +16,7 @@ POLICIES=${POLICIES:-dense,tokenselect,streaming,tidaldecode,recycled}
 BUDGET=${BUDGET:-2688}
 task_args=()
 [ -n "${TASKS:-}" ] && task_args=(--tasks "$TASKS")
+[ -n "${SWEEP:-}" ] && task_args+=(--tidal-reselect-sweep "$SWEEP")
 args=(--target cuda:sm_90 --policies "$POLICIES" --lengths "$LENGTHS" --samples "$SAMPLES" --haystacks "$HAYSTACKS"
       --tidal-budget "$BUDGET" --recycle-k "$BUDGET" "${task_args[@]}")
 if [ "$1" = prepare ]; then
@@ -32,5 +34,5 @@ if [ -f .carry/w2/part ]; then  # else the GGUF a previous call assembled on thi
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 TSEDGE_CACHE=$PWD/${CACHE:-.carry/eval-cache} python3 -P -m tsedge.cli eval run --model /tmp/smollm2.gguf "${args[@]}" \
-  -o "$out/eval_smollm2-135m_h200_${LENGTHS//,/-}.json" 2> "$out/eval.log"
+  -o "$out/eval_smollm2-135m_h200_${LENGTHS//,/-}${SWEEP:+_sweep}.json" 2> "$out/eval.log"
 tail -3 "$out/eval.log"
