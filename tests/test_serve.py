@@ -300,6 +300,18 @@ def test_models_health_and_metrics(tiny_server):
                  "tsedge_time_to_first_token_seconds_bucket", "tsedge_time_per_output_token_seconds_bucket"):
         assert name in metrics
     assert "selection_cache" not in metrics  # a dense library selects nothing
+    assert tiny_server.metric("tsedge_cache_corrections_total") == 0  # off by default
+
+
+def test_cache_correction_option(tiny_folder, tiny_lib):
+    """--cache-correction N reaches the engine: a 10-token answer is corrected after 4 and 8 tokens."""
+    server = Served("--model", str(tiny_folder), "--lib", str(tiny_lib), "--cache-correction", "4")
+    try:
+        out = server.client().completions.create(model=TINY, prompt="one two three", max_tokens=10, temperature=0)
+        assert out.choices[0].finish_reason == "length", out  # 10 tokens: 9 decode steps
+        assert server.metric("tsedge_cache_corrections_total") == 2
+    finally:
+        server.close()
 
 
 # ---- a real model: disconnects, Selection Cache, overhead, the page -------------------------------

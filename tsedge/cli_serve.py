@@ -6,7 +6,7 @@ import socket
 
 import click
 
-from tsedge.cli_options import TARGET_HELP, policy_options, sampling_options
+from tsedge.cli_options import TARGET_HELP, cache_correction_option, policy_options, sampling_options
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -49,6 +49,7 @@ def _serve(model: str, target: str | None, lib: str | None, host: str, port: int
               help="TCP port (0: any free one, printed at start)")
 @sampling_options
 @policy_options
+@cache_correction_option
 def serve(model: str | None, target: str | None, lib: str | None, host: str, port: int, **kw) -> None:
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health,
     /metrics, and a chat page at /. Requests run one at a time in arrival order; sampling

@@ -23,6 +23,8 @@ class Metrics:
         self.cached_tokens = Counter("tsedge_cached_prompt_tokens",
                                      "Prompt tokens reused from the KV cache (not prefilled again)", registry=r)
         self.generated_tokens = Counter("tsedge_generated_tokens", "Tokens generated", registry=r)
+        self.cache_corrections = Counter("tsedge_cache_corrections", "KV cache corrections (--cache-correction: "
+                                         "decoded tokens prefilled again)", registry=r)
         self.ttft = Histogram("tsedge_time_to_first_token_seconds",
                               "From the request's arrival (queue wait included) to its first token",
                               buckets=TTFT_BUCKETS, registry=r)

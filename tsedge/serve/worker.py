@@ -153,6 +153,7 @@ class Worker:
         self.metrics.prompt_tokens.inc(result.prompt_tokens)
         self.metrics.cached_tokens.inc(result.reused_tokens)
         self.metrics.generated_tokens.inc(len(result.tokens))
+        self.metrics.cache_corrections.inc(result.corrections)
         after = self.engine.selection_stats()
         if after is not None:
             before = selection_before if result.reused_tokens >= cached_before else {"hits": 0, "lookups": 0}
