@@ -6,12 +6,14 @@ import ctypes
 
 from tvm.target import Target
 
-TARGET_HELP = ("llvm (this CPU), cuda (local GPU's arch, else sm_90), cuda:sm_XX or vulkan (WGSL through "
+TARGET_HELP = ("llvm (this CPU), cuda (local GPU's arch, else sm_90a), cuda:sm_XX or vulkan (WGSL through "
                "wgpu-native; pip install tsedge[vulkan])")
 
 
 def _local_cuda_arch() -> str | None:
-    """``sm_XY`` of GPU 0 when a CUDA driver and GPU are visible, else None."""
+    """``sm_XY`` of GPU 0 when a CUDA driver and GPU are visible, else None. Hopper (9.0) gets
+    ``sm_90a``, the arch-specific target whose ``wgmma`` the prefill matmul uses (its code runs on
+    sm_90 GPUs only, which is what the library is being built for)."""
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
     except OSError:
@@ -22,7 +24,8 @@ def _local_cuda_arch() -> str | None:
     # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76
     cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, 0)
     cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, 0)
-    return f"sm_{major.value}{minor.value}"
+    arch = f"sm_{major.value}{minor.value}"
+    return "sm_90a" if arch == "sm_90" else arch
 
 
 # The limits TVM's schedules plan for, the same on every arch from sm_70 (CUDA Programming Guide,
@@ -68,13 +71,13 @@ def default_target_name() -> str:
 
 def canonical_target_name(name: str) -> str:
     """A CLI target name as metadata and cache keys spell it (``cuda`` gets the local GPU's arch,
-    else sm_90), without building a TVM Target: a runtime-only TVM (no compiler) can resolve it.
+    else sm_90a), without building a TVM Target: a runtime-only TVM (no compiler) can resolve it.
     Raises ValueError with the accepted forms."""
     kind, _, arch = name.partition(":")
     if kind in ("llvm", "vulkan") and not arch:
         return kind
     if kind == "cuda":
-        arch = arch or _local_cuda_arch() or "sm_90"
+        arch = arch or _local_cuda_arch() or "sm_90a"
         if arch not in CUDA_ARCHS:
             raise ValueError(f"bad CUDA arch {arch!r}: use one of {', '.join(CUDA_ARCHS)}")
         return f"cuda:{arch}"

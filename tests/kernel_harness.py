@@ -48,7 +48,7 @@ else:
     LLVM = tvm.target.Target("llvm")
     from tsedge.compile.targets import cuda_target
 
-    CUDA = cuda_target("sm_90")
+    CUDA = cuda_target("sm_90a")  # what `cuda` resolves to on the H200 (wgmma kernels need the "a")
 
 
 @functools.lru_cache(maxsize=None)

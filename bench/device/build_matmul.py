@@ -4,8 +4,9 @@ For each Llama-3-8B linear (N x K) and each schedule, ``y[n, N] = x[n, K] @ W[N,
 float32 accumulation, dynamic n) goes through the model's own steps (``fp32_accumulate``,
 ``FuseTransposeMatmul``, legalization) and one schedule rule, then into
 ``OUT/<schedule>-<N>x<K>.so`` with an embedded sm_90 fatbin.
-Schedules: ``mma`` (``tir_kernels/matmul.py``: what the pipeline uses for prefill), ``wmma``
-(dlight's tensor-core rule: what it used before).
+Schedules: ``mma`` (``tir_kernels/matmul.py``: ``mma.sync``, sm_80+), ``wgmma*``
+(``tir_kernels/matmul_wgmma.py``: Hopper's warpgroup MMA, an sm_90a fatbin), ``wmma``
+(dlight's tensor-core rule: what the pipeline used before both).
 Usage: python3 bench/device/build_matmul.py OUT_DIR
 """
 
@@ -22,13 +23,15 @@ from tvm.s_tir import dlight as dl
 from tsedge.compile.cuda_fatbin import fatbin_build_context
 from tsedge.compile.pipeline import fp32_accumulate
 from tsedge.compile.targets import cuda_target
-from tsedge.tir_kernels.matmul import Tiles, make_prefill_matmul
+from tsedge.tir_kernels.matmul import Tiles, make_mma_matmul
+from tsedge.tir_kernels.matmul_wgmma import WgmmaTiles, make_prefill_matmul_wgmma
 
 SHAPES = {"qkv fused": (6144, 4096), "o": (4096, 4096), "gate_up fused": (28672, 4096),
           "down": (4096, 14336)}  # the Llama-3-8B prefill linears (keep build_matmul.py and matmul_speed.py in step)
 RULES = {"wmma": dl.gpu.Matmul()}
-MMA_VARIANTS = {"mma": Tiles(), "mma4st": Tiles(stages=4), "mmaw4": Tiles(warps_n=2),
-                "mmaw4st4": Tiles(warps_n=2, stages=4), "mmak32": Tiles(bk=32, stages=4)}  # ours: tile shapes
+MMA_VARIANTS = {"mma": Tiles()}  # ours: tile shapes (4 stages, 64x64 warp tiles, 32-wide k-steps measured no better)
+WGMMA_VARIANTS = {"wgmma": WgmmaTiles(), "wgmma5st": WgmmaTiles(stages=5), "wgmman256": WgmmaTiles(bn=256),
+                  "wgmman256st3": WgmmaTiles(bn=256, stages=3)}
 
 
 def linear_module(n_out: int, n_in: int) -> tvm.IRModule:
@@ -53,20 +56,22 @@ def matmul_primfunc(n_out: int, n_in: int, target) -> tvm.tirx.PrimFunc:
 
 
 def main(out: Path) -> None:
-    target = cuda_target("sm_90")
+    target, hopper = cuda_target("sm_90"), cuda_target("sm_90a")
     out.mkdir(parents=True, exist_ok=True)
     for name, (n_out, n_in) in SHAPES.items():
         func = matmul_primfunc(n_out, n_in, target)
-        modules = {name: tvm.IRModule({"main": make_prefill_matmul(n_out, n_in, "float16", target, tiles)})
+        modules = {name: (tvm.IRModule({"main": make_mma_matmul(n_out, n_in, "float16", target, tiles)}), target)
                    for name, tiles in MMA_VARIANTS.items()}
+        modules.update({name: (tvm.IRModule({"main": make_prefill_matmul_wgmma(n_out, n_in, "float16", hopper, tiles)}),
+                               hopper) for name, tiles in WGMMA_VARIANTS.items()})
         for rule_name, rule in RULES.items():
             with target:
-                modules[rule_name] = dl.ApplyDefaultSchedule(rule)(
-                    tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))
-        for rule_name, scheduled in modules.items():
+                modules[rule_name] = (dl.ApplyDefaultSchedule(rule)(
+                    tvm.IRModule({"main": func.with_attr("global_symbol", "main")})), target)
+        for rule_name, (scheduled, build_target) in modules.items():
             try:
-                with fatbin_build_context(target):
-                    lib = tvm.compile(scheduled, target=target)
+                with fatbin_build_context(build_target):
+                    lib = tvm.compile(scheduled, target=build_target)
             except Exception as err:  # noqa: BLE001  (a schedule that does not build is reported)
                 print(name, rule_name, "FAILED:", str(err).splitlines()[0], flush=True)
                 continue
