@@ -22,18 +22,21 @@ from .pipeline import relax_pipeline
 from .targets import resolve_dtype, target_name
 
 
-def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str, quantization: str = "q0"):
+def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str, quantization: str = "q0",
+             max_context: int = 0):
     """The model's Relax IRModule, its parameter specs and its policy-state specs.
 
-    Raises ValueError for an unknown ``quantization`` or a linear whose input size is not a
-    whole number of quantization groups."""
+    ``max_context``: the KV cache the library is compiled for (sizes Recycled Attention's
+    partial caches). Raises ValueError for an unknown ``quantization``, a linear whose input size
+    is not a whole number of quantization groups, or a fraction ``recycle_k`` without
+    ``max_context``."""
     in_out = target.kind.name == "llvm"
     quant = scheme(quantization)
     if quant is not None:
         for size, what in ((cfg.hidden_size, "hidden_size"), (cfg.num_heads * cfg.head_dim, "heads x head_dim"),
                            (cfg.intermediate_size, "intermediate_size")):
             check_quantizable(quant, f"{cfg.name} {what}", size)
-    model = LlamaForCausalLM(cfg, make_policy(policy, cfg, dtype, target), dtype, in_out, quant)
+    model = LlamaForCausalLM(cfg, make_policy(policy, cfg, dtype, target, max_context), dtype, in_out, quant)
     mod, named = model.export_tvm(spec=model.get_default_spec())
     state = [[name, shape, dt] for name, shape, dt in model.policy.state_specs()]
     functions = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
@@ -82,7 +85,7 @@ def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtyp
     stage = stage or (lambda _name: None)
     dtype = resolve_dtype(dtype, target)
     stage("model IR")
-    mod, params, state, functions = build_ir(cfg, policy, target, dtype, quantization)
+    mod, params, state, functions = build_ir(cfg, policy, target, dtype, quantization, max_context)
     start = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     # CUDA: the static stretches of each function (a decode step: all its kernels but the

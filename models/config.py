@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -296,6 +297,8 @@ def from_hf_config(cfg: dict[str, Any], name: str = "custom") -> ModelConfig:
 
 
 POLICIES = ("dense", "tokenselect", "streaming", "tidaldecode", "recycled")
+RECYCLE_K = "1/8"  # Recycled Attention's K: the paper's 1/8 of the prompt
+MAX_DENOMINATOR = 65536  # of a --recycle-k fraction (the device computes 2 p L in int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,8 +307,10 @@ class PolicyConfig:
     arXiv 2410.05076 and DerrickYLJ/TidalDecode's scripts, Llama-3-8B; Recycled Attention's
     ``recycle_*``: arXiv 2411.05787, Llama-3.1-8B).
 
-    ``recycle_k`` is fixed when the library is compiled (its state tensors have that shape): the
-    paper's K is 1/8 of the prompt, so the default 256 is that of a 2K prompt."""
+    ``recycle_k`` (``parse_recycle_k``): a token count (int), or a fraction of the prompt, the
+    string ``"p/q"`` (default ``"1/8"``, the paper's). The library's partial caches have
+    ``recycle_capacity(max_context)`` slots (K_max); a prefill sets the active K
+    (``recycle_active_k``) from the context it ends at, on the device."""
 
     name: str = "dense"
     n_init: int = 128
@@ -318,7 +323,7 @@ class PolicyConfig:
     tidal_select_layer: int = 2  # attends densely and selects; earlier layers dense
     tidal_reselect_layers: tuple[int, ...] = (13,)  # attend densely and select again
     tidal_per_kv_head: bool = False  # one set per KV head (max of its group's logits)
-    recycle_k: int = 256  # rows of each layer's and KV head's partial cache
+    recycle_k: int | str = RECYCLE_K  # rows of each layer's partial cache: a count, or "p/q" of the prompt
     recycle_stride: int = 5  # a refresh check (or, fixed, a full step) every this many decode steps
     recycle_threshold: float = 0.85  # full step when cos(mean query, the last full step's) is below
     recycle_fixed_stride: bool = False  # full step every recycle_stride steps, no similarity check
@@ -334,14 +339,12 @@ class PolicyConfig:
         object.__setattr__(self, "tidal_reselect_layers", tuple(self.tidal_reselect_layers))
         if self.name == "tidaldecode":
             self._check_tidal()
+        object.__setattr__(self, "recycle_k", parse_recycle_k(self.recycle_k))
         if self.name == "recycled":
             self._check_recycled()
 
     def _check_recycled(self) -> None:
         """Recycled Attention settings (one line naming the option to fix)."""
-        if self.recycle_k < 1:
-            raise ValueError(f"recycle_k={self.recycle_k}: the partial cache holds at least the "
-                             "current token; set --recycle-k >= 1")
         if self.recycle_stride < 1:
             raise ValueError(f"recycle_stride={self.recycle_stride}: set --recycle-stride >= 1 "
                              "(the paper uses 5 or 10)")
@@ -373,13 +376,63 @@ class PolicyConfig:
 
     @property
     def budget(self) -> int:
-        """Tokens attended per step once the context exceeds it (streaming selects no top-k)."""
+        """Tokens attended per step once the context exceeds it (streaming selects no top-k).
+        Recycled Attention with a fraction: 0 (every context has a partial cache of its K)."""
         if self.name == "tidaldecode":
             return self.tidal_budget
         if self.name == "recycled":
-            return self.recycle_k
+            return 0 if self.recycle_fraction else self.recycle_k
         selected = self.top_k if self.name == "tokenselect" else 0
         return self.n_init + selected + self.n_local
 
+    @property
+    def recycle_fraction(self) -> Fraction | None:
+        """``recycle_k`` as a fraction of the prompt, or None for a token count."""
+        return Fraction(self.recycle_k) if isinstance(self.recycle_k, str) else None
+
+    def recycle_capacity(self, max_context: int) -> int:
+        """K_max, the slots of each partial cache in a library of ``max_context`` tokens: the
+        count, or ``ceil(fraction * max_context)`` (the K of the longest prompt the library holds,
+        so the active K is never clamped). Raises ValueError (one line) for a fraction and
+        ``max_context < 1``."""
+        fraction = self.recycle_fraction
+        if fraction is None:
+            return self.recycle_k
+        if max_context < 1:
+            raise ValueError(f"recycle_k={self.recycle_k} is a fraction of the prompt: its partial caches are "
+                             f"sized by the library's KV cache; set --max-context >= 1 (got {max_context})")
+        return math.ceil(fraction * max_context)
+
+    def recycle_active_k(self, context: int, max_context: int) -> int:
+        """The active K after a prefill that ends at ``context`` tokens: the count, or
+        ``clamp(round(fraction * context), 1, K_max)`` rounding halves up, as the library
+        computes it on the device (``tir_kernels/recycle.py``'s ``make_recycle_k``)."""
+        k_max, fraction = self.recycle_capacity(max_context), self.recycle_fraction
+        if fraction is None:
+            return k_max
+        return min(max((2 * fraction.numerator * context + fraction.denominator) // (2 * fraction.denominator), 1),
+                   k_max)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_recycle_k(value: int | str) -> int | str:
+    """``--recycle-k``: a token count (``256``, ``"256"``) -> int >= 1, or a fraction of the
+    prompt (``"1/8"``, ``"0.125"``, in (0, 1], denominator at most ``MAX_DENOMINATOR``) -> its
+    lowest terms ``"p/q"``. Raises ValueError (one line naming --recycle-k) otherwise."""
+    text = str(value).strip()
+    if isinstance(value, int) or text.isdigit():
+        if int(text) < 1:
+            raise ValueError(f"recycle_k={value}: the partial cache holds at least the current token; "
+                             "set --recycle-k to a count >= 1 or a fraction like 1/8")
+        return int(text)
+    try:
+        fraction = Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"recycle_k={value!r}: give --recycle-k a token count (256) or a fraction of the "
+                         "prompt (1/8 or 0.125)") from None
+    if not 0 < fraction <= 1 or fraction.denominator > MAX_DENOMINATOR:
+        raise ValueError(f"recycle_k={value!r}: a fraction of the prompt must be in (0, 1] with a denominator "
+                         f"up to {MAX_DENOMINATOR}; set --recycle-k like 1/8 (a count: a whole number)")
+    return f"{fraction.numerator}/{fraction.denominator}"

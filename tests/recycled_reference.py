@@ -8,6 +8,9 @@ steps_since_full]``.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import tidaldecode_reference as tidal
 from tokenselect_reference import max_pool
@@ -65,21 +68,49 @@ def refresh_check(qmean: np.ndarray, cache_qbar: np.ndarray, state: np.ndarray, 
     return partial
 
 
-class PartialCaches:
-    """Every layer's partial cache and refresh state, with the policy's two kinds of step."""
+def capacity(recycle_k: int | str, max_context: int) -> int:
+    """K_max: a count as it is, a fraction ``"p/q"`` of ``max_context`` rounded up."""
+    if isinstance(recycle_k, int):
+        return recycle_k
+    return math.ceil(Fraction(recycle_k) * max_context)
 
-    def __init__(self, policy, num_layers: int, n_kv: int, head_dim: int, pool: int) -> None:
-        self.policy, self.pool = policy, pool
+
+def active_k(recycle_k: int | str, context: int, max_context: int) -> int:
+    """The active K of a prefill ending at ``context`` tokens: the count, or ``round(fraction *
+    context)`` (halves up) clamped to ``[1, K_max]``."""
+    k_max = capacity(recycle_k, max_context)
+    if isinstance(recycle_k, int):
+        return k_max
+    return min(max(math.floor(Fraction(recycle_k) * context + Fraction(1, 2)), 1), k_max)
+
+
+class PartialCaches:
+    """Every layer's partial cache (``idx``/``score[layer, :, :k]``, ``k`` the active K of
+    ``k_max`` slots) and refresh state, with the policy's two kinds of step."""
+
+    def __init__(self, policy, num_layers: int, n_kv: int, head_dim: int, pool: int, max_context: int) -> None:
+        self.policy, self.pool, self.max_context = policy, pool, max_context
         self.threshold = None if policy.recycle_fixed_stride else policy.recycle_threshold
-        self.idx = np.zeros((num_layers, n_kv, policy.recycle_k), np.int32)
-        self.score = np.zeros((num_layers, n_kv, policy.recycle_k))
+        self.k, self.k_max = 0, capacity(policy.recycle_k, max_context)
+        self.idx = np.zeros((num_layers, n_kv, self.k_max), np.int32)
+        self.score = np.zeros((num_layers, n_kv, self.k_max))
         self.qbar = np.zeros((num_layers, head_dim))
         self.state = np.zeros((num_layers, 5), np.int64)
+
+    def set_k(self, length: int, prefill: bool) -> None:
+        """A step beyond the budget: a prefill sets the active K, a decode step where unset."""
+        if prefill or self.k == 0:
+            self.k = active_k(self.policy.recycle_k, length, self.max_context)
 
     def rebuild(self, layer: int, q: np.ndarray, keys: np.ndarray, table: np.ndarray) -> None:
         """From the last query of ``q`` over ``keys[n_kv, L, d]`` (RoPE at true positions)."""
         crit = scores(tidal.logits(q, keys, table), len(keys), self.pool)
-        self.idx[layer], self.score[layer] = top_rows(crit, self.policy.recycle_k)
+        self.idx[layer, :, :self.k], self.score[layer, :, :self.k] = top_rows(crit, self.k)
+
+    def append(self, layer: int, length: int) -> np.ndarray:
+        """A partial step's update of the layer's active slots; their rows ``[n_kv, k]``."""
+        append(self.idx[layer, :, :self.k], self.score[layer, :, :self.k], length)
+        return self.idx[layer, :, :self.k]
 
     def decide(self, layer: int, q: np.ndarray, force_full: bool) -> bool:
         return refresh_check(query_mean(q), self.qbar[layer], self.state[layer], self.threshold,

@@ -1,10 +1,12 @@
 """Recycled Attention in the whole compiled model: tests/tiny_model.py's random Llama (6 layers)
-on the CPU, partial caches of 32 rows, a refresh check every 2 decode steps.
+on the CPU, partial caches of 32 rows or of the paper's 1/8 of the prompt, a refresh check every 2
+decode steps.
 
 Checks: bit-identical to dense within the budget; beyond it equal to a NumPy float64 model of the
 policy (tests/recycled_reference.py) with the similarity check, the fixed stride and a threshold
-that never refreshes, step kinds counted alike; the CUDA library builds; compile, generate and
-eval from the command line; one-line errors.
+that never refreshes, step kinds counted alike; with K a fraction, the active K of each prefill
+(and of a later turn's) on the device and the same reference with it; the CUDA library builds;
+compile, generate and eval from the command line; one-line errors.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tsedge.models.config import ModelConfig, PolicyConfig
 from tsedge.tir_kernels.recycle import POOL_KERNEL
 
 RECYCLED = dict(name="recycled", recycle_k=32, recycle_stride=2)
+FRACTION = dict(RECYCLED, recycle_k="1/8")
 
 
 class RecycledReference(ReferenceModel):
@@ -36,15 +39,18 @@ class RecycledReference(ReferenceModel):
     def __init__(self, source, policy, capacity):
         super().__init__(source, policy, capacity)
         cfg = source.config
-        self.caches = rref.PartialCaches(policy, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, POOL_KERNEL)
+        self.caches = rref.PartialCaches(policy, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, POOL_KERNEL,
+                                         capacity)
 
     def attend(self, layer: int, q: np.ndarray, length: int, decode: bool) -> np.ndarray:
         keys, values = self.kv[layer, 0, :, :length], self.kv[layer, 1, :, :length]
         if length <= self.policy.budget:
             return aref.attention(q, keys, values, self.table)
+        if layer == 0:
+            self.caches.set_k(length, prefill=not decode)
         if self.caches.decide(layer, q, force_full=not decode):
-            rref.append(self.caches.idx[layer], self.caches.score[layer], length)
-            return tref.sparse_attention(q, self.kv[layer, 0], self.kv[layer, 1], self.caches.idx[layer], self.table)
+            rows = self.caches.append(layer, length)
+            return tref.sparse_attention(q, self.kv[layer, 0], self.kv[layer, 1], rows, self.table)
         self.caches.rebuild(layer, q, keys, self.table)
         return aref.attention(q, keys, values, self.table)
 
@@ -63,6 +69,28 @@ def test_within_budget_equals_dense(engines, source):
     assert engine.selection_stats() == {"hits": 0, "lookups": 0}
 
 
+def check_against_reference(engine, source, prompt: list[int], tokens: list[int],
+                            ref: RecycledReference | None = None) -> tuple[RecycledReference, list[np.ndarray]]:
+    """The engine's logits, step counts, refresh states and active K equal the reference's after
+    ``prompt`` then ``tokens`` (forced; with ``ref``, continuing both contexts as a chat's next
+    turn); returns the reference and the engine's logits."""
+    got = forced_logits(engine, prompt, tokens) if ref is None else turn_logits(engine, prompt, tokens)
+    ref = ref or RecycledReference(source, engine.meta.policy, MAX_CONTEXT)
+    want = ref.forced_logits(prompt, tokens, CHUNK)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-4)
+    state = ref.caches.state
+    assert engine.selection_stats() == {"hits": int(state[:, 2].sum()), "lookups": int(state[:, 3].sum())}
+    np.testing.assert_array_equal(engine.state("sel_state"), state)
+    assert engine.state("recycle_k")[0] == ref.caches.k
+    return ref, got
+
+
+def turn_logits(engine, prompt: list[int], tokens: list[int]) -> list[np.ndarray]:
+    """``forced_logits`` continuing the cached context (a chat's next turn)."""
+    return [engine.prefill(prompt)] + [engine.decode(t) for t in tokens]
+
+
 @pytest.mark.parametrize("variant", [dict(recycle_threshold=0.85), dict(recycle_fixed_stride=True),
                                      dict(recycle_threshold=-1.0)])
 def test_beyond_budget_matches_numpy_reference(engines, source, variant):
@@ -71,19 +99,30 @@ def test_beyond_budget_matches_numpy_reference(engines, source, variant):
     engine = engines(**RECYCLED, **variant)
     ids = prompt_ids(source, 162)
     prompt, tokens = ids[:150], ids[150:]
-    got = forced_logits(engine, prompt, tokens)
-    ref = RecycledReference(source, engine.meta.policy, MAX_CONTEXT)
-    want = ref.forced_logits(prompt, tokens, CHUNK)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=0, atol=2e-4)
-    state = ref.caches.state
+    _, got = check_against_reference(engine, source, prompt, tokens)
     stats = engine.selection_stats()
-    assert stats == {"hits": int(state[:, 2].sum()), "lookups": len(tokens) * source.config.num_layers}
+    assert stats["lookups"] == len(tokens) * source.config.num_layers
     assert 0 < stats["hits"] < stats["lookups"] or variant.get("recycle_threshold") == -1.0
-    np.testing.assert_array_equal(engine.state("sel_state"), state)
+    assert engine.state("recycle_k")[0] == RECYCLED["recycle_k"]  # a count: K_max
     dense = forced_logits(engines(name="dense"), prompt, tokens)
     np.testing.assert_array_equal(got[0], dense[0])  # prefill stays dense
     assert max(np.abs(g - d).max() for g, d in zip(got[1:], dense[1:])) > 1e-3  # decode is not
+
+
+@pytest.mark.parametrize("prompt_len", [150, 12, 3])
+def test_fraction_matches_numpy_reference_with_the_prompts_k(engines, source, prompt_len):
+    """K = 1/8 of the prompt (150 -> 19, 12 -> 2 (1.5 rounds up), 3 -> 1: at least one row) in
+    caches of K_max = 1024 / 8 slots; a next turn's prefill sets the K of the longer context."""
+    engine = engines(**FRACTION)
+    assert [s for n, s, _ in engine.meta.state if n == "cache_idx"][0][-1] == MAX_CONTEXT // 8
+    assert engine.meta.policy.budget == 0  # every context has its partial cache
+    ids = prompt_ids(source, prompt_len + 12 + 40 + 6)
+    prompt, tokens = ids[:prompt_len], ids[prompt_len:prompt_len + 12]
+    ref, _ = check_against_reference(engine, source, prompt, tokens)
+    assert ref.caches.k == {150: 19, 12: 2, 3: 1}[prompt_len]
+    turn = ids[prompt_len + 12:]  # 40 more tokens: K of the whole context, 202 / 64 / 55 tokens
+    check_against_reference(engine, source, turn[:40], turn[40:], ref)
+    assert ref.caches.k == {150: 25, 12: 8, 3: 7}[prompt_len]
 
 
 def test_never_refreshing_keeps_partial_steps(engines, source):
@@ -109,23 +148,47 @@ def test_compiles_for_cuda(tmp_path):
 
 
 def test_settings_checked_in_one_line():
-    for bad, match in [(dict(recycle_k=0), "--recycle-k >= 1"), (dict(recycle_stride=0), "--recycle-stride >= 1"),
+    for bad, match in [(dict(recycle_k=0), "--recycle-k to a count >= 1"), (dict(recycle_k="3/2"), "--recycle-k"),
+                       (dict(recycle_k="1/0"), "--recycle-k"), (dict(recycle_k="eighth"), "--recycle-k"),
+                       (dict(recycle_stride=0), "--recycle-stride >= 1"),
                        (dict(recycle_threshold=float("nan")), "--recycle-threshold")]:
         with pytest.raises(ValueError, match=match) as err:
             PolicyConfig("recycled", **bad)
         assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="--max-context >= 1") as err:
+        PolicyConfig("recycled").recycle_capacity(0)
+    assert "\n" not in str(err.value)
     assert PolicyConfig("recycled", recycle_k=300).budget == 300
     PolicyConfig("recycled", chunk_size=4096, n_local=8)  # no local window: no chunk limit
+
+
+def test_recycle_k_is_a_count_or_a_fraction_of_the_prompt():
+    """The paper's 1/8 by default; fractions kept in lowest terms; K_max from the KV cache."""
+    assert PolicyConfig("recycled").recycle_k == "1/8"
+    for given, kept in [("1/8", "1/8"), ("0.125", "1/8"), ("2/16", "1/8"), (" 1/1 ", "1/1"), ("256", 256), (7, 7)]:
+        assert PolicyConfig("recycled", recycle_k=given).recycle_k == kept
+    policy = PolicyConfig("recycled")
+    assert policy.recycle_capacity(32768) == 4096 and policy.recycle_capacity(100) == 13
+    assert [policy.recycle_active_k(n, 32768) for n in (1, 4, 11, 12, 2048, 32768)] == [1, 1, 1, 2, 256, 4096]
+    assert PolicyConfig("recycled", recycle_k=256).recycle_active_k(5000, 32768) == 256
+    assert PolicyConfig(**json.loads(json.dumps(policy.to_dict()))) == policy  # library metadata
 
 
 CLI_RECYCLED = ["--policy", "recycled", "--recycle-k", "32", "--recycle-stride", "2", "--recycle-fixed-stride"]
 
 
-def test_recycle_k_is_a_token_count_fixed_at_compile_time(folder, tmp_path):
-    result = CliRunner().invoke(main, ["compile", "--model", str(folder), "--target", "llvm",
-                                       "--policy", "recycled", "--recycle-k", "1/8", "-o", str(tmp_path / "x.so")])
-    assert result.exit_code != 0
-    assert "fixed when the library is compiled" in result.output and "256 for a 2K prompt" in result.output
+def test_recycle_k_on_the_command_line(folder, tmp_path):
+    """A fraction compiles (K_max = ceil(fraction x max_context) slots); a bad value is one line."""
+    common = ["compile", "--model", str(folder), "--target", "llvm", "--policy", "recycled", "--max-context", "100"]
+    result = CliRunner().invoke(main, [*common, "--recycle-k", "1/3", "-o", str(tmp_path / "x.so")])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "x.json").read_text())
+    assert meta["policy"]["recycle_k"] == "1/3"
+    assert {name: shape for name, shape, _ in meta["state"]}["cache_idx"][-1] == 34
+    result = CliRunner().invoke(main, [*common, "--recycle-k", "3/2", "-o", str(tmp_path / "y.so")])
+    assert result.exit_code != 0 and "in (0, 1]" in result.output and not (tmp_path / "y.so").exists()
+    assert "--recycle-k" in CliRunner().invoke(main, ["compile", "--help"]).output
+    assert "1/8" in CliRunner().invoke(main, ["compile", "--help"]).output
 
 
 def test_compile_generate_and_eval_from_the_command_line(folder, tmp_path, monkeypatch):

@@ -37,7 +37,8 @@ def num_chunks(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
 
 
 def make_attention_partial(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
-                           target: Target, row_sets: int = 0, logit_sets: int = 0) -> tirx.PrimFunc:
+                           target: Target, row_sets: int = 0, logit_sets: int = 0,
+                           counted: bool = False) -> tirx.PrimFunc:
     """Per-chunk attention. Args: q[n, >= H, d] (its first H heads are the queries, so the fused
     QKV projection's output passes as it is), kv, rope[P, d], rows[M] int32, layer (int64).
 
@@ -52,14 +53,20 @@ def make_attention_partial(num_layers: int, n_heads: int, n_kv: int, head_dim: i
     ``logit_sets`` (TidalDecode's selection layers, shared rows; likewise): ``H`` or ``Hkv`` adds
     the output logits[logit_sets, M] float32, the last query's scores ``q.k / sqrt(d) * log2(e)``
     per query head, or per KV head the max over its group (-1e30 for a key it does not see).
-    Raises ValueError for other set counts or either option on a GPU target.
+    ``counted`` (with ``row_sets``; Recycled Attention's active K): the argument count[1] int32 (a
+    device tensor) follows ``rows``, and each set attends to its first ``c = min(count[0], M)``
+    rows only (the last query at ``rows[set, c - 1]``); chunks past them are written empty.
+    Raises ValueError for other set counts, ``counted`` without ``row_sets``, or any of these
+    options on a GPU target.
     """
-    if row_sets or logit_sets:
+    if row_sets or logit_sets or counted:
         check_sets(n_heads, n_kv, row_sets, logit_sets)
+        if counted and not row_sets:
+            raise ValueError("attention_partial: counted is an option of row_sets (per-set row lists)")
         if is_gpu(target):
             raise ValueError("per-head rows and logits are CPU options of attention_partial; "
                              "GPU decode uses decode_attention")
-        return _partial_cpu(i64(num_layers), n_heads, n_kv, head_dim, dtype, row_sets, logit_sets)
+        return _partial_cpu(i64(num_layers), n_heads, n_kv, head_dim, dtype, row_sets, logit_sets, counted)
     if is_gpu(target) and not has_warp_shuffle(target):  # Vulkan (WGSL)
         from .wgsl_attention import make_attention_partial_wgsl
 
@@ -191,7 +198,7 @@ def rope_rotated(x, i, h, dim, rope, pos, half):
     return T.Cast("float32", x[i, h, dim]) * c + partner * s
 
 
-def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_sets=0):
+def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_sets=0, counted=False):
     group = n_heads // n_kv
     half = head_dim // 2
     scale = LOG2E / math.sqrt(head_dim)
@@ -215,7 +222,8 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_s
         return j, m_keys - n + i
 
     @T.macro
-    def body(q, kv, rope, rows, layer, o, lse, logits, n, m_keys):
+    def body(q, kv, rope, rows, layer, o, lse, logits, n, m_keys, m_rows):
+        # m_keys: the rows' (and the outputs') size; m_rows <= m_keys: the rows attended
         for task in T.parallel(((m_keys + CHUNK - 1) // CHUNK) * SETS):
             with T.sblock("attn"):
                 T.reads()
@@ -233,10 +241,10 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_s
                 s: T.let[T.int64] = task % SETS
                 kvh: T.let[T.int64] = s * hps // group
                 j0: T.let[T.int64] = c * CHUNK
-                cnt: T.let[T.int64] = T.min(T.int64(CHUNK), m_keys - j0)
+                cnt: T.let[T.int64] = T.min(T.int64(CHUNK), m_rows - j0)
                 for jj in T.serial(cnt):
                     row: T.let[T.int64] = T.Cast("int64", row_at(rows, s, j0 + jj))
-                    kp: T.let[T.int64] = position(rows, s, j0 + jj, m_keys, n, 0)[0]
+                    kp: T.let[T.int64] = position(rows, s, j0 + jj, m_rows, n, 0)[0]
                     for dd in T.vectorized(T.int64(half)):
                         kr[jj, dd] = (T.Cast("float32", kv[layer, 0, kvh, row, dd]) * rope[kp, dd]
                                       - T.Cast("float32", kv[layer, 0, kvh, row, dd + half]) * rope[kp, half + dd])
@@ -249,7 +257,7 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_s
                         for jj in T.serial(T.int64(CHUNK)):
                             kt[dd, jj] = T.if_then_else(jj < cnt, kr[jj, dd], T.float32(0))
                 for i in T.serial(n):
-                    qpos: T.let[T.int64] = position(rows, s, 0, m_keys, n, i)[1]
+                    qpos: T.let[T.int64] = position(rows, s, 0, m_rows, n, i)[1]
                     # number of keys of this chunk that query i sees (may be <= 0); rows sorted
                     vis[0] = qpos - j0 + 1
                     if per_set:
@@ -320,22 +328,39 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_s
             o = T.match_buffer(o_h, (n, (m_keys + CHUNK - 1) // CHUNK, H, D), "float32")
             lse = T.match_buffer(lse_h, (n, (m_keys + CHUNK - 1) // CHUNK, H), "float32")
             logits = T.match_buffer(logits_h, (i64(logit_sets), m_keys), "float32")
-            body(q, kv, rope, rows, layer, o, lse, logits, n, m_keys)
+            body(q, kv, rope, rows, layer, o, lse, logits, n, m_keys, m_keys)
 
         return attention_partial_logits
 
-    @T.prim_func(s_tir=True)
-    def attention_partial(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
-                          layer: T.int64, o_h: T.handle, lse_h: T.handle):
-        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        n, cap, num_pos, m_keys, heads = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+    @T.macro
+    def rows_body(q_h, kv_h, rope_h, rows_h, layer, o_h, lse_h, m_keys, m_rows):
+        n, cap, num_pos, heads = T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (n, heads, D), dtype)  # queries: the first H heads
         kv = T.match_buffer(kv_h, (num_layers, T.int64(2), i64(n_kv), cap, D), dtype)
         rope = T.match_buffer(rope_h, (num_pos, D), "float32")
         rows = T.match_buffer(rows_h, rows_shape(m_keys), "int32")
         o = T.match_buffer(o_h, (n, (m_keys + CHUNK - 1) // CHUNK, H, D), "float32")
         lse = T.match_buffer(lse_h, (n, (m_keys + CHUNK - 1) // CHUNK, H), "float32")
-        body(q, kv, rope, rows, layer, o, lse, None, n, m_keys)
+        body(q, kv, rope, rows, layer, o, lse, None, n, m_keys, m_rows)
+
+    if counted:
+
+        @T.prim_func(s_tir=True)
+        def attention_partial_counted(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
+                                      count_h: T.handle, layer: T.int64, o_h: T.handle, lse_h: T.handle):
+            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+            m_keys = T.int64()
+            count = T.match_buffer(count_h, (T.int64(1),), "int32")
+            rows_body(q_h, kv_h, rope_h, rows_h, layer, o_h, lse_h, m_keys, T.min(T.Cast("int64", count[0]), m_keys))
+
+        return attention_partial_counted.with_attr("global_symbol", "attention_partial_sets_counted")
+
+    @T.prim_func(s_tir=True)
+    def attention_partial(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
+                          layer: T.int64, o_h: T.handle, lse_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        m_keys = T.int64()
+        rows_body(q_h, kv_h, rope_h, rows_h, layer, o_h, lse_h, m_keys, m_keys)
 
     return attention_partial.with_attr("global_symbol", "attention_partial_sets") if per_set else attention_partial
 

@@ -78,3 +78,9 @@ def max_threads_per_block(target: Target) -> int:
 def i64(value: int) -> tirx.IntImm:
     """A static int64 dimension (Relax FuseTIR needs int64 buffer dims)."""
     return tirx.IntImm("int64", value)
+
+
+def device_count(count: tirx.Buffer, limit: int) -> tirx.PrimExpr:
+    """``min(count[0], limit)`` as int64: a count held in a device tensor ``count[1]`` int32
+    (e.g. Recycled Attention's active K), never past ``limit`` (the static size it indexes)."""
+    return T.min(T.Cast("int64", count[0]), i64(limit))

@@ -51,7 +51,8 @@ def decode_splits(num_keys: "tirx.PrimExpr | int", max_splits: int = MAX_SPLITS,
 def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
                           target: Target, tile_keys: int | None = None, stages: int = STAGES,
                           row_sets: int = 0, logit_sets: int = 0, dense: bool = False,
-                          max_splits: int = MAX_SPLITS, min_keys: int = MIN_KEYS_PER_SPLIT) -> tirx.PrimFunc:
+                          max_splits: int = MAX_SPLITS, min_keys: int = MIN_KEYS_PER_SPLIT,
+                          counted: bool = False) -> tirx.PrimFunc:
     """Args: q[1, >= H, d] (the first H heads are the query's), kv[layers, 2, Hkv, cap, d],
     rope[P, d] f32, rows[M] int32, layer (int64).
 
@@ -66,6 +67,11 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
     lists ``rows[row_sets, M]`` at true positions (the slots then own row sets, each set's keys
     and RoPE rows gathered into the tiles), or the extra output logits[logit_sets, M] float32
     (``q.k / sqrt(d) * log2(e)``, per KV head the group's max). Both 0: the kernel is unchanged.
+    ``counted`` (with ``row_sets``; Recycled Attention's active K): the argument count[1] int32 (a
+    device tensor) follows ``rows``, and each set attends to its first ``c = min(count[0], M)``
+    rows only (the query at ``rows[set, c - 1]``); the ``S = decode_splits(M)`` chunks split those
+    ``c`` rows as ``decode_splits(c)`` chunks would, the others written empty. Raises ValueError
+    for ``counted`` without ``row_sets``.
 
     ``dense``: the rows are ``0 .. length[0] - 1`` at their true positions, and the argument after
     ``rope`` is length[1] int32 (a device tensor) instead of ``rows``; the grid and the outputs
@@ -77,6 +83,8 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
     if not is_gpu(target):
         raise ValueError(f"decode attention is a GPU kernel; {target.kind.name} uses attention_partial")
     check_sets(n_heads, n_kv, row_sets, logit_sets)
+    if counted and not row_sets:
+        raise ValueError("decode attention: counted is an option of row_sets (per-set row lists)")
     per_set = row_sets > 0  # static: per-set row lists at true positions
     n_kv_phys, n_kv = n_kv, row_sets or n_kv  # below, n_kv counts the slots' row sets
     group = n_heads // n_kv
@@ -179,7 +187,8 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
         return decode_splits(m, max_splits, min_keys)
 
     @T.macro
-    def body(q, kv, rope, rows, layer, o, lse, logits, kv_flat, rope_flat, m_keys, cap, grid):
+    def body(q, kv, rope, rows, layer, o, lse, logits, kv_flat, rope_flat, m_keys, cap, grid, m_rows):
+        # m_keys: the rows' (and the outputs') size; m_rows <= m_keys: the rows attended
         for bx in T.thread_binding(grid, thread="blockIdx.x"):
             for ty in T.thread_binding(i64(slots), thread="threadIdx.y"):
                 for tx in T.thread_binding(i64(td), thread="threadIdx.x"):
@@ -207,9 +216,9 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                         d0: T.let[T.int64] = tx * V
                         dp: T.let[T.int64] = (d0 + half) % head_dim  # the partner dims under RoPE
                         sign: T.let[T.float32] = T.if_then_else(d0 < half, T.float32(-1), T.float32(1))
-                        chunk: T.let[T.int64] = (m_keys + splits_of(m_keys) - 1) // splits_of(m_keys)
+                        chunk: T.let[T.int64] = (m_rows + splits_of(m_rows) - 1) // splits_of(m_rows)
                         j0: T.let[T.int64] = bx * chunk
-                        j1: T.let[T.int64] = T.min(j0 + chunk, m_keys)
+                        j1: T.let[T.int64] = T.min(j0 + chunk, m_rows)
                         tiles: T.let[T.int64] = T.max(j1 - j0 + TK - 1, i64(0)) // TK
                         for t in T.unroll(i64(stages - 1)):  # the first tiles' copies
                             if t < tiles:
@@ -222,7 +231,7 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
                             for v in T.unroll(V):
                                 acc[g, v] = T.float32(0)
                                 qa[g, v] = rope_rotated(q, 0, kvh * group + g, d0 + v, rope,
-                                                        rope_of(rows, kvh, m_keys - 1), half) * scale
+                                                        rope_of(rows, kvh, m_rows - 1), half) * scale
                         for t in T.serial(tiles):
                             if async_copy:
                                 T.evaluate(T.ptx.cp.async_.wait_group(stages - 2))  # tile t landed (own copies)
@@ -322,7 +331,8 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
             logits = T.match_buffer(logits_h, (i64(max(logit_sets, 1)), m_keys), "float32")
             kv_flat = T.decl_buffer((num_layers * 2 * PHYS * cap * D,), dtype, data=kv.data)
             rope_flat = T.decl_buffer((num_pos * D,), "float32", data=rope.data)
-            body(q, kv, rope, rows, layer, o, lse, logits, kv_flat, rope_flat, m_keys, cap, splits_of(m_keys))
+            body(q, kv, rope, rows, layer, o, lse, logits, kv_flat, rope_flat, m_keys, cap, splits_of(m_keys),
+                 m_keys)
 
         return attention_decode_logits
 
@@ -342,15 +352,13 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
             kv_flat = T.decl_buffer((num_layers * 2 * PHYS * cap * D,), dtype, data=kv.data)
             rope_flat = T.decl_buffer((num_pos * D,), "float32", data=rope.data)
             body(q, kv, rope, None, layer, o, lse, None, kv_flat, rope_flat, T.Cast("int64", length[0]), cap,
-                 i64(max_splits))
+                 i64(max_splits), T.Cast("int64", length[0]))
 
         return attention_decode_dense
 
-    @T.prim_func(s_tir=True)
-    def attention_decode(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
-                         layer: T.int64, o_h: T.handle, lse_h: T.handle):
-        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        n, cap, num_pos, m_keys, heads = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+    @T.macro
+    def sparse(q_h, kv_h, rope_h, rows_h, layer, o_h, lse_h, m_keys, m_rows):
+        n, cap, num_pos, heads = T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (n, heads, D), dtype)  # queries: the first H heads
         kv = T.match_buffer(kv_h, (num_layers, T.int64(2), PHYS, cap, D), dtype)
         rope = T.match_buffer(rope_h, (num_pos, D), "float32")
@@ -359,6 +367,25 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
         lse = T.match_buffer(lse_h, (n, splits_of(m_keys), H), "float32")
         kv_flat = T.decl_buffer((num_layers * 2 * PHYS * cap * D,), dtype, data=kv.data)
         rope_flat = T.decl_buffer((num_pos * D,), "float32", data=rope.data)
-        body(q, kv, rope, rows, layer, o, lse, None, kv_flat, rope_flat, m_keys, cap, splits_of(m_keys))
+        body(q, kv, rope, rows, layer, o, lse, None, kv_flat, rope_flat, m_keys, cap, splits_of(m_keys), m_rows)
+
+    if counted:
+
+        @T.prim_func(s_tir=True)
+        def attention_decode_counted(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
+                                     count_h: T.handle, layer: T.int64, o_h: T.handle, lse_h: T.handle):
+            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+            m_keys = T.int64()
+            count = T.match_buffer(count_h, (T.int64(1),), "int32")
+            sparse(q_h, kv_h, rope_h, rows_h, layer, o_h, lse_h, m_keys, T.min(T.Cast("int64", count[0]), m_keys))
+
+        return attention_decode_counted.with_attr("global_symbol", "attention_decode_sets_counted")
+
+    @T.prim_func(s_tir=True)
+    def attention_decode(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
+                         layer: T.int64, o_h: T.handle, lse_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        m_keys = T.int64()
+        sparse(q_h, kv_h, rope_h, rows_h, layer, o_h, lse_h, m_keys, m_keys)
 
     return attention_decode.with_attr("global_symbol", "attention_decode_sets") if per_set else attention_decode

@@ -25,7 +25,7 @@ from tvm.s_tir import stmt as sstmt
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from .common import i64, is_gpu
+from .common import device_count, i64, is_gpu
 from .tokenselect_scoring import allreduce_max_f32, allreduce_sum_f32, thread_allreduce
 
 POOL_KERNEL = 7  # the paper's max-pooling of the scores (odd: "same" padding keeps the length)
@@ -230,14 +230,59 @@ def make_recycle_scores(n_heads: int, n_kv: int, pool: int, target: Target) -> t
     return recycle_scores
 
 
-def make_recycle_store(num_layers: int, n_kv: int, k: int, target: Target) -> tirx.PrimFunc:
-    """Rebuild a layer's partial cache from a full step's selection.
+def make_recycle_k(fraction: tuple[int, int] | None, k_max: int, target: Target) -> tirx.PrimFunc:
+    """Set the active K of the partial caches (one value for every layer and KV head).
 
-    Args: idx[Hkv, K + 1] int32 (``make_topk(heads=Hkv)``'s rows over ``crit``: the top K sorted,
-    then the pad), crit[Hkv, L + 1] float32 (``make_recycle_scores``), cache_idx[num_layers, Hkv,
-    K] int32 and cache_score[num_layers, Hkv, K] float32 (both updated in place), layer (int64).
-    ``cache_idx[layer, g, j] = idx[g, j]`` and ``cache_score[layer, g, j] = crit[g, idx[g, j]]``
-    for ``j < K``. Relax: ``call_tir_inplace`` with inplace_indices ``[2, 3]``.
+    Args: length[1] int32 (the context after the step's KV append), active_k[1] int32 (in place),
+    force (int64: 1 in a prefill, 0 in a decode step). Where ``force`` is 1 or ``active_k[0]``
+    is 0 (the state was just zeroed: no prefill set it), ``active_k[0]`` becomes ``k_max`` (a
+    token count: ``fraction`` None) or ``clamp(round(p / q * length[0]), 1, k_max)`` for
+    ``fraction = (p, q)``, rounding halves up: ``(2 p L + q) // (2 q)`` in int64.
+    Relax: ``call_tir_inplace`` with inplace_indices ``[1]``. One thread.
+    Raises ValueError for ``k_max < 1`` or a fraction outside (0, 1].
+    """
+    if k_max < 1 or (fraction is not None and not 0 < fraction[0] <= fraction[1]):
+        raise ValueError(f"recycle K: k_max={k_max}, fraction={fraction}: need k_max >= 1 and 0 < p <= q")
+    gpu = is_gpu(target)
+
+    def value(length):
+        if fraction is None:
+            return T.int32(k_max)
+        p, q = i64(fraction[0]), i64(fraction[1])
+        rounded = (2 * p * T.Cast("int64", length[0]) + q) // (2 * q)
+        return T.Cast("int32", T.min(T.max(rounded, i64(1)), i64(k_max)))
+
+    @T.macro
+    def update(length, active_k, force):
+        if force == 1 or active_k[0] == 0:
+            active_k[0] = value(length)
+
+    @T.prim_func(s_tir=True)
+    def recycle_k(length_h: T.handle, active_k_h: T.handle, force: T.int64):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        length = T.match_buffer(length_h, (T.int64(1),), "int32")
+        active_k = T.match_buffer(active_k_h, (T.int64(1),), "int32")
+        if gpu:
+            for tx in T.thread_binding(T.int64(1), thread="threadIdx.x"):
+                with T.sblock("recycle_k"):
+                    update(length, active_k, force)
+        else:
+            with T.sblock("recycle_k"):
+                update(length, active_k, force)
+
+    return recycle_k
+
+
+def make_recycle_store(num_layers: int, n_kv: int, k: int, target: Target) -> tirx.PrimFunc:
+    """Rebuild a layer's partial cache from a full step's selection, ``K_a`` active slots of ``k``.
+
+    Args: idx[Hkv, k + 1] int32 (``make_topk(heads=Hkv, counted=True)``'s rows over ``crit``
+    with count ``K_a``: the top ``K_a`` sorted, then the pad), crit[Hkv, L + 1] float32
+    (``make_recycle_scores``), cache_idx[num_layers, Hkv, k] int32 and cache_score[num_layers,
+    Hkv, k] float32 (both updated in place), active_k[1] int32 (``K_a = min(active_k[0], k)``),
+    layer (int64). ``cache_idx[layer, g, j] = idx[g, j]`` and ``cache_score[layer, g, j] =
+    crit[g, idx[g, j]]`` for ``j < K_a``; slots from ``K_a`` on are left as they are.
+    Relax: ``call_tir_inplace`` with inplace_indices ``[2, 3]``.
     """
     gpu = is_gpu(target)
     NL, HKV, K = i64(num_layers), i64(n_kv), i64(k)
@@ -249,98 +294,110 @@ def make_recycle_store(num_layers: int, n_kv: int, k: int, target: Target) -> ti
 
     @T.prim_func(s_tir=True)
     def recycle_store(idx_h: T.handle, crit_h: T.handle, cache_idx_h: T.handle, cache_score_h: T.handle,
-                      layer: T.int64):
+                      active_k_h: T.handle, layer: T.int64):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
         L1 = T.int64()
         idx = T.match_buffer(idx_h, (HKV, K + 1), "int32")
         crit = T.match_buffer(crit_h, (HKV, L1), "float32")
         cache_idx = T.match_buffer(cache_idx_h, (NL, HKV, K), "int32")
         cache_score = T.match_buffer(cache_score_h, (NL, HKV, K), "float32")
+        active_k = T.match_buffer(active_k_h, (T.int64(1),), "int32")
         if gpu:
             for b in T.thread_binding(T.ceildiv(HKV * K, _THREADS), thread="blockIdx.x"):
                 for tx in T.thread_binding(i64(_THREADS), thread="threadIdx.x"):
                     with T.sblock("store"):
                         if b * _THREADS + tx < HKV * K:
-                            store(idx, crit, cache_idx, cache_score, layer, (b * _THREADS + tx) // K,
-                                  (b * _THREADS + tx) % K)
+                            if (b * _THREADS + tx) % K < device_count(active_k, k):
+                                store(idx, crit, cache_idx, cache_score, layer, (b * _THREADS + tx) // K,
+                                      (b * _THREADS + tx) % K)
         else:
             for g in T.parallel(HKV):
                 with T.sblock("store"):
-                    for j in T.serial(K):
+                    for j in T.serial(device_count(active_k, k)):
                         store(idx, crit, cache_idx, cache_score, layer, g, j)
 
     return recycle_store
 
 
 def make_recycle_append(num_layers: int, n_kv: int, k: int, target: Target) -> tirx.PrimFunc:
-    """A partial step's cache update: per KV head, the row of lowest score (ties: the lowest
-    position) leaves; its slot takes the last slot's row and the last slot the step's token.
+    """A partial step's cache update among the ``K_a`` active slots of ``k``: per KV head, the
+    row of lowest score (ties: the lowest position) leaves; its slot takes slot ``K_a - 1``'s row
+    and slot ``K_a - 1`` the step's token.
 
-    Args: cache_idx[num_layers, Hkv, K] int32 and cache_score[num_layers, Hkv, K] float32 (updated
-    in place), layer (int64), length (int64: the context after the step's KV append, so the
-    step's token is row ``length - 1``). Output: rows[Hkv, K] int32, the layer's cache after the
-    update: the rows ``attention_partial``/``decode_attention`` read with ``row_sets = Hkv``
-    (the step's token last, as they need; the others in no particular order).
-    Relax: ``call_tir_inplace`` with inplace_indices ``[0, 1, -1]``.
-    GPU: one block per KV head (two block-wide minima find the slot); CPU: one task per KV head.
+    Args: cache_idx[num_layers, Hkv, k] int32 and cache_score[num_layers, Hkv, k] float32
+    (updated in place), active_k[1] int32 (``K_a = min(active_k[0], k)``, at least 1), layer
+    (int64), length (int64: the context after the step's KV append, so the step's token is row
+    ``length - 1``). Output: rows[Hkv, k] int32, whose first ``K_a`` columns are the layer's cache
+    after the update: the rows ``attention_partial``/``decode_attention`` (``row_sets = Hkv``,
+    ``counted``) read (the step's token last, as they need; the others in no particular order);
+    columns from ``K_a`` on are not written. Relax: ``call_tir_inplace`` with inplace_indices
+    ``[0, 1, -1]``. GPU: one block per KV head (two block-wide minima find the slot); CPU: one
+    task per KV head.
     """
     gpu = is_gpu(target)
     NL, HKV, K = i64(num_layers), i64(n_kv), i64(k)
 
     @T.macro
-    def replace(cache_idx, cache_score, layer, g, slot, length):
-        cache_idx[layer, g, slot] = cache_idx[layer, g, K - 1]
-        cache_score[layer, g, slot] = cache_score[layer, g, K - 1]
-        cache_idx[layer, g, K - 1] = T.Cast("int32", length - 1)
-        cache_score[layer, g, K - 1] = T.float32(NEW_TOKEN_SCORE)
+    def replace(cache_idx, cache_score, layer, g, slot, length, last):
+        cache_idx[layer, g, slot] = cache_idx[layer, g, last]
+        cache_score[layer, g, slot] = cache_score[layer, g, last]
+        cache_idx[layer, g, last] = T.Cast("int32", length - 1)
+        cache_score[layer, g, last] = T.float32(NEW_TOKEN_SCORE)
 
     @T.prim_func(s_tir=True)
-    def recycle_append(cache_idx_h: T.handle, cache_score_h: T.handle, layer: T.int64, length: T.int64,
-                       rows_h: T.handle):
+    def recycle_append(cache_idx_h: T.handle, cache_score_h: T.handle, active_k_h: T.handle, layer: T.int64,
+                       length: T.int64, rows_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
         cache_idx = T.match_buffer(cache_idx_h, (NL, HKV, K), "int32")
         cache_score = T.match_buffer(cache_score_h, (NL, HKV, K), "float32")
+        active_k = T.match_buffer(active_k_h, (T.int64(1),), "int32")
         rows = T.match_buffer(rows_h, (HKV, K), "int32")
         if gpu:
             for g in T.thread_binding(HKV, thread="blockIdx.x"):
                 for tx in T.thread_binding(i64(_THREADS), thread="threadIdx.x"):
                     with T.sblock("append"):
+                        T.reads()  # regions would name the block's lets
+                        T.writes()
                         low = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         low_all = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         pos = T.sblock_alloc_buffer((1,), "int32", scope="local")
                         pos_all = T.sblock_alloc_buffer((1,), "int32", scope="local")
                         slot = T.sblock_alloc_buffer((1,), "int64", scope="shared")
+                        ka: T.let[T.int64] = device_count(active_k, k)
                         low[0] = T.float32(_BIG)
-                        for it in T.serial(T.ceildiv(K - tx, _THREADS)):
+                        for it in T.serial(T.ceildiv(ka - tx, _THREADS)):
                             low[0] = T.min(low[0], cache_score[layer, g, it * _THREADS + tx])
                         _allreduce_min_f32(low, low_all, tx)
                         pos[0] = T.int32(2147483647)
-                        for it in T.serial(T.ceildiv(K - tx, _THREADS)):
+                        for it in T.serial(T.ceildiv(ka - tx, _THREADS)):
                             if cache_score[layer, g, it * _THREADS + tx] == low_all[0]:
                                 pos[0] = T.min(pos[0], cache_idx[layer, g, it * _THREADS + tx])
                         _allreduce_min_i32(pos, pos_all, tx)
-                        for it in T.serial(T.ceildiv(K - tx, _THREADS)):  # rows are distinct: one slot
+                        for it in T.serial(T.ceildiv(ka - tx, _THREADS)):  # rows are distinct: one slot
                             if cache_score[layer, g, it * _THREADS + tx] == low_all[0]:
                                 if cache_idx[layer, g, it * _THREADS + tx] == pos_all[0]:
                                     slot[0] = it * _THREADS + tx
                         T.tvm_storage_sync("shared")
                         if tx == 0:
-                            replace(cache_idx, cache_score, layer, g, slot[0], length)
+                            replace(cache_idx, cache_score, layer, g, slot[0], length, ka - 1)
                         T.tvm_storage_sync("shared")
-                        for it in T.serial(T.ceildiv(K - tx, _THREADS)):
+                        for it in T.serial(T.ceildiv(ka - tx, _THREADS)):
                             rows[g, it * _THREADS + tx] = cache_idx[layer, g, it * _THREADS + tx]
         else:
             for g in T.parallel(HKV):
                 with T.sblock("append"):
+                    T.reads()
+                    T.writes()
                     slot = T.sblock_alloc_buffer((1,), "int64")
+                    ka: T.let[T.int64] = device_count(active_k, k)
                     slot[0] = T.int64(0)
-                    for j in T.serial(K):
+                    for j in T.serial(ka):
                         if cache_score[layer, g, j] < cache_score[layer, g, slot[0]] or (
                                 cache_score[layer, g, j] == cache_score[layer, g, slot[0]]
                                 and cache_idx[layer, g, j] < cache_idx[layer, g, slot[0]]):
                             slot[0] = j
-                    replace(cache_idx, cache_score, layer, g, slot[0], length)
-                    for j in T.serial(K):
+                    replace(cache_idx, cache_score, layer, g, slot[0], length, ka - 1)
+                    for j in T.serial(ka):
                         rows[g, j] = cache_idx[layer, g, j]
 
     return recycle_append

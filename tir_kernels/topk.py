@@ -13,7 +13,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from .common import emits_wgsl, i64, is_gpu
+from .common import device_count, emits_wgsl, i64, is_gpu
 from .tokenselect_scoring import allreduce_sum_i32
 
 TOPK_BLOCKS = 256  # CUDA blocks per pass (per head: at most), each over one contiguous chunk of candidates
@@ -270,7 +270,7 @@ def _radix_select(crit, ws, rows, nb, C, active, k, out, row0, off, last, sel):
 
 
 def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: int = 0,
-              n_local: int = 0) -> tirx.PrimFunc:
+              n_local: int = 0, counted: bool = False) -> tirx.PrimFunc:
     """``cache_idx[layer] = sorted(n_init + top-k positions of crit)`` unless the cache hit, and
     the layer's attended rows.
 
@@ -291,10 +291,15 @@ def make_topk(num_layers: int, top_k: int, n_init: int, target: Target, heads: i
     Outputs (fresh): idx[heads, top_k] int32, per head the ``top_k - 1`` largest of
     ``crit[h, :L - 1]`` (ties: lower position first) sorted, then ``L - 1`` (the current token is
     always kept, as TidalDecode's selection); workspace[heads, WORKSPACE_SIZE] int32.
-    Raises ValueError for ``top_k < 1``.
+    ``counted`` (with ``heads``; Recycled Attention's active K): the argument count[1] int32 (a
+    device tensor) follows ``crit``, and per head only ``c = min(count[0], top_k - 1)`` are
+    selected: ``idx[h, :c]`` sorted, ``idx[h, c] = L - 1``, the columns after it not written.
+    Raises ValueError for ``top_k < 1`` or ``counted`` without ``heads``.
     """
     if heads:
-        return _topk_heads(heads, top_k, target)
+        return _topk_heads(heads, top_k, target, counted)
+    if counted:
+        raise ValueError("make_topk: counted is an option of the per-head top-k (heads > 0)")
     if emits_wgsl(target):  # Vulkan: no atomics, no int64
         from .wgsl_topk import make_topk_wgsl
 
@@ -343,8 +348,10 @@ def _head_blocks(heads: int, C: tirx.PrimExpr) -> tirx.PrimExpr:
     return T.max(T.min(T.ceildiv(C, i64(_MIN_CHUNK)), most), i64(1))
 
 
-def _topk_heads(heads: int, top_k: int, target: Target) -> tirx.PrimFunc:
-    """``make_topk``'s batched form (``heads`` selections of ``top_k`` with the last token kept).
+def _topk_heads(heads: int, top_k: int, target: Target, counted: bool = False) -> tirx.PrimFunc:
+    """``make_topk``'s batched form (``heads`` selections of ``top_k`` with the last token kept;
+    ``counted``: of ``min(count[0], top_k - 1)`` and the last token, count[1] int32 the argument
+    after ``crit``).
 
     CPU: one task per head runs ``_select_cpu`` in its workspace row. GPU: the single selection's
     radix select, every head at once (grid heads x ``_head_blocks`` blocks of 256 threads per
@@ -353,9 +360,23 @@ def _topk_heads(heads: int, top_k: int, target: Target) -> tirx.PrimFunc:
     if top_k < 1:
         raise ValueError(f"top_k={top_k}: a selection keeps at least the current token")
     HS, K, WS = i64(heads), i64(top_k), i64(WORKSPACE_SIZE)
-    kk = top_k - 1  # selected besides the current token
+
+    def selected(count):  # besides the current token: static, or read from the device
+        return top_k - 1 if count is None else T.Cast("int32", device_count(count, top_k - 1))
 
     if is_gpu(target):
+
+        only_last = not counted and top_k == 1  # static: a budget of 1 keeps only the current token
+
+        @T.macro
+        def select_gpu(crit, idx, ws, L, count, active):
+            if only_last:
+                for hh in T.thread_binding(HS, thread="threadIdx.x"):
+                    with T.sblock("last"):
+                        idx[hh, 0] = T.Cast("int32", L - 1)
+            else:  # the current token goes after the selected ones
+                _radix_select(crit, ws, HS, _head_blocks(heads, L - 1), L - 1, active, selected(count), idx,
+                              T.int64(0), 0, T.Cast("int32", L - 1), None)
 
         @T.prim_func(s_tir=True)
         def topk_heads_gpu(crit_h: T.handle, idx_h: T.handle, ws_h: T.handle):
@@ -364,15 +385,29 @@ def _topk_heads(heads: int, top_k: int, target: Target) -> tirx.PrimFunc:
             crit = T.match_buffer(crit_h, (HS, L), "float32")
             idx = T.match_buffer(idx_h, (HS, K), "int32")
             ws = T.match_buffer(ws_h, (HS, WS), "int32")
-            if kk > 0:  # static; the current token L - 1 goes last, after the kk selected
-                _radix_select(crit, ws, HS, _head_blocks(heads, L - 1), L - 1, True, kk, idx,
-                              T.int64(0), 0, T.Cast("int32", L - 1), None)
-            else:  # a budget of 1 keeps only the current token
-                for hh in T.thread_binding(HS, thread="threadIdx.x"):
-                    with T.sblock("last"):
-                        idx[hh, 0] = T.Cast("int32", L - 1)
+            select_gpu(crit, idx, ws, L, None, True)
 
-        return topk_heads_gpu
+        @T.prim_func(s_tir=True)
+        def topk_heads_gpu_counted(crit_h: T.handle, count_h: T.handle, idx_h: T.handle, ws_h: T.handle):
+            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+            L = T.int64()
+            crit = T.match_buffer(crit_h, (HS, L), "float32")
+            count = T.match_buffer(count_h, (T.int64(1),), "int32")
+            idx = T.match_buffer(idx_h, (HS, K), "int32")
+            ws = T.match_buffer(ws_h, (HS, WS), "int32")
+            select_gpu(crit, idx, ws, L, count, selected(count) > 0)
+
+        return topk_heads_gpu_counted if counted else topk_heads_gpu
+
+    @T.macro
+    def select_cpu(crit, idx, ws, L, count):
+        crit_flat = T.decl_buffer((HS * L,), "float32", data=crit.data)
+        ws_flat = T.decl_buffer((HS * WS,), "int32", data=ws.data)
+        for hh in T.parallel(HS):
+            with T.sblock("topk"):
+                _select_cpu(crit_flat, ws_flat, idx, hh, L - 1, selected(count), 0, hh * L, hh * WS,
+                            selected(count) > 0)
+                idx[hh, selected(count)] = T.Cast("int32", L - 1)
 
     @T.prim_func(s_tir=True)
     def topk_heads(crit_h: T.handle, idx_h: T.handle, ws_h: T.handle):
@@ -381,11 +416,16 @@ def _topk_heads(heads: int, top_k: int, target: Target) -> tirx.PrimFunc:
         crit = T.match_buffer(crit_h, (HS, L), "float32")
         idx = T.match_buffer(idx_h, (HS, K), "int32")
         ws = T.match_buffer(ws_h, (HS, WS), "int32")
-        crit_flat = T.decl_buffer((HS * L,), "float32", data=crit.data)
-        ws_flat = T.decl_buffer((HS * WS,), "int32", data=ws.data)
-        for hh in T.parallel(HS):
-            with T.sblock("topk"):
-                _select_cpu(crit_flat, ws_flat, idx, hh, L - 1, kk, 0, hh * L, hh * WS, kk > 0)
-                idx[hh, top_k - 1] = T.Cast("int32", L - 1)
+        select_cpu(crit, idx, ws, L, None)
 
-    return topk_heads
+    @T.prim_func(s_tir=True)
+    def topk_heads_counted(crit_h: T.handle, count_h: T.handle, idx_h: T.handle, ws_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        L = T.int64()
+        crit = T.match_buffer(crit_h, (HS, L), "float32")
+        count = T.match_buffer(count_h, (T.int64(1),), "int32")
+        idx = T.match_buffer(idx_h, (HS, K), "int32")
+        ws = T.match_buffer(ws_h, (HS, WS), "int32")
+        select_cpu(crit, idx, ws, L, count)
+
+    return topk_heads_counted if counted else topk_heads

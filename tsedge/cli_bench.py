@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from tsedge.cli_options import TARGET_HELP, resolve_target
+from tsedge.cli_options import TARGET_HELP, RecycleK, resolve_target
 from tsedge.models.config import PRESETS
 
 
@@ -57,8 +57,9 @@ def _bench_command(kind: str):
                   help="prefill: also time to first token of a prompt of this many tokens (0: off)")
     @click.option("--tidal-budget", type=click.IntRange(1), default=None,
                   help="TidalDecode's budget (default: the policy's, 256)")
-    @click.option("--recycle-k", type=click.IntRange(1), default=None,
-                  help="Recycled Attention's K (default: the policy's, 256)")
+    @click.option("--recycle-k", type=RecycleK(), default=None,
+                  help="Recycled Attention's K: a token count (a same-budget comparison) or a fraction of "
+                       "the context (default: the policy's, the paper's 1/8)")
     @click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="bench/results",
                   show_default=True, help="JSON and PNG go here")
     @click.option("--tag", default=None, help="file name stem (default: <kind>_<preset>_<device>)")

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from tsedge.models.config import POLICIES, PolicyConfig
+from tsedge.models.config import POLICIES, PolicyConfig, parse_recycle_k
 from tsedge.progress import interactive, token_progress
 from tsedge.sampling import PEER_DEFAULTS, SamplingParams, generation_config_defaults
 
@@ -110,8 +110,7 @@ def policy_options(func):
         click.option("--tidal-per-kv-head", is_flag=True, default=False,
                      help="TidalDecode: one token set per KV head (max of its group's logits), not per query head"),
         click.option("--recycle-k", type=RecycleK(), default=defaults.recycle_k, show_default=True,
-                     help="Recycled Attention: rows of each layer's partial cache, fixed at compile time "
-                          "(the paper: 1/8 of the prompt)"),
+                     help=RECYCLE_K_HELP),
         click.option("--recycle-stride", type=click.IntRange(min=1), default=defaults.recycle_stride,
                      show_default=True, help="Recycled Attention: decode steps between refresh checks (paper: 5 or 10)"),
         click.option("--recycle-threshold", type=FiniteFloatRange(min=-1), default=defaults.recycle_threshold,
@@ -140,17 +139,22 @@ def cache_correction_option(func):
              "public code uses 128)")(func)
 
 
+RECYCLE_K_HELP = ("Recycled Attention: rows of each layer's partial cache, a fraction of the prompt (default: "
+                  "the paper's 1/8; the library holds ceil(fraction x --max-context) rows, so it is never "
+                  "clamped; each prefill sets K = round(fraction x context), at least 1) or a token count")
+
+
 class RecycleK(click.ParamType):
-    """--recycle-k: a positive token count. The paper's K is a fraction of each prompt; a
-    library's partial caches have a fixed shape, so a fraction is refused in one line."""
+    """--recycle-k: a token count (``256``) or a fraction of the prompt (``1/8``, ``0.125``), as
+    ``parse_recycle_k`` reads it; anything else fails in one line."""
 
-    name = "tokens"
+    name = "K|FRACTION"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int) or str(value).strip().isdigit():
-            return click.IntRange(min=1).convert(value, param, ctx)
-        self.fail(f"{value!r}: K is fixed when the library is compiled; give a token count (the paper's "
-                  f"1/8 of the prompt is 256 for a 2K prompt, {PolicyConfig().recycle_k} by default)", param, ctx)
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        try:
+            return parse_recycle_k(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
 
 
 def _layer_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:

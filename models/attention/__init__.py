@@ -22,8 +22,10 @@ def check_policy(policy: PolicyConfig, cfg: ModelConfig) -> None:
         check_tidaldecode(policy, cfg)
 
 
-def make_policy(policy: PolicyConfig, cfg: ModelConfig, dtype: str, target: Target):
-    """The policy object the model calls once per layer."""
+def make_policy(policy: PolicyConfig, cfg: ModelConfig, dtype: str, target: Target, max_context: int = 0):
+    """The policy object the model calls once per layer. ``max_context``: the library's KV cache
+    in tokens (Recycled Attention sizes its partial caches by it; raises ValueError when a
+    fraction ``recycle_k`` meets no ``max_context``)."""
     if policy.name == "dense":
         return DensePolicy(cfg, dtype, target)
     if policy.name == "tokenselect":
@@ -33,6 +35,6 @@ def make_policy(policy: PolicyConfig, cfg: ModelConfig, dtype: str, target: Targ
     if policy.name == "tidaldecode":
         return TidalDecodePolicy(cfg, dtype, target, policy)
     if policy.name == "recycled":
-        return RecycledPolicy(cfg, dtype, target, policy)
+        return RecycledPolicy(cfg, dtype, target, policy, max_context)
     raise NotImplementedError(f"policy {policy.name!r} is not compiled yet "
                               "(available: dense, tokenselect, streaming, tidaldecode, recycled)")

@@ -17,7 +17,15 @@ between full attention and attention over a per-layer, per-KV-head partial cache
   budget) runs a full step first.
 - The decision stays on the device: both attention passes and the rebuild are launched every
   step and ``tir_kernels.recycle.gated`` makes the unchosen ones return at once.
-- Within the budget (``prefill``/``decode``) every function runs dense code.
+- K (``recycle_k``): a token count, or a fraction of the prompt (the paper's 1/8, the default).
+  The partial caches have K_max slots (``PolicyConfig.recycle_capacity(max_context)``: the count,
+  or ``ceil(fraction * max_context)``); the active K lives on the device in the state
+  ``recycle_k[1]``: every prefill chunk beyond the budget sets it from the context it ends at
+  (``PolicyConfig.recycle_active_k``; a count: K_max), a decode step only where it is unset (0:
+  the state was zeroed and no prefill ran beyond the budget), and every partial-cache kernel
+  reads it (``counted``), so the decode step takes no host value for it.
+- Within the budget (``prefill``/``decode``) every function runs dense code; a fraction's budget
+  is 0 (every context has its partial cache).
 """
 
 from __future__ import annotations
@@ -28,8 +36,8 @@ from tvm.target import Target
 
 from tsedge.tir_kernels import attention, cache_ops, decode_attention
 from tsedge.tir_kernels.common import i64, is_gpu
-from tsedge.tir_kernels.recycle import (POOL_KERNEL, SCORE_CHUNKS, gated, make_query_mean,
-                                        make_recycle_append, make_recycle_scores, make_recycle_store)
+from tsedge.tir_kernels.recycle import (POOL_KERNEL, SCORE_CHUNKS, gated, make_query_mean, make_recycle_append,
+                                        make_recycle_k, make_recycle_scores, make_recycle_store)
 from tsedge.tir_kernels.selection_cache import STRIDE_STATE, make_selection_check
 from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
 
@@ -45,17 +53,23 @@ def _like(t: nn.Tensor) -> nn.Tensor:
 
 class RecycledPolicy(DensePolicy):
     """State (runtime-owned, zero-initialised): ``cache_qbar[NL, 1, d]`` f32 (the mean query of
-    each layer's last full step), ``cache_idx[NL, Hkv, K]`` i32 and ``cache_score[NL, Hkv, K]``
-    f32 (the partial caches), ``sel_state[NL, 5]`` i32 (``[partial_this_step, valid,
-    partial_steps, decode_checks, steps_since_full]``: ``Engine.selection_stats`` reports
-    partial steps as hits)."""
+    each layer's last full step), ``cache_idx[NL, Hkv, K_max]`` i32 and ``cache_score[NL, Hkv,
+    K_max]`` f32 (the partial caches: their first K slots, the active K), ``sel_state[NL, 5]`` i32
+    (``[partial_this_step, valid, partial_steps, decode_checks, steps_since_full]``:
+    ``Engine.selection_stats`` reports partial steps as hits), ``recycle_k[1]`` i32 (the active K;
+    0: unset). ``max_context``: the library's KV cache, which sizes K_max for a fraction (raises
+    ValueError as ``PolicyConfig.recycle_capacity``)."""
 
     selects = True
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig, max_context: int) -> None:
         super().__init__(cfg, dtype, target)
         self.policy = policy
-        nl, h, hkv, d, k = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, policy.recycle_k
+        self.k_max = k = policy.recycle_capacity(max_context)
+        nl, h, hkv, d = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        fraction = policy.recycle_fraction
+        self.set_k = make_recycle_k(None if fraction is None else (fraction.numerator, fraction.denominator), k,
+                                    target)
         threshold = None if policy.recycle_fixed_stride else policy.recycle_threshold
         self.check = make_selection_check(nl, 1, d, threshold, target, stride=policy.recycle_stride)
         self.query_mean = make_query_mean(h, d, dtype, target)
@@ -70,33 +84,40 @@ class RecycledPolicy(DensePolicy):
             return gated(func, nl, STRIDE_STATE, when, inputs)
 
         self.scored = on(FULL, make(nl, h, hkv, d, dtype, target, logit_sets=h))
-        self.sparse = on(PARTIAL, make(nl, h, hkv, d, dtype, target, row_sets=hkv))
+        self.sparse = on(PARTIAL, make(nl, h, hkv, d, dtype, target, row_sets=hkv, counted=True))
         self.merge_full = on(FULL, self.merge, inputs=2)
         self.merge_partial = on(PARTIAL, self.merge, inputs=2)
         self.scores = on(FULL, make_recycle_scores(h, hkv, POOL_KERNEL, target), inputs=1)
-        self.topk = on(FULL, make_topk(nl, k + 1, 0, target, heads=hkv), inputs=1)
+        self.topk = on(FULL, make_topk(nl, k + 1, 0, target, heads=hkv, counted=True), inputs=2)
         self.store = on(FULL, make_recycle_store(nl, hkv, k, target))
         self.append_row = on(PARTIAL, make_recycle_append(nl, hkv, k, target))
 
     def state_specs(self) -> list[tuple[str, list[int], str]]:
-        cfg, nl, k = self.cfg, self.cfg.num_layers, self.policy.recycle_k
+        cfg, nl, k = self.cfg, self.cfg.num_layers, self.k_max
         return [("cache_qbar", [nl, 1, cfg.head_dim], "float32"),
                 ("cache_idx", [nl, cfg.num_kv_heads, k], "int32"),
                 ("cache_score", [nl, cfg.num_kv_heads, k], "float32"),
-                ("sel_state", [nl, STRIDE_STATE], "int32")]
+                ("sel_state", [nl, STRIDE_STATE], "int32"),
+                ("recycle_k", [1], "int32")]
 
     def begin_step(self, step) -> None:
-        """Dense rows (beyond the budget the full passes read them too)."""
+        """Dense rows (beyond the budget the full passes read them too); beyond the budget, the
+        active K: set by a prefill chunk, by a decode step only where unset."""
         super().begin_step(step)
-        if step.select and step.rows is None:
-            total = step.past + step.n
-            step.rows = op.tensor_ir_op(self.iota, "iota", args=[total],
-                                        out=nn.Tensor.placeholder([total], "int32"))
+        if not step.select:
+            return
+        if step.rows is None:
+            step.rows = self.dense_rows(step)
+        *rest, active_k = step.state
+        active_k = op.tensor_ir_inplace_op(self.set_k, "recycle_k",
+                                           args=[step.length, active_k, i64(int(not step.one_query))],
+                                           inplace_indices=[1], out=_like(active_k))
+        step.state = [*rest, active_k]
 
     def attend(self, layer_id: int, qkv: nn.Tensor, step) -> nn.Tensor:
         if not step.select:
             return super().attend(layer_id, qkv, step)
-        if not (isinstance(step.n, int) and step.n == 1):  # a prefill chunk: dense, then rebuild
+        if not step.one_query:  # a prefill chunk: dense, then rebuild
             out = super().attend(layer_id, qkv, step)
             n, width = qkv.shape[0], qkv.shape[1] * qkv.shape[2]
             last = op.tensor_ir_op(self.last_query, "last_query", args=[op.reshape(qkv, [n, width])],
@@ -108,16 +129,15 @@ class RecycledPolicy(DensePolicy):
             return out
         self.append(layer_id, qkv, step)
         self._check(layer_id, qkv, step, force_full=False)
-        cache_qbar, cache_idx, cache_score, sel_state = step.state
+        cache_qbar, cache_idx, cache_score, sel_state, active_k = step.state
         layer = i64(layer_id)
         cache_idx, cache_score, rows = op.tensor_ir_inplace_op(
-            self.append_row, "recycle_append", args=[cache_idx, cache_score, layer, sel_state, step.past + step.n],
-            inplace_indices=[0, 1, -1],
-            out=[_like(cache_idx), _like(cache_score),
-                 nn.Tensor.placeholder([self.cfg.num_kv_heads, self.policy.recycle_k], "int32")])
-        step.state = [cache_qbar, cache_idx, cache_score, sel_state]
+            self.append_row, "recycle_append",
+            args=[cache_idx, cache_score, active_k, layer, sel_state, step.past + step.n], inplace_indices=[0, 1, -1],
+            out=[_like(cache_idx), _like(cache_score), nn.Tensor.placeholder([self.cfg.num_kv_heads, self.k_max], "int32")])
+        step.state = [cache_qbar, cache_idx, cache_score, sel_state, active_k]
         o_full, lse_full, logits = self._full(layer_id, qkv, step)
-        o_part, lse_part = self._attention(self.sparse, "attention_recycled", layer_id, qkv, step, rows)
+        o_part, lse_part = self._attention(self.sparse, "attention_recycled", layer_id, qkv, step, rows, active_k)
         self._rebuild(layer_id, logits, step)
         out = op.tensor_ir_op(self.merge_partial, "merge_recycled", args=[o_part, lse_part, sel_state, layer],
                               out=nn.Tensor.placeholder([1, self.cfg.num_heads, self.cfg.head_dim], self.dtype))
@@ -126,23 +146,26 @@ class RecycledPolicy(DensePolicy):
 
     def _check(self, layer_id: int, q: nn.Tensor, step, force_full: bool) -> None:
         """The refresh check of ``q``'s last query (a forced full step, uncounted, for prefill)."""
-        cache_qbar, cache_idx, cache_score, sel_state = step.state
+        cache_qbar, cache_idx, cache_score, sel_state, active_k = step.state
         qmean = op.tensor_ir_op(self.query_mean, "query_mean", args=[q],
                                 out=nn.Tensor.placeholder([1, self.cfg.head_dim], "float32"))
         cache_qbar, sel_state = op.tensor_ir_inplace_op(
             self.check, "refresh_check", args=[qmean, cache_qbar, sel_state, i64(layer_id), i64(int(force_full))],
             inplace_indices=[1, 2], out=[_like(cache_qbar), _like(sel_state)])
-        step.state = [cache_qbar, cache_idx, cache_score, sel_state]
+        step.state = [cache_qbar, cache_idx, cache_score, sel_state, active_k]
 
-    def _attention(self, kernel, name: str, layer_id: int, q: nn.Tensor, step, rows: nn.Tensor, logits: bool = False):
-        """One query's gated attention partials over ``rows`` (+ its logits [H, M] f32)."""
+    def _attention(self, kernel, name: str, layer_id: int, q: nn.Tensor, step, rows: nn.Tensor,
+                   count: nn.Tensor | None = None, logits: bool = False):
+        """One query's gated attention partials over ``rows`` (the first ``count[0]`` of each
+        set's, a ``counted`` kernel) (+ its logits [H, M] f32)."""
         h, d = self.cfg.num_heads, self.cfg.head_dim
         m = rows.shape[-1]
         outs = [nn.Tensor.placeholder([1, self.chunks(m), h, d], "float32"),
                 nn.Tensor.placeholder([1, self.chunks(m), h], "float32")]
         if logits:
             outs.append(nn.Tensor.placeholder([h, m], "float32"))
-        return op.tensor_ir_op(kernel, name, args=[q, step.kv, step.rope, rows, i64(layer_id), step.state[3]],
+        counts = [] if count is None else [count]
+        return op.tensor_ir_op(kernel, name, args=[q, step.kv, step.rope, rows, *counts, i64(layer_id), step.state[3]],
                                out=outs)
 
     def _full(self, layer_id: int, q: nn.Tensor, step):
@@ -150,16 +173,17 @@ class RecycledPolicy(DensePolicy):
         return self._attention(self.scored, "attention_recycled_full", layer_id, q, step, step.rows, logits=True)
 
     def _rebuild(self, layer_id: int, logits: nn.Tensor, step) -> None:
-        """On a full step: scores, top-K per KV head, stored into the layer's partial cache."""
-        cache_qbar, cache_idx, cache_score, sel_state = step.state
-        layer, hkv, k = i64(layer_id), self.cfg.num_kv_heads, self.policy.recycle_k
+        """On a full step: scores, top-K per KV head (K the active one), stored into the layer's
+        partial cache."""
+        cache_qbar, cache_idx, cache_score, sel_state, active_k = step.state
+        layer, hkv, k = i64(layer_id), self.cfg.num_kv_heads, self.k_max
         crit, _ = op.tensor_ir_op(self.scores, "recycle_scores", args=[logits, sel_state, layer],
                                   out=[nn.Tensor.placeholder([hkv, logits.shape[1] + 1], "float32"),
                                        nn.Tensor.placeholder([self.cfg.num_heads, SCORE_CHUNKS + 1, 2], "float32")])
-        idx, _ = op.tensor_ir_op(self.topk, "recycle_topk", args=[crit, sel_state, layer],
+        idx, _ = op.tensor_ir_op(self.topk, "recycle_topk", args=[crit, active_k, sel_state, layer],
                                  out=[nn.Tensor.placeholder([hkv, k + 1], "int32"),
                                       nn.Tensor.placeholder([hkv, WORKSPACE_SIZE], "int32")])
         cache_idx, cache_score = op.tensor_ir_inplace_op(
-            self.store, "recycle_store", args=[idx, crit, cache_idx, cache_score, layer, sel_state],
+            self.store, "recycle_store", args=[idx, crit, cache_idx, cache_score, active_k, layer, sel_state],
             inplace_indices=[2, 3], out=[_like(cache_idx), _like(cache_score)])
-        step.state = [cache_qbar, cache_idx, cache_score, sel_state]
+        step.state = [cache_qbar, cache_idx, cache_score, sel_state, active_k]

@@ -45,9 +45,10 @@ def parse_depths(text: str) -> list[int]:
     return depths
 
 
-def variants(policies: list[str], kind: str, **budgets: int | None) -> dict[str, PolicyConfig]:
+def variants(policies: list[str], kind: str, **budgets: int | str | None) -> dict[str, PolicyConfig]:
     """Library variants measured for ``policies``, each with its default budgets but those given
-    (``PolicyConfig`` fields, e.g. ``tidal_budget``, ``recycle_k``; None keeps the default) —
+    (``PolicyConfig`` fields, e.g. ``tidal_budget``, ``recycle_k``: a count, or a fraction ``"1/8"``
+    of the context, the default, whose K at a depth is that depth's; None keeps the default) —
     decode adds ``tokenselect-reselect``; raises ValueError for a policy the compiler does not know."""
     chosen = {}
     given = {field: value for field, value in budgets.items() if value is not None}
