@@ -191,7 +191,9 @@ CHUNK_CASES = [
 
 @pytest.mark.skipif(MODE == "llvm", reason="CUDA tensor-core kernel (CPU prefill runs attention_partial, tested above)")
 @pytest.mark.parametrize("n_heads, n_kv, head_dim, n, m, capacity", CHUNK_CASES)
-def test_chunk_attention(n_heads, n_kv, head_dim, n, m, capacity):
+@pytest.mark.parametrize("variant", [{}, {"keys": 64}, {"cuda_arch": "sm_90"}],
+                         ids=["wgmma", "wgmma-keys64", "mma-sync"])  # harness CUDA: sm_90a (wgmma)
+def test_chunk_attention(n_heads, n_kv, head_dim, n, m, capacity, variant):
     rng = np.random.default_rng(m * 7 + n)
     kv = rng.standard_normal((NUM_LAYERS, 2, n_kv, capacity, head_dim)).astype(np.float16)
     q = rng.standard_normal((n, n_heads, head_dim)).astype(np.float16)
@@ -202,7 +204,7 @@ def test_chunk_attention(n_heads, n_kv, head_dim, n, m, capacity):
     lse = tensor(np.full((n, splits, n_heads), np.nan, np.float32))
     out = tensor(np.full((n, n_heads, head_dim), np.nan, np.float16))
     qkv = np.concatenate([q, rng.standard_normal((n, 2 * n_kv, head_dim)).astype(np.float16)], axis=1)
-    build(chunk.make_chunk_attention, NUM_LAYERS, n_heads, n_kv, head_dim, "float16")(
+    build(chunk.make_chunk_attention, NUM_LAYERS, n_heads, n_kv, head_dim, "float16", **variant)(
         tensor(qkv), tensor(kv), tensor(table.astype(np.float32)), tensor(rows), LAYER, o, lse)
     build(attn.make_attention_merge, n_heads, head_dim, "float16")(o, lse, out)
     expected = attention(q, kv[LAYER, 0][:, rows], kv[LAYER, 1][:, rows], table)
@@ -211,7 +213,13 @@ def test_chunk_attention(n_heads, n_kv, head_dim, n, m, capacity):
 
 @pytest.mark.skipif(MODE != "llvm", reason="codegen check runs where the compiler is")
 def test_chunk_attention_cuda_uses_tensor_cores():
-    func = chunk.make_chunk_attention(2, 32, 8, 128, "float16", CUDA)
+    from tsedge.compile.targets import cuda_target
+
+    hopper = cuda_source(chunk.make_chunk_attention(2, 32, 8, 128, "float16", CUDA))  # sm_90a: wgmma
+    assert "m64n32k16_f32_f16_f16_1_1_0_0(sf" in hopper and "m64n128k16_f32_f16_f16_1_1_1(of" in hopper
+    assert "mma.sync" not in hopper and "fence.proxy.async.shared::cta" in hopper
+    assert "k_sh_ptr" not in hopper  # every tile in the (1024-byte aligned) dynamic buffer
+    func = chunk.make_chunk_attention(2, 32, 8, 128, "float16", cuda_target("sm_90"))
     source = cuda_source(func)
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in source
     assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in source

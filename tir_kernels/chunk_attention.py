@@ -27,6 +27,15 @@ Attention with Better Parallelism and Work Partitioning", 2023):
 
 Splitting the keys keeps the GPU full when a short chunk meets a long context; ``S`` partial
 outputs per query (``chunk_splits``) are merged like the other attention kernels' chunks.
+
+On Hopper (``sm_90a``) both products run on ``wgmma`` instead (``matmul_wgmma``; FlashAttention-3's
+use of it, Shah et al. 2024, without its warp specialisation): two warpgroups of 64 rows; queries,
+rotated keys and values live in shared memory in wgmma's 128-byte-swizzled layout (64 elements a
+row, ``matmul.swizzled``, atoms of ``head_dim / 64`` column blocks) so ``S = Q Kᵀ`` reads both
+operands through descriptors, and ``O += P V`` takes ``P`` from registers (the accumulator layout of
+``S`` is wgmma's register layout of A) and ``V`` MN-major (``trans_b``); generic-proxy writes
+(the staged queries, rotated keys, ``cp.async`` copies) are fenced for the async proxy before the
+block barrier that precedes their wgmma.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ from tvm.target import Target
 
 from .attention import LOG2E, NEG_INF, rope_rotated
 from .common import has_mma_sync, i64, max_shared_memory, mma_m16n8k16
+from .matmul import swizzled
+from .matmul_wgmma import smem_descriptor, wgmma
 
 WARPS = 4  # per block
 M_TILES = 2  # 16-row mma tiles of (query, head) rows per warp: each K/V fragment feeds this many mma
@@ -54,11 +65,22 @@ def chunk_splits(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
     return (num_keys + SPLIT - 1) // SPLIT
 
 
-def _shared_bytes(head_dim: int, warps: int, keys: int, stages: int, m_tiles: int) -> int:
+def _shared_bytes(head_dim: int, warps: int, keys: int, stages: int, m_tiles: int, hopper: bool = False) -> int:
     """Shared memory of one block: staged queries, the rotated key tile, and per stage the raw
-    keys, padded values (float16) and RoPE rows (float32)."""
-    stride = head_dim + PAD
+    keys, values (float16; rows padded but with ``hopper``) and RoPE rows (float32)."""
+    stride = head_dim if hopper else head_dim + PAD
     return (16 * warps * m_tiles + keys) * stride * 2 + stages * keys * ((head_dim + stride) * 2 + head_dim * 4)
+
+
+def uses_wgmma(head_dim: int, target: Target) -> bool:
+    """The Hopper path: CUDA sm_90a and ``head_dim`` a multiple of 64 (whole 128-byte swizzle rows)."""
+    return target.kind.name == "cuda" and str(target.attrs.get("arch", "")) == "sm_90a" and head_dim % 64 == 0
+
+
+def _swizzled_at(row: "tirx.PrimExpr", col: "tirx.PrimExpr", rows: int) -> "tirx.PrimExpr":
+    """Element offset of (``row``, ``col``) in a ``rows``-row float16 tile stored as wgmma's 128-byte
+    swizzle atoms: column block ``col // 64`` after column block, 64 elements a row."""
+    return col // 64 * rows * 64 + swizzled(row, col % 64 // 8, 64) + col % 8
 
 
 def supported(dtype: str, head_dim: int, target: Target) -> bool:
@@ -69,32 +91,40 @@ def supported(dtype: str, head_dim: int, target: Target) -> bool:
 
 
 def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
-                         target: Target, warps: int = WARPS, keys: int = KEYS, stages: int = STAGES,
+                         target: Target, warps: int | None = None, keys: int = KEYS, stages: int = STAGES,
                          m_tiles: int | None = None) -> tirx.PrimFunc:
     """Args: q[n, >= H, d] float16 (its first H heads are the queries), kv[layers, 2, Hkv, cap, d]
     float16, rope[P, d] float32, rows[M] int32, layer (int64).
 
     Outputs: o[n, S, H, d] float32 (each split's normalised output), lse[n, S, H] float32
     (log2-sum-exp of the split's scaled scores, ``NEG_INF`` where the split has no visible key),
-    with ``S = chunk_splits(M)``. ``warps`` (``16 m_tiles`` rows each) and ``keys`` (a multiple of
-    16 dividing ``SPLIT``) shape the block and its key tile; ``stages`` (≥ 2) tiles are in shared memory;
-    ``m_tiles`` defaults to ``M_TILES`` where that block fits the target's shared memory (sm_90, sm_80),
-    else 1 (sm_86/89: 99 KB). Raises ValueError where ``supported`` is False or the block exceeds the
-    target's shared memory.
+    with ``S = chunk_splits(M)``. ``warps`` (``16 m_tiles`` rows each; default ``WARPS``) and ``keys``
+    (a multiple of 16 dividing ``SPLIT``) shape the block and its key tile; ``stages`` (≥ 2) tiles are in
+    shared memory; ``m_tiles`` defaults to ``M_TILES`` where that block fits the target's shared memory
+    (sm_90, sm_80), else 1 (sm_86/89: 99 KB). Where ``uses_wgmma`` holds the block is 8 warps (two
+    warpgroups) of one 16-row tile each, ``keys`` at most 256. Raises ValueError where ``supported`` is
+    False or the block exceeds the target's shared memory.
     """
     if not supported(dtype, head_dim, target):
         raise ValueError("tensor-core chunk attention needs CUDA sm_80+, float16 and head_dim a multiple "
                          f"of 16 (got {target.kind.name}, {dtype}, head_dim {head_dim}); use attention_partial")
     limit = max_shared_memory(target)
+    hopper = uses_wgmma(head_dim, target)
+    if hopper:
+        if warps not in (None, 8) or m_tiles not in (None, 1) or keys > 256:
+            raise ValueError(f"wgmma chunk attention: 8 warps of one 16-row tile and at most 256 keys a tile "
+                             f"(got warps {warps}, m_tiles {m_tiles}, keys {keys})")
+        warps, m_tiles = 8, 1
+    warps = warps or WARPS
     if m_tiles is None:
         m_tiles = M_TILES if _shared_bytes(head_dim, warps, keys, stages, M_TILES) <= limit else 1
     group = n_heads // n_kv
     half = head_dim // 2
-    stride = head_dim + PAD
+    stride = head_dim if hopper else head_dim + PAD
     threads, rows_per_block = 32 * warps, 16 * warps * m_tiles
     MT = i64(m_tiles)
-    stage_elems = keys * (head_dim + stride)  # float16: raw keys, padded values
-    if _shared_bytes(head_dim, warps, keys, stages, m_tiles) > limit or keys % 16 or SPLIT % keys or stages < 2:
+    stage_elems = keys * (head_dim + stride)  # float16: raw keys, values (padded rows but on Hopper)
+    if _shared_bytes(head_dim, warps, keys, stages, m_tiles, hopper) > limit or keys % 16 or SPLIT % keys or stages < 2:
         raise ValueError(f"chunk attention: {warps} warps x {keys} keys per tile x {stages} stages exceed the "
                          f"target's shared memory or do not tile the {SPLIT}-key split in multiples of 16")
     k_steps = head_dim // 16  # k-steps of Q Kᵀ
@@ -110,6 +140,15 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
     scale = LOG2E / math.sqrt(head_dim)
     H, D, HKV, G = i64(n_heads), i64(head_dim), i64(n_kv), i64(group)
 
+    def q_at(r, c):  # the staged queries: padded rows, or wgmma's swizzled atoms
+        return _swizzled_at(r, c, rows_per_block) if hopper else r * stride + c
+
+    def k_at(j, c):  # the rotated key tile
+        return _swizzled_at(j, c, keys) if hopper else j * stride + c
+
+    def v_at(j, c):  # a stage's values, after its raw keys
+        return keys * head_dim + (_swizzled_at(j, c, keys) if hopper else j * stride + c)
+
     @T.macro
     def copy_tile(kv, rope, rows, kv_st, r_st, layer, cap, by, t, key_start, key_lim, tid):
         """Issue the copies of tile ``t`` (its rows clamped to the split's last) into stage ``t % stages``."""
@@ -123,7 +162,7 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                     kv_st.data, base + jj * head_dim + c, kv.data,
                     (((layer * 2) * HKV + by) * cap + row) * D + c, 16, dtype="float16"))
                 T.evaluate(T.s_tir.cp_async_raw.legacy(
-                    kv_st.data, base + keys * head_dim + jj * stride + c, kv.data,
+                    kv_st.data, base + v_at(jj, c), kv.data,
                     (((layer * 2 + 1) * HKV + by) * cap + row) * D + c, 16, dtype="float16"))
         for it in T.unroll(i64(rope_items)):
             if it * threads + tid < keys * (head_dim // 4):
@@ -156,13 +195,17 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                 # which the pass merging dynamic allocations rewrites
                                 # rotated keys in static shared memory: a buffer apart from the merged dynamic one,
                                 # so TVM's barrier insertion sees no hazard between reading a stage and writing these
-                                k_sh = T.sblock_alloc_buffer((keys * stride,), "float16", scope="shared")
+                                # (on Hopper dynamic too: wgmma's swizzled tiles need 1024-byte alignment, which
+                                # a static buffer before the dynamic ones would break)
+                                k_sh = T.sblock_alloc_buffer((keys * stride,), "float16",
+                                                             scope="shared.dyn" if hopper else "shared")
                                 kv_st = T.sblock_alloc_buffer((stages * stage_elems,), "float16", scope="shared.dyn")
                                 r_st = T.sblock_alloc_buffer((stages * keys * head_dim,), "float32", scope="shared.dyn")
                                 q_sh = T.sblock_alloc_buffer((rows_per_block * stride,), "float16", scope="shared.dyn")
                                 qf = T.sblock_alloc_buffer((m_tiles * 8,), "float16", scope="local")  # A fragments of Q
                                 sf = T.sblock_alloc_buffer((m_tiles * key_blocks * 4,), "float32", scope="local")
                                 pf = T.sblock_alloc_buffer((m_tiles * pv_steps * 8,), "float16", scope="local")
+                                pa = T.sblock_alloc_buffer((pv_steps * 4,), "uint32", scope="local")  # P, wgmma's A
                                 of = T.sblock_alloc_buffer((m_tiles * d_blocks * 4,), "float32", scope="local")
                                 bk = T.sblock_alloc_buffer((key_blocks * 4,), "float16", scope="local")  # B frags of K
                                 bv = T.sblock_alloc_buffer((v_group * 8,), "float16", scope="local")  # B frags of V
@@ -191,10 +234,12 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                     f: T.let[T.int64] = bz * rows_per_block + (it * threads + tid) // head_dim
                                     dq: T.let[T.int64] = (it * threads + tid) % head_dim
                                     if it * threads + tid < rows_per_block * head_dim:
-                                        q_sh[(f - bz * rows_per_block) * stride + dq] = T.if_then_else(
+                                        q_sh[q_at(f - bz * rows_per_block, dq)] = T.if_then_else(
                                             f < n * G, T.Cast("float16", scale * rope_rotated(
                                                 q, f // G, by * G + f % G, dq, rope, m_keys - n + f // G, half)),
                                             T.float16(0))
+                                if hopper:
+                                    T.evaluate(T.ptx.fence.proxy.async_.shared__cta())
                                 for e in T.unroll(m_tiles * d_blocks * 4):
                                     of[e] = T.float32(0)
                                 tiles: T.let[T.int64] = T.max(key_end - key_start + keys - 1, T.int64(0)) // keys
@@ -208,6 +253,8 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                     for r2 in T.unroll(2 * MT):
                                         lim[r2] = T.Cast("int32", T.max(T.min(key_lim, qp[r2] + 1) - j0, T.int64(-1)))
                                     T.evaluate(T.ptx.cp.async_.wait_group(stages - 2))  # tile t landed (own copies)
+                                    if hopper:
+                                        T.evaluate(T.ptx.fence.proxy.async_.shared__cta())
                                     T.tvm_storage_sync("shared")  # everyone's; the previous tile's buffers are free
                                     if t + stages - 1 < tiles:
                                         copy_tile(kv, rope, rows, kv_st, r_st, layer, cap, by, t + stages - 1,
@@ -232,22 +279,34 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                             kr[8 + e] = T.Cast("float16", T.Cast("float32", kx[8 + e]) * cs[e]
                                                                + T.Cast("float32", kx[e]) * cs[8 + e])
                                         for e in T.vectorized(8):
-                                            k_sh[jj * stride + d0 + e] = kr[e]
+                                            k_sh[k_at(jj, d0) + e] = kr[e]
                                         for e in T.vectorized(8):
-                                            k_sh[jj * stride + half + d0 + e] = kr[8 + e]
+                                            k_sh[k_at(jj, half + d0) + e] = kr[8 + e]
+                                    if hopper:
+                                        T.evaluate(T.ptx.fence.proxy.async_.shared__cta())
                                     T.tvm_storage_sync("shared")
                                     for e in T.unroll(m_tiles * key_blocks * 4):
                                         sf[e] = T.float32(0)
-                                    for ks in T.unroll(k_steps):  # S = Q Kᵀ: independent mma back to back
+                                    if hopper:  # S = Q Kᵀ: the warpgroup's 64 rows x the tile's keys
+                                        T.evaluate(T.ptx.wgmma.fence.sync.aligned())
+                                        for ks in T.unroll(k_steps):
+                                            T.evaluate(wgmma(keys, sf, keys // 2, smem_descriptor(T.cuda.cvta_generic_to_shared(
+                                                q_sh.access_ptr("r", offset=ks // 4 * rows_per_block * 64 + ty // 4 * 64 * 64
+                                                                + ks % 4 * 16))),
+                                                smem_descriptor(T.cuda.cvta_generic_to_shared(
+                                                    k_sh.access_ptr("r", offset=ks // 4 * keys * 64 + ks % 4 * 16)))))
+                                        T.evaluate(T.ptx.wgmma.commit_group.sync.aligned())
+                                        T.evaluate(T.ptx.wgmma.wait_group.sync.aligned(0))
+                                    for ks in T.unroll(0 if hopper else k_steps):  # S = Q Kᵀ: independent mma back to back
                                         for mt in T.unroll(MT):
                                             T.evaluate(T.ptx_legacy.ldmatrix(
                                                 False, 4, ".b16", qf.data, mt * 8, q_sh.access_ptr("r"),
-                                                ((ty * MT + mt) * 16 + (tx // 8) % 2 * 8 + tx % 8) * stride + ks * 16 + tx // 16 * 8,
+                                                q_at((ty * MT + mt) * 16 + (tx // 8) % 2 * 8 + tx % 8, ks * 16 + tx // 16 * 8),
                                                 dtype="float16"))
                                         for nb in T.unroll(key_blocks // 2):  # two key blocks per ldmatrix
                                             T.evaluate(T.ptx_legacy.ldmatrix(
                                                 False, 4, ".b16", bk.data, nb * 8, k_sh.access_ptr("r"),
-                                                ((2 * nb + tx // 16) * 8 + tx % 8) * stride + ks * 16 + (tx // 8) % 2 * 8,
+                                                k_at((2 * nb + tx // 16) * 8 + tx % 8, ks * 16 + (tx // 8) % 2 * 8),
                                                 dtype="float16"))
                                         for mt in T.unroll(MT):
                                             for nb in T.unroll(key_blocks):
@@ -281,13 +340,25 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                                     l_run[mt * 2 + rr] = l_run[mt * 2 + rr] + sf[(mt * key_blocks + nb) * 4 + rr * 2 + c]
                                     for e in T.unroll(m_tiles * key_blocks * 4):  # P as A fragments (same layout)
                                         pf[e] = T.Cast("float16", sf[e])
-                                    for kk in T.unroll(pv_steps):  # O += P V: V_GROUP fragments, then their mma
+                                    if hopper:  # O += P V: P from registers, V MN-major
+                                        for e in T.unroll(pv_steps * 4):
+                                            pa[e] = T.Cast("uint32", T.reinterpret("uint16", pf[2 * e])) | (
+                                                T.Cast("uint32", T.reinterpret("uint16", pf[2 * e + 1])) << T.uint32(16))
+                                        T.evaluate(T.ptx.wgmma.fence.sync.aligned())
+                                        for kk in T.unroll(pv_steps):
+                                            T.evaluate(wgmma(head_dim, of, head_dim // 2, (pa, kk * 4),
+                                                             smem_descriptor(T.cuda.cvta_generic_to_shared(kv_st.access_ptr(
+                                                                 "r", offset=stage + v_at(kk * 16, 0))), lbo=keys * 128),
+                                                             trans_b=1))
+                                        T.evaluate(T.ptx.wgmma.commit_group.sync.aligned())
+                                        T.evaluate(T.ptx.wgmma.wait_group.sync.aligned(0))
+                                    for kk in T.unroll(0 if hopper else pv_steps):  # O += P V: V_GROUP fragments, then their mma
                                         for vg in T.unroll(d_blocks // 2 // v_group):
                                             for nd in T.unroll(v_group):
                                                 T.evaluate(T.ptx_legacy.ldmatrix(
                                                     True, 4, ".b16", bv.data, nd * 8, kv_st.access_ptr("r"),
-                                                    stage + keys * head_dim + (kk * 16 + (tx // 8) % 2 * 8 + tx % 8) * stride
-                                                    + (2 * (vg * v_group + nd) + tx // 16) * 8, dtype="float16"))
+                                                    stage + v_at(kk * 16 + (tx // 8) % 2 * 8 + tx % 8,
+                                                                 (2 * (vg * v_group + nd) + tx // 16) * 8), dtype="float16"))
                                             for mt in T.unroll(MT):
                                                 for nd in T.unroll(2 * v_group):
                                                     mma_m16n8k16(pf, (mt * pv_steps + kk) * 8, bv, nd * 4, of,

@@ -61,12 +61,29 @@ def supported(n_out: int, k: int, dtype: str, target: Target) -> bool:
             and n_out % 8 == 0 and k % BK == 0)
 
 
-def _descriptor(addr: tirx.PrimExpr) -> tirx.PrimExpr:
-    """wgmma matrix descriptor of a K-major, 128-byte-swizzled tile at shared address ``addr``:
-    start address and stride (``_SBO``) in 16-byte units, leading offset 1 (unused when
-    swizzled), layout type 1 (128-byte swizzle) in bits 62-63."""
+def smem_descriptor(addr: tirx.PrimExpr, lbo: int = 16, sbo: int = _SBO) -> tirx.PrimExpr:
+    """wgmma matrix descriptor (PTX ISA 9.7.15.5.1) of a 128-byte-swizzled tile at shared address
+    ``addr`` (uint32, 1024-byte aligned): start address, leading and stride byte offsets in
+    16-byte units, layout type 1 (128-byte swizzle) in bits 62-63. A tile is rows of 64 float16
+    (128 bytes) in 8-row atoms ``sbo`` bytes apart; ``lbo`` (ignored for K-major operands) is the
+    distance between 64-wide atoms along M/N of an MN-major operand. Advancing the start address
+    by 32 bytes steps 16 elements along a K-major row."""
     start = T.Cast("uint64", (addr & T.uint32(0x3FFFF)) >> T.uint32(4))
-    return start | (T.uint64(1) << T.uint64(16)) | (T.uint64(_SBO >> 4) << T.uint64(32)) | (T.uint64(1) << T.uint64(62))
+    return (start | (T.uint64(lbo >> 4) << T.uint64(16)) | (T.uint64(sbo >> 4) << T.uint64(32))
+            | (T.uint64(1) << T.uint64(62)))
+
+
+def wgmma(n: int, acc, count: int, a, b_desc: tirx.PrimExpr, trans_b: int = 0) -> tirx.PrimExpr:
+    """One ``wgmma.mma_async.m64n<n>k16`` (float16 in, float32 accumulators ``acc[0:count]``
+    updated in place): A from shared memory (``a`` a descriptor) or registers (``a = (regs,
+    offset)``: ``regs[offset:offset + 4]`` uint32 of packed float16 pairs, the accumulator
+    layout's); B by ``b_desc``, K-major or, with ``trans_b``, MN-major."""
+    shape = getattr(T.ptx.wgmma.mma_async.sync.aligned, f"m64n{n}k16").f32.f16.f16
+    accs = [acc[i] for i in range(count)]
+    if isinstance(a, tuple):
+        regs, offset = a
+        return shape(*accs, *[regs[offset + i] for i in range(4)], b_desc, T.ptx.pred(True), 1, 1, trans_b)
+    return shape(*accs, a, b_desc, T.ptx.pred(True), 1, 1, 0, trans_b)
 
 
 def make_prefill_matmul_wgmma(n_out: int, k: int, dtype: str, target: Target,
@@ -86,10 +103,6 @@ def make_prefill_matmul_wgmma(n_out: int, k: int, dtype: str, target: Target,
     a_items, b_items = BM * vecs // _THREADS, BN * vecs // _THREADS
     steps, ahead = k // BK, STAGES - 2
     N, K = i64(n_out), i64(k)
-
-    def wgmma(acc, a_desc, b_desc):
-        return getattr(T.ptx.wgmma.mma_async.sync.aligned, f"m64n{BN}k16").f32.f16.f16(
-            *[acc[i] for i in range(acc_regs)], a_desc, b_desc, T.ptx.pred(True), 1, 1, 0, 0)
 
     @T.macro
     def copy_step(x, w, a_sh, b_sh, m, m0, n0, t, tid):
@@ -124,8 +137,8 @@ def make_prefill_matmul_wgmma(n_out: int, k: int, dtype: str, target: Target,
                         a_base = T.sblock_alloc_buffer((1,), "uint64", scope="local")
                         b_base = T.sblock_alloc_buffer((1,), "uint64", scope="local")
                         wg: T.let[T.int64] = tid // 128
-                        a_base[0] = _descriptor(T.cuda.cvta_generic_to_shared(a_sh.access_ptr("r", offset=wg * 64 * BK)))
-                        b_base[0] = _descriptor(T.cuda.cvta_generic_to_shared(b_sh.access_ptr("r")))
+                        a_base[0] = smem_descriptor(T.cuda.cvta_generic_to_shared(a_sh.access_ptr("r", offset=wg * 64 * BK)))
+                        b_base[0] = smem_descriptor(T.cuda.cvta_generic_to_shared(b_sh.access_ptr("r")))
                         for e in T.unroll(acc_regs):
                             acc[e] = T.float32(0)
                         for t in T.unroll(ahead):
@@ -141,7 +154,7 @@ def make_prefill_matmul_wgmma(n_out: int, k: int, dtype: str, target: Target,
                             T.evaluate(T.ptx.cp.async_.commit_group())
                             T.evaluate(T.ptx.wgmma.fence.sync.aligned())
                             for ks in T.unroll(BK // 16):  # 32 bytes of each row per 16-wide k-slice
-                                T.evaluate(wgmma(acc, a_base[0] + T.Cast("uint64", (t % STAGES * BM * BK * 2 + ks * 32) >> 4),
+                                T.evaluate(wgmma(BN, acc, acc_regs, a_base[0] + T.Cast("uint64", (t % STAGES * BM * BK * 2 + ks * 32) >> 4),
                                                  b_base[0] + T.Cast("uint64", (t % STAGES * BN * BK * 2 + ks * 32) >> 4)))
                             T.evaluate(T.ptx.wgmma.commit_group.sync.aligned())
                             T.evaluate(T.ptx.wgmma.wait_group.sync.aligned(1))

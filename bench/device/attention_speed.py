@@ -1,7 +1,7 @@
 """Attention kernels alone at Llama-3-8B shapes: decode (issue 9) and prefill chunks (issue 8).
 
 ``python bench/device/attention_speed.py prepare`` (build machine) compiles the variants for
-cuda:sm_90 into ``.carry/attn``; ``python3 bench/device/attention_speed.py run OUT_JSON`` (device,
+cuda:sm_90 (the chunk kernel's wgmma variants for sm_90a) into ``.carry/attn``; ``python3 bench/device/attention_speed.py run OUT_JSON`` (device,
 after ``source bench/device/setup.sh``) times each over dense rows ``0..M-1`` and over a Selection
 Cache hit's 2,688 gathered rows of a 128K cache. Each call reads another layer of an 8-layer cache,
 so K/V come from HBM, not the 60 MB L2. Bandwidth counts the K and V bytes of the attended rows
@@ -29,7 +29,9 @@ DENSE_SHAPES = {"dense 256": ("simt", {"max_splits": 256, "min_keys": 8}), "mma 
 SPLIT_OPTIONS = ("max_splits", "min_keys")  # the options decode_splits takes
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
-CHUNK_SHAPES = {"chunk": {}}  # variants: make_chunk_attention(warps=, keys=, stages=, m_tiles=)
+# variants: (arch, make_chunk_attention options): sm_90 runs mma.sync, sm_90a wgmma
+CHUNK_SHAPES = {"chunk": ("sm_90", {}), "chunk wgmma": ("sm_90a", {}), "chunk wgmma k64": ("sm_90a", {"keys": 64}),
+                "chunk wgmma st3": ("sm_90a", {"stages": 3})}
 
 
 def prepare() -> None:
@@ -41,11 +43,10 @@ def prepare() -> None:
                                     tokenselect_scoring)
 
     target = parse_target("cuda:sm_90")
+    chunks = {name: (parse_target(f"cuda:{arch}"), kw) for name, (arch, kw) in CHUNK_SHAPES.items()}
     makers = {"simt": decode_attention.make_decode_attention, "mma": decode_attention_mma.make_decode_attention_mma}
     LIBS.mkdir(parents=True, exist_ok=True)
     kernels = {"merge": attention.make_attention_merge(HEADS, HEAD_DIM, "float16", target),
-               **{name: chunk_attention.make_chunk_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, **kw)
-                  for name, kw in CHUNK_SHAPES.items()},
                **{name: makers[kind](LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, **kw)
                   for name, (kind, kw) in DECODE_SHAPES.items()}}
     for name, (kind, kw) in DENSE_SHAPES.items():
@@ -55,9 +56,12 @@ def prepare() -> None:
             functools.partial(decode_attention.decode_splits, **_split_options(kind, kw)))
     kernels["scoring"] = tokenselect_scoring.make_scoring(LAYERS, HEADS, KV_HEADS, HEAD_DIM, 128, 512, 0, "float16",
                                                           target)  # TokenSelect paper budgets 128/512
-    with fatbin_build_context(target):
-        for name, func in kernels.items():
-            tvm.compile(tvm.IRModule({"main": func}), target=target).export_library(str(LIBS / f"{_file(name)}.so"))
+    builds = [(name, func, target) for name, func in kernels.items()] + [
+        (name, chunk_attention.make_chunk_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", tgt, **kw), tgt)
+        for name, (tgt, kw) in chunks.items()]
+    for name, func, tgt in builds:
+        with fatbin_build_context(tgt):
+            tvm.compile(tvm.IRModule({"main": func}), target=tgt).export_library(str(LIBS / f"{_file(name)}.so"))
 
 
 def rope_table(positions: int, dev):
