@@ -16,11 +16,11 @@ from tsedge.engine import Engine
 from tsedge.eval import niah
 from tsedge.eval.sample import sample_rng
 from tsedge.library_cache import ensure_library
-from tsedge.models.config import PolicyConfig
+from tsedge.models.config import PolicyConfig, parse_recycle_k
 from tsedge.weights import load_source
 
 
-def probe(model: str, length: int, samples: int, seed: int, recycle_k: int) -> dict:
+def probe(model: str, length: int, samples: int, seed: int, recycle_k: int | str) -> dict:
     source = load_source(model)
     policy = PolicyConfig("recycled", recycle_k=recycle_k)
     engine = Engine(ensure_library(source.config, policy, "llvm", "float32", length + 64), source)
@@ -31,7 +31,7 @@ def probe(model: str, length: int, samples: int, seed: int, recycle_k: int) -> d
         span = set(value_span(source.tokenizer, sample.prompt, sample.references[0]))
         engine.reset()
         engine.prefill(sample.prompt)
-        caches = engine.state("cache_idx")  # [layers, n_kv, K]
+        caches = engine.state("cache_idx")[:, :, :engine.state("recycle_k")[0]]  # [layers, n_kv, active K]
         held = [max(len(span & set(head.tolist())) for head in layer) for layer in caches]
         rows.append({"sample": i, "value_tokens": len(span), "held_per_layer": held,
                      "layers_holding_all": sum(h == len(span) for h in held)})
@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--recycle-k", type=int, default=PolicyConfig().recycle_k)
+    parser.add_argument("--recycle-k", type=parse_recycle_k, default=PolicyConfig().recycle_k,
+                        help="a token count or a fraction of the prompt (default: the paper's 1/8)")
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args()
     result = probe(args.model, args.length, args.samples, args.seed, args.recycle_k)

@@ -124,7 +124,8 @@ def test_append_evicts_the_lowest_active_score(n_kv, k_max, k_active, steps):
     for step in range(steps):
         rows = tensor(np.full((n_kv, k_max), -1, np.int32))
         kernel(dev_idx, dev_score, active(k_active), LAYER, length + step, rows)
-        want_idx, want_score = cache_idx[LAYER, :, :k_active].copy(), cache_score[LAYER, :, :k_active].astype(np.float64)
+        want_idx = cache_idx[LAYER, :, :k_active].copy()
+        want_score = cache_score[LAYER, :, :k_active].astype(np.float64)
         rref.append(want_idx, want_score, length + step)
         cache_idx[LAYER, :, :k_active], cache_score[LAYER, :, :k_active] = want_idx, want_score
         np.testing.assert_array_equal(dev_idx.numpy(), cache_idx)

@@ -343,26 +343,36 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_s
         lse = T.match_buffer(lse_h, (n, (m_keys + CHUNK - 1) // CHUNK, H), "float32")
         body(q, kv, rope, rows, layer, o, lse, None, n, m_keys, m_rows)
 
+    return rows_kernel(rows_body, counted, "attention_partial" + ("_sets" if per_set else "")
+                       + ("_counted" if counted else ""))
+
+
+def rows_kernel(rows_body, counted: bool, symbol: str) -> tirx.PrimFunc:
+    """An attention kernel over a row list: args q, kv, rope, rows, (``counted``: count[1] int32,
+    a device tensor,) layer (int64), then its outputs o, lse. ``rows_body(q_h, kv_h, rope_h,
+    rows_h, layer, o_h, lse_h, m_keys, m_rows)`` (a macro) matches the buffers and computes, with
+    ``m_keys`` the rows' size and ``m_rows`` those attended: ``m_keys``, or ``min(count[0],
+    m_keys)``. The PrimFunc is named ``symbol``."""
     if counted:
 
         @T.prim_func(s_tir=True)
-        def attention_partial_counted(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
-                                      count_h: T.handle, layer: T.int64, o_h: T.handle, lse_h: T.handle):
+        def attention_counted(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
+                              count_h: T.handle, layer: T.int64, o_h: T.handle, lse_h: T.handle):
             T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
             m_keys = T.int64()
             count = T.match_buffer(count_h, (T.int64(1),), "int32")
             rows_body(q_h, kv_h, rope_h, rows_h, layer, o_h, lse_h, m_keys, T.min(T.Cast("int64", count[0]), m_keys))
 
-        return attention_partial_counted.with_attr("global_symbol", "attention_partial_sets_counted")
+        return attention_counted.with_attr("global_symbol", symbol)
 
     @T.prim_func(s_tir=True)
-    def attention_partial(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
-                          layer: T.int64, o_h: T.handle, lse_h: T.handle):
+    def attention(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
+                  layer: T.int64, o_h: T.handle, lse_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
         m_keys = T.int64()
         rows_body(q_h, kv_h, rope_h, rows_h, layer, o_h, lse_h, m_keys, m_keys)
 
-    return attention_partial.with_attr("global_symbol", "attention_partial_sets") if per_set else attention_partial
+    return attention.with_attr("global_symbol", symbol)
 
 
 def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target,

@@ -28,7 +28,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from .attention import LOG2E, NEG_INF, rope_rotated
-from .attention import check_sets
+from .attention import check_sets, rows_kernel
 from .common import has_mma_sync, i64, is_gpu, max_shared_memory
 
 THREADS = 256  # threads per block
@@ -369,23 +369,5 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
         rope_flat = T.decl_buffer((num_pos * D,), "float32", data=rope.data)
         body(q, kv, rope, rows, layer, o, lse, None, kv_flat, rope_flat, m_keys, cap, splits_of(m_keys), m_rows)
 
-    if counted:
-
-        @T.prim_func(s_tir=True)
-        def attention_decode_counted(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
-                                     count_h: T.handle, layer: T.int64, o_h: T.handle, lse_h: T.handle):
-            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-            m_keys = T.int64()
-            count = T.match_buffer(count_h, (T.int64(1),), "int32")
-            sparse(q_h, kv_h, rope_h, rows_h, layer, o_h, lse_h, m_keys, T.min(T.Cast("int64", count[0]), m_keys))
-
-        return attention_decode_counted.with_attr("global_symbol", "attention_decode_sets_counted")
-
-    @T.prim_func(s_tir=True)
-    def attention_decode(q_h: T.handle, kv_h: T.handle, rope_h: T.handle, rows_h: T.handle,
-                         layer: T.int64, o_h: T.handle, lse_h: T.handle):
-        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        m_keys = T.int64()
-        sparse(q_h, kv_h, rope_h, rows_h, layer, o_h, lse_h, m_keys, m_keys)
-
-    return attention_decode.with_attr("global_symbol", "attention_decode_sets") if per_set else attention_decode
+    return rows_kernel(sparse, counted, "attention_decode" + ("_sets" if per_set else "")
+                       + ("_counted" if counted else ""))

@@ -1,16 +1,20 @@
 """Recycled Attention / RefreshKV (Xu, Goyal and Choi, arXiv 2411.05787): the partial cache.
 
-Per layer and KV head the partial cache holds ``K`` cached rows and a score for each,
-``cache_idx[num_layers, n_kv, K]`` int32 and ``cache_score[num_layers, n_kv, K]`` float32:
+Per layer and KV head the partial cache holds ``K`` cached rows and a score for each, in the first
+``K`` of the ``K_max`` slots of ``cache_idx[num_layers, n_kv, K_max]`` int32 and
+``cache_score[num_layers, n_kv, K_max]`` float32. ``K``, the active K, is a device value
+(``active_k[1]`` int32, set by ``make_recycle_k`` from the context length: a count, or a fraction of
+the prompt) that every kernel below reads, so one library serves every prompt length:
 - a **full step** (the last prompt token, or a decode step whose refresh check missed) attends to
   every row and writes the logits of its query (``attention_partial``/``decode_attention`` with
   ``logit_sets = n_heads``); ``make_recycle_scores`` turns them into per-head softmax
   probabilities, takes the max over each KV head's query heads (GQA) and max-pools them over
-  positions (kernel ``POOL_KERNEL``); the radix top-k (``topk.make_topk`` with ``heads``) keeps the
-  K largest; ``make_recycle_store`` writes those rows and their pooled scores into the cache;
+  positions (kernel ``POOL_KERNEL``); the radix top-k (``topk.make_topk`` with ``heads`` and
+  ``counted``) keeps the K largest; ``make_recycle_store`` writes those rows and their pooled
+  scores into the cache;
 - a **partial step** (``make_recycle_append``) evicts the lowest-scoring row (ties: the lowest
   position), appends the step's token with ``NEW_TOKEN_SCORE`` and attends to the K rows at their
-  true positions (``row_sets = n_kv``).
+  true positions (``row_sets = n_kv``, ``counted``).
 
 Which step a layer runs is decided on the device by the Selection Cache check
 (``selection_cache.make_selection_check`` with a stride) in ``state[layer, 0]`` (1: partial);

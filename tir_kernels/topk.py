@@ -364,40 +364,17 @@ def _topk_heads(heads: int, top_k: int, target: Target, counted: bool = False) -
     def selected(count):  # besides the current token: static, or read from the device
         return top_k - 1 if count is None else T.Cast("int32", device_count(count, top_k - 1))
 
-    if is_gpu(target):
+    only_last = not counted and top_k == 1  # static: a budget of 1 keeps only the current token
 
-        only_last = not counted and top_k == 1  # static: a budget of 1 keeps only the current token
-
-        @T.macro
-        def select_gpu(crit, idx, ws, L, count, active):
-            if only_last:
-                for hh in T.thread_binding(HS, thread="threadIdx.x"):
-                    with T.sblock("last"):
-                        idx[hh, 0] = T.Cast("int32", L - 1)
-            else:  # the current token goes after the selected ones
-                _radix_select(crit, ws, HS, _head_blocks(heads, L - 1), L - 1, active, selected(count), idx,
-                              T.int64(0), 0, T.Cast("int32", L - 1), None)
-
-        @T.prim_func(s_tir=True)
-        def topk_heads_gpu(crit_h: T.handle, idx_h: T.handle, ws_h: T.handle):
-            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-            L = T.int64()
-            crit = T.match_buffer(crit_h, (HS, L), "float32")
-            idx = T.match_buffer(idx_h, (HS, K), "int32")
-            ws = T.match_buffer(ws_h, (HS, WS), "int32")
-            select_gpu(crit, idx, ws, L, None, True)
-
-        @T.prim_func(s_tir=True)
-        def topk_heads_gpu_counted(crit_h: T.handle, count_h: T.handle, idx_h: T.handle, ws_h: T.handle):
-            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-            L = T.int64()
-            crit = T.match_buffer(crit_h, (HS, L), "float32")
-            count = T.match_buffer(count_h, (T.int64(1),), "int32")
-            idx = T.match_buffer(idx_h, (HS, K), "int32")
-            ws = T.match_buffer(ws_h, (HS, WS), "int32")
-            select_gpu(crit, idx, ws, L, count, selected(count) > 0)
-
-        return topk_heads_gpu_counted if counted else topk_heads_gpu
+    @T.macro
+    def select_gpu(crit, idx, ws, L, count):
+        if only_last:
+            for hh in T.thread_binding(HS, thread="threadIdx.x"):
+                with T.sblock("last"):
+                    idx[hh, 0] = T.Cast("int32", L - 1)
+        else:  # the current token goes after the selected ones
+            _radix_select(crit, ws, HS, _head_blocks(heads, L - 1), L - 1, selected(count) > 0, selected(count), idx,
+                          T.int64(0), 0, T.Cast("int32", L - 1), None)
 
     @T.macro
     def select_cpu(crit, idx, ws, L, count):
@@ -409,6 +386,9 @@ def _topk_heads(heads: int, top_k: int, target: Target, counted: bool = False) -
                             selected(count) > 0)
                 idx[hh, selected(count)] = T.Cast("int32", L - 1)
 
+    gpu = is_gpu(target)
+    select = select_gpu if gpu else select_cpu
+
     @T.prim_func(s_tir=True)
     def topk_heads(crit_h: T.handle, idx_h: T.handle, ws_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
@@ -416,7 +396,7 @@ def _topk_heads(heads: int, top_k: int, target: Target, counted: bool = False) -
         crit = T.match_buffer(crit_h, (HS, L), "float32")
         idx = T.match_buffer(idx_h, (HS, K), "int32")
         ws = T.match_buffer(ws_h, (HS, WS), "int32")
-        select_cpu(crit, idx, ws, L, None)
+        select(crit, idx, ws, L, None)
 
     @T.prim_func(s_tir=True)
     def topk_heads_counted(crit_h: T.handle, count_h: T.handle, idx_h: T.handle, ws_h: T.handle):
@@ -426,6 +406,7 @@ def _topk_heads(heads: int, top_k: int, target: Target, counted: bool = False) -
         count = T.match_buffer(count_h, (T.int64(1),), "int32")
         idx = T.match_buffer(idx_h, (HS, K), "int32")
         ws = T.match_buffer(ws_h, (HS, WS), "int32")
-        select_cpu(crit, idx, ws, L, count)
+        select(crit, idx, ws, L, count)
 
-    return topk_heads_counted if counted else topk_heads
+    func = topk_heads_counted if counted else topk_heads
+    return func.with_attr("global_symbol", f"{func.attrs['global_symbol']}_gpu") if gpu else func

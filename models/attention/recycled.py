@@ -134,7 +134,8 @@ class RecycledPolicy(DensePolicy):
         cache_idx, cache_score, rows = op.tensor_ir_inplace_op(
             self.append_row, "recycle_append",
             args=[cache_idx, cache_score, active_k, layer, sel_state, step.past + step.n], inplace_indices=[0, 1, -1],
-            out=[_like(cache_idx), _like(cache_score), nn.Tensor.placeholder([self.cfg.num_kv_heads, self.k_max], "int32")])
+            out=[_like(cache_idx), _like(cache_score),
+                 nn.Tensor.placeholder([self.cfg.num_kv_heads, self.k_max], "int32")])
         step.state = [cache_qbar, cache_idx, cache_score, sel_state, active_k]
         o_full, lse_full, logits = self._full(layer_id, qkv, step)
         o_part, lse_part = self._attention(self.sparse, "attention_recycled", layer_id, qkv, step, rows, active_k)
