@@ -2,9 +2,9 @@
 dequantized in the kernel that multiplies.
 
 Where ``tir_kernels.matmul`` supports the shape on ``target`` (None: never), a prefill chunk (a
-symbolic row count) runs its tensor-core kernel; where ``tir_kernels.gemv`` does, one row (decode)
-runs its GEMV with the residual add or SwiGLU fused; elsewhere one row stays a matmul the
-pipeline schedules as a GEMV.
+symbolic row count) runs its tensor-core kernel; where ``tir_kernels.gemv`` does (and the layer
+was made with ``decode_gemv``), one row (decode) runs its GEMV with the residual add, SwiGLU or
+the preceding RMSNorm fused; elsewhere one row stays a matmul the pipeline schedules as a GEMV.
 
 The dequantization is a ``te.compute`` whose output feeds ``matmul``; Relax's FuseOps/FuseTIR make
 the pair one PrimFunc (as MLC-LLM's ``fused_dequantize_*_matmul``), which the CPU schedule and
@@ -58,20 +58,24 @@ def dequantize_expr(qs: QuantScheme, q: te.Tensor, s: te.Tensor, in_out: bool) -
 
 
 class Linear(nn.Module):
-    """``y = x W^T (+ b)``; the weight is stored [out, in] or, with ``in_out``, [in, out]."""
+    """``y = x W^T (+ b)``; the weight is stored [out, in] or, with ``in_out``, [in, out].
+    ``decode_gemv=False``: one row stays a matmul (dlight's GEMV) even where ``tir_kernels.gemv``
+    would run."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, in_out: bool, target):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, in_out: bool, target,
+                 decode_gemv: bool = True):
         shape = [in_features, out_features] if in_out else [out_features, in_features]
         self.weight = nn.Parameter(shape, dtype)
-        self._setup(in_features, out_features, bias, dtype, in_out, target)
+        self._setup(in_features, out_features, bias, dtype, in_out, target, decode_gemv)
 
-    def _setup(self, in_features: int, out_features: int, bias: bool, dtype: str, in_out: bool, target) -> None:
+    def _setup(self, in_features: int, out_features: int, bias: bool, dtype: str, in_out: bool, target,
+               decode_gemv: bool) -> None:
         self.bias = nn.Parameter([out_features], dtype) if bias else None
         self.in_out, self.shape = in_out, (out_features, in_features)
         self.prefill_kernel = (matmul.make_prefill_matmul(out_features, in_features, dtype, target)
                                if target is not None and not in_out
                                and matmul.supported(out_features, in_features, dtype, target) else None)
-        self.gemv_target = (target if target is not None and not in_out and not bias
+        self.gemv_target = (target if decode_gemv and target is not None and not in_out and not bias
                             and gemv.supported(out_features, in_features, dtype, target) else None)
 
     def _weight(self) -> nn.Tensor:
@@ -94,13 +98,18 @@ class Linear(nn.Module):
         """True for one row (a decode step) where ``tir_kernels.gemv`` runs this weight."""
         return self.gemv_target is not None and isinstance(x.shape[0], int) and x.shape[0] == 1
 
-    def decode_gemv(self, x: nn.Tensor, residual: nn.Tensor | None = None, swiglu: bool = False) -> nn.Tensor:
+    def decode_gemv(self, x: nn.Tensor, residual: nn.Tensor | None = None, swiglu: bool = False,
+                    norm: nn.RMSNorm | None = None) -> nn.Tensor:
         """``tir_kernels.gemv`` on ``x[1, in]`` (``swiglu``: x[1, 2 in], the gate/up output, whose
-        SwiGLU is the input), the residual added where given."""
+        SwiGLU is the input; ``norm``: the RMSNorm whose output is the input, computed in the
+        GEMV's prologue from x, the un-normalised residual stream), the residual added where given."""
         n_out, k = self.shape
-        prologue, epilogue = "swiglu" if swiglu else "none", "none" if residual is None else "residual"
-        kernel = gemv.make_decode_gemv(n_out, k, x.dtype, self.gemv_target, epilogue, prologue)
-        args = [x, self.weight] + ([residual] if residual is not None else [])
+        prologue = "swiglu" if swiglu else "rmsnorm" if norm is not None else "none"
+        epilogue = "none" if residual is None else "residual"
+        eps = norm.epsilon if norm is not None else 1e-5
+        kernel = gemv.make_decode_gemv(n_out, k, x.dtype, self.gemv_target, epilogue, prologue, eps)
+        args = ([x] + ([norm.weight] if norm is not None else []) + [self.weight]
+                + ([residual] if residual is not None else []))
         return op.tensor_ir_op(kernel, gemv.kernel_name(n_out, k, f"{prologue}_{epilogue}"), args=args,
                                out=nn.Tensor.placeholder([1, n_out], x.dtype))
 
@@ -114,8 +123,8 @@ class QuantLinear(Linear):
         self.qweight = nn.Parameter(q_shape, qs.storage_dtype)
         self.scale = nn.Parameter(s_shape, dtype)
         self.qs = qs
-        self._setup(in_features, out_features, bias, dtype, in_out, target)
-        self.gemv_target = None  # decode dequantizes inside dlight's GEMV (the float weight never exists)
+        # decode dequantizes inside dlight's GEMV (the float weight never exists)
+        self._setup(in_features, out_features, bias, dtype, in_out, target, decode_gemv=False)
 
     def _weight(self) -> nn.Tensor:
         return op.tensor_expr_op(lambda q, s: dequantize_expr(self.qs, q, s, self.in_out), "dequantize",
@@ -123,10 +132,11 @@ class QuantLinear(Linear):
 
 
 def make_linear(quant: QuantScheme | None, in_features: int, out_features: int, bias: bool, dtype: str,
-                in_out: bool, target) -> Linear:
-    """A ``Linear`` over float weights, or a ``QuantLinear`` over ``quant``'s packed weights."""
+                in_out: bool, target, decode_gemv: bool = True) -> Linear:
+    """A ``Linear`` over float weights, or a ``QuantLinear`` over ``quant``'s packed weights (whose
+    decode never runs ``tir_kernels.gemv``); ``decode_gemv`` as ``Linear``'s."""
     if quant is None:
-        return Linear(in_features, out_features, bias, dtype, in_out, target)
+        return Linear(in_features, out_features, bias, dtype, in_out, target, decode_gemv)
     return QuantLinear(quant, in_features, out_features, bias, dtype, in_out, target)
 
 

@@ -19,6 +19,11 @@ from .config import ModelConfig
 from .linear import QuantEmbedding, make_linear
 from .quantization import QuantScheme
 
+# Decode on CUDA: the fused gate/up projection through ``tir_kernels.gemv`` with the post-attention
+# RMSNorm in its prologue, instead of a norm kernel and dlight's GEMV (off: dlight's GEMV reads gate/up
+# faster than ours without the norm; with it, not measured yet). Read when a model is constructed.
+GATE_UP_NORM_GEMV = False
+
 
 @dataclasses.dataclass
 class Step:
@@ -47,26 +52,29 @@ class Attention(nn.Module):
         self.o_proj = make_linear(quant, h * d, cfg.hidden_size, False, dtype, in_out, target)
         self.shape = (h, hkv, d)
 
-    def forward(self, x, layer_id, policy, step, residual):
-        """``residual + attention(x)``."""
+    def forward(self, x, layer_id, policy, step, residual, norm: nn.RMSNorm | None = None):
+        """``residual + attention(x)``; with ``norm``, ``residual + attention(norm(x))``, the norm
+        computed in the QKV GEMV's prologue (decode, where ``qkv_proj.gemv_applies``)."""
         n = x.shape[0]
         h, hkv, d = self.shape
-        qkv = op.reshape(self.qkv_proj(x), [n, h + 2 * hkv, d])  # heads: q, then k, then v
+        qkv = self.qkv_proj(x) if norm is None else self.qkv_proj.decode_gemv(x, norm=norm)
+        qkv = op.reshape(qkv, [n, h + 2 * hkv, d])  # heads: q, then k, then v
         out = policy.attend(layer_id, qkv, step)
         return self.o_proj(op.reshape(out, [n, h * d]), residual)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None):
+        # decode: dlight's GEMV reads this shape faster than ours (tir_kernels/gemv.py) unless GATE_UP_NORM_GEMV
         self.gate_up_proj = make_linear(quant, cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype, in_out,
-                                        target)
-        self.gate_up_proj.gemv_target = None  # decode: dlight's GEMV reads this shape faster (tir_kernels/gemv.py)
+                                        target, decode_gemv=GATE_UP_NORM_GEMV)
         self.intermediate = cfg.intermediate_size
         self.down_proj = make_linear(quant, cfg.intermediate_size, cfg.hidden_size, False, dtype, in_out, target)
 
-    def forward(self, x: nn.Tensor, residual: nn.Tensor) -> nn.Tensor:
-        """``residual + down(silu(gate(x)) * up(x))``."""
-        gate_up = self.gate_up_proj(x)
+    def forward(self, x: nn.Tensor, residual: nn.Tensor, norm: nn.RMSNorm | None = None) -> nn.Tensor:
+        """``residual + down(silu(gate(x)) * up(x))``; with ``norm``, of ``norm(x)``, the norm
+        computed in the gate/up GEMV's prologue (decode, where ``gate_up_proj.gemv_applies``)."""
+        gate_up = self.gate_up_proj(x) if norm is None else self.gate_up_proj.decode_gemv(x, norm=norm)
         if self.down_proj.gemv_applies(x):  # decode: SwiGLU in the down GEMV's prologue
             return self.down_proj.decode_gemv(gate_up, residual, swiglu=True)
         gate, up = op.split(gate_up, [self.intermediate], axis=-1)
@@ -81,7 +89,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, dtype, in_out, target, quant)
 
     def forward(self, x, layer_id, policy, step):
-        x = self.self_attn(self.input_layernorm(x), layer_id, policy, step, residual=x)
+        # a decode step on CUDA: a norm is the prologue of the GEMV that reads its output, where
+        # that GEMV is ``tir_kernels.gemv``'s (always QKV; gate/up with GATE_UP_NORM_GEMV)
+        if self.self_attn.qkv_proj.gemv_applies(x):
+            x = self.self_attn(x, layer_id, policy, step, residual=x, norm=self.input_layernorm)
+        else:
+            x = self.self_attn(self.input_layernorm(x), layer_id, policy, step, residual=x)
+        if self.mlp.gate_up_proj.gemv_applies(x):
+            return self.mlp(x, residual=x, norm=self.post_attention_layernorm)
         return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 

@@ -1,4 +1,5 @@
-"""Decode GEMV (one token) vs NumPy float32 references (runs on the GPU through bench/device/kernels.sh)."""
+"""Decode GEMV (one token) vs NumPy float32 references and TVM's own RMSNorm (runs on the GPU through
+bench/device/kernels.sh); on the CPU, its CUDA code and where the model's decode step uses it."""
 
 from __future__ import annotations
 
@@ -15,11 +16,29 @@ SHAPES = [
     (4096, 14336, "swiglu", "residual"),  # Llama-3-8B down_proj on the gate/up output (K: 7 groups of loads)
     (2051, 768, "none", "none"),          # N not a multiple of a block's 8 rows, K of 3 warp reads
     (3001, 512, "swiglu", "none"),        # odd N
+    (6144, 4096, "rmsnorm", "none"),      # Llama-3-8B fused QKV on the residual stream, input_layernorm fused
+    (2051, 768, "rmsnorm", "none"),       # N not a multiple of 8 rows; K: 3 warps stage x, 5 idle
+    (1003, 14336, "rmsnorm", "none"),     # odd N, K: 7 pieces of x a thread
+    (3001, 256, "rmsnorm", "none"),       # K of one warp read: one warp stages x
 ]
+EPS = 1e-5
 
 
 def _silu(v: np.ndarray) -> np.ndarray:
     return v / (1 + np.exp(-v))
+
+
+def _rms_norm(x: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
+    """``topi.nn.rms_norm`` (what ``relax.op.nn.rms_norm`` legalizes to) in NumPy: float32 throughout,
+    one rounding to float16 at the end."""
+    xf, k = x.astype(np.float32), x.shape[-1]
+    scale = 1 / np.sqrt(np.sum(xf * xf, axis=-1, keepdims=True, dtype=np.float32) / np.float32(k) + np.float32(eps))
+    return (scale * xf * gamma.astype(np.float32)).astype(np.float16)
+
+
+def _gamma(rng, k: int) -> np.ndarray:
+    """A norm weight with no zeros (a mix-up of x and gamma would show)."""
+    return (rng.uniform(0.5, 1.5, k) * rng.choice([-1, 1], k)).astype(np.float16)
 
 
 @pytest.mark.skipif(MODE == "llvm", reason="CUDA kernel (CPU linears run the CPU matmul schedule)")
@@ -27,13 +46,21 @@ def _silu(v: np.ndarray) -> np.ndarray:
 def test_decode_gemv(n_out, k, prologue, epilogue):
     rng = np.random.default_rng(n_out + k)
     x = rng.standard_normal((1, 2 * k if prologue == "swiglu" else k)).astype(np.float16)
+    if prologue == "rmsnorm":
+        x = (x * 7).astype(np.float16)  # the residual stream, not of unit scale
     w = (rng.standard_normal((n_out, k)) / np.sqrt(k)).astype(np.float16)
     y = tensor(np.full((1, n_out), np.nan, np.float16))
     xf = x.astype(np.float32)
     inp = (_silu(xf[:, :k]) * xf[:, k:]).astype(np.float16).astype(np.float32) if prologue == "swiglu" else xf
+    if prologue == "rmsnorm":
+        gamma = _gamma(rng, k)
+        inp = _rms_norm(x, gamma, EPS).astype(np.float32)
     full = inp @ w.astype(np.float32).T
     kernel = build(gemv.make_decode_gemv, n_out, k, "float16", epilogue=epilogue, prologue=prologue)
-    if epilogue == "residual":
+    if prologue == "rmsnorm":
+        kernel(tensor(x), tensor(gamma), tensor(w), y)
+        expected = full
+    elif epilogue == "residual":
         r = rng.standard_normal((1, n_out)).astype(np.float16)
         kernel(tensor(x), tensor(w), tensor(r), y)
         expected = full.astype(np.float16).astype(np.float32) + r.astype(np.float32)
@@ -43,6 +70,101 @@ def test_decode_gemv(n_out, k, prologue, epilogue):
     np.testing.assert_allclose(y.numpy().astype(np.float32), expected, rtol=1e-2, atol=2e-3 * np.abs(expected).max())
 
 
+def tvm_rms_norm(k: int, eps: float, target):
+    """TVM's own RMSNorm of x[1, k] float16 with gamma[k] -> [1, k] float16 — ``topi.nn.rms_norm``, the
+    legalization of ``relax.op.nn.rms_norm`` (``nn.RMSNorm``) — scheduled as the model's pipeline
+    schedules it (a kernel factory for ``build``)."""
+    import tvm
+    from tvm import te, topi
+
+    from tsedge.compile.pipeline import schedule_passes
+
+    x, gamma = te.placeholder((1, k), "float16", "x"), te.placeholder((k,), "float16", "gamma")
+    func = te.create_prim_func([x, gamma, topi.nn.rms_norm(x, gamma, [-1], eps)])
+    with target:
+        return tvm.transform.Sequential(schedule_passes(target))(tvm.IRModule({"main": func}))["main"]
+
+
+@pytest.mark.skipif(MODE == "llvm", reason="CUDA kernel (CPU linears run the CPU matmul schedule)")
+@pytest.mark.parametrize("k, scale", [(768, 1e-3), (4096, 8.0)])  # 1e-3: eps is a third of the mean square
+def test_rmsnorm_prologue_equals_tvm_rms_norm(k, scale):
+    """An identity weight makes the GEMV's output its normalised input: it equals TVM's unfused
+    rms_norm kernel on the same data within one float16 rounding (the sums of squares add in
+    another order), and the NumPy model of that kernel too."""
+    n_out, eps = k - 5, 1e-6  # N not a multiple of 8 rows
+    rng = np.random.default_rng(k)
+    x = (rng.standard_normal((1, k)) * scale).astype(np.float16)
+    gamma = _gamma(rng, k)
+    fused, unfused = tensor(np.full((1, n_out), np.nan, np.float16)), tensor(np.full((1, k), np.nan, np.float16))
+    build(gemv.make_decode_gemv, n_out, k, "float16", prologue="rmsnorm", eps=eps)(
+        tensor(x), tensor(gamma), tensor(np.eye(n_out, k, dtype=np.float16)), fused)
+    build(tvm_rms_norm, k, eps)(tensor(x), tensor(gamma), unfused)
+    fused, unfused = fused.numpy()[0].astype(np.float32), unfused.numpy()[0, :n_out]
+    model = _rms_norm(x, gamma, eps)[0, :n_out]
+    for reference in (unfused, model):
+        ulp = np.spacing(np.abs(reference)).astype(np.float32)
+        assert np.all(np.abs(fused - reference.astype(np.float32)) <= ulp)
+        assert np.mean(fused != reference.astype(np.float32)) < 0.01
+
+
+def _kernel_calls(mod, function: str) -> list[str]:
+    """The PrimFuncs ``function`` of a lowered Relax module calls, in order (also through the Relax
+    functions it calls, such as captured CUDA graphs)."""
+    from tvm import relax
+
+    calls = []
+
+    @relax.expr_functor.visitor
+    class _Calls(relax.PyExprVisitor):
+        def visit_global_var_(self, gv):
+            if isinstance(mod[gv], relax.Function):
+                self.visit_expr(mod[gv])
+            else:
+                calls.append(gv.name_hint)
+
+    _Calls().visit_expr(mod[function])
+    return calls
+
+
+@pytest.mark.skipif(MODE != "llvm", reason="model compile checks run where the compiler is")
+@pytest.mark.parametrize("gate_up_norm_gemv", [False, True])
+def test_decode_step_norms_run_in_gemv_prologues(gate_up_norm_gemv, monkeypatch):
+    """A 1-layer model compiled for CUDA (no GPU needed): decode launches no rms_norm before its QKV
+    GEMV, which takes the residual stream and the input_layernorm weight; the post-attention norm
+    stays a kernel unless ``GATE_UP_NORM_GEMV``; prefill still launches both norms."""
+    import tvm
+
+    from tsedge.compile.build import build_ir
+    from tsedge.compile.pipeline import relax_pipeline
+    from tsedge.compile.targets import parse_target
+    from tsedge.models import llama
+    from tsedge.models.config import ModelConfig, PolicyConfig
+
+    monkeypatch.setattr(llama, "GATE_UP_NORM_GEMV", gate_up_norm_gemv)
+    cfg = ModelConfig("one-layer", hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4,
+                      num_kv_heads=2, vocab_size=256)
+    target = parse_target("cuda:sm_90")
+    mod, lowered = build_ir(cfg, PolicyConfig(), target, "float16")[0], {}
+
+    @tvm.transform.module_pass(opt_level=0, name="KeepLowered")
+    def keep_lowered(m, _ctx):
+        lowered["mod"] = relax_pipeline(target)(m)
+        return lowered["mod"]
+
+    with target:
+        executable = tvm.compile(mod, target=target, relax_pipeline=keep_lowered)
+    decode, prefill = (_kernel_calls(lowered["mod"], f) for f in ("decode", "prefill"))
+    qkv = decode.index(gemv.kernel_name(512, 256, "rmsnorm_none"))
+    assert not any("rms_norm" in c for c in decode[:qkv])
+    gate_up = gemv.kernel_name(1024, 256, "rmsnorm_none")
+    assert (gate_up in decode) == gate_up_norm_gemv
+    assert sum("rms_norm" in c for c in decode) == (1 if gate_up_norm_gemv else 2)  # (post-attention,) final
+    assert any("rms_norm" in c for c in prefill[:prefill.index("prefill_matmul_512x256")])
+    assert sum("rms_norm" in c for c in prefill) == 3 and not any(c.startswith("decode_gemv") for c in prefill)
+    source = executable.mod.imports_[0].imports_[0].inspect_source()
+    assert f"{gemv.kernel_name(512, 256, 'rmsnorm_none')}_kernel" in source and "rsqrtf" in source
+
+
 @pytest.mark.skipif(MODE != "llvm", reason="codegen and target checks run where the compiler is")
 def test_decode_gemv_codegen_and_support():
     source = cuda_source(gemv.make_decode_gemv(4096, 14336, "float16", CUDA, "residual", "swiglu"))
@@ -50,5 +172,19 @@ def test_decode_gemv_codegen_and_support():
     assert gemv.supported(4096, 14336, "float16", CUDA)
     assert not gemv.supported(4096, 576, "float16", CUDA)  # K not a multiple of 256
     assert not gemv.supported(4096, 4096, "float32", CUDA)
-    with pytest.raises(ValueError, match="use none or swiglu / none or residual"):
+    with pytest.raises(ValueError, match="use none, swiglu or rmsnorm / none or residual"):
         gemv.make_decode_gemv(4096, 4096, "float16", CUDA, "swiglu")
+    with pytest.raises(ValueError, match=r"\(rmsnorm with none\)"):
+        gemv.make_decode_gemv(4096, 4096, "float16", CUDA, "residual", "rmsnorm")
+
+
+@pytest.mark.skipif(MODE != "llvm", reason="codegen checks run where the compiler is")
+def test_decode_gemv_rmsnorm_codegen():
+    """The RMSNorm prologue: x read once with 16-byte loads into registers, its sum of squares over
+    the block (warp shuffles, then one shared float a warp), ``rsqrtf`` as TVM's rms_norm lowers,
+    two barriers (the warps' sums, the staged input); eps and K as float32 constants."""
+    source = cuda_source(gemv.make_decode_gemv(6144, 4096, "float16", CUDA, "none", "rmsnorm", eps=1e-6))
+    kernel = source[source.index("decode_gemv_rmsnorm_none_6144x4096_kernel(half* __restrict__ gamma"):]
+    assert kernel.count("__syncthreads()") == 2 and kernel.count("__shfl_sync") == 10  # 5 for the norm, 5 the dot
+    assert "rsqrtf(" in kernel and "red_ptr[8]" in kernel and "xr_ptr[16]" in kernel
+    assert "/ 0x1p+12f" in kernel  # divided by K = 4096 in float32, as topi.nn.rms_norm does
