@@ -54,7 +54,7 @@ def make_attention_partial(num_layers: int, n_heads: int, n_kv: int, head_dim: i
     the output logits[logit_sets, M] float32, the last query's scores ``q.k / sqrt(d) * log2(e)``
     per query head, or per KV head the max over its group (-1e30 for a key it does not see).
     ``counted`` (with ``row_sets``; Recycled Attention's active K): the argument count[1] int32 (a
-    device tensor) follows ``rows``, and each set attends to its first ``c = min(count[0], M)``
+    device tensor) follows ``rows``, and each set attends to its first ``c = clamp(count[0], 1, M)``
     rows only (the last query at ``rows[set, c - 1]``); chunks past them are written empty.
     Raises ValueError for other set counts, ``counted`` without ``row_sets``, or any of these
     options on a GPU target.
@@ -351,7 +351,7 @@ def rows_kernel(rows_body, counted: bool, symbol: str) -> tirx.PrimFunc:
     """An attention kernel over a row list: args q, kv, rope, rows, (``counted``: count[1] int32,
     a device tensor,) layer (int64), then its outputs o, lse. ``rows_body(q_h, kv_h, rope_h,
     rows_h, layer, o_h, lse_h, m_keys, m_rows)`` (a macro) matches the buffers and computes, with
-    ``m_keys`` the rows' size and ``m_rows`` those attended: ``m_keys``, or ``min(count[0],
+    ``m_keys`` the rows' size and ``m_rows`` those attended: ``m_keys``, or ``clamp(count[0], 1,
     m_keys)``. The PrimFunc is named ``symbol``."""
     if counted:
 
@@ -361,7 +361,8 @@ def rows_kernel(rows_body, counted: bool, symbol: str) -> tirx.PrimFunc:
             T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
             m_keys = T.int64()
             count = T.match_buffer(count_h, (T.int64(1),), "int32")
-            rows_body(q_h, kv_h, rope_h, rows_h, layer, o_h, lse_h, m_keys, T.min(T.Cast("int64", count[0]), m_keys))
+            rows_body(q_h, kv_h, rope_h, rows_h, layer, o_h, lse_h, m_keys,  # at least 1: no chunk split by 0
+                      T.min(T.max(T.Cast("int64", count[0]), T.int64(1)), m_keys))
 
         return attention_counted.with_attr("global_symbol", symbol)
 

@@ -68,7 +68,7 @@ def make_decode_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: in
     and RoPE rows gathered into the tiles), or the extra output logits[logit_sets, M] float32
     (``q.k / sqrt(d) * log2(e)``, per KV head the group's max). Both 0: the kernel is unchanged.
     ``counted`` (with ``row_sets``; Recycled Attention's active K): the argument count[1] int32 (a
-    device tensor) follows ``rows``, and each set attends to its first ``c = min(count[0], M)``
+    device tensor) follows ``rows``, and each set attends to its first ``c = clamp(count[0], 1, M)``
     rows only (the query at ``rows[set, c - 1]``); the ``S = decode_splits(M)`` chunks split those
     ``c`` rows as ``decode_splits(c)`` chunks would, the others written empty. Raises ValueError
     for ``counted`` without ``row_sets``.
