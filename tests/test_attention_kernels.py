@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from attention_reference import attention, rope_table
+from attention_reference import attention, rope_table, rotate
 from kernel_harness import CUDA, MODE, build, cuda_source, tensor
 
 from tsedge.tir_kernels import attention as attn
@@ -191,8 +191,8 @@ CHUNK_CASES = [
 
 @pytest.mark.skipif(MODE == "llvm", reason="CUDA tensor-core kernel (CPU prefill runs attention_partial, tested above)")
 @pytest.mark.parametrize("n_heads, n_kv, head_dim, n, m, capacity", CHUNK_CASES)
-@pytest.mark.parametrize("variant", [{}, {"keys": 64}, {"cuda_arch": "sm_90"}],
-                         ids=["wgmma", "wgmma-keys64", "mma-sync"])  # harness CUDA: sm_90a (wgmma)
+@pytest.mark.parametrize("variant", [{}, {"keys": 32}, {"keys": 32, "stages": 3}, {"cuda_arch": "sm_90"}],
+                         ids=["wgmma", "wgmma-keys32", "wgmma-keys32-stages3", "mma-sync"])  # harness CUDA: sm_90a
 def test_chunk_attention(n_heads, n_kv, head_dim, n, m, capacity, variant):
     rng = np.random.default_rng(m * 7 + n)
     kv = rng.standard_normal((NUM_LAYERS, 2, n_kv, capacity, head_dim)).astype(np.float16)
@@ -204,8 +204,16 @@ def test_chunk_attention(n_heads, n_kv, head_dim, n, m, capacity, variant):
     lse = tensor(np.full((n, splits, n_heads), np.nan, np.float32))
     out = tensor(np.full((n, n_heads, head_dim), np.nan, np.float16))
     qkv = np.concatenate([q, rng.standard_normal((n, 2 * n_kv, head_dim)).astype(np.float16)], axis=1)
-    build(chunk.make_chunk_attention, NUM_LAYERS, n_heads, n_kv, head_dim, "float16", **variant)(
-        tensor(qkv), tensor(kv), tensor(table.astype(np.float32)), tensor(rows), LAYER, o, lse)
+    args = [tensor(qkv), tensor(kv), tensor(table.astype(np.float32)), tensor(rows), LAYER, o, lse]
+    if "cuda_arch" not in variant and head_dim % 64 == 0:  # Hopper: the keys rotated by a pre-pass first
+        krot = tensor(np.full((n_kv, m, head_dim), np.nan, np.float16))
+        build(chunk.make_rotated_keys, NUM_LAYERS, n_kv, head_dim, "float16")(*args[1:5], krot)
+        args.insert(2, krot)
+    build(chunk.make_chunk_attention, NUM_LAYERS, n_heads, n_kv, head_dim, "float16", **variant)(*args)
+    if len(args) == 8:  # the pre-pass alone: RoPE at list positions, rounded once
+        np.testing.assert_allclose(krot.numpy().astype(np.float64),
+                                   rotate(kv[LAYER, 0][:, rows].astype(np.float64), np.arange(m), table),
+                                   rtol=2e-3, atol=2e-3)
     build(attn.make_attention_merge, n_heads, head_dim, "float16")(o, lse, out)
     expected = attention(q, kv[LAYER, 0][:, rows], kv[LAYER, 1][:, rows], table)
     np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=4e-3, atol=4e-3)
@@ -216,9 +224,10 @@ def test_chunk_attention_cuda_uses_tensor_cores():
     from tsedge.compile.targets import cuda_target
 
     hopper = cuda_source(chunk.make_chunk_attention(2, 32, 8, 128, "float16", CUDA))  # sm_90a: wgmma
-    assert "m64n32k16_f32_f16_f16_1_1_0_0(sf" in hopper and "m64n128k16_f32_f16_f16_1_1_1(of" in hopper
+    assert f"m64n{chunk.WGMMA_KEYS}k16_f32_f16_f16_1_1_0_0(sf" in hopper and "m64n128k16_f32_f16_f16_1_1_1(of" in hopper
     assert "mma.sync" not in hopper and "fence.proxy.async.shared::cta" in hopper
-    assert "k_sh_ptr" not in hopper  # every tile in the (1024-byte aligned) dynamic buffer
+    assert "__shared__ alignas" not in hopper  # every tile in the (1024-byte aligned) dynamic buffer
+    assert "krot_ptr" in hopper and "rope_ptr" in hopper  # keys pre-rotated; the queries rotated here
     func = chunk.make_chunk_attention(2, 32, 8, 128, "float16", cuda_target("sm_90"))
     source = cuda_source(func)
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in source

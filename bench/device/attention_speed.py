@@ -30,8 +30,9 @@ SPLIT_OPTIONS = ("max_splits", "min_keys")  # the options decode_splits takes
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
 # variants: (arch, make_chunk_attention options): sm_90 runs mma.sync, sm_90a wgmma
-CHUNK_SHAPES = {"chunk": ("sm_90", {}), "chunk wgmma": ("sm_90a", {}), "chunk wgmma k64": ("sm_90a", {"keys": 64}),
-                "chunk wgmma st3": ("sm_90a", {"stages": 3})}
+# (sm_90a: the time includes make_rotated_keys, the pre-pass the kernel needs)
+CHUNK_SHAPES = {"chunk": ("sm_90", {}), "chunk wgmma": ("sm_90a", {}), "chunk wgmma k32": ("sm_90a", {"keys": 32}),
+                "chunk wgmma k32 st3": ("sm_90a", {"keys": 32, "stages": 3})}
 
 
 def prepare() -> None:
@@ -56,7 +57,9 @@ def prepare() -> None:
             functools.partial(decode_attention.decode_splits, **_split_options(kind, kw)))
     kernels["scoring"] = tokenselect_scoring.make_scoring(LAYERS, HEADS, KV_HEADS, HEAD_DIM, 128, 512, 0, "float16",
                                                           target)  # TokenSelect paper budgets 128/512
+    hopper = parse_target("cuda:sm_90a")
     builds = [(name, func, target) for name, func in kernels.items()] + [
+        ("rotated keys", chunk_attention.make_rotated_keys(LAYERS, KV_HEADS, HEAD_DIM, "float16", hopper), hopper)] + [
         (name, chunk_attention.make_chunk_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", tgt, **kw), tgt)
         for name, (tgt, kw) in chunks.items()]
     for name, func, tgt in builds:
@@ -106,15 +109,21 @@ def run(out_path: Path) -> None:
     merge = tvm.runtime.load_module(str(LIBS / "merge.so"))["main"]
     ffi = tvm_ffi.from_dlpack
 
-    def timed(kernel, queries, rows, splits: int, calls: int) -> float:
-        """Microseconds per layer of kernel + merge, each call on another layer."""
+    def timed(kernel, queries, rows, splits: int, calls: int, rotate=None) -> float:
+        """Microseconds per layer of kernel + merge (+ ``rotate``, the keys' pre-pass, whose output
+        the kernel then takes after ``kv``), each call on another layer."""
         o = torch.empty((len(queries), splits, HEADS, HEAD_DIM), device=dev, dtype=torch.float32)
         lse = torch.empty((len(queries), splits, HEADS), device=dev, dtype=torch.float32)
         out = torch.empty((len(queries), HEADS, HEAD_DIM), device=dev, dtype=torch.float16)
         args = [ffi(t) for t in (queries, kv, rope, rows)]
+        krot = ffi(torch.empty((KV_HEADS, len(rows), HEAD_DIM), device=dev, dtype=torch.float16))
 
         def call(layer: int) -> None:
-            kernel(*args, layer, ffi(o), ffi(lse))
+            if rotate is None:
+                kernel(*args, layer, ffi(o), ffi(lse))
+            else:
+                rotate(*args[1:], layer, krot)
+                kernel(args[0], args[1], krot, *args[2:], layer, ffi(o), ffi(lse))
             merge(ffi(o), ffi(lse), ffi(out))
 
         return timed_calls(call, calls)
@@ -166,12 +175,12 @@ def run(out_path: Path) -> None:
             results.append({"variant": name, "kind": "decode", "rows": case, "m": m, "us_per_layer": round(us, 2),
                             "kv_gb_per_s": round(gbs, 1)})
             print(f"{name:38s} {case:8s} M={m:7d}: {us:9.2f} us/layer  {gbs:8.1f} GB/s", flush=True)
-    for name in CHUNK_SHAPES:
-        kernel = load(_file(name))
+    for name, (arch, _) in CHUNK_SHAPES.items():
+        kernel, rotate = load(_file(name)), load("rotated_keys") if arch == "sm_90a" else None
         for depth in PREFILL_DEPTHS:
             m = depth + PREFILL_N
             splits = chunk_attention.chunk_splits(m)
-            us = timed(kernel, q, torch.arange(m, device=dev, dtype=torch.int32), splits, 2 * LAYERS)
+            us = timed(kernel, q, torch.arange(m, device=dev, dtype=torch.int32), splits, 2 * LAYERS, rotate)
             pairs = PREFILL_N * depth + PREFILL_N * (PREFILL_N + 1) // 2
             tflops = 4 * HEADS * HEAD_DIM * pairs / us / 1e6
             results.append({"variant": name, "kind": "prefill", "queries": PREFILL_N, "depth": depth,

@@ -41,6 +41,9 @@ class DensePolicy:
         self.merge_dense = attention.make_attention_merge(h, d, dtype, target, self.decode_splits) if gpu else None
         self.chunk = (chunk_attention.make_chunk_attention(n_layers, h, hkv, d, dtype, target)
                       if chunk_attention.supported(dtype, d, target) else None)
+        # Hopper's chunk kernel reads the attended keys rotated once per chunk by a pre-pass
+        self.rotated_keys = (chunk_attention.make_rotated_keys(n_layers, hkv, d, dtype, target)
+                             if self.chunk is not None and chunk_attention.uses_wgmma(d, target) else None)
 
     selects = False  # exports no *_select functions
 
@@ -69,14 +72,19 @@ class DensePolicy:
         ``rows`` (positions re-assigned 0..M-1) -> [n, H, d]."""
         n, h, d = q.shape[0], self.cfg.num_heads, self.cfg.head_dim
         m = rows.shape[0]
+        args = [q, kv, rope, rows, i64(layer_id)]
         if n == 1 and self.decode is not None:  # one query: split the rows over the whole GPU
             kernel, name, chunks = self.decode, "attention_decode", self.decode_splits(m)
         elif self.chunk is not None:  # a prefill chunk on tensor cores
             kernel, name, chunks = self.chunk, "chunk_attention", chunk_attention.chunk_splits(m)
+            if self.rotated_keys is not None:
+                krot = op.tensor_ir_op(self.rotated_keys, "rotated_keys", args=args[1:],
+                                       out=nn.Tensor.placeholder([self.cfg.num_kv_heads, m, d], self.dtype))
+                args.insert(2, krot)
         else:
             kernel, name, chunks = self.partial, "attention_partial", attention.num_chunks(m)
         o, lse = op.tensor_ir_op(
-            kernel, name, args=[q, kv, rope, rows, i64(layer_id)],
+            kernel, name, args=args,
             out=[nn.Tensor.placeholder([n, chunks, h, d], "float32"),
                  nn.Tensor.placeholder([n, chunks, h], "float32")])
         return op.tensor_ir_op(self.merge, "attention_merge", args=[o, lse],
