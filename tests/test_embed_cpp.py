@@ -93,19 +93,31 @@ def test_dense_ids_equal_the_engine(tsedge_run, tiny_lib, tiny_weights):  # noqa
     assert stopped == short[:short.index(stop) + 1]
 
 
-def test_tokenselect_ids_equal_the_engine(tsedge_run, tiny_weights, tmp_path):
-    """Past the budget (4 + 8 + 8 tokens) the *_select functions run with the selection state."""
+def random_weights(tiny_weights: Path, folder: Path) -> Path:
+    """A 2-layer model (head_dim 64, one KV head) with random weights, written to ``folder``."""
     config = ModelConfig("tiny-ts", hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
                          num_kv_heads=1, vocab_size=300, head_dim=64, context_window=256)
     rng = np.random.default_rng(0)
     params = ((name, rng.normal(1.0 if len(shape) == 1 else 0.0, 0.2, shape))
               for name, shape in expected_shapes(config).items())
-    weights = tmp_path / "weights"
-    save_weights_folder(weights, params, config, load_source(str(tiny_weights)).tokenizer, {"model": config.name})
-    lib = compile_lib(weights, tmp_path / "ts.so", "--policy", "tokenselect", "--max-context", "96",
-                      "--n-init", "4", "--n-local", "8", "--select-top-k", "8", "--chunk-size", "8")
+    save_weights_folder(folder, params, config, load_source(str(tiny_weights)).tokenizer, {"model": config.name})
+    return folder
+
+
+POLICIES = {"tokenselect": ["--n-init", "4", "--n-local", "8", "--select-top-k", "8", "--chunk-size", "8"],
+            "recycled": ["--recycle-k", "1/8", "--recycle-stride", "2"],  # the paper's K: every context selects
+            "recycled-count": ["--recycle-k", "16", "--recycle-stride", "2", "--chunk-size", "8"]}
+
+
+@pytest.mark.parametrize("variant", sorted(POLICIES))
+def test_selecting_policy_ids_equal_the_engine(tsedge_run, tiny_weights, tmp_path, variant):
+    """Past the budget (TokenSelect: 4 + 8 + 8 tokens; Recycled Attention: 16, or 0 for 1/8 of the
+    prompt) the *_select functions run with the selection state."""
+    weights = random_weights(tiny_weights, tmp_path / "weights")
+    lib = compile_lib(weights, tmp_path / "sel.so", "--policy", variant.split("-")[0], "--max-context", "96",
+                      *POLICIES[variant])
     assert json.loads(lib.with_suffix(".json").read_text())["state"]  # a state to allocate
-    prompt = rng.integers(0, 300, 40).tolist()
+    prompt = np.random.default_rng(1).integers(0, 300, 40).tolist()
     engine = Engine(lib, str(weights))
     expected = engine.generate(prompt, 24, stop_ids=[]).tokens
     assert engine.selection_stats()["lookups"] > 0  # selection ran

@@ -325,6 +325,11 @@ LibraryMeta ReadLibraryMeta(const std::string& json_path) {
   int64_t n_init = policy.Int("n_init", 0, kBig), n_local = policy.Int("n_local", 0, kBig);
   int64_t top_k = policy.Int("top_k", 0, kBig);
   meta.budget = n_init + (meta.policy == "tokenselect" ? top_k : 0) + n_local;  // PolicyConfig.budget
+  if (meta.policy == "tidaldecode") meta.budget = policy.Int("tidal_budget", 1, kBig);
+  if (meta.policy == "recycled") {  // a token count, or a fraction of the prompt ("1/8"): budget 0
+    auto count = policy.Get("recycle_k").as<int64_t>();
+    meta.budget = count ? *count : 0;
+  }
   meta.target = root.Str("target");
   meta.dtype = ParseDtype(root, "dtype");
   if (meta.dtype.code != kDLFloat) root.Fail("dtype", "is not float32 or float16");
