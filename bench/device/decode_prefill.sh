@@ -17,7 +17,7 @@ if [ "$1" = prepare ]; then
   TSEDGE_KERNEL_MODE=cuda-build TSEDGE_KERNEL_DIR=.carry/kernels python -m pytest -q -p no:cacheprovider \
     tests/test_attention_kernels.py tests/test_tokenselect_kernels.py tests/test_matmul_kernel.py > /dev/null  # builds the CUDA kernel libraries (checks are no-ops)
   # decode's variants (dense, tokenselect, tokenselect-reselect) cover prefill's too
-  python -m tsedge.cli_bench decode --compile-only --lib-dir "$LIBS" --target cuda:sm_90 --preset "$PRESET" \
+  python -m tsedge.cli_bench decode --compile-only --lib-dir "$LIBS" --target cuda:sm_90a --preset "$PRESET" \
     --depths "$DEPTHS" --ttft "$TTFT"
   exit 0
 fi

@@ -17,7 +17,7 @@ BUDGET=${BUDGET:-2688}
 task_args=()
 [ -n "${TASKS:-}" ] && task_args=(--tasks "$TASKS")
 [ -n "${SWEEP:-}" ] && task_args+=(--tidal-reselect-sweep "$SWEEP")
-args=(--target cuda:sm_90 --policies "$POLICIES" --lengths "$LENGTHS" --samples "$SAMPLES" --haystacks "$HAYSTACKS"
+args=(--target cuda:sm_90a --policies "$POLICIES" --lengths "$LENGTHS" --samples "$SAMPLES" --haystacks "$HAYSTACKS"
       --tidal-budget "$BUDGET" --recycle-k "$BUDGET" "${task_args[@]}")
 if [ "$1" = prepare ]; then
   bash bench/device/make_bundle.sh

@@ -1,7 +1,7 @@
 """The compiled model on the GPU against the CPU build: same weights, same tokens, logits compared.
 
 ``python bench/device/gpu_check.py prepare`` (build machine) compiles a 4-layer Llama (8 heads,
-2 KV heads, head_dim 64) for llvm float32 and cuda:sm_90 float32 and float16, dense and
+2 KV heads, head_dim 64) for llvm float32 and cuda:sm_90a float32 and float16, dense and
 TokenSelect (budgets 16/64/128, chunk 64), draws its weights (float16-exact, N(0, 0.05)) and
 records the CPU logits of a 600-token prompt (chunked prefill, beyond the TokenSelect budget)
 and 8 teacher-forced decode steps into ``.carry/check``. ``python3 bench/device/gpu_check.py run
@@ -25,8 +25,8 @@ CONFIG = ModelConfig("check-4l", hidden_size=512, intermediate_size=1024, num_la
                      num_kv_heads=2, vocab_size=1024, rope_theta=500000.0, context_window=2048)
 POLICIES = {"dense": PolicyConfig(), "tokenselect": PolicyConfig("tokenselect", n_init=16, n_local=64,
                                                                   top_k=128, chunk_size=64)}
-BUILDS = {"cpu-float32": ("llvm", "float32"), "cuda-float32": ("cuda:sm_90", "float32"),
-          "cuda-float16": ("cuda:sm_90", "float16")}
+BUILDS = {"cpu-float32": ("llvm", "float32"), "cuda-float32": ("cuda:sm_90a", "float32"),
+          "cuda-float16": ("cuda:sm_90a", "float16")}
 PROMPT, STEPS, CHUNK = 600, 8, 64
 
 

@@ -1,7 +1,7 @@
 """Prepare a GPU run (on the build machine): CUDA libraries, the CPU reference, weights parts.
 
 Writes under ``.carry/`` (git-ignored, sent with the device call):
-  libs/*.so|json      SmolLM2-135M (float32 and float16) and Llama-3-8B (float16) for cuda:sm_90
+  libs/*.so|json      SmolLM2-135M (float32 and float16) and Llama-3-8B (float16) for cuda:sm_90a
   libs/cpu_reference.json  greedy tokens of the CPU (llvm, float32) build for a fixed prompt
   w1/, w2/            the SmolLM2 GGUF in two parts (one device call carries at most 64 MiB)
 Kernel libraries come from ``TSEDGE_KERNEL_MODE=cuda-build pytest tests/test_*kernels.py``.
@@ -28,7 +28,7 @@ GPU_CONTEXT = 32768 + 256
 def main() -> None:
     libs = CARRY / "libs"
     smol = load_source("smollm2-135m")
-    cuda = parse_target("cuda:sm_90")
+    cuda = parse_target("cuda:sm_90a")
     for dtype in ("float32", "float16"):
         compile_library(smol.config, PolicyConfig(), cuda, dtype, GPU_CONTEXT, libs / f"smol-{dtype}.so")
     compile_library(PRESETS["llama3-8b"], PolicyConfig(), cuda, "float16", GPU_CONTEXT, libs / "llama3-8b.so")

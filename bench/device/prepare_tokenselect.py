@@ -1,4 +1,4 @@
-"""Libraries for the TokenSelect GPU run (passkey, agreement): SmolLM2-135M, cuda:sm_90, float16.
+"""Libraries for the TokenSelect GPU run (passkey, agreement): SmolLM2-135M, cuda:sm_90a, float16.
 
 Writes ``.carry/libs2/NAME.so|json`` for the names in ``LIBS``.
 """
@@ -31,7 +31,7 @@ LIBS = {
 def main() -> None:
     cfg = load_source("smollm2-135m").config
     for name, (policy, context) in LIBS.items():
-        compile_library(cfg, policy, parse_target("cuda:sm_90"), "float16", context,
+        compile_library(cfg, policy, parse_target("cuda:sm_90a"), "float16", context,
                         Path(".carry/libs2") / f"{name}.so")
 
 
