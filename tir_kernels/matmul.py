@@ -55,6 +55,31 @@ def swizzled(row: "tirx.PrimExpr", chunk: "tirx.PrimExpr", bk: int) -> "tirx.Pri
     return row * bk + ((chunk ^ (row // (8 // chunks) % chunks)) * 8)
 
 
+def tile_copies(bm: int, bn: int, bk: int, stages: int, threads: int, n_out: int, k: int):
+    """The macro ``copy_step(x, w, a_sh, b_sh, m, m0, n0, t, tid)`` that issues the ``cp.async``
+    copies of k-step ``t``'s ``bm x bk`` x tile (rows from ``m0``, clamped to ``m - 1``) and ``bn x bk``
+    W tile (rows from ``n0``, clamped to ``n_out - 1``) into stage ``t % stages`` of ``a_sh``/``b_sh``,
+    ``swizzled``; thread ``tid`` of ``threads`` copies every ``threads``-th 16-byte chunk."""
+    vecs = bk // 8
+    a_items, b_items = bm * vecs // threads, bn * vecs // threads
+    N, K = i64(n_out), i64(k)
+
+    @T.macro
+    def copy_step(x, w, a_sh, b_sh, m, m0, n0, t, tid):
+        for it in T.unroll(a_items):
+            T.evaluate(T.s_tir.cp_async_raw.legacy(
+                a_sh.data, t % stages * bm * bk + swizzled((it * threads + tid) // vecs, (it * threads + tid) % vecs, bk),
+                x.data, T.min(m0 + (it * threads + tid) // vecs, m - 1) * K + t * bk + (it * threads + tid) % vecs * 8,
+                16, dtype="float16"))
+        for it in T.unroll(b_items):
+            T.evaluate(T.s_tir.cp_async_raw.legacy(
+                b_sh.data, t % stages * bn * bk + swizzled((it * threads + tid) // vecs, (it * threads + tid) % vecs, bk),
+                w.data, T.min(n0 + (it * threads + tid) // vecs, N - 1) * K + t * bk + (it * threads + tid) % vecs * 8,
+                16, dtype="float16"))
+
+    return copy_step
+
+
 def supported(n_out: int, k: int, dtype: str, target: Target, tiles: Tiles = TILES) -> bool:
     """True where the kernel runs: CUDA sm_80+, float16, ``n_out % 8 == 0`` and ``k % bk == 0``."""
     return has_mma_sync(target) and dtype == "float16" and n_out % 8 == 0 and k % tiles.bk == 0
@@ -89,23 +114,10 @@ def make_mma_matmul(n_out: int, k: int, dtype: str, target: Target, tiles: Tiles
     vecs = bk // 8  # 16-byte vectors per row of a k-step
     if bk not in (32, 64) or warp_m % 16 or warp_n % 16 or (bm * vecs) % threads or (bn * vecs) % threads:
         raise ValueError(f"matmul tiles {tiles} do not divide into warps, 16-byte copies and k-steps of 32/64")
-    a_items, b_items = bm * vecs // threads, bn * vecs // threads
     steps = k // bk
     N, K = i64(n_out), i64(k)
 
-    @T.macro
-    def copy_step(x, w, a_sh, b_sh, m, m0, n0, t, tid):
-        """Issue the cp.async copies of k-step ``t``'s x and W tiles into stage ``t % stages``."""
-        for it in T.unroll(a_items):
-            T.evaluate(T.s_tir.cp_async_raw.legacy(
-                a_sh.data, t % stages * bm * bk + swizzled((it * threads + tid) // vecs, (it * threads + tid) % vecs, bk),
-                x.data, T.min(m0 + (it * threads + tid) // vecs, m - 1) * K + t * bk + (it * threads + tid) % vecs * 8,
-                16, dtype="float16"))
-        for it in T.unroll(b_items):
-            T.evaluate(T.s_tir.cp_async_raw.legacy(
-                b_sh.data, t % stages * bn * bk + swizzled((it * threads + tid) // vecs, (it * threads + tid) % vecs, bk),
-                w.data, T.min(n0 + (it * threads + tid) // vecs, N - 1) * K + t * bk + (it * threads + tid) % vecs * 8,
-                16, dtype="float16"))
+    copy_step = tile_copies(bm, bn, bk, stages, threads, n_out, k)
 
     @T.macro
     def fragments(af, bf, a_sh, b_sh, stage, ks, a_row, b_row, tx):

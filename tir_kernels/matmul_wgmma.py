@@ -33,7 +33,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from .common import i64
-from .matmul import swizzled
+from .matmul import tile_copies
 
 BM, BK = 128, 64  # rows of a block tile (a warpgroup's 64 each), k-step (a 128-byte swizzled row)
 _THREADS = 128 * (BM // 64)
@@ -99,24 +99,10 @@ def make_prefill_matmul_wgmma(n_out: int, k: int, dtype: str, target: Target,
         raise ValueError(f"wgmma tiles {tiles}: bn must be 64, 128, 192 or 256 and stages >= 3")
     BN, STAGES = tiles.bn, tiles.stages
     acc_regs = BN // 2  # float32 accumulators a thread: 64 x BN over 128 threads
-    vecs = BK // 8  # 16-byte chunks a row of a k-step
-    a_items, b_items = BM * vecs // _THREADS, BN * vecs // _THREADS
     steps, ahead = k // BK, STAGES - 2
     N, K = i64(n_out), i64(k)
 
-    @T.macro
-    def copy_step(x, w, a_sh, b_sh, m, m0, n0, t, tid):
-        """Issue the cp.async copies of k-step ``t``'s x and W tiles into stage ``t % STAGES``."""
-        for it in T.unroll(a_items):
-            T.evaluate(T.s_tir.cp_async_raw.legacy(
-                a_sh.data, t % STAGES * BM * BK + swizzled((it * _THREADS + tid) // vecs, (it * _THREADS + tid) % vecs, BK),
-                x.data, T.min(m0 + (it * _THREADS + tid) // vecs, m - 1) * K + t * BK + (it * _THREADS + tid) % vecs * 8,
-                16, dtype="float16"))
-        for it in T.unroll(b_items):
-            T.evaluate(T.s_tir.cp_async_raw.legacy(
-                b_sh.data, t % STAGES * BN * BK + swizzled((it * _THREADS + tid) // vecs, (it * _THREADS + tid) % vecs, BK),
-                w.data, T.min(n0 + (it * _THREADS + tid) // vecs, N - 1) * K + t * BK + (it * _THREADS + tid) % vecs * 8,
-                16, dtype="float16"))
+    copy_step = tile_copies(BM, BN, BK, STAGES, _THREADS, n_out, k)
 
     @T.prim_func(s_tir=True)
     def prefill_matmul(x_h: T.handle, w_h: T.handle, y_h: T.handle):
