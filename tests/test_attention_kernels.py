@@ -135,6 +135,20 @@ def test_decode_attention(kernel, n_heads, n_kv, head_dim, dtype, m, capacity):
     np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("n, chunks, n_heads, head_dim", [(1, 1, 32, 128), (37, 3, 9, 64), (512, 5, 32, 128)])
+def test_merge_few_chunks(n, chunks, n_heads, head_dim):
+    """The prefill chunks' merge (a thread per 4 outputs) against NumPy, chunks without keys included."""
+    rng = np.random.default_rng(n * chunks)
+    o = rng.standard_normal((n, chunks, n_heads, head_dim)).astype(np.float32)
+    lse = (rng.standard_normal((n, chunks, n_heads)) * 4).astype(np.float32)
+    lse[:, 1:][rng.random((n, chunks - 1, n_heads)) < 0.3] = attn.NEG_INF  # chunk 0 always has keys
+    out = tensor(np.full((n, n_heads, head_dim), np.nan, np.float16))
+    build(attn.make_attention_merge, n_heads, head_dim, "float16", few_chunks=True)(tensor(o), tensor(lse), out)
+    w = np.where(lse > attn.NEG_INF / 2, np.exp2(lse - lse.max(axis=1, keepdims=True)), 0.0)
+    expected = (w[..., None] * o).sum(axis=1) / w.sum(axis=1)[..., None]
+    np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("chunks, valid", [(256, 1), (256, 37), (9, 9)])
 def test_merge_reads_only_the_valid_chunks(chunks, valid):
     """The merge of a dense GPU decode step: the device length says how many chunks hold
@@ -214,7 +228,7 @@ def test_chunk_attention(n_heads, n_kv, head_dim, n, m, capacity, variant):
         np.testing.assert_allclose(krot.numpy().astype(np.float64),
                                    rotate(kv[LAYER, 0][:, rows].astype(np.float64), np.arange(m), table),
                                    rtol=2e-3, atol=2e-3)
-    build(attn.make_attention_merge, n_heads, head_dim, "float16")(o, lse, out)
+    build(attn.make_attention_merge, n_heads, head_dim, "float16", few_chunks=True)(o, lse, out)
     expected = attention(q, kv[LAYER, 0][:, rows], kv[LAYER, 1][:, rows], table)
     np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=4e-3, atol=4e-3)
 

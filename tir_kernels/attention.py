@@ -377,19 +377,53 @@ def rows_kernel(rows_body, counted: bool, symbol: str) -> tirx.PrimFunc:
 
 
 def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target,
-                         valid_chunks: Callable[[tirx.PrimExpr], tirx.PrimExpr] | None = None) -> tirx.PrimFunc:
+                         valid_chunks: Callable[[tirx.PrimExpr], tirx.PrimExpr] | None = None,
+                         few_chunks: bool = False) -> tirx.PrimFunc:
     """Combine chunk partials. Args: o[n, S, H, d] f32, lse[n, S, H] f32; output out[n, H, d].
 
     A chunk with ``lse = NEG_INF`` (no visible key) has no weight; at least one must have keys.
     ``valid_chunks``: the merge takes length[1] int32 (a device tensor) after ``lse`` and combines
     only the first ``valid_chunks(length[0])`` chunks (``decode_attention`` built ``dense``).
     On GPUs one block per (query, head): ``MERGE_GROUPS`` groups of ``head_dim / 4`` threads walk
-    every ``MERGE_GROUPS``-th chunk with a running max (16-byte loads), then combine the groups.
+    every ``MERGE_GROUPS``-th chunk with a running max (16-byte loads), then combine the groups;
+    ``few_chunks`` (a prefill chunk's handful of key splits: many queries, few chunks) gives each
+    thread 4 output elements of one (query, head) and all its chunks instead.
     """
     if is_gpu(target) and head_dim % 4:
         raise ValueError(f"GPU attention merge needs head_dim divisible by 4, got {head_dim}")
     H, D = i64(n_heads), i64(head_dim)
     gpu = is_gpu(target)
+    quads = head_dim // 4
+
+    @T.macro
+    def merge_threads(o, lse, out, n, s):  # a thread per 4 output elements, every chunk
+        for b in T.thread_binding((n * H * quads + 255) // 256, thread="blockIdx.x"):
+            for tx in T.thread_binding(T.int64(256), thread="threadIdx.x"):
+                with T.sblock("merge"):
+                    st = T.sblock_alloc_buffer((2,), "float32", scope="local")  # max, sum
+                    acc = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                    ov = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                    item: T.let[T.int64] = b * 256 + tx
+                    i: T.let[T.int64] = item // (H * quads)
+                    h: T.let[T.int64] = item // quads % H
+                    v0: T.let[T.int64] = item % quads * 4
+                    if item < n * H * quads:
+                        st[0] = T.float32(NEG_INF)
+                        for c in T.serial(s):
+                            st[0] = T.max(st[0], lse[i, c, h])
+                        st[1] = T.float32(0)
+                        for v in T.unroll(4):
+                            acc[v] = T.float32(0)
+                        for c in T.serial(s):
+                            w: T.let[T.float32] = T.if_then_else(lse[i, c, h] > T.float32(NEG_INF / 2),
+                                                                 T.exp2(lse[i, c, h] - st[0]), T.float32(0))
+                            for v in T.vectorized(4):
+                                ov[v] = o[i, c, h, v0 + v]
+                            for v in T.unroll(4):
+                                acc[v] = acc[v] + w * ov[v]
+                            st[1] = st[1] + w
+                        for v in T.unroll(4):
+                            out[i, h, v0 + v] = T.Cast(dtype, acc[v] / st[1])
 
     @T.macro
     def merge(o, lse, out, n, s, size):  # merges chunks [0, s) of the size chunks
@@ -474,6 +508,19 @@ def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target
             merge(o, lse, out, n, T.min(valid_chunks(T.Cast("int64", length[0])), s), s)
 
         return attention_merge_length
+
+    if gpu and few_chunks:
+
+        @T.prim_func(s_tir=True)
+        def attention_merge_chunks(o_h: T.handle, lse_h: T.handle, out_h: T.handle):
+            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+            n, s = T.int64(), T.int64()
+            o = T.match_buffer(o_h, (n, s, H, D), "float32")
+            lse = T.match_buffer(lse_h, (n, s, H), "float32")
+            out = T.match_buffer(out_h, (n, H, D), dtype)
+            merge_threads(o, lse, out, n, s)
+
+        return attention_merge_chunks
 
     @T.prim_func(s_tir=True)
     def attention_merge(o_h: T.handle, lse_h: T.handle, out_h: T.handle):

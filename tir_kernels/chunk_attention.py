@@ -116,6 +116,7 @@ def make_rotated_keys(num_layers: int, n_kv: int, head_dim: int, dtype: str, tar
             for tx in T.thread_binding(T.int64(threads), thread="threadIdx.x"):
                 with T.sblock("rotate"):
                     kx = T.sblock_alloc_buffer((16,), "float16", scope="local")
+                    cs = T.sblock_alloc_buffer((16,), "float32", scope="local")  # cos | sin
                     kr = T.sblock_alloc_buffer((16,), "float16", scope="local")
                     item: T.let[T.int64] = b * threads + tx
                     j: T.let[T.int64] = item // (HKV * pieces)
@@ -127,11 +128,13 @@ def make_rotated_keys(num_layers: int, n_kv: int, head_dim: int, dtype: str, tar
                             kx[e] = kv[layer, 0, g, row, d0 + e]
                         for e in T.vectorized(8):
                             kx[8 + e] = kv[layer, 0, g, row, half + d0 + e]
+                        for e in T.vectorized(8):
+                            cs[e] = rope[j, d0 + e]
+                        for e in T.vectorized(8):
+                            cs[8 + e] = rope[j, half + d0 + e]
                         for e in T.unroll(8):
-                            kr[e] = T.Cast("float16", T.Cast("float32", kx[e]) * rope[j, d0 + e]
-                                           - T.Cast("float32", kx[8 + e]) * rope[j, half + d0 + e])
-                            kr[8 + e] = T.Cast("float16", T.Cast("float32", kx[8 + e]) * rope[j, d0 + e]
-                                               + T.Cast("float32", kx[e]) * rope[j, half + d0 + e])
+                            kr[e] = T.Cast("float16", T.Cast("float32", kx[e]) * cs[e] - T.Cast("float32", kx[8 + e]) * cs[8 + e])
+                            kr[8 + e] = T.Cast("float16", T.Cast("float32", kx[8 + e]) * cs[e] + T.Cast("float32", kx[e]) * cs[8 + e])
                         for e in T.vectorized(8):
                             krot[g, j, d0 + e] = kr[e]
                         for e in T.vectorized(8):

@@ -31,8 +31,7 @@ PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
 # variants: (arch, make_chunk_attention options): sm_90 runs mma.sync, sm_90a wgmma
 # (sm_90a: the time includes make_rotated_keys, the pre-pass the kernel needs)
-CHUNK_SHAPES = {"chunk": ("sm_90", {}), "chunk wgmma": ("sm_90a", {}), "chunk wgmma k32": ("sm_90a", {"keys": 32}),
-                "chunk wgmma k32 st3": ("sm_90a", {"keys": 32, "stages": 3})}
+CHUNK_SHAPES = {"chunk": ("sm_90", {}), "chunk wgmma": ("sm_90a", {})}
 
 
 def prepare() -> None:
@@ -48,6 +47,7 @@ def prepare() -> None:
     makers = {"simt": decode_attention.make_decode_attention, "mma": decode_attention_mma.make_decode_attention_mma}
     LIBS.mkdir(parents=True, exist_ok=True)
     kernels = {"merge": attention.make_attention_merge(HEADS, HEAD_DIM, "float16", target),
+               "merge chunks": attention.make_attention_merge(HEADS, HEAD_DIM, "float16", target, few_chunks=True),
                **{name: makers[kind](LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, **kw)
                   for name, (kind, kw) in DECODE_SHAPES.items()}}
     for name, (kind, kw) in DENSE_SHAPES.items():
@@ -109,8 +109,8 @@ def run(out_path: Path) -> None:
     merge = tvm.runtime.load_module(str(LIBS / "merge.so"))["main"]
     ffi = tvm_ffi.from_dlpack
 
-    def timed(kernel, queries, rows, splits: int, calls: int, rotate=None) -> float:
-        """Microseconds per layer of kernel + merge (+ ``rotate``, the keys' pre-pass, whose output
+    def timed(kernel, queries, rows, splits: int, calls: int, rotate=None, merge=merge) -> float:
+        """Microseconds per layer of kernel + ``merge`` (+ ``rotate``, the keys' pre-pass, whose output
         the kernel then takes after ``kv``), each call on another layer."""
         o = torch.empty((len(queries), splits, HEADS, HEAD_DIM), device=dev, dtype=torch.float32)
         lse = torch.empty((len(queries), splits, HEADS), device=dev, dtype=torch.float32)
@@ -180,7 +180,8 @@ def run(out_path: Path) -> None:
         for depth in PREFILL_DEPTHS:
             m = depth + PREFILL_N
             splits = chunk_attention.chunk_splits(m)
-            us = timed(kernel, q, torch.arange(m, device=dev, dtype=torch.int32), splits, 2 * LAYERS, rotate)
+            us = timed(kernel, q, torch.arange(m, device=dev, dtype=torch.int32), splits, 2 * LAYERS, rotate,
+                       load("merge_chunks"))
             pairs = PREFILL_N * depth + PREFILL_N * (PREFILL_N + 1) // 2
             tflops = 4 * HEADS * HEAD_DIM * pairs / us / 1e6
             results.append({"variant": name, "kind": "prefill", "queries": PREFILL_N, "depth": depth,

@@ -28,6 +28,7 @@ class DensePolicy:
         self.iota = cache_ops.make_iota(target)
         self.partial = attention.make_attention_partial(n_layers, h, hkv, d, dtype, target)
         self.merge = attention.make_attention_merge(h, d, dtype, target)
+        self.merge_chunks = attention.make_attention_merge(h, d, dtype, target, few_chunks=True)  # prefill chunks
         gpu = has_warp_shuffle(target)  # CUDA; Vulkan (WGSL) decodes with attention_partial
         if decode_attention_mma.supported(h, hkv, d, dtype, target):  # tensor cores: sm_80+, float16
             make_decode, self.decode_splits = decode_attention_mma.make_decode_attention_mma, decode_attention_mma.mma_splits
@@ -72,11 +73,12 @@ class DensePolicy:
         ``rows`` (positions re-assigned 0..M-1) -> [n, H, d]."""
         n, h, d = q.shape[0], self.cfg.num_heads, self.cfg.head_dim
         m = rows.shape[0]
-        args = [q, kv, rope, rows, i64(layer_id)]
+        args, merge = [q, kv, rope, rows, i64(layer_id)], self.merge
         if n == 1 and self.decode is not None:  # one query: split the rows over the whole GPU
             kernel, name, chunks = self.decode, "attention_decode", self.decode_splits(m)
         elif self.chunk is not None:  # a prefill chunk on tensor cores
             kernel, name, chunks = self.chunk, "chunk_attention", chunk_attention.chunk_splits(m)
+            merge = self.merge_chunks
             if self.rotated_keys is not None:
                 krot = op.tensor_ir_op(self.rotated_keys, "rotated_keys", args=args[1:],
                                        out=nn.Tensor.placeholder([self.cfg.num_kv_heads, m, d], self.dtype))
@@ -87,7 +89,7 @@ class DensePolicy:
             kernel, name, args=args,
             out=[nn.Tensor.placeholder([n, chunks, h, d], "float32"),
                  nn.Tensor.placeholder([n, chunks, h], "float32")])
-        return op.tensor_ir_op(self.merge, "attention_merge", args=[o, lse],
+        return op.tensor_ir_op(merge, "attention_merge", args=[o, lse],
                                out=nn.Tensor.placeholder([n, h, d], self.dtype))
 
     def attend(self, layer_id: int, qkv: nn.Tensor, step) -> nn.Tensor:
