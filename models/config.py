@@ -310,7 +310,9 @@ class PolicyConfig:
     ``recycle_k`` (``parse_recycle_k``): a token count (int), or a fraction of the prompt, the
     string ``"p/q"`` (default ``"1/8"``, the paper's). The library's partial caches have
     ``recycle_capacity(max_context)`` slots (K_max); a prefill sets the active K
-    (``recycle_active_k``) from the context it ends at, on the device."""
+    (``recycle_active_k``) from the context it ends at, on the device. A fraction's K is at least
+    ``recycle_min_k`` (the paper's setting is for long prompts: 1/8 of a 30-token prompt is 4 rows,
+    which derails generation); contexts up to it run dense, as a count's budget does."""
 
     name: str = "dense"
     n_init: int = 128
@@ -327,6 +329,7 @@ class PolicyConfig:
     recycle_stride: int = 5  # a refresh check (or, fixed, a full step) every this many decode steps
     recycle_threshold: float = 0.85  # full step when cos(mean query, the last full step's) is below
     recycle_fixed_stride: bool = False  # full step every recycle_stride steps, no similarity check
+    recycle_min_k: int = 256  # a fraction's K at least this (contexts up to it: dense)
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -345,6 +348,9 @@ class PolicyConfig:
 
     def _check_recycled(self) -> None:
         """Recycled Attention settings (one line naming the option to fix)."""
+        if self.recycle_min_k < 1:
+            raise ValueError(f"recycle_min_k={self.recycle_min_k}: the partial cache holds at least the current "
+                             "token; set --recycle-min-k >= 1")
         if self.recycle_stride < 1:
             raise ValueError(f"recycle_stride={self.recycle_stride}: set --recycle-stride >= 1 "
                              "(the paper uses 5 or 10)")
@@ -377,11 +383,11 @@ class PolicyConfig:
     @property
     def budget(self) -> int:
         """Tokens attended per step once the context exceeds it (streaming selects no top-k).
-        Recycled Attention with a fraction: 0 (every context has a partial cache of its K)."""
+        Recycled Attention with a fraction: ``recycle_min_k`` (the least K)."""
         if self.name == "tidaldecode":
             return self.tidal_budget
         if self.name == "recycled":
-            return 0 if self.recycle_fraction else self.recycle_k
+            return self.recycle_min_k if self.recycle_fraction else self.recycle_k
         selected = self.top_k if self.name == "tokenselect" else 0
         return self.n_init + selected + self.n_local
 
@@ -392,26 +398,26 @@ class PolicyConfig:
 
     def recycle_capacity(self, max_context: int) -> int:
         """K_max, the slots of each partial cache in a library of ``max_context`` tokens: the
-        count, or ``ceil(fraction * max_context)`` (the K of the longest prompt the library holds,
-        so the active K is never clamped). Raises ValueError (one line) for a fraction and
-        ``max_context < 1``."""
+        count, or ``max(ceil(fraction * max_context), recycle_min_k)`` (the K of the longest prompt
+        the library holds, so the active K is never clamped from above). Raises ValueError (one
+        line) for a fraction and ``max_context < 1``."""
         fraction = self.recycle_fraction
         if fraction is None:
             return self.recycle_k
         if max_context < 1:
             raise ValueError(f"recycle_k={self.recycle_k} is a fraction of the prompt: its partial caches are "
                              f"sized by the library's KV cache; set --max-context >= 1 (got {max_context})")
-        return math.ceil(fraction * max_context)
+        return max(math.ceil(fraction * max_context), self.recycle_min_k)
 
     def recycle_active_k(self, context: int, max_context: int) -> int:
         """The active K after a prefill that ends at ``context`` tokens: the count, or
-        ``clamp(round(fraction * context), 1, K_max)`` rounding halves up, as the library
-        computes it on the device (``tir_kernels/recycle.py``'s ``make_recycle_k``)."""
+        ``clamp(round(fraction * context), recycle_min_k, K_max)`` rounding halves up, as the
+        library computes it on the device (``tir_kernels/recycle.py``'s ``make_recycle_k``)."""
         k_max, fraction = self.recycle_capacity(max_context), self.recycle_fraction
         if fraction is None:
             return k_max
-        return min(max((2 * fraction.numerator * context + fraction.denominator) // (2 * fraction.denominator), 1),
-                   k_max)
+        return min(max((2 * fraction.numerator * context + fraction.denominator) // (2 * fraction.denominator),
+                       self.recycle_min_k), k_max)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

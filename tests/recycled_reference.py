@@ -68,20 +68,20 @@ def refresh_check(qmean: np.ndarray, cache_qbar: np.ndarray, state: np.ndarray, 
     return partial
 
 
-def capacity(recycle_k: int | str, max_context: int) -> int:
-    """K_max: a count as it is, a fraction ``"p/q"`` of ``max_context`` rounded up."""
+def capacity(recycle_k: int | str, max_context: int, min_k: int = 1) -> int:
+    """K_max: a count as it is, a fraction ``"p/q"`` of ``max_context`` rounded up (at least ``min_k``)."""
     if isinstance(recycle_k, int):
         return recycle_k
-    return math.ceil(Fraction(recycle_k) * max_context)
+    return max(math.ceil(Fraction(recycle_k) * max_context), min_k)
 
 
-def active_k(recycle_k: int | str, context: int, max_context: int) -> int:
+def active_k(recycle_k: int | str, context: int, max_context: int, min_k: int = 1) -> int:
     """The active K of a prefill ending at ``context`` tokens: the count, or ``round(fraction *
-    context)`` (halves up) clamped to ``[1, K_max]``."""
-    k_max = capacity(recycle_k, max_context)
+    context)`` (halves up) clamped to ``[min_k, K_max]``."""
+    k_max = capacity(recycle_k, max_context, min_k)
     if isinstance(recycle_k, int):
         return k_max
-    return min(max(math.floor(Fraction(recycle_k) * context + Fraction(1, 2)), 1), k_max)
+    return min(max(math.floor(Fraction(recycle_k) * context + Fraction(1, 2)), min_k), k_max)
 
 
 class PartialCaches:
@@ -91,7 +91,7 @@ class PartialCaches:
     def __init__(self, policy, num_layers: int, n_kv: int, head_dim: int, pool: int, max_context: int) -> None:
         self.policy, self.pool, self.max_context = policy, pool, max_context
         self.threshold = None if policy.recycle_fixed_stride else policy.recycle_threshold
-        self.k, self.k_max = 0, capacity(policy.recycle_k, max_context)
+        self.k, self.k_max = 0, capacity(policy.recycle_k, max_context, policy.recycle_min_k)
         self.idx = np.zeros((num_layers, n_kv, self.k_max), np.int32)
         self.score = np.zeros((num_layers, n_kv, self.k_max))
         self.qbar = np.zeros((num_layers, head_dim))
@@ -100,7 +100,7 @@ class PartialCaches:
     def set_k(self, length: int, prefill: bool) -> None:
         """A step beyond the budget: a prefill sets the active K, a decode step where unset."""
         if prefill or self.k == 0:
-            self.k = active_k(self.policy.recycle_k, length, self.max_context)
+            self.k = active_k(self.policy.recycle_k, length, self.max_context, self.policy.recycle_min_k)
 
     def rebuild(self, layer: int, q: np.ndarray, keys: np.ndarray, table: np.ndarray) -> None:
         """From the last query of ``q`` over ``keys[n_kv, L, d]`` (RoPE at true positions)."""

@@ -105,15 +105,15 @@ def random_weights(tiny_weights: Path, folder: Path) -> Path:
 
 
 POLICIES = {"tokenselect": ["--n-init", "4", "--n-local", "8", "--select-top-k", "8", "--chunk-size", "8"],
-            "recycled": ["--recycle-k", "1/8", "--recycle-stride", "2"],  # the paper's K: every context selects
+            "recycled": ["--recycle-k", "1/8", "--recycle-min-k", "1", "--recycle-stride", "2"],  # no floor: all select
             "recycled-count": ["--recycle-k", "16", "--recycle-stride", "2", "--chunk-size", "8"],
             "tidaldecode": ["--tidal-budget", "8", "--tidal-select-layer", "0", "--tidal-reselect-layers", "none"]}
 
 
 @pytest.mark.parametrize("variant", sorted(POLICIES))
 def test_selecting_policy_ids_equal_the_engine(tsedge_run, tiny_weights, tmp_path, variant):
-    """Past the budget (TokenSelect: 4 + 8 + 8 tokens; Recycled Attention: 16, or 0 for 1/8 of the
-    prompt; TidalDecode: 8) the *_select functions run with the selection state."""
+    """Past the budget (TokenSelect: 4 + 8 + 8 tokens; Recycled Attention: 16, or --recycle-min-k 1
+    for 1/8 of the prompt; TidalDecode: 8) the *_select functions run with the selection state."""
     weights = random_weights(tiny_weights, tmp_path / "weights")
     lib = compile_lib(weights, tmp_path / "sel.so", "--policy", variant.split("-")[0], "--max-context", "96",
                       *POLICIES[variant])

@@ -134,16 +134,18 @@ def test_append_evicts_the_lowest_active_score(n_kv, k_max, k_active, steps):
         assert (rows.numpy()[:, k_active:] == -1).all()
 
 
-@pytest.mark.parametrize("recycle_k, max_context", [("1/8", 32768), ("1/8", 100), ("3/7", 50), ("1/1", 9), (256, 4096)])
-def test_recycle_k_sets_the_active_k(recycle_k, max_context):
-    """A prefill sets K = clamp(round(fraction * L), 1, K_max) (halves up), or the count; a decode
-    step only where it is 0 (unset)."""
+@pytest.mark.parametrize("recycle_k, max_context, k_min", [("1/8", 32768, 1), ("1/8", 100, 1), ("3/7", 50, 1),
+                                                           ("1/1", 9, 1), (256, 4096, 1), ("1/8", 32768, 256),
+                                                           ("1/8", 100, 20)])
+def test_recycle_k_sets_the_active_k(recycle_k, max_context, k_min):
+    """A prefill sets K = clamp(round(fraction * L), k_min, K_max) (halves up), or the count; a
+    decode step only where it is 0 (unset)."""
     fraction = None if isinstance(recycle_k, int) else tuple(map(int, recycle_k.split("/")))
-    k_max = rref.capacity(recycle_k, max_context)
-    kernel = build(make_recycle_k, fraction, k_max)
+    k_max = rref.capacity(recycle_k, max_context, k_min)
+    kernel = build(make_recycle_k, fraction, k_max, k_min=k_min)
     lengths = sorted({1, 2, 3, 4, 5, 12, 20, 21, max_context // 2, max_context - 1, max_context} - {0})
     for length in lengths:
-        want = rref.active_k(recycle_k, length, max_context)
+        want = rref.active_k(recycle_k, length, max_context, k_min)
         for before, force in [(0, 0), (0, 1), (7, 1), (7, 0)]:
             count = active(before)
             kernel(tensor(np.array([length], np.int32)), count, force)
@@ -247,8 +249,10 @@ def test_settings_checked_in_one_line():
         with pytest.raises(ValueError, match="counted is an option of") as err:
             make()
         assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="need k_max >= 1"):
+    with pytest.raises(ValueError, match="need 1 <= k_min <= k_max"):
         make_recycle_k((1, 8), 0, CUDA)
+    with pytest.raises(ValueError, match="need 1 <= k_min <= k_max"):
+        make_recycle_k((1, 8), 100, CUDA, k_min=256)
 
 
 @pytest.mark.skipif(MODE != "llvm", reason="codegen check runs where the compiler is")

@@ -30,7 +30,7 @@ from tsedge.models.config import ModelConfig, PolicyConfig
 from tsedge.tir_kernels.recycle import POOL_KERNEL
 
 RECYCLED = dict(name="recycled", recycle_k=32, recycle_stride=2)
-FRACTION = dict(RECYCLED, recycle_k="1/8")
+FRACTION = dict(RECYCLED, recycle_k="1/8", recycle_min_k=1)  # no floor: small prompts exercise small K
 
 
 class RecycledReference(ReferenceModel):
@@ -115,7 +115,7 @@ def test_fraction_matches_numpy_reference_with_the_prompts_k(engines, source, pr
     caches of K_max = 1024 / 8 slots; a next turn's prefill sets the K of the longer context."""
     engine = engines(**FRACTION)
     assert [s for n, s, _ in engine.meta.state if n == "cache_idx"][0][-1] == MAX_CONTEXT // 8
-    assert engine.meta.policy.budget == 0  # every context has its partial cache
+    assert engine.meta.policy.budget == 1  # the floor (recycle_min_k 1): every longer context has its partial cache
     ids = prompt_ids(source, prompt_len + 12 + 40 + 6)
     prompt, tokens = ids[:prompt_len], ids[prompt_len:prompt_len + 12]
     ref, _ = check_against_reference(engine, source, prompt, tokens)
@@ -168,8 +168,14 @@ def test_recycle_k_is_a_count_or_a_fraction_of_the_prompt():
     for given, kept in [("1/8", "1/8"), ("0.125", "1/8"), ("2/16", "1/8"), (" 1/1 ", "1/1"), ("256", 256), (7, 7)]:
         assert PolicyConfig("recycled", recycle_k=given).recycle_k == kept
     policy = PolicyConfig("recycled")
-    assert policy.recycle_capacity(32768) == 4096 and policy.recycle_capacity(100) == 13
-    assert [policy.recycle_active_k(n, 32768) for n in (1, 4, 11, 12, 2048, 32768)] == [1, 1, 1, 2, 256, 4096]
+    assert policy.recycle_capacity(32768) == 4096 and policy.recycle_capacity(100) == 256  # the floor
+    assert [policy.recycle_active_k(n, 32768) for n in (1, 12, 2048, 2056, 32768)] == [256, 256, 256, 257, 4096]
+    assert policy.budget == 256  # contexts up to the floor run dense
+    floorless = PolicyConfig("recycled", recycle_min_k=1)
+    assert floorless.recycle_capacity(100) == 13 and floorless.budget == 1
+    assert [floorless.recycle_active_k(n, 32768) for n in (1, 4, 11, 12, 2048)] == [1, 1, 1, 2, 256]
+    with pytest.raises(ValueError, match="--recycle-min-k"):
+        PolicyConfig("recycled", recycle_min_k=0)
     assert PolicyConfig("recycled", recycle_k=256).recycle_active_k(5000, 32768) == 256
     assert PolicyConfig(**json.loads(json.dumps(policy.to_dict()))) == policy  # library metadata
 
@@ -178,9 +184,10 @@ CLI_RECYCLED = ["--policy", "recycled", "--recycle-k", "32", "--recycle-stride",
 
 
 def test_recycle_k_on_the_command_line(folder, tmp_path):
-    """A fraction compiles (K_max = ceil(fraction x max_context) slots); a bad value is one line."""
+    """A fraction compiles (K_max = ceil(fraction x max_context) slots, at least --recycle-min-k); a
+    bad value is one line."""
     common = ["compile", "--model", str(folder), "--target", "llvm", "--policy", "recycled", "--max-context", "100"]
-    result = CliRunner().invoke(main, [*common, "--recycle-k", "1/3", "-o", str(tmp_path / "x.so")])
+    result = CliRunner().invoke(main, [*common, "--recycle-k", "1/3", "--recycle-min-k", "1", "-o", str(tmp_path / "x.so")])
     assert result.exit_code == 0, result.output
     meta = json.loads((tmp_path / "x.json").read_text())
     assert meta["policy"]["recycle_k"] == "1/3"
@@ -188,6 +195,7 @@ def test_recycle_k_on_the_command_line(folder, tmp_path):
     result = CliRunner().invoke(main, [*common, "--recycle-k", "3/2", "-o", str(tmp_path / "y.so")])
     assert result.exit_code != 0 and "in (0, 1]" in result.output and not (tmp_path / "y.so").exists()
     assert "--recycle-k" in CliRunner().invoke(main, ["compile", "--help"]).output
+    assert "--recycle-min-k" in CliRunner().invoke(main, ["compile", "--help"]).output
     assert "1/8" in CliRunner().invoke(main, ["compile", "--help"]).output
 
 

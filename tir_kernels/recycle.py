@@ -234,19 +234,20 @@ def make_recycle_scores(n_heads: int, n_kv: int, pool: int, target: Target) -> t
     return recycle_scores
 
 
-def make_recycle_k(fraction: tuple[int, int] | None, k_max: int, target: Target) -> tirx.PrimFunc:
+def make_recycle_k(fraction: tuple[int, int] | None, k_max: int, target: Target, k_min: int = 1) -> tirx.PrimFunc:
     """Set the active K of the partial caches (one value for every layer and KV head).
 
     Args: length[1] int32 (the context after the step's KV append), active_k[1] int32 (in place),
     force (int64: 1 in a prefill, 0 in a decode step). Where ``force`` is 1 or ``active_k[0]``
     is 0 (the state was just zeroed: no prefill set it), ``active_k[0]`` becomes ``k_max`` (a
-    token count: ``fraction`` None) or ``clamp(round(p / q * length[0]), 1, k_max)`` for
+    token count: ``fraction`` None) or ``clamp(round(p / q * length[0]), k_min, k_max)`` for
     ``fraction = (p, q)``, rounding halves up: ``(2 p L + q) // (2 q)`` in int64.
     Relax: ``call_tir_inplace`` with inplace_indices ``[1]``. One thread.
-    Raises ValueError for ``k_max < 1`` or a fraction outside (0, 1].
+    Raises ValueError unless ``1 <= k_min <= k_max`` and a fraction is in (0, 1].
     """
-    if k_max < 1 or (fraction is not None and not 0 < fraction[0] <= fraction[1]):
-        raise ValueError(f"recycle K: k_max={k_max}, fraction={fraction}: need k_max >= 1 and 0 < p <= q")
+    if not 1 <= k_min <= k_max or (fraction is not None and not 0 < fraction[0] <= fraction[1]):
+        raise ValueError(f"recycle K: k_min={k_min}, k_max={k_max}, fraction={fraction}: need 1 <= k_min <= k_max "
+                         "and 0 < p <= q")
     gpu = is_gpu(target)
 
     def value(length):
@@ -254,7 +255,7 @@ def make_recycle_k(fraction: tuple[int, int] | None, k_max: int, target: Target)
             return T.int32(k_max)
         p, q = i64(fraction[0]), i64(fraction[1])
         rounded = (2 * p * T.Cast("int64", length[0]) + q) // (2 * q)
-        return T.Cast("int32", T.min(T.max(rounded, i64(1)), i64(k_max)))
+        return T.Cast("int32", T.min(T.max(rounded, i64(k_min)), i64(k_max)))
 
     @T.macro
     def update(length, active_k, force):

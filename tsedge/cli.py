@@ -260,14 +260,15 @@ def _generate_json(engine, result) -> str:
               help="UTF-8 text file")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @sampling_options
-@click.option("--raw", is_flag=True, help="no chat template")
+@click.option("--raw", is_flag=True, help="continue the prompt text as it is (no chat template)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @quantization_option(None)
 @policy_options
 @cache_correction_option
 @_errors
 def generate(model, target, lib, prompt, prompt_file, max_new_tokens, raw, as_json, **kw) -> None:
-    """Generate a continuation of one prompt (sampled like chat; --temperature 0 for greedy)."""
+    """Answer one prompt, wrapped in the model's chat template as chat does (--raw: continue the text as
+    it is; sampled like chat, --temperature 0 for greedy)."""
     from tsedge.weights import load_source
 
     if (prompt is None) == (prompt_file is None):

@@ -118,6 +118,8 @@ def policy_options(func):
                      help="Recycled Attention: full step when the mean query's cosine to the last full step's is below"),
         click.option("--recycle-fixed-stride", is_flag=True, default=False,
                      help="Recycled Attention: a full step every --recycle-stride steps, no similarity check"),
+        click.option("--recycle-min-k", type=click.IntRange(min=1), default=defaults.recycle_min_k, show_default=True,
+                     help="Recycled Attention: a fraction's K is at least this many rows (contexts up to it run dense)"),
         click.option("--max-context", type=click.IntRange(min=1), default=None,
                      help="KV cache size in tokens (default: the model's window, at most 8192; "
                           "32768 for selecting policies)"),
@@ -170,7 +172,7 @@ def policy_config(kw: dict[str, Any]) -> PolicyConfig:
                         kw["chunk_size"], kw["selection_threshold"], kw["pool_kernel"],
                         kw["tidal_budget"], kw["tidal_select_layer"], kw["tidal_reselect_layers"],
                         kw["tidal_per_kv_head"], kw["recycle_k"], kw["recycle_stride"],
-                        kw["recycle_threshold"], kw["recycle_fixed_stride"])
+                        kw["recycle_threshold"], kw["recycle_fixed_stride"], kw["recycle_min_k"])
 
 
 # ---- sampling -----------------------------------------------------------------------------------

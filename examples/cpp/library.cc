@@ -326,9 +326,9 @@ LibraryMeta ReadLibraryMeta(const std::string& json_path) {
   int64_t top_k = policy.Int("top_k", 0, kBig);
   meta.budget = n_init + (meta.policy == "tokenselect" ? top_k : 0) + n_local;  // PolicyConfig.budget
   if (meta.policy == "tidaldecode") meta.budget = policy.Int("tidal_budget", 1, kBig);
-  if (meta.policy == "recycled") {  // a token count, or a fraction of the prompt ("1/8"): budget 0
+  if (meta.policy == "recycled") {  // a token count, or a fraction of the prompt ("1/8"): its least K
     auto count = policy.Get("recycle_k").as<int64_t>();
-    meta.budget = count ? *count : 0;
+    meta.budget = count ? *count : policy.Int("recycle_min_k", 1, kBig);
   }
   meta.target = root.Str("target");
   meta.dtype = ParseDtype(root, "dtype");

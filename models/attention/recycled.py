@@ -69,7 +69,7 @@ class RecycledPolicy(DensePolicy):
         nl, h, hkv, d = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         fraction = policy.recycle_fraction
         self.set_k = make_recycle_k(None if fraction is None else (fraction.numerator, fraction.denominator), k,
-                                    target)
+                                    target, policy.recycle_min_k if fraction is not None else 1)
         threshold = None if policy.recycle_fixed_stride else policy.recycle_threshold
         self.check = make_selection_check(nl, 1, d, threshold, target, stride=policy.recycle_stride)
         self.query_mean = make_query_mean(h, d, dtype, target)
