@@ -7,7 +7,8 @@
 # Environment: LENGTHS (4k,8k,16k,32k), SAMPLES (5), TASKS (every task), HAYSTACKS (prose),
 #              POLICIES (all five), BUDGET (2688: TidalDecode's budget and Recycled's K, TokenSelect's
 #              n_init + top_k + n_local at its defaults, so that the selecting policies read as many rows),
-#              SWEEP (TidalDecode re-selection layers, one variant each: eval run --tidal-reselect-sweep).
+#              SWEEP (TidalDecode re-selection layers, one variant each: eval run --tidal-reselect-sweep),
+#              RECYCLE_K (Recycled's K: BUDGET by default; e.g. 1/8 for the paper's fraction of the prompt).
 set -uo pipefail
 LENGTHS=${LENGTHS:-4k,8k,16k,32k}
 SAMPLES=${SAMPLES:-5}
@@ -18,7 +19,7 @@ task_args=()
 [ -n "${TASKS:-}" ] && task_args=(--tasks "$TASKS")
 [ -n "${SWEEP:-}" ] && task_args+=(--tidal-reselect-sweep "$SWEEP")
 args=(--target cuda:sm_90a --policies "$POLICIES" --lengths "$LENGTHS" --samples "$SAMPLES" --haystacks "$HAYSTACKS"
-      --tidal-budget "$BUDGET" --recycle-k "$BUDGET" "${task_args[@]}")
+      --tidal-budget "$BUDGET" --recycle-k "${RECYCLE_K:-$BUDGET}" "${task_args[@]}")
 if [ "$1" = prepare ]; then
   bash bench/device/make_bundle.sh
   gguf=$(python -c "from tsedge.fetch import default_model_path; print(default_model_path())")
