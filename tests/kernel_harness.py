@@ -57,10 +57,9 @@ def build(factory, *args, cuda_arch: str | None = None, **options):
     (``cuda_arch``: a CUDA arch other than ``CUDA``'s, e.g. ``sm_90`` for a pre-Hopper schedule)."""
     if MODE == "llvm":
         return tvm.compile(tvm.IRModule({"main": factory(*args, LLVM, **options)}), target=LLVM)["main"]
-    if cuda_arch is not None:
-        options["cuda_arch"] = cuda_arch  # part of the library's key
     source = _sources(factory.__module__)  # a changed kernel, or a kernel module it imports, rebuilds
-    named = sorted((k, f"{v.__module__}.{v.__qualname__}" if callable(v) else v) for k, v in options.items())
+    keyed = {**options, "cuda_arch": cuda_arch} if cuda_arch is not None else options  # the arch keys it too
+    named = sorted((k, f"{v.__module__}.{v.__qualname__}" if callable(v) else v) for k, v in keyed.items())
     key = hashlib.sha1(repr((factory.__name__, args, named)).encode() + source).hexdigest()[:12]  # no addresses
     path = LIB_DIR / f"{factory.__name__}-{key}.so"
     if MODE == "cuda-build":
@@ -68,7 +67,7 @@ def build(factory, *args, cuda_arch: str | None = None, **options):
             from tsedge.compile.cuda_fatbin import fatbin_build_context
 
             LIB_DIR.mkdir(parents=True, exist_ok=True)
-            target = CUDA if cuda_arch is None else cuda_target(options.pop("cuda_arch"))
+            target = CUDA if cuda_arch is None else cuda_target(cuda_arch)
             with fatbin_build_context(target):
                 lib = tvm.compile(tvm.IRModule({"main": factory(*args, target, **options)}), target=target)
             lib.export_library(str(path))

@@ -509,19 +509,6 @@ def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target
 
         return attention_merge_length
 
-    if gpu and few_chunks:
-
-        @T.prim_func(s_tir=True)
-        def attention_merge_chunks(o_h: T.handle, lse_h: T.handle, out_h: T.handle):
-            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-            n, s = T.int64(), T.int64()
-            o = T.match_buffer(o_h, (n, s, H, D), "float32")
-            lse = T.match_buffer(lse_h, (n, s, H), "float32")
-            out = T.match_buffer(out_h, (n, H, D), dtype)
-            merge_threads(o, lse, out, n, s)
-
-        return attention_merge_chunks
-
     @T.prim_func(s_tir=True)
     def attention_merge(o_h: T.handle, lse_h: T.handle, out_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
@@ -529,7 +516,10 @@ def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target
         o = T.match_buffer(o_h, (n, s, H, D), "float32")
         lse = T.match_buffer(lse_h, (n, s, H), "float32")
         out = T.match_buffer(out_h, (n, H, D), dtype)
-        merge(o, lse, out, n, s, s)
+        if gpu and few_chunks:
+            merge_threads(o, lse, out, n, s)
+        else:
+            merge(o, lse, out, n, s, s)
 
     return attention_merge
 

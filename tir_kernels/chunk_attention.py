@@ -60,7 +60,7 @@ SPLIT = 8192  # keys per split (partial output)
 PAD = 8  # float16 elements of padding per shared-memory row
 V_GROUP = 4  # at most this many ldmatrix.x4 of V fragments loaded before their mma
 STAGES = 2  # key/value tiles in shared memory: one computed, the others in flight
-WGMMA_KEYS, WGMMA_STAGES = 64, 2  # the Hopper kernel's key tile and stages (two blocks an SM)
+WGMMA_KEYS, WGMMA_STAGES = 64, 2  # the Hopper kernel's key tile and stages (measured: attention_speed.py)
 
 
 def chunk_splits(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
@@ -87,6 +87,16 @@ def _swizzled_at(row: "tirx.PrimExpr", col: "tirx.PrimExpr", rows: int) -> "tirx
     """Element offset of (``row``, ``col``) in a ``rows``-row float16 tile stored as wgmma's 128-byte
     swizzle atoms: column block ``col // 64`` after column block, 64 elements a row."""
     return col // 64 * rows * 64 + swizzled(row, col % 64 // 8, 64) + col % 8
+
+
+@T.macro
+def rotate_pieces(kx, cs, kr):
+    """Rotate-half RoPE of 8 elements of a key's first half and their 8 partners in the second
+    (``kx[0:8]``, ``kx[8:16]``) by their cos and sin (``cs[0:8]``, ``cs[8:16]``), in float32, rounded
+    once into ``kr`` (float16, same layout)."""
+    for e in T.unroll(8):
+        kr[e] = T.Cast("float16", T.Cast("float32", kx[e]) * cs[e] - T.Cast("float32", kx[8 + e]) * cs[8 + e])
+        kr[8 + e] = T.Cast("float16", T.Cast("float32", kx[8 + e]) * cs[e] + T.Cast("float32", kx[e]) * cs[8 + e])
 
 
 def make_rotated_keys(num_layers: int, n_kv: int, head_dim: int, dtype: str, target: Target) -> tirx.PrimFunc:
@@ -132,9 +142,7 @@ def make_rotated_keys(num_layers: int, n_kv: int, head_dim: int, dtype: str, tar
                             cs[e] = rope[j, d0 + e]
                         for e in T.vectorized(8):
                             cs[8 + e] = rope[j, half + d0 + e]
-                        for e in T.unroll(8):
-                            kr[e] = T.Cast("float16", T.Cast("float32", kx[e]) * cs[e] - T.Cast("float32", kx[8 + e]) * cs[8 + e])
-                            kr[8 + e] = T.Cast("float16", T.Cast("float32", kx[8 + e]) * cs[e] + T.Cast("float32", kx[e]) * cs[8 + e])
+                        rotate_pieces(kx, cs, kr)
                         for e in T.vectorized(8):
                             krot[g, j, d0 + e] = kr[e]
                         for e in T.vectorized(8):
@@ -486,11 +494,7 @@ def make_chunk_attention(num_layers: int, n_heads: int, n_kv: int, head_dim: int
                                             cs[e] = r_st[(t % stages * keys + jj) * head_dim + d0 + e]
                                         for e in T.vectorized(8):
                                             cs[8 + e] = r_st[(t % stages * keys + jj) * head_dim + half + d0 + e]
-                                        for e in T.unroll(8):
-                                            kr[e] = T.Cast("float16", T.Cast("float32", kx[e]) * cs[e]
-                                                           - T.Cast("float32", kx[8 + e]) * cs[8 + e])
-                                            kr[8 + e] = T.Cast("float16", T.Cast("float32", kx[8 + e]) * cs[e]
-                                                               + T.Cast("float32", kx[e]) * cs[8 + e])
+                                        rotate_pieces(kx, cs, kr)
                                         for e in T.vectorized(8):
                                             k_sh[jj * stride + d0 + e] = kr[e]
                                         for e in T.vectorized(8):

@@ -28,7 +28,6 @@ class DensePolicy:
         self.iota = cache_ops.make_iota(target)
         self.partial = attention.make_attention_partial(n_layers, h, hkv, d, dtype, target)
         self.merge = attention.make_attention_merge(h, d, dtype, target)
-        self.merge_chunks = attention.make_attention_merge(h, d, dtype, target, few_chunks=True)  # prefill chunks
         gpu = has_warp_shuffle(target)  # CUDA; Vulkan (WGSL) decodes with attention_partial
         if decode_attention_mma.supported(h, hkv, d, dtype, target):  # tensor cores: sm_80+, float16
             make_decode, self.decode_splits = decode_attention_mma.make_decode_attention_mma, decode_attention_mma.mma_splits
@@ -42,6 +41,8 @@ class DensePolicy:
         self.merge_dense = attention.make_attention_merge(h, d, dtype, target, self.decode_splits) if gpu else None
         self.chunk = (chunk_attention.make_chunk_attention(n_layers, h, hkv, d, dtype, target)
                       if chunk_attention.supported(dtype, d, target) else None)
+        self.merge_chunks = (attention.make_attention_merge(h, d, dtype, target, few_chunks=True)
+                             if self.chunk is not None else None)  # a prefill chunk's few key splits
         # Hopper's chunk kernel reads the attended keys rotated once per chunk by a pre-pass
         self.rotated_keys = (chunk_attention.make_rotated_keys(n_layers, hkv, d, dtype, target)
                              if self.chunk is not None and chunk_attention.uses_wgmma(d, target) else None)
