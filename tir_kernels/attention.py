@@ -521,6 +521,8 @@ def make_attention_merge(n_heads: int, head_dim: int, dtype: str, target: Target
         else:
             merge(o, lse, out, n, s, s)
 
+    if gpu and few_chunks:  # a model holds both merges: symbols must differ
+        return attention_merge.with_attr("global_symbol", "attention_merge_chunks")
     return attention_merge
 
 
