@@ -18,7 +18,6 @@ from tsedge.models.llama import LlamaForCausalLM
 from tsedge.models.quantization import check_quantizable, scheme
 
 from .cuda_fatbin import fatbin_build_context
-from .graph_kernels import build_graph_kernels, supports_graph_kernels
 from .pipeline import relax_pipeline
 from .targets import resolve_dtype, target_name
 
@@ -98,13 +97,11 @@ def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtyp
         tmp = out.with_suffix(".tmp.so")
         executable.export_library(str(tmp))
     os.replace(tmp, out)
-    arch = str(target.attrs.get("arch", ""))
-    uses_graph_kernels = target.kind.name == "cuda" and policy.name == "tokenselect" and supports_graph_kernels(arch)
     meta = LibraryMeta(
         model=cfg, policy=policy, target=target_name(target), target_json=str(target),
         dtype=dtype, max_context=max_context, params=params, functions=sorted(functions),
         tvm_version=tvm.__version__, state=state, compile_seconds=round(time.time() - start, 1),
-        quantization=quantization, graph_kernels=build_graph_kernels(arch) if uses_graph_kernels else "",
+        quantization=quantization,
     )
     meta.save(out.with_suffix(".json"))
     return meta

@@ -41,7 +41,6 @@ class LibraryMeta:
     state: list[list] = dataclasses.field(default_factory=list)  # [name, shape, dtype] per tensor
     compile_seconds: float = 0.0
     quantization: str = "q0"  # models/quantization.py SCHEMES: q0 (float weights), q8f16, q4f16
-    graph_kernels: str = ""  # base64 cubin of compile/graph_kernels.py (CUDA, selecting policies), else ""
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,9 +13,7 @@ re-prefills the rows that decode steps wrote, every N of them (``Engine.cache_co
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +22,6 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from tsedge import cuda_graphs
 from tsedge.device_sampling import SAMPLE_FUNCTION, DeviceSampler
 from tsedge.kv_cache import ContextOverflowError, KVCache
 from tsedge.models.library import LibraryMeta
@@ -169,8 +166,6 @@ class Engine:
         a ValueError when it can never run (``check_cache_correction``)."""
         self.meta, module = load_library(lib)
         self.device = _device(self.meta.target)
-        if self.meta.graph_kernels:
-            cuda_graphs.install()  # before the VM binds its builtins
         self.vm = VirtualMachine(module, self.device)
         self.tokenizer = None
         if weights is not None:
@@ -192,7 +187,6 @@ class Engine:
             raise ContextOverflowError(f"max_context {capacity} exceeds the library's "
                                        f"{self.meta.max_context}; recompile with --max-context")
         self.cache = KVCache(self.meta, capacity, self.device)
-        self.graphs = self._conditional_graphs()
         self.cache_correction = cache_correction
         self.corrections = 0  # cache corrections since the engine was made
         self._prefilled = 0  # cache rows up to here were prefilled; later rows come from decode steps
@@ -207,20 +201,6 @@ class Engine:
         self.sampler = (DeviceSampler(self.vm, self.device, self.meta.model.vocab_size)
                         if SAMPLE_FUNCTION in self.meta.functions else None)
         self.device_sampling = self.sampler is not None  # False: sample on the host
-
-    def _conditional_graphs(self) -> cuda_graphs.ConditionalGraphs | None:
-        """Decode steps that leave a Selection Cache hit's skipped kernels out of the graph, where the
-        library has the graph kernels (CUDA sm_90+, TokenSelect) and cuda-bindings is installed."""
-        if not self.meta.graph_kernels:
-            return None
-        names = [name for name, _, _ in self.meta.state]
-        try:
-            return cuda_graphs.ConditionalGraphs(self.meta.graph_kernels, self.cache.state[names.index("sel_state")],
-                                                 self.meta.model.num_layers, self.device)
-        except ImportError:
-            print("note: cuda-bindings is not installed, so Selection Cache hits still launch scoring and "
-                  "top-k; `pip install cuda-bindings` for the faster decode step", file=sys.stderr)
-            return None
 
     def _load_params(self, source: ModelSource, on_load: LoadProgress) -> list[tvm.runtime.Tensor]:
         """Each library parameter from its source tensors (streamed once; fused projections wait
@@ -307,11 +287,9 @@ class Engine:
         else:
             ids_t = tvm.runtime.tensor(ids_np, self.device)
         self.length.copyfrom(np.array([past + len(ids)], dtype="int32"))
-        graphs = self.graphs.active() if self.graphs and func == cuda_graphs.SELECT_FUNCTION else contextlib.nullcontext()
-        with graphs:
-            logits, self.cache.tensor, _ = self.vm[func](
-                ids_t, self.cache.tensor, self.rope, tvm.runtime.ShapeTuple([past]), self.length,
-                self.cache.state, self.params)
+        logits, self.cache.tensor, _ = self.vm[func](
+            ids_t, self.cache.tensor, self.rope, tvm.runtime.ShapeTuple([past]), self.length,
+            self.cache.state, self.params)
         self.cache.tokens.extend(ids)
         return logits
 
