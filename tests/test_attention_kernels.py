@@ -282,7 +282,7 @@ def test_decode_attention_mma_uses_tensor_cores():
     source = cuda_source(dec_mma.make_decode_attention_mma(2, 32, 8, 128, "float16", CUDA))
     assert source.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 32  # 16 Q Kᵀ + 16 P V a tile
     assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in source and "cp.async.cg.shared.global" in source
-    assert "__launch_bounds__(256)" in source  # eight KV heads (warps) a block
+    assert "__launch_bounds__(128)" in source  # four KV heads (warps) a block
     from tsedge.compile.targets import cuda_target  # sm_86/89: 99 KB of shared memory, two KV heads a block
 
     assert "__launch_bounds__(64)" in cuda_source(dec_mma.make_decode_attention_mma(2, 32, 8, 128, "float16",

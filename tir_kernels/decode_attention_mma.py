@@ -34,9 +34,14 @@ from .attention import LOG2E, NEG_INF, rope_rotated
 from .common import has_mma_sync, i64, max_shared_memory, mma_m16n8k16
 from .decode_attention import decode_splits
 
-HEADS_PER_BLOCK = 8  # KV heads (warps) per block: a RoPE row is staged once for Llama-3-8B's eight
+# KV heads (warps) per block and rows at least per split. Measured on the H200 (kernel + merge a
+# layer in a CUDA graph, Llama-3-8B shapes; bench/results/attention_speed_decode_variants_h200.json):
+# 4 heads and 32 rows take a Selection Cache hit's 2,688 gathered rows in 11.8 µs (8 heads and 64
+# rows: 15.0) and the list 0..M-1 in 6.4 / 13.1 / 51.5 / 174 µs at M = 128 / 4K / 32K / 128K
+# (12.9 / 15.4 / 51.2 / 172)
+HEADS_PER_BLOCK = 4
 MAX_SPLITS = 132  # one wave of one block per SM on a 132-SM H100/H200
-MIN_KEYS = 64  # rows at least per split: fewer partial outputs to write and merge for short lists
+MIN_KEYS = 32
 KEYS = 16  # rows per shared-memory tile
 STAGES = 2
 PAD = 8  # float16 elements of padding per K/V row (float32 elements per RoPE row: 32 bytes)

@@ -22,11 +22,15 @@ LIBS = Path(".carry/attn")
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 8, 32, 8, 128, 131072 + 64
 CASES = [("dense", m) for m in (128, 4096, 32768, 131072)] + [("gathered", 2688)]
 # variants over row lists: (kernel, options): "simt" make_decode_attention, "mma" make_decode_attention_mma
-DECODE_SHAPES = {"decode": ("simt", {}), "mma": ("mma", {}), "mma h4": ("mma", {"heads_per_block": 4})}
+DECODE_SHAPES = {"decode": ("simt", {}), "mma": ("mma", {}),
+                 "mma h8 min64": ("mma", {"heads_per_block": 8, "min_keys": 64}),
+                 "mma h2": ("mma", {"heads_per_block": 2})}
 # variants of the dense decode kernel (rows 0..L-1 from a device length, a fixed grid of max_splits)
 DENSE_SHAPES = {"dense 256": ("simt", {"max_splits": 256, "min_keys": 8}), "mma dense": ("mma", {}),
-                "mma dense h4": ("mma", {"heads_per_block": 4})}
+                "mma dense h8 min64": ("mma", {"heads_per_block": 8, "min_keys": 64}),
+                "mma dense min16": ("mma", {"min_keys": 16})}
 SPLIT_OPTIONS = ("max_splits", "min_keys")  # the options decode_splits takes
+REPLAYS = 4  # graph replays timed
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
 # variants: (arch, make_chunk_attention options): sm_90 runs mma.sync, sm_90a wgmma
@@ -129,16 +133,23 @@ def run(out_path: Path) -> None:
         return timed_calls(call, calls)
 
     def timed_calls(call, calls: int) -> float:
-        """Microseconds per ``call(layer)``, each call on another layer (after one of each)."""
+        """Microseconds per ``call(layer)``, each call on another layer (after one of each), the calls
+        replayed as one CUDA graph: GPU time as in a decode step's graph, without Python's launches."""
         for layer in range(LAYERS):
             call(layer)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), tvm_ffi.use_torch_stream():
+            for i in range(calls):
+                call(i % LAYERS)
+        graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for i in range(calls):
-            call(i % LAYERS)
+        for _ in range(REPLAYS):
+            graph.replay()
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end) * 1000 / calls
+        return start.elapsed_time(end) * 1000 / calls / REPLAYS
 
     def load(name: str):
         return tvm.runtime.load_module(str(LIBS / f"{name}.so"))["main"]
@@ -175,7 +186,7 @@ def run(out_path: Path) -> None:
             results.append({"variant": name, "kind": "decode", "rows": case, "m": m, "us_per_layer": round(us, 2),
                             "kv_gb_per_s": round(gbs, 1)})
             print(f"{name:38s} {case:8s} M={m:7d}: {us:9.2f} us/layer  {gbs:8.1f} GB/s", flush=True)
-    for name, (arch, _) in CHUNK_SHAPES.items():
+    for name, (arch, _) in CHUNK_SHAPES.items() if len(sys.argv) < 4 or sys.argv[3] != "decode" else ():
         kernel, rotate = load(_file(name)), load("rotated_keys") if arch == "sm_90a" else None
         for depth in PREFILL_DEPTHS:
             m = depth + PREFILL_N
@@ -188,6 +199,9 @@ def run(out_path: Path) -> None:
                             "us_per_layer": round(us, 2), "tflop_per_s": round(tflops, 1)})
             print(f"{name:38s} prefill {PREFILL_N} after {depth:7d}: {us:10.1f} us/layer {tflops:7.1f} TFLOP/s",
                   flush=True)
+    if len(sys.argv) > 3 and sys.argv[3] == "decode":  # `run OUT decode`: the decode kernels only
+        out_path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": results}, indent=1))
+        return
     state = torch.zeros((LAYERS, 4), device=dev, dtype=torch.int32)  # no Selection Cache hit: score
     qbar = torch.randn((HEADS, HEAD_DIM), generator=gen, device=dev, dtype=torch.float32)
     length = CAPACITY - 64  # 131,072 rows: 130,432 candidates after the 128 sinks and 512 local ones
