@@ -1,7 +1,7 @@
 """Attention kernels alone at Llama-3-8B shapes: decode (issue 9) and prefill chunks (issue 8).
 
-``python bench/device/attention_speed.py prepare`` (build machine) compiles the variants for
-cuda:sm_90 (the chunk kernel's wgmma variants for sm_90a) into ``.carry/attn``; ``python3 bench/device/attention_speed.py run OUT_JSON`` (device,
+``python bench/device/attention_speed.py prepare [decode,prefill,scoring]`` (build machine) compiles the variants for
+cuda:sm_90 (the chunk kernel's wgmma variants for sm_90a) into ``.carry/attn``; ``python3 bench/device/attention_speed.py run OUT_JSON [decode,prefill,scoring]`` (device,
 after ``source bench/device/setup.sh``) times each over dense rows ``0..M-1`` and over a Selection
 Cache hit's 2,688 gathered rows of a 128K cache. Each call reads another layer of an 8-layer cache,
 so K/V come from HBM, not the 60 MB L2. Bandwidth counts the K and V bytes of the attended rows
@@ -31,6 +31,7 @@ DENSE_SHAPES = {"dense 256": ("simt", {"max_splits": 256, "min_keys": 8}), "mma 
                 "mma dense min16": ("mma", {"min_keys": 16})}
 SPLIT_OPTIONS = ("max_splits", "min_keys")  # the options decode_splits takes
 REPLAYS = 4  # graph replays timed
+PARTS = ("decode", "prefill", "scoring")  # what prepare builds and run times (default: all)
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
 # variants: (arch, make_chunk_attention options): sm_90 runs mma.sync, sm_90a wgmma
@@ -38,7 +39,8 @@ PREFILL_DEPTHS = (0, 4096, 32768, 131072)
 CHUNK_SHAPES = {"chunk": ("sm_90", {}), "chunk wgmma": ("sm_90a", {})}
 
 
-def prepare() -> None:
+def prepare(parts: list[str]) -> None:
+    """Compile the variants of ``parts`` (decode, prefill, scoring) into LIBS."""
     import tvm
 
     from tsedge.compile.cuda_fatbin import fatbin_build_context
@@ -46,26 +48,30 @@ def prepare() -> None:
     from tsedge.tir_kernels import (attention, chunk_attention, decode_attention, decode_attention_mma,
                                     tokenselect_scoring)
 
-    target = parse_target("cuda:sm_90")
-    chunks = {name: (parse_target(f"cuda:{arch}"), kw) for name, (arch, kw) in CHUNK_SHAPES.items()}
+    target, hopper = parse_target("cuda:sm_90"), parse_target("cuda:sm_90a")
     makers = {"simt": decode_attention.make_decode_attention, "mma": decode_attention_mma.make_decode_attention_mma}
     LIBS.mkdir(parents=True, exist_ok=True)
-    kernels = {"merge": attention.make_attention_merge(HEADS, HEAD_DIM, "float16", target),
-               "merge chunks": attention.make_attention_merge(HEADS, HEAD_DIM, "float16", target, few_chunks=True),
-               **{name: makers[kind](LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, **kw)
-                  for name, (kind, kw) in DECODE_SHAPES.items()}}
-    for name, (kind, kw) in DENSE_SHAPES.items():
-        kernels[name] = makers[kind](LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, dense=True, **kw)
-        kernels[f"merge {name}"] = attention.make_attention_merge(
-            HEADS, HEAD_DIM, "float16", target,
-            functools.partial(decode_attention.decode_splits, **_split_options(kind, kw)))
-    kernels["scoring"] = tokenselect_scoring.make_scoring(LAYERS, HEADS, KV_HEADS, HEAD_DIM, 128, 512, 0, "float16",
-                                                          target)  # TokenSelect paper budgets 128/512
-    hopper = parse_target("cuda:sm_90a")
-    builds = [(name, func, target) for name, func in kernels.items()] + [
-        ("rotated keys", chunk_attention.make_rotated_keys(LAYERS, KV_HEADS, HEAD_DIM, "float16", hopper), hopper)] + [
-        (name, chunk_attention.make_chunk_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", tgt, **kw), tgt)
-        for name, (tgt, kw) in chunks.items()]
+    builds = [("merge", attention.make_attention_merge(HEADS, HEAD_DIM, "float16", target), target)]
+    if "decode" in parts:
+        builds += [(name, makers[kind](LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, **kw), target)
+                   for name, (kind, kw) in DECODE_SHAPES.items()]
+        for name, (kind, kw) in DENSE_SHAPES.items():
+            builds += [(name, makers[kind](LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16", target, dense=True, **kw), target),
+                       (f"merge {name}", attention.make_attention_merge(
+                           HEADS, HEAD_DIM, "float16", target,
+                           functools.partial(decode_attention.decode_splits, **_split_options(kind, kw))), target)]
+    if "scoring" in parts:  # TokenSelect paper budgets 128/512
+        builds.append(("scoring", tokenselect_scoring.make_scoring(LAYERS, HEADS, KV_HEADS, HEAD_DIM, 128, 512, 0,
+                                                                   "float16", target), target))
+    if "prefill" in parts:
+        builds += [("merge chunks", attention.make_attention_merge(HEADS, HEAD_DIM, "float16", target, few_chunks=True),
+                    target),
+                   ("rotated keys", chunk_attention.make_rotated_keys(LAYERS, KV_HEADS, HEAD_DIM, "float16", hopper),
+                    hopper)]
+        for name, (arch, kw) in CHUNK_SHAPES.items():
+            tgt = parse_target(f"cuda:{arch}")
+            builds.append((name, chunk_attention.make_chunk_attention(LAYERS, HEADS, KV_HEADS, HEAD_DIM, "float16",
+                                                                      tgt, **kw), tgt))
     for name, func, tgt in builds:
         with fatbin_build_context(tgt):
             tvm.compile(tvm.IRModule({"main": func}), target=tgt).export_library(str(LIBS / f"{_file(name)}.so"))
@@ -93,7 +99,7 @@ def _file(name: str) -> str:
     return name.split(" (")[0].replace(" ", "_").replace(",", "")
 
 
-def run(out_path: Path) -> None:
+def run(out_path: Path, parts: list[str]) -> None:
     import os
 
     os.environ["TSEDGE_KERNEL_MODE"] = "cuda-run"  # kernel modules import without TVMScript
@@ -155,7 +161,7 @@ def run(out_path: Path) -> None:
         return tvm.runtime.load_module(str(LIBS / f"{name}.so"))["main"]
 
     results = []
-    for name, (kind, kw) in DECODE_SHAPES.items():
+    for name, (kind, kw) in DECODE_SHAPES.items() if "decode" in parts else ():
         kernel = load(_file(name))
         for case, m in CASES:
             rows = (torch.arange(m, device=dev) if case == "dense" else
@@ -166,7 +172,7 @@ def run(out_path: Path) -> None:
             results.append({"variant": name, "kind": "decode", "rows": case, "m": m, "us_per_layer": round(us, 2),
                             "kv_gb_per_s": round(gbs, 1)})
             print(f"{name:38s} {case:8s} M={m:7d}: {us:9.2f} us/layer  {gbs:8.1f} GB/s", flush=True)
-    for name, (kind, kw) in DENSE_SHAPES.items():
+    for name, (kind, kw) in DENSE_SHAPES.items() if "decode" in parts else ():
         kernel, merge_dense = load(_file(name)), load(_file(f"merge {name}"))
         splits = _split_options(kind, kw)["max_splits"]
         o = torch.empty((1, splits, HEADS, HEAD_DIM), device=dev, dtype=torch.float32)
@@ -186,7 +192,7 @@ def run(out_path: Path) -> None:
             results.append({"variant": name, "kind": "decode", "rows": case, "m": m, "us_per_layer": round(us, 2),
                             "kv_gb_per_s": round(gbs, 1)})
             print(f"{name:38s} {case:8s} M={m:7d}: {us:9.2f} us/layer  {gbs:8.1f} GB/s", flush=True)
-    for name, (arch, _) in CHUNK_SHAPES.items() if len(sys.argv) < 4 or sys.argv[3] != "decode" else ():
+    for name, (arch, _) in CHUNK_SHAPES.items() if "prefill" in parts else ():
         kernel, rotate = load(_file(name)), load("rotated_keys") if arch == "sm_90a" else None
         for depth in PREFILL_DEPTHS:
             m = depth + PREFILL_N
@@ -199,23 +205,21 @@ def run(out_path: Path) -> None:
                             "us_per_layer": round(us, 2), "tflop_per_s": round(tflops, 1)})
             print(f"{name:38s} prefill {PREFILL_N} after {depth:7d}: {us:10.1f} us/layer {tflops:7.1f} TFLOP/s",
                   flush=True)
-    if len(sys.argv) > 3 and sys.argv[3] == "decode":  # `run OUT decode`: the decode kernels only
-        out_path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": results}, indent=1))
-        return
     state = torch.zeros((LAYERS, 4), device=dev, dtype=torch.int32)  # no Selection Cache hit: score
     qbar = torch.randn((HEADS, HEAD_DIM), generator=gen, device=dev, dtype=torch.float32)
     length = CAPACITY - 64  # 131,072 rows: 130,432 candidates after the 128 sinks and 512 local ones
     candidates, size = length - 128 - 512, CAPACITY - 128 - 512
-    kernel = load("scoring")
     outs = [torch.empty(shape, device=dev, dtype=torch.float32)
             for shape in ((size,), (HEADS, size), (HEADS, tokenselect_scoring.SCORE_BLOCKS + 1, 2))]
     length_t = torch.tensor([length], device=dev, dtype=torch.int32)
-    us = timed_calls(lambda layer: kernel(ffi(qbar), ffi(kv), ffi(state), layer, ffi(length_t),
-                                          *[ffi(t) for t in outs]), 8 * LAYERS)
-    gbs = candidates * KV_HEADS * HEAD_DIM * 2 / us / 1e3
-    results.append({"variant": "scoring (TokenSelect, re-selecting)", "kind": "scoring", "candidates": candidates,
-                    "us_per_layer": round(us, 2), "k_gb_per_s": round(gbs, 1)})
-    print(f"scoring {candidates} candidates: {us:9.2f} us/layer {gbs:8.1f} GB/s", flush=True)
+    if "scoring" in parts:
+        kernel = load("scoring")
+        us = timed_calls(lambda layer: kernel(ffi(qbar), ffi(kv), ffi(state), layer, ffi(length_t),
+                                              *[ffi(t) for t in outs]), 8 * LAYERS)
+        gbs = candidates * KV_HEADS * HEAD_DIM * 2 / us / 1e3
+        results.append({"variant": "scoring (TokenSelect, re-selecting)", "kind": "scoring", "candidates": candidates,
+                        "us_per_layer": round(us, 2), "k_gb_per_s": round(gbs, 1)})
+        print(f"scoring {candidates} candidates: {us:9.2f} us/layer {gbs:8.1f} GB/s", flush=True)
     out_path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "shapes": {
         "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "float16"},
         "note": "per layer: attention kernel + merge; decode GB/s = K+V bytes of the attended rows / time; "
@@ -224,7 +228,7 @@ def run(out_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "prepare":
-        prepare()
-    else:
-        run(Path(sys.argv[2]))
+    if sys.argv[1] == "prepare":  # prepare [PARTS]
+        prepare(sys.argv[2].split(",") if len(sys.argv) > 2 else list(PARTS))
+    else:  # run OUT_JSON [PARTS]
+        run(Path(sys.argv[2]), sys.argv[3].split(",") if len(sys.argv) > 3 else list(PARTS))
