@@ -69,14 +69,19 @@ class Linear(nn.Module):
         self._setup(in_features, out_features, bias, dtype, in_out, target, decode_gemv)
 
     def _setup(self, in_features: int, out_features: int, bias: bool, dtype: str, in_out: bool, target,
-               decode_gemv: bool) -> None:
+               decode_gemv: bool, bits: int = 16) -> None:
         self.bias = nn.Parameter([out_features], dtype) if bias else None
         self.in_out, self.shape = in_out, (out_features, in_features)
         self.prefill_kernel = (matmul.make_prefill_matmul(out_features, in_features, dtype, target)
                                if target is not None and not in_out
                                and matmul.supported(out_features, in_features, dtype, target) else None)
+        self.bits = bits  # of the weights the decode GEMV reads: 16 (float16) or 4 (q4f16)
         self.gemv_target = (target if decode_gemv and target is not None and not in_out and not bias
-                            and gemv.supported(out_features, in_features, dtype, target) else None)
+                            and gemv.supported(out_features, in_features, dtype, target, bits) else None)
+
+    def _weights(self) -> list[nn.Tensor]:
+        """The parameters the decode GEMV reads."""
+        return [self.weight]
 
     def _weight(self) -> nn.Tensor:
         return self.weight
@@ -107,15 +112,17 @@ class Linear(nn.Module):
         prologue = "swiglu" if swiglu else "rmsnorm" if norm is not None else "none"
         epilogue = "none" if residual is None else "residual"
         eps = norm.epsilon if norm is not None else 1e-5
-        kernel = gemv.make_decode_gemv(n_out, k, x.dtype, self.gemv_target, epilogue, prologue, eps)
-        args = ([x] + ([norm.weight] if norm is not None else []) + [self.weight]
+        kernel = gemv.make_decode_gemv(n_out, k, x.dtype, self.gemv_target, epilogue, prologue, eps, self.bits)
+        args = ([x] + ([norm.weight] if norm is not None else []) + self._weights()
                 + ([residual] if residual is not None else []))
-        return op.tensor_ir_op(kernel, gemv.kernel_name(n_out, k, f"{prologue}_{epilogue}"), args=args,
+        return op.tensor_ir_op(kernel, gemv.kernel_name(n_out, k, f"{prologue}_{epilogue}", self.bits), args=args,
                                out=nn.Tensor.placeholder([1, n_out], x.dtype))
 
 
 class QuantLinear(Linear):
-    """``Linear`` with ``W`` stored as ``qweight`` + ``scale`` (see ``param_shapes``)."""
+    """``Linear`` with ``W`` stored as ``qweight`` + ``scale`` (see ``param_shapes``). Decode: q4f16
+    through ``tir_kernels.gemv`` (4-bit, fusions as ``Linear``'s) where it runs; otherwise inside
+    dlight's GEMV (the float weight never exists)."""
 
     def __init__(self, qs: QuantScheme, in_features: int, out_features: int, bias: bool, dtype: str,
                  in_out: bool, target):
@@ -123,8 +130,10 @@ class QuantLinear(Linear):
         self.qweight = nn.Parameter(q_shape, qs.storage_dtype)
         self.scale = nn.Parameter(s_shape, dtype)
         self.qs = qs
-        # decode dequantizes inside dlight's GEMV (the float weight never exists)
-        self._setup(in_features, out_features, bias, dtype, in_out, target, decode_gemv=False)
+        self._setup(in_features, out_features, bias, dtype, in_out, target, decode_gemv=qs.bits == 4, bits=qs.bits)
+
+    def _weights(self) -> list[nn.Tensor]:
+        return [self.qweight, self.scale]
 
     def _weight(self) -> nn.Tensor:
         return op.tensor_expr_op(lambda q, s: dequantize_expr(self.qs, q, s, self.in_out), "dequantize",
@@ -133,8 +142,8 @@ class QuantLinear(Linear):
 
 def make_linear(quant: QuantScheme | None, in_features: int, out_features: int, bias: bool, dtype: str,
                 in_out: bool, target, decode_gemv: bool = True) -> Linear:
-    """A ``Linear`` over float weights, or a ``QuantLinear`` over ``quant``'s packed weights (whose
-    decode never runs ``tir_kernels.gemv``); ``decode_gemv`` as ``Linear``'s."""
+    """A ``Linear`` over float weights, or a ``QuantLinear`` over ``quant``'s packed weights;
+    ``decode_gemv`` as ``Linear``'s (float weights only: q4f16 decodes through the GEMV wherever it runs)."""
     if quant is None:
         return Linear(in_features, out_features, bias, dtype, in_out, target, decode_gemv)
     return QuantLinear(quant, in_features, out_features, bias, dtype, in_out, target)

@@ -127,8 +127,9 @@ class LlamaForCausalLM(nn.Module):
         self.dtype = dtype
         self.model = LlamaModel(cfg, dtype, in_out, policy.target, quant)
         self.untied_head = in_out or not cfg.tie_embeddings
-        if self.untied_head:  # one row: GEMV
-            self.lm_head = make_linear(quant, cfg.hidden_size, cfg.vocab_size, False, dtype, in_out, None)
+        if self.untied_head:  # one row: dlight's GEMV (float weights: at the copy bandwidth), tir_kernels.gemv (q4)
+            self.lm_head = make_linear(quant, cfg.hidden_size, cfg.vocab_size, False, dtype, in_out,
+                                       policy.target if quant is not None else None)
         self.rope_kernel = cache_ops.make_rope_table(cfg.head_dim, policy.target)
         self.last_row_kernel = cache_ops.make_last_row(cfg.hidden_size, dtype, policy.target)
         self.inv_freq = cfg.inv_freq()

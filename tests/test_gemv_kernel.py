@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from kernel_harness import CUDA, MODE, build, cuda_source, tensor
 
+from tsedge.models.quantization import SCHEMES, dequantize, quantize, unpack
 from tsedge.tir_kernels import gemv
 
 SHAPES = [
@@ -68,6 +69,63 @@ def test_decode_gemv(n_out, k, prologue, epilogue):
         kernel(tensor(x), tensor(w), y)
         expected = full
     np.testing.assert_allclose(y.numpy().astype(np.float32), expected, rtol=1e-2, atol=2e-3 * np.abs(expected).max())
+
+
+Q4_SHAPES = [
+    # N, K, prologue, epilogue: Llama-3-8B's four decode linears, then ragged ones
+    (6144, 4096, "rmsnorm", "none"),      # fused QKV on the residual stream: 4 groups a lane
+    (4096, 4096, "none", "residual"),     # o_proj + residual
+    (28672, 4096, "rmsnorm", "none"),     # fused gate/up with the post-attention norm
+    (4096, 14336, "swiglu", "residual"),  # down_proj: 14 groups a lane (2 loads of 8, the second ragged)
+    (1003, 576, "none", "none"),          # SmolLM2's K: 18 groups, lanes 18..31 idle; N not a multiple of 8
+    (577, 1536, "swiglu", "none"),        # SmolLM2's down K
+    (2051, 96, "rmsnorm", "none"),        # K of 3 groups: most warps stage nothing
+]
+
+
+def q4_model(inp: np.ndarray, qweight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """What the q4 GEMV computes, in float64: the input quantized to int8 per group of 32
+    (``round(x · 127 / max|x|)``), then ``Σ_groups s_w · s_x · Σ (code - 7) · xq``."""
+    x = inp.astype(np.float32).reshape(-1, 32)
+    amax = np.abs(x).max(axis=1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    xq = np.trunc(x * inv + np.copysign(np.float32(0.5), x))  # CUDA roundf: halves away from zero
+    codes = unpack(qweight, SCHEMES["q4f16"]).reshape(qweight.shape[0], -1, 32).astype(np.float64)
+    group_dots = np.einsum("ngk,gk->ng", codes, xq.astype(np.float64))
+    return (scale.astype(np.float64) * (amax.T / 127) * group_dots).sum(axis=1)
+
+
+@pytest.mark.skipif(MODE == "llvm", reason="CUDA kernel (CPU linears run the CPU matmul schedule)")
+@pytest.mark.parametrize("n_out, k, prologue, epilogue", Q4_SHAPES)
+def test_decode_gemv_q4(n_out, k, prologue, epilogue):
+    """q4f16 weights: equal to the kernel's arithmetic modelled in NumPy (``q4_model``) to float32
+    rounding, and within 2 % of the largest output of the float GEMV on the dequantized weight."""
+    rng = np.random.default_rng(n_out * 7 + k)
+    x = rng.standard_normal((1, 2 * k if prologue == "swiglu" else k)).astype(np.float16)
+    if prologue == "rmsnorm":
+        x = (x * 7).astype(np.float16)
+    qt = quantize((rng.standard_normal((n_out, k)) / np.sqrt(k)).astype(np.float32), SCHEMES["q4f16"])
+    scale = qt.scale.astype(np.float16)
+    xf = x.astype(np.float32)
+    inp = (_silu(xf[:, :k]) * xf[:, k:]).astype(np.float16) if prologue == "swiglu" else x
+    args = [tensor(x)]
+    if prologue == "rmsnorm":
+        gamma = _gamma(rng, k)
+        inp = _rms_norm(x, gamma, EPS)
+        args.append(tensor(gamma))
+    args += [tensor(qt.qweight), tensor(scale)]
+    modelled = q4_model(inp[0], qt.qweight, scale)
+    floats = inp.astype(np.float32) @ dequantize(qt).astype(np.float32).T
+    if epilogue == "residual":
+        r = rng.standard_normal((1, n_out)).astype(np.float16)
+        args.append(tensor(r))
+        modelled = modelled.astype(np.float16).astype(np.float64) + r[0]
+        floats = floats.astype(np.float16).astype(np.float32) + r
+    y = tensor(np.full((1, n_out), np.nan, np.float16))
+    build(gemv.make_decode_gemv, n_out, k, "float16", epilogue=epilogue, prologue=prologue, bits=4)(*args, y)
+    got = y.numpy()[0].astype(np.float64)
+    np.testing.assert_allclose(got, modelled, rtol=2e-3, atol=2e-3 * np.abs(modelled).max())
+    assert np.abs(got - floats[0]).max() <= 0.02 * np.abs(floats).max()
 
 
 def tvm_rms_norm(k: int, eps: float, target):
@@ -176,6 +234,18 @@ def test_decode_gemv_codegen_and_support():
         gemv.make_decode_gemv(4096, 4096, "float16", CUDA, "swiglu")
     with pytest.raises(ValueError, match=r"\(rmsnorm with none\)"):
         gemv.make_decode_gemv(4096, 4096, "float16", CUDA, "residual", "rmsnorm")
+
+
+@pytest.mark.skipif(MODE != "llvm", reason="codegen checks run where the compiler is")
+def test_decode_gemv_q4_codegen_and_support():
+    """q4: 16-byte loads of packed nibbles (a group of 32 weights a lane), 8 ``__dp4a`` a group (the
+    loop over groups unrolled), the scale as an argument; K a whole number of groups."""
+    source = cuda_source(gemv.make_decode_gemv(6144, 4096, "float16", CUDA, "none", "rmsnorm", bits=4))
+    kernel = source[source.index("decode_gemv_q4_rmsnorm_none_6144x4096_kernel("):]
+    assert "uint4" in kernel and kernel.count("__dp4a") == 8 * 4 and "ws" in kernel  # K 4096: 4 groups a lane
+    assert gemv.supported(4096, 576, "float16", CUDA, bits=4) and not gemv.supported(4096, 600, "float16", CUDA, bits=4)
+    with pytest.raises(ValueError, match="K % 32 == 0"):
+        gemv.make_decode_gemv(4096, 600, "float16", CUDA, bits=4)
 
 
 @pytest.mark.skipif(MODE != "llvm", reason="codegen checks run where the compiler is")

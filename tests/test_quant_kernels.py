@@ -16,6 +16,7 @@ from tsedge.compile.targets import cuda_target, parse_target
 from tsedge.models.linear import QuantLinear
 from tsedge.models.quantization import (SCHEMES, QuantizationError, QuantizedTensor, check_quantized,
                                         concatenate, dequantize, library_arrays, quantize, unpack)
+from tsedge.tir_kernels import gemv
 
 Q4, Q8 = SCHEMES["q4f16"], SCHEMES["q8f16"]
 
@@ -121,7 +122,8 @@ def test_fused_dequantize_matmul_cpu(qs, rows, n, k):
 
 @pytest.mark.parametrize("qs", [Q4, Q8], ids=["q4f16", "q8f16"])
 def test_dequantize_fuses_into_the_matmul(qs):
-    """One PrimFunc reads the packed weight: no kernel writes a float weight (CPU and CUDA decode)."""
+    """One PrimFunc reads the packed weight: no kernel writes a float weight (CPU and CUDA decode;
+    on CUDA, q4f16 decodes through ``tir_kernels.gemv``'s 4-bit GEMV, q8f16 through the fused pair)."""
     import tvm.relax as relax
 
     from tsedge.compile.pipeline import fuse_dequantize_matmul
@@ -132,7 +134,10 @@ def test_dequantize_fuses_into_the_matmul(qs):
             fused = tvm.transform.Sequential([fuse_dequantize_matmul(), relax.transform.LegalizeOps(),
                                               relax.transform.FuseTIR()])(mod)
         prims = [gv.name_hint for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-        assert len(prims) == 1 and "dequantize" in prims[0] and "matmul" in prims[0], prims
+        if qs.bits == 4 and not in_out:
+            assert prims == [gemv.kernel_name(960, 576, "none_none", bits=4)], prims
+        else:
+            assert len(prims) == 1 and "dequantize" in prims[0] and "matmul" in prims[0], prims
 
 
 def _cuda_kernels(module) -> list[str]:
@@ -145,8 +150,9 @@ def _cuda_kernels(module) -> list[str]:
 
 @pytest.mark.parametrize("qs", [Q4, Q8], ids=["q4f16", "q8f16"])
 def test_cuda_build_compiles(qs):
-    """sm_90, float16: decode is one fused dequantize-GEMV kernel (dlight's GEMV rule); a prefill
-    chunk dequantizes to float16, then runs tir_kernels.matmul's tensor-core GEMM."""
+    """sm_90, float16: decode is one kernel reading the packed weight (q4f16: tir_kernels.gemv's
+    4-bit GEMV; q8f16: the fused dequantize-GEMV, dlight's GEMV rule); a prefill chunk dequantizes
+    to float16, then runs tir_kernels.matmul's tensor-core GEMM."""
     target = cuda_target("sm_90")
     kernels = {}
     for rows in (1, "n"):
@@ -154,5 +160,7 @@ def test_cuda_build_compiles(qs):
         with fatbin_build_context(target):  # nvcc, as a library build (kernel_harness.cuda_source)
             ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
         kernels[rows] = _cuda_kernels(ex.mod)
-    assert kernels[1] == ["fused_dequantize_relax_permute_dims_relax_matmul_kernel"]
+    decode = (f"{gemv.kernel_name(960, 576, 'none_none', bits=4)}_kernel" if qs.bits == 4
+              else "fused_dequantize_relax_permute_dims_relax_matmul_kernel")
+    assert kernels[1] == [decode]
     assert sorted(kernels["n"]) == ["dequantize_kernel", "prefill_matmul_960x576_kernel"]

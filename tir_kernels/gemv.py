@@ -35,20 +35,24 @@ from .common import has_warp_shuffle, i64
 WARPS = 8  # rows (warps) a block
 GROUP = 8  # 16-byte loads a lane issues before it multiplies
 _PIECE = 8  # float16 elements in 16 bytes
+Q4_GROUP = 32  # q4 weights a scale (models/quantization.py q4f16), a lane's 16-byte load
 
 
-def supported(n_out: int, k: int, dtype: str, target: Target) -> bool:
-    """True where the kernel runs: CUDA, float16, ``k`` a multiple of a warp's 512-byte read."""
-    return target.kind.name == "cuda" and has_warp_shuffle(target) and dtype == "float16" and k % (32 * _PIECE) == 0
+def supported(n_out: int, k: int, dtype: str, target: Target, bits: int = 16) -> bool:
+    """True where the kernel runs: CUDA, float16, and ``k`` a multiple of a warp's 512-byte read
+    (float16 weights, ``bits`` 16) or of the 32-weight quantization group (``bits`` 4)."""
+    step = 32 * _PIECE if bits == 16 else Q4_GROUP
+    return (target.kind.name == "cuda" and has_warp_shuffle(target) and dtype == "float16" and bits in (4, 16)
+            and k % step == 0)
 
 
-def kernel_name(n_out: int, k: int, fused: str) -> str:
+def kernel_name(n_out: int, k: int, fused: str, bits: int = 16) -> str:
     """The PrimFunc's name for one weight shape and what it fuses (a model holds one per pair)."""
-    return f"decode_gemv_{fused}_{n_out}x{k}"
+    return f"decode_gemv_{'q4_' if bits == 4 else ''}{fused}_{n_out}x{k}"
 
 
 def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: str = "none",
-                     prologue: str = "none", eps: float = 1e-5) -> tirx.PrimFunc:
+                     prologue: str = "none", eps: float = 1e-5, bits: int = 16) -> tirx.PrimFunc:
     """Args: x[1, k] float16 (``prologue="swiglu"``: x[1, 2k], the gate/up output, and the GEMV's
     input is ``silu(x[:k]) * x[k:]``, computed in float32 and rounded to float16; ``"rmsnorm"``:
     x is the residual stream and a second argument g[k] float16 the norm's weight, and the input
@@ -57,17 +61,28 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
     float32, round to float16 once at the end), w[n_out, k] float16 (a Linear's weight, [out, in]),
     and for ``epilogue="residual"`` r[1, n_out] float16; output y[1, n_out] float16 =
     ``fp16(x·Wᵀ)`` (+ r, added in float16 as the unfused graph does). Accumulation in float32.
+
+    ``bits=4``: ``w`` is q4f16 (``models/quantization.py``): qweight[n_out, k/8] uint32 (weight
+    ``8i + j`` of a row in nibble ``j`` of word ``i``, stored as code + 7) and scale[n_out, k/32]
+    float16 take its place. As llama.cpp's CUDA GEMV does (``mmvq``), the block quantizes its
+    input to int8 once, per group of 32 (``xq = round(x · 127 / max|x|)``, its scale and the sum
+    of the group's ``xq`` kept in shared memory), and a lane's 16-byte load (one group of 32
+    weights) is 8 ``__dp4a`` of nibbles against ``xq``: ``y += s_w · (s_x · Σ code·xq − 7 s_x Σ xq)``.
     Raises ValueError where ``supported`` is False, for an unknown prologue or epilogue, or for
     the rmsnorm prologue with the residual epilogue (no layer needs both).
     """
-    if not supported(n_out, k, dtype, target):
-        raise ValueError(f"decode GEMV needs CUDA, float16 and K % 256 == 0 (got {target.kind.name}, {dtype}, K {k})")
+    if not supported(n_out, k, dtype, target, bits):
+        raise ValueError(f"decode GEMV needs CUDA, float16 and K % {256 if bits == 16 else Q4_GROUP} == 0 (got "
+                         f"{target.kind.name}, {dtype}, {bits}-bit weights, K {k})")
     if epilogue not in ("none", "residual") or prologue not in ("none", "swiglu", "rmsnorm") or (
             prologue, epilogue) == ("rmsnorm", "residual"):
         raise ValueError(f"decode GEMV prologue {prologue!r} / epilogue {epilogue!r}: use none, swiglu or rmsnorm / "
                          "none or residual (rmsnorm with none)")
-    pieces = k // (32 * _PIECE)  # 16-byte pieces a lane reads per weight row
-    groups = (pieces + GROUP - 1) // GROUP
+    q4 = bits == 4
+    # 16-byte pieces of a weight row (q4: one quantization group each), a lane's every 32nd
+    pieces = k // Q4_GROUP if q4 else k // _PIECE
+    groups = ((pieces + 31) // 32 + GROUP - 1) // GROUP  # of GROUP loads a lane
+    words = 4 * GROUP if q4 else GROUP * _PIECE  # a group's registers (uint32 or float16)
     threads = 32 * WARPS
     x_items = (k // _PIECE + threads - 1) // threads
     N, K = i64(n_out), i64(k)
@@ -118,14 +133,72 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
                     xs[e + v] = gu[_PIECE + v]
 
     @T.macro
-    def load_group(wl, w, row, tx, g):
+    def load_group(wl, sl, w, ws, row, tx, g):
         for c in T.unroll(GROUP):  # every load of the group in flight first
-            if g * GROUP + c < pieces:
-                for v in T.vectorized(_PIECE):
-                    wl[c * _PIECE + v] = w[row, ((g * GROUP + c) * 32 + tx) * _PIECE + v]
+            pc: T.let[T.int64] = (g * GROUP + c) * 32 + tx
+            if pc < pieces:
+                if q4:
+                    for v in T.vectorized(4):
+                        wl[c * 4 + v] = w[row, pc * 4 + v]
+                    sl[c] = ws[row, pc]
+                else:
+                    for v in T.vectorized(_PIECE):
+                        wl[c * _PIECE + v] = w[row, pc * _PIECE + v]
+
+    def xq_slot(chunk):
+        """Where the int8 input of 8-weight chunk ``chunk`` starts in ``xq`` (int32 words: even
+        weights, then odd): chunk j of group p at word 8p + 2 (j ^ (p / 4 % 4)), so the 8-byte
+        reads of a warp's lanes (consecutive groups) fall in distinct banks."""
+        return chunk // 4 * 8 + (chunk % 4 ^ (chunk // 16 % 4)) * 2
 
     @T.macro
-    def body(x, gamma, w, r, y):
+    def quantize_input(xs, xq, xsc, xcor, xl, qv, red, ty, tx):
+        # xq, xsc, xcor from xs: each lane 8 inputs, 4 lanes a group of 32 (max and sum by shuffles)
+        for it in T.unroll(i64(x_items)):
+            e: T.let[T.int64] = T.min(((it * WARPS + ty) * 32 + tx) * _PIECE, K - _PIECE)  # all lanes shuffle
+            for v in T.vectorized(_PIECE):
+                xl[v] = xs[e + v]
+            red[0] = T.float32(0)
+            for v in T.unroll(_PIECE):
+                red[0] = T.max(red[0], T.abs(T.Cast("float32", xl[v])))
+            for sh in T.unroll(2):
+                red[0] = T.max(red[0], T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), red[0], tx ^ (T.int64(1) << sh), 32, 32))
+            red[1] = T.if_then_else(red[0] > T.float32(0), T.float32(127) / red[0], T.float32(0))
+            red[2] = T.float32(0)
+            for v in T.unroll(_PIECE):
+                qv[v] = T.Cast("int32", T.round(T.Cast("float32", xl[v]) * red[1]))
+                red[2] = red[2] + T.Cast("float32", qv[v])
+            for sh in T.unroll(2):
+                red[2] = red[2] + T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), red[2], tx ^ (T.int64(1) << sh), 32, 32)
+            if ((it * WARPS + ty) * 32 + tx) * _PIECE < K:
+                for half in T.unroll(2):
+                    xq[xq_slot(e // _PIECE) + half] = (
+                        (T.Cast("uint32", qv[half]) & T.uint32(255)) | (T.Cast("uint32", qv[half + 2]) & T.uint32(255)) << T.uint32(8)
+                        | (T.Cast("uint32", qv[half + 4]) & T.uint32(255)) << T.uint32(16)
+                        | T.Cast("uint32", qv[half + 6]) << T.uint32(24))
+                if tx % 4 == 0:
+                    xsc[e // Q4_GROUP] = red[0] / T.float32(127)
+                    xcor[e // Q4_GROUP] = T.float32(7) * red[0] / T.float32(127) * red[2]
+
+    @T.macro
+    def dot_piece(acc, wl, sl, xs, xl, xq, xsc, xcor, dots, c, pc):
+        # acc[0] += piece pc of the row (in registers at c) times the input
+        if q4:
+            dots[0] = 0
+            for j in T.unroll(4):
+                for half in T.unroll(2):
+                    dots[0] = T.call_pure_extern(
+                        "int32", "__dp4a", T.reinterpret("int32", wl[c * 4 + j] >> T.uint32(4 * half) & T.uint32(0x0F0F0F0F)),
+                        T.reinterpret("int32", xq[xq_slot(pc * 4 + j) + half]), dots[0])
+            acc[0] += T.Cast("float32", sl[c]) * (xsc[pc] * T.Cast("float32", dots[0]) - xcor[pc])
+        else:
+            for v in T.vectorized(_PIECE):
+                xl[v] = xs[pc * _PIECE + v]
+            for v in T.unroll(_PIECE):
+                acc[0] += T.Cast("float32", wl[c * _PIECE + v]) * T.Cast("float32", xl[v])
+
+    @T.macro
+    def body(x, gamma, w, ws, r, y):
         for bx in T.thread_binding((N + WARPS - 1) // WARPS, thread="blockIdx.x"):
             for ty in T.thread_binding(i64(WARPS), thread="threadIdx.y"):
                 for tx in T.thread_binding(i64(32), thread="threadIdx.x"):
@@ -133,15 +206,22 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
                         T.reads()
                         T.writes()
                         xs = T.sblock_alloc_buffer((K,), "float16", scope="shared")
+                        xq = T.sblock_alloc_buffer((K // 4 if q4 else 1,), "uint32", scope="shared")
+                        xsc = T.sblock_alloc_buffer((K // Q4_GROUP if q4 else 1,), "float32", scope="shared")
+                        xcor = T.sblock_alloc_buffer((K // Q4_GROUP if q4 else 1,), "float32", scope="shared")
                         red = T.sblock_alloc_buffer((WARPS,), "float32", scope="shared")
-                        wl = T.sblock_alloc_buffer((GROUP * _PIECE,), "float16", scope="local")
+                        wl = T.sblock_alloc_buffer((words,), "uint32" if q4 else "float16", scope="local")
+                        sl = T.sblock_alloc_buffer((GROUP,), "float16", scope="local")
                         xl = T.sblock_alloc_buffer((_PIECE,), "float16", scope="local")
+                        qv = T.sblock_alloc_buffer((_PIECE,), "int32", scope="local")
+                        lred = T.sblock_alloc_buffer((3,), "float32", scope="local")
+                        dots = T.sblock_alloc_buffer((1,), "int32", scope="local")
                         acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         ss = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         gu = T.sblock_alloc_buffer((2 * _PIECE,), "float16", scope="local")
                         xr = T.sblock_alloc_buffer((x_items * _PIECE,), "float16", scope="local")
                         if prologue == "rmsnorm":  # the first weight loads overlap the norm
-                            load_group(wl, w, T.min(bx * WARPS + ty, N - 1), tx, T.int64(0))
+                            load_group(wl, sl, w, ws, T.min(bx * WARPS + ty, N - 1), tx, T.int64(0))
                             ss[0] = T.float32(0)
                         for it in T.unroll(i64(x_items)):
                             e: T.let[T.int64] = ((it * WARPS + ty) * 32 + tx) * _PIECE
@@ -150,20 +230,20 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
                         if prologue == "rmsnorm":
                             normalise(xs, gamma, gu, xr, ss, red, ty, tx)
                         T.tvm_storage_sync("shared")
+                        if q4:
+                            quantize_input(xs, xq, xsc, xcor, xl, qv, lred, ty, tx)
+                            T.tvm_storage_sync("shared")
                         row: T.let[T.int64] = T.min(bx * WARPS + ty, N - 1)  # past the end: recompute the last
                         acc[0] = T.float32(0)
                         for g in T.serial(i64(groups)):
                             if prologue == "rmsnorm":
                                 if g > 0:  # group 0 is in flight since before the norm
-                                    load_group(wl, w, row, tx, g)
+                                    load_group(wl, sl, w, ws, row, tx, g)
                             else:
-                                load_group(wl, w, row, tx, g)
+                                load_group(wl, sl, w, ws, row, tx, g)
                             for c in T.unroll(GROUP):
-                                if g * GROUP + c < pieces:
-                                    for v in T.vectorized(_PIECE):
-                                        xl[v] = xs[((g * GROUP + c) * 32 + tx) * _PIECE + v]
-                                    for v in T.unroll(_PIECE):
-                                        acc[0] += T.Cast("float32", wl[c * _PIECE + v]) * T.Cast("float32", xl[v])
+                                if (g * GROUP + c) * 32 + tx < pieces:
+                                    dot_piece(acc, wl, sl, xs, xl, xq, xsc, xcor, dots, c, (g * GROUP + c) * 32 + tx)
                         for s in T.unroll(5):  # butterfly: every lane ends with the warp's sum
                             acc[0] = acc[0] + T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), acc[0], tx ^ (T.int64(16) >> s), 32, 32)
                         if tx == 0 and bx * WARPS + ty < N:
@@ -172,38 +252,22 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
                             else:
                                 y[0, row] = T.Cast("float16", acc[0])
 
-    name = kernel_name(n_out, k, f"{prologue}_{epilogue}")
-    if epilogue == "residual":
-
-        @T.prim_func(s_tir=True)
-        def gemv_residual(x_h: T.handle, w_h: T.handle, r_h: T.handle, y_h: T.handle):
-            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-            x = T.match_buffer(x_h, (T.int64(1), X), "float16")
-            w = T.match_buffer(w_h, (N, K), "float16")
-            r = T.match_buffer(r_h, (T.int64(1), N), "float16")
-            y = T.match_buffer(y_h, (T.int64(1), N), "float16")
-            body(x, None, w, r, y)
-
-        return gemv_residual.with_attr("global_symbol", name)
-    if prologue == "rmsnorm":
-
-        @T.prim_func(s_tir=True)
-        def gemv_rmsnorm(x_h: T.handle, g_h: T.handle, w_h: T.handle, y_h: T.handle):
-            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-            x = T.match_buffer(x_h, (T.int64(1), X), "float16")
-            gamma = T.match_buffer(g_h, (K,), "float16")
-            w = T.match_buffer(w_h, (N, K), "float16")
-            y = T.match_buffer(y_h, (T.int64(1), N), "float16")
-            body(x, gamma, w, None, y)
-
-        return gemv_rmsnorm.with_attr("global_symbol", name)
+    w_shape, w_dtype = ((N, i64(k // 8)), "uint32") if q4 else ((N, K), "float16")
 
     @T.prim_func(s_tir=True)
-    def gemv(x_h: T.handle, w_h: T.handle, y_h: T.handle):
+    def gemv(x_h: T.handle, g_h: T.handle, w_h: T.handle, ws_h: T.handle, r_h: T.handle, y_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
         x = T.match_buffer(x_h, (T.int64(1), X), "float16")
-        w = T.match_buffer(w_h, (N, K), "float16")
+        gamma = T.match_buffer(g_h, (K,), "float16")
+        w = T.match_buffer(w_h, w_shape, w_dtype)
+        ws = T.match_buffer(ws_h, (N, i64(k // Q4_GROUP)), "float16")
+        r = T.match_buffer(r_h, (T.int64(1), N), "float16")
         y = T.match_buffer(y_h, (T.int64(1), N), "float16")
-        body(x, None, w, None, y)
+        body(x, gamma, w, ws, r, y)
 
-    return gemv.with_attr("global_symbol", name)
+    # the arguments this variant reads, in order: x, [g], w, [scale], [r], y (the body never
+    # touches the others, so they leave the signature)
+    used = [True, prologue == "rmsnorm", True, q4, epilogue == "residual", True]
+    params = [param for param, keep in zip(gemv.params, used) if keep]
+    func = tirx.PrimFunc(params, gemv.body, gemv.ret_type, gemv.attrs)
+    return func.with_attr("global_symbol", kernel_name(n_out, k, f"{prologue}_{epilogue}", bits))

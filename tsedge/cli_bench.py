@@ -14,6 +14,7 @@ import click
 
 from tsedge.cli_options import TARGET_HELP, RecycleK, resolve_target
 from tsedge.models.config import PRESETS
+from tsedge.models.quantization import SCHEMES
 
 
 def _driver() -> str | None:
@@ -26,7 +27,7 @@ def _driver() -> str | None:
 
 
 def _libraries(preset: str, variants: dict, target: str | None, lib_dir: str | None,
-               capacity: int) -> dict[str, Path]:
+               capacity: int, quantization: str) -> dict[str, Path]:
     """``<lib_dir>/<variant>.so`` for each variant, or cached libraries compiled on first use."""
     if lib_dir:
         libs = {name: Path(lib_dir) / f"{name}.so" for name in variants}
@@ -38,7 +39,8 @@ def _libraries(preset: str, variants: dict, target: str | None, lib_dir: str | N
     from tsedge.library_cache import ensure_library
 
     return {name: ensure_library(PRESETS[preset], policy, resolve_target(target), "auto", capacity,
-                                 log=lambda m: click.echo(m, err=True)) for name, policy in variants.items()}
+                                 log=lambda m: click.echo(m, err=True), quantization=quantization)
+            for name, policy in variants.items()}
 
 
 def _bench_command(kind: str):
@@ -63,8 +65,10 @@ def _bench_command(kind: str):
     @click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="bench/results",
                   show_default=True, help="JSON and PNG go here")
     @click.option("--tag", default=None, help="file name stem (default: <kind>_<preset>_<device>)")
+    @click.option("--quantization", type=click.Choice(sorted(SCHEMES)), default="q0", show_default=True,
+                  help="weights of the compiled libraries (random values of the scheme's layout)")
     def command(preset, depths, policies, target, lib_dir, compile_only, steps, chunk, ttft, tidal_budget, recycle_k,
-                output_dir, tag):
+                output_dir, tag, quantization):
         from tsedge.bench import long_context as lc
 
         try:
@@ -77,9 +81,9 @@ def _bench_command(kind: str):
         if compile_only:
             if not lib_dir:
                 raise click.ClickException("--compile-only needs --lib-dir DIR")
-            _compile_into(preset, variants, target, Path(lib_dir), capacity)
+            _compile_into(preset, variants, target, Path(lib_dir), capacity, quantization)
             return
-        libs = _libraries(preset, variants, target, lib_dir, capacity)
+        libs = _libraries(preset, variants, target, lib_dir, capacity, quantization)
         result = lc.run(kind, libs, depth_list, steps, chunk, log=lambda m: click.echo(m, err=True), ttft=ttft)
         import tvm
 
@@ -88,7 +92,8 @@ def _bench_command(kind: str):
         result["info"].update(driver=_driver(), tvm=tvm.__version__, tsedge=tsedge.__version__,
                               python=platform.python_version(), peer=json.loads(lc.PEERS.read_text())["source"])
         device = str(result["info"].get("device", result["info"]["target"])).replace(" ", "-")
-        stem = Path(output_dir) / (tag or f"{kind}_{preset}_{device}")
+        quant = "" if quantization == "q0" else f"_{quantization}"
+        stem = Path(output_dir) / (tag or f"{kind}_{preset}{quant}_{device}")
         stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
         lc.plot(result, stem.with_suffix(".png"))
@@ -103,13 +108,14 @@ def _bench_command(kind: str):
     return command
 
 
-def _compile_into(preset: str, variants: dict, target: str | None, lib_dir: Path, capacity: int) -> None:
+def _compile_into(preset: str, variants: dict, target: str | None, lib_dir: Path, capacity: int,
+                  quantization: str) -> None:
     from tsedge.compile.build import compile_library
     from tsedge.compile.targets import parse_target
 
     for name, policy in variants.items():
         meta = compile_library(PRESETS[preset], policy, parse_target(resolve_target(target)), "auto", capacity,
-                               lib_dir / f"{name}.so")
+                               lib_dir / f"{name}.so", quantization=quantization)
         click.echo(f"wrote {lib_dir / name}.so ({meta.target}, {meta.compile_seconds} s)", err=True)
 
 

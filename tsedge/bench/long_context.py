@@ -24,6 +24,7 @@ from tsedge.bench.speed import decode_speed, machine_info, prefill_chunk_speed, 
 from tsedge.engine import Engine
 from tsedge.models.config import POLICIES, PolicyConfig
 from tsedge.models.library import LibraryMeta
+from tsedge.models.quantization import scheme
 
 VARIANTS = {"dense": PolicyConfig(), "tokenselect": PolicyConfig("tokenselect"),
             "tokenselect-reselect": PolicyConfig("tokenselect", selection_threshold=1.5)}
@@ -62,20 +63,37 @@ def variants(policies: list[str], kind: str, **budgets: int | str | None) -> dic
 
 
 def random_params(meta: LibraryMeta) -> tuple[list, Any]:
-    """Random N(0, 0.02) weights of the library's shapes on its device: (params, keep-alive)."""
+    """Random weights of the library's shapes on its device: (params, keep-alive). Float tensors
+    N(0, 0.02); a quantized library's packed weights random bits and its scales 0.02 / max code,
+    so a dequantized weight has about the float weights' scale."""
     import tvm
 
+    quant = scheme(meta.quantization)
+    storage = {"qweight": quant.storage_dtype if quant else None, "scale": meta.dtype, "": meta.dtype}
     if meta.target.startswith("cuda"):  # make them on the GPU (16 GB for an 8B model) with torch
         import torch
         import tvm_ffi
 
         gen = torch.Generator(device="cuda").manual_seed(0)
-        keep = [torch.randn(p.shape, generator=gen, device="cuda", dtype=getattr(torch, meta.dtype)) * 0.02
-                for p in meta.params]
+
+        def make(p):
+            if p.part == "qweight":  # random bits, as int32 (uint32 nibbles) or int8
+                bits = torch.randint(-2**31, 2**31 - 1, p.shape, generator=gen, device="cuda", dtype=torch.int32)
+                return bits.view(torch.uint32) if storage["qweight"] == "uint32" else bits.to(torch.int8)
+            value = torch.randn(p.shape, generator=gen, device="cuda", dtype=getattr(torch, meta.dtype))
+            return value.abs() * (0.02 / quant.max_int) if p.part == "scale" else value * 0.02
+
+        keep = [make(p) for p in meta.params]
         return [tvm_ffi.from_dlpack(t) for t in keep], keep
     rng = np.random.default_rng(0)
-    return [tvm.runtime.tensor((rng.standard_normal(p.shape, np.float32) * 0.02).astype(meta.dtype),
-                               tvm.cpu(0)) for p in meta.params], None
+
+    def make_cpu(p):
+        if p.part == "qweight":
+            return rng.integers(0, 2**32 if storage["qweight"] == "uint32" else 128, p.shape).astype(storage["qweight"])
+        value = rng.standard_normal(p.shape, np.float32) * 0.02
+        return (np.abs(value) / quant.max_int if p.part == "scale" else value).astype(meta.dtype)
+
+    return [tvm.runtime.tensor(make_cpu(p), tvm.cpu(0)) for p in meta.params], None
 
 
 def run(kind: str, libs: dict[str, Path], depths: list[int], steps: int = 32, chunk: int = 512,
@@ -111,14 +129,20 @@ def run(kind: str, libs: dict[str, Path], depths: list[int], steps: int = 32, ch
     return {"info": info, "kind": kind, "rows": rows, "ttft": ttfts}
 
 
+# the llama.cpp weights compared with a library's quantization: (peers.json table, label)
+PEER_WEIGHTS = {"q0": ("models", "llama.cpp F16"), "q4f16": ("models_q4_0", "llama.cpp Q4_0")}
+
+
 def peer_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """llama.cpp's numbers (``peers.json``, with its source) when measured on the same GPU and model."""
+    """llama.cpp's numbers (``peers.json``, with its source) when measured on the same GPU and model,
+    with the weights that match the library's (F16 for float libraries, Q4_0 for q4f16)."""
     peers = json.loads(PEERS.read_text())
     info = result["info"]
-    if peers["device"] not in str(info.get("device")) or info.get("model") not in peers["models"]:
+    table, label = PEER_WEIGHTS.get(info.get("quantization", "q0"), (None, None))
+    if table is None or peers["device"] not in str(info.get("device")) or info.get("model") not in peers[table]:
         return []
-    return [{"policy": "llama.cpp F16", "depth": int(depth), **values[result["kind"]]}
-            for depth, values in peers["models"][info["model"]].items()]
+    return [{"policy": label, "depth": int(depth), **values[result["kind"]]}
+            for depth, values in peers[table][info["model"]].items()]
 
 
 def table(result: dict[str, Any]) -> str:
