@@ -43,6 +43,17 @@ def test_table_puts_llamacpp_beside_on_the_same_gpu_only():
     assert "llama.cpp" not in lc.table(_result("NVIDIA A100"))
 
 
+def test_quantized_libraries_get_llamacpps_quantized_numbers():
+    """q4f16 sits beside llama.cpp's Q4_0 (peers.json ``models_q4_0``), q8f16 beside nothing."""
+    q4 = _result("NVIDIA H200")
+    q4["info"]["quantization"] = "q4f16"
+    table = lc.table(q4)
+    assert table.splitlines()[0].endswith("| llama.cpp Q4_0 |") and "| 0 | 4.50 | — | 3.10 |" in table
+    assert "| 131072 | 9.00 | 4.40 | — |" in table  # 128K was not measured for Q4_0
+    q4["info"]["quantization"] = "q8f16"
+    assert "llama.cpp" not in lc.table(q4)
+
+
 def test_plot_writes_png(tmp_path):
     lc.plot(_result("NVIDIA H200"), tmp_path / "decode.png")
     assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

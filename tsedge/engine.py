@@ -73,7 +73,9 @@ class GenerationResult:
         return steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
-def _device(target: str) -> tvm.runtime.Device:
+def target_device(target: str) -> tvm.runtime.Device:
+    """The device a library compiled for ``target`` runs on (``cuda:…`` GPU 0, ``vulkan``, or the
+    CPU). Raises LibraryError where that device is missing."""
     if target.startswith("cuda"):
         dev = tvm.cuda(0)
         if not dev.exist:
@@ -165,7 +167,7 @@ class Engine:
         library given float weights). ``cache_correction``: tokens (0 = off), see the property;
         a ValueError when it can never run (``check_cache_correction``)."""
         self.meta, module = load_library(lib)
-        self.device = _device(self.meta.target)
+        self.device = target_device(self.meta.target)
         self.vm = VirtualMachine(module, self.device)
         self.tokenizer = None
         if weights is not None:

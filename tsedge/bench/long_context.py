@@ -65,35 +65,47 @@ def variants(policies: list[str], kind: str, **budgets: int | str | None) -> dic
 def random_params(meta: LibraryMeta) -> tuple[list, Any]:
     """Random weights of the library's shapes on its device: (params, keep-alive). Float tensors
     N(0, 0.02); a quantized library's packed weights random bits and its scales 0.02 / max code,
-    so a dequantized weight has about the float weights' scale."""
+    so a dequantized weight has about the float weights' scale. Drawn on a CUDA GPU through torch
+    where there is one (16 GB for an 8B model), else with NumPy; a library for another device
+    (Vulkan, the CPU) gets a copy on its device."""
     import tvm
 
-    quant = scheme(meta.quantization)
-    storage = {"qweight": quant.storage_dtype if quant else None, "scale": meta.dtype, "": meta.dtype}
-    if meta.target.startswith("cuda"):  # make them on the GPU (16 GB for an 8B model) with torch
-        import torch
-        import tvm_ffi
+    from tsedge.engine import target_device
 
+    quant = scheme(meta.quantization)
+    packed = quant.storage_dtype if quant else None
+    try:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    except ImportError:
+        on_gpu = False
+    if on_gpu:
         gen = torch.Generator(device="cuda").manual_seed(0)
 
         def make(p):
             if p.part == "qweight":  # random bits, as int32 (uint32 nibbles) or int8
                 bits = torch.randint(-2**31, 2**31 - 1, p.shape, generator=gen, device="cuda", dtype=torch.int32)
-                return bits.view(torch.uint32) if storage["qweight"] == "uint32" else bits.to(torch.int8)
+                return bits.view(torch.uint32) if packed == "uint32" else bits.to(torch.int8)
             value = torch.randn(p.shape, generator=gen, device="cuda", dtype=getattr(torch, meta.dtype))
             return value.abs() * (0.02 / quant.max_int) if p.part == "scale" else value * 0.02
+    else:
+        rng = np.random.default_rng(0)
+
+        def make(p):
+            if p.part == "qweight":
+                return rng.integers(0, 2**32 if packed == "uint32" else 128, p.shape).astype(packed)
+            value = rng.standard_normal(p.shape, np.float32) * 0.02
+            return (np.abs(value) / quant.max_int if p.part == "scale" else value).astype(meta.dtype)
+
+    if on_gpu and meta.target.startswith("cuda"):  # shared with torch, no copy
+        import tvm_ffi
 
         keep = [make(p) for p in meta.params]
         return [tvm_ffi.from_dlpack(t) for t in keep], keep
-    rng = np.random.default_rng(0)
-
-    def make_cpu(p):
-        if p.part == "qweight":
-            return rng.integers(0, 2**32 if storage["qweight"] == "uint32" else 128, p.shape).astype(storage["qweight"])
-        value = rng.standard_normal(p.shape, np.float32) * 0.02
-        return (np.abs(value) / quant.max_int if p.part == "scale" else value).astype(meta.dtype)
-
-    return [tvm.runtime.tensor(make_cpu(p), tvm.cpu(0)) for p in meta.params], None
+    device = target_device(meta.target)
+    host = (lambda t: t.cpu().numpy()) if on_gpu else (lambda a: a)
+    return [tvm.runtime.tensor(host(make(p)), device) for p in meta.params], None
 
 
 def run(kind: str, libs: dict[str, Path], depths: list[int], steps: int = 32, chunk: int = 512,
