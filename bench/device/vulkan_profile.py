@@ -2,7 +2,7 @@
 random weights, the KV cache filled to CONTEXT tokens.
 
 Usage: python3 vulkan_profile.py LIB OUT_JSON [CONTEXT] [STEPS]
-Run it twice: plainly (ms per step, dispatches per step) and with ``TSEDGE_VULKAN_PROFILE=1`` set
+Run it twice: plainly (ms per step, dispatches per step) and with ``TSEDGE_VULKAN_PROFILE`` set
 (each dispatch submitted and waited for alone: the per-kernel times include a submit + wait each).
 """
 
@@ -37,7 +37,7 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     after = vulkan.dispatch_counts()
     kernels = {k: (after[k][0] - before.get(k, (0, 0))[0], after[k][1] - before.get(k, (0, 0))[1]) for k in after}
-    profiled = os.environ.get("TSEDGE_VULKAN_PROFILE") == "1"
+    profiled = "TSEDGE_VULKAN_PROFILE" in os.environ  # the backend profiles when it is set at all
     result = {"lib": lib.name, "model": meta.model.name, "policy": meta.policy.name, "adapter": vulkan.describe(),
               "context": context, "profiled": profiled, "ms_per_step": round(1e3 * elapsed / steps, 3),
               "dispatches_per_step": sum(c for c, _ in kernels.values()) / steps,

@@ -3,10 +3,11 @@
 # beside the CUDA build of the same model, in one run.
 # Usage: bash bench/device/vulkan_run.sh prepare      (build machine: Vulkan loader debs into .gl,
 #          wgpu + cffi wheels for Python 3.12 into .carry/vk, libraries into .carry/vkrun)
-#        bash bench/device/vulkan_run.sh setup        (device, first call; carry .gl .carry/vk
-#          .carry/site312.tgz [.carry/w1]: loaders, wheels and TVM unpacked under / and /tmp)
-#        bash bench/device/vulkan_run.sh run OUT_DIR  (device, the next call on the same machine;
-#          carry .carry/vkrun [.carry/w2]) — two calls because everything does not fit one transfer
+#        bash bench/device/vulkan_run.sh setup        (device; unpacks what the call carried of .gl,
+#          .carry/vk, .carry/site312.tgz, .carry/vkrun and .carry/w1 under / and /tmp: one transfer
+#          holds 64 MiB with the tree, so calls of `setup` carry .gl .carry/vk .carry/w1, then
+#          .carry/site312.tgz .carry/vkrun)
+#        bash bench/device/vulkan_run.sh run OUT_DIR  (device, next on the same machine; carry .carry/w2)
 # With SmolLM2's GGUF assembled at /tmp/smollm2.gguf (bench/device/run.sh's two transfers: /tmp/w1.part
 # from a call before, .carry/w2 carried) it first checks Vulkan float16 against the CPU's float32
 # library on real text (`tsedge bench accuracy`, .carry/vkrun/acc: dense, and TokenSelect selecting from
@@ -38,11 +39,12 @@ if [ "$1" = prepare ]; then
   exit 0
 fi
 if [ "$1" = setup ]; then
-  for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
-  mkdir -p /tmp/vkpkg && for w in .carry/vk/*.whl; do python3 -m zipfile -e "$w" /tmp/vkpkg; done
-  mkdir -p /tmp/site && tar xzf .carry/site312.tgz -C /tmp/site
-  [ -f .carry/w1/part ] && cp .carry/w1/part /tmp/w1.part
-  ls /tmp/vkpkg /tmp/site | head -3
+  if [ -d .gl ]; then for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; fi
+  if [ -d .carry/vk ]; then mkdir -p /tmp/vkpkg && for w in .carry/vk/*.whl; do python3 -m zipfile -e "$w" /tmp/vkpkg; done; fi
+  if [ -f .carry/site312.tgz ]; then mkdir -p /tmp/site && tar xzf .carry/site312.tgz -C /tmp/site; fi
+  if [ -d .carry/vkrun ]; then rm -rf /tmp/vkrun && cp -r .carry/vkrun /tmp/vkrun; fi
+  if [ -f .carry/w1/part ]; then cp .carry/w1/part /tmp/w1.part; fi
+  ls -d /tmp/vkpkg /tmp/site /tmp/vkrun /tmp/w1.part 2>/dev/null
   exit 0
 fi
 out=$2
@@ -51,27 +53,29 @@ cp -r tsedge/. /tmp/pkg/tsedge/ && for d in models tir_kernels compile; do cp -r
 export PYTHONPATH=/tmp/vkpkg:/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1 TVM_FFI_DISABLE_TORCH_C_DLPACK=1
 [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ] && export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 repo=$PWD
+LIBS=/tmp/vkrun  # unpacked by `setup`
 cd /tmp
 python3 -c "from tsedge import vulkan; print('adapter:', vulkan.describe())" 2>&1 | tail -1
-if [ -f /tmp/w1.part ] && [ -f "$repo/.carry/w2/part" ]; then
-  cat /tmp/w1.part "$repo/.carry/w2/part" > /tmp/smollm2.gguf
+if [ -f /tmp/w1.part ] && [ -f "$repo/.carry/w2/part" ]; then cat /tmp/w1.part "$repo/.carry/w2/part" > /tmp/smollm2.gguf; fi
+if [ -f /tmp/smollm2.gguf ]; then
   for p in dense ts; do
     policy=""; [ $p = ts ] && policy="--policy tokenselect --n-init 16 --n-local 64 --select-top-k 128 --chunk-size 64"
-    python3 -m tsedge.cli bench accuracy --model /tmp/smollm2.gguf --lib "$repo/$LIBS/acc/$p-vulkan.so" \
-      --reference-lib "$repo/$LIBS/acc/$p-llvm.so" --quantization q0 --max-context 1024 $policy \
+    python3 -m tsedge.cli bench accuracy --model /tmp/smollm2.gguf --lib "$LIBS/acc/$p-vulkan.so" \
+      --reference-lib "$LIBS/acc/$p-llvm.so" --quantization q0 --max-context 1024 $policy \
       -o "$out/vulkan_vs_cpu_smollm2_$p.json" 2>&1 | tail -2
   done
 fi
 for preset in smollm2-135m llama3-8b; do
   depths=$SMOL_DEPTHS; [ $preset = llama3-8b ] && depths=$LLAMA_DEPTHS
   for t in vulkan cuda; do
-    python3 -m tsedge.cli_bench decode --lib-dir "$repo/$LIBS/$preset-$t" --preset $preset --depths $depths \
+    python3 -m tsedge.cli_bench decode --lib-dir "$LIBS/$preset-$t" --preset $preset --depths $depths \
       --steps 16 -o "$out" --tag "decode_${preset}_${t}_h200" 2> "$out/decode-$preset-$t.log" | tail -6
-    python3 -m tsedge.cli_bench prefill --lib-dir "$repo/$LIBS/$preset-$t" --preset $preset --depths 0,4k \
+    python3 -m tsedge.cli_bench prefill --lib-dir "$LIBS/$preset-$t" --preset $preset --depths 0,4k \
       -o "$out" --tag "prefill_${preset}_${t}_h200" 2> "$out/prefill-$preset-$t.log" | tail -4
   done
 done
-for profile in 0 1; do
-  TSEDGE_VULKAN_PROFILE=$profile python3 "$repo/bench/device/vulkan_profile.py" \
-    "$repo/$LIBS/smollm2-135m-vulkan/dense.so" "$out/vulkan_profile_smollm2_$profile.json" 4096 16 2>&1 | tail -1
-done
+python3 "$repo/bench/device/vulkan_profile.py" "$LIBS/smollm2-135m-vulkan/dense.so" "$out/vulkan_steps_smollm2.json" \
+  4096 16 2>&1 | tail -1  # the step as it runs
+TSEDGE_VULKAN_PROFILE=1 python3 "$repo/bench/device/vulkan_profile.py" "$LIBS/smollm2-135m-vulkan/dense.so" \
+  "$out/vulkan_profile_smollm2.json" 4096 16 2>&1 | tail -1  # each dispatch alone: where the time goes
+(cd "$out" && tar czf vulkan_run.tgz --remove-files -- *)  # one file back (the transfer counts files)
