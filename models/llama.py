@@ -20,9 +20,10 @@ from .linear import QuantEmbedding, make_linear
 from .quantization import QuantScheme
 
 # Decode on CUDA: the fused gate/up projection through ``tir_kernels.gemv`` with the post-attention
-# RMSNorm in its prologue, instead of a norm kernel and dlight's GEMV (off: dlight's GEMV reads gate/up
-# faster than ours without the norm; with it, not measured yet). Read when a model is constructed.
-GATE_UP_NORM_GEMV = False
+# RMSNorm in its prologue (on), or a norm kernel and dlight's GEMV (off). On the H200, Llama-3-8B
+# dense decode 4.31 vs 4.39 ms at depth 0 and 4.54 vs 4.66 at 4K, means of three alternating runs
+# (bench/results/gate_up_gemv_ab_h200.json). Read when a model is constructed.
+GATE_UP_NORM_GEMV = True
 
 
 @dataclasses.dataclass
@@ -65,7 +66,6 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None):
-        # decode: dlight's GEMV reads this shape faster than ours (tir_kernels/gemv.py) unless GATE_UP_NORM_GEMV
         self.gate_up_proj = make_linear(quant, cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype, in_out,
                                         target, decode_gemv=GATE_UP_NORM_GEMV)
         self.intermediate = cfg.intermediate_size

@@ -150,3 +150,13 @@ def test_ragged_models_are_refused_at_compile(tiny):
         build_ir(config, PolicyConfig(), parse_target("llvm"), "float32", "q4f16")
     result = CliRunner().invoke(main, ["compile", "--model", str(tiny), "--quantization", "q5"])
     assert result.exit_code != 0 and "'q5' is not one of 'q0', 'q8f16', 'q4f16'" in result.output
+
+
+def test_a_quantization_that_disagrees_with_the_given_library_is_refused(tiny, libs):
+    """``--lib`` decides the weights' format: an explicit ``--quantization`` of another scheme is one
+    error line naming the fix, not silently ignored."""
+    result = CliRunner().invoke(main, ["generate", "--model", str(tiny), "--lib", str(libs["q0"]),
+                                       "--quantization", "q4f16", "--prompt", "hi", "--max-new-tokens", "2"])
+    assert result.exit_code != 0
+    assert "--quantization q4f16 does not match library" in result.output and "(compiled with q0)" in result.output
+    assert "Traceback" not in result.output

@@ -114,6 +114,10 @@ def _engine(model, target: str | None, lib: str | None, kw: dict):
                              _max_context(kw, policy, source.config.context_window, source.config, target), log=log,
                              quantization=kw.get("quantization") or source.quantization)
     meta = LibraryMeta.load(Path(lib).with_suffix(".json"))
+    wanted = kw.get("quantization")
+    if wanted and wanted != meta.quantization:  # a given --lib decides the weights' format
+        raise ValueError(f"--quantization {wanted} does not match library {lib} (compiled with {meta.quantization}): "
+                         "drop --quantization, or pass a library compiled with it")
     # prefill_chunk is capped by the library's policy
     engine = functools.partial(Engine, lib, source, prefill_chunk=policy.chunk_size,
                                cache_correction=kw.get("cache_correction", 0))

@@ -46,7 +46,7 @@ def _libraries(preset: str, variants: dict, target: str | None, lib_dir: str | N
 def _bench_command(kind: str):
     @click.command(kind)
     @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="llama3-8b", show_default=True,
-                  help="model shapes (random float16 weights)")
+                  help="model shapes (random weights)")
     @click.option("--depths", default="0,4k,32k,128k", show_default=True, help="cached tokens before the step")
     @click.option("--policies", default="dense,tokenselect", show_default=True)
     @click.option("--target", default=None, help=TARGET_HELP)
