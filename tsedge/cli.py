@@ -13,8 +13,8 @@ from tsedge.cli_bench import bench_decode, bench_prefill, speed_options
 from tsedge.cli_eval import eval_run, eval_table
 from tsedge.cli_options import (POSITIVE_INTS, TARGET_HELP, FiniteFloatRange, PrefillDisplay,
                                  cache_correction_option, context_full_note, number_list, policy_config,
-                                 policy_options, read_text_file, resolve_target, sampling_options,
-                                 sampling_params, utf8_option)
+                                 policy_options, quantization_option, read_text_file, resolve_target,
+                                 sampling_options, sampling_params, utf8_option)
 from tsedge.cli_serve import serve
 from tsedge.models.config import PRESETS, ModelConfig, PolicyConfig
 
@@ -81,18 +81,6 @@ def _checked_target(target: str | None, lib: str | None) -> str | None:
         except VulkanError as err:
             raise ValueError(str(err)) from None
     return name
-
-
-QUANTIZATIONS = ("q0", "q8f16", "q4f16")
-
-
-def quantization_option(default: str | None):
-    """``--quantization`` (models/quantization.py); ``default`` None: the weights' own (a
-    ``tsedge convert --quantization`` folder), else q0."""
-    shown = default or "the weights folder's, else q0"
-    return click.option("--quantization", type=click.Choice(QUANTIZATIONS), default=default,
-                        help=f"linear weights: q0 float, q8f16/q4f16 8/4-bit with a scale per 32 inputs "
-                             f"[default: {shown}]")
 
 
 def _engine(model, target: str | None, lib: str | None, kw: dict):

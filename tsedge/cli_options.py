@@ -248,3 +248,15 @@ class PrefillDisplay(contextlib.AbstractContextManager):
 def context_full_note(capacity: int) -> str:
     return (f"[stopped: the KV cache of {capacity} tokens is full; use a library compiled with a "
             "larger --max-context for longer replies]")
+
+
+QUANTIZATIONS = ("q0", "q8f16", "q4f16")
+
+
+def quantization_option(default: str | None):
+    """``--quantization`` (models/quantization.py); ``default`` None: the weights' own (a
+    ``tsedge convert --quantization`` folder), else q0."""
+    shown = default or "the weights folder's, else q0"
+    return click.option("--quantization", type=click.Choice(QUANTIZATIONS), default=default,
+                        help=f"linear weights: q0 float, q8f16/q4f16 8/4-bit with a scale per 32 inputs "
+                             f"[default: {shown}]")

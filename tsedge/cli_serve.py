@@ -6,7 +6,8 @@ import socket
 
 import click
 
-from tsedge.cli_options import TARGET_HELP, cache_correction_option, policy_options, sampling_options
+from tsedge.cli_options import (TARGET_HELP, cache_correction_option, policy_options, quantization_option,
+                                 sampling_options)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -50,6 +51,7 @@ def _serve(model: str, target: str | None, lib: str | None, host: str, port: int
 @sampling_options
 @policy_options
 @cache_correction_option
+@quantization_option(None)
 def serve(model: str | None, target: str | None, lib: str | None, host: str, port: int, **kw) -> None:
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health,
     /metrics, and a chat page at /. Requests run one at a time in arrival order; sampling
