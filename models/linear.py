@@ -75,7 +75,7 @@ class Linear(nn.Module):
         self.prefill_kernel = (matmul.make_prefill_matmul(out_features, in_features, dtype, target)
                                if target is not None and not in_out
                                and matmul.supported(out_features, in_features, dtype, target) else None)
-        self.bits = bits  # of the weights the decode GEMV reads: 16 (float16) or 4 (q4f16)
+        self.bits = bits  # of the weights the decode GEMV reads: 16 (float16), 8 (q8f16) or 4 (q4f16)
         self.gemv_target = (target if decode_gemv and target is not None and not in_out and not bias
                             and gemv.supported(out_features, in_features, dtype, target, bits) else None)
 
@@ -120,8 +120,8 @@ class Linear(nn.Module):
 
 
 class QuantLinear(Linear):
-    """``Linear`` with ``W`` stored as ``qweight`` + ``scale`` (see ``param_shapes``). Decode: q4f16
-    through ``tir_kernels.gemv`` (4-bit, fusions as ``Linear``'s) where it runs; otherwise inside
+    """``Linear`` with ``W`` stored as ``qweight`` + ``scale`` (see ``param_shapes``). Decode: through
+    ``tir_kernels.gemv``'s 4/8-bit GEMV (fusions as ``Linear``'s) where it runs; otherwise inside
     dlight's GEMV (the float weight never exists)."""
 
     def __init__(self, qs: QuantScheme, in_features: int, out_features: int, bias: bool, dtype: str,
@@ -130,7 +130,7 @@ class QuantLinear(Linear):
         self.qweight = nn.Parameter(q_shape, qs.storage_dtype)
         self.scale = nn.Parameter(s_shape, dtype)
         self.qs = qs
-        self._setup(in_features, out_features, bias, dtype, in_out, target, decode_gemv=qs.bits == 4, bits=qs.bits)
+        self._setup(in_features, out_features, bias, dtype, in_out, target, decode_gemv=True, bits=qs.bits)
 
     def _weights(self) -> list[nn.Tensor]:
         return [self.qweight, self.scale]
@@ -143,7 +143,7 @@ class QuantLinear(Linear):
 def make_linear(quant: QuantScheme | None, in_features: int, out_features: int, bias: bool, dtype: str,
                 in_out: bool, target, decode_gemv: bool = True) -> Linear:
     """A ``Linear`` over float weights, or a ``QuantLinear`` over ``quant``'s packed weights;
-    ``decode_gemv`` as ``Linear``'s (float weights only: q4f16 decodes through the GEMV wherever it runs)."""
+    ``decode_gemv`` as ``Linear``'s (float weights only: quantized ones decode through the GEMV wherever it runs)."""
     if quant is None:
         return Linear(in_features, out_features, bias, dtype, in_out, target, decode_gemv)
     return QuantLinear(quant, in_features, out_features, bias, dtype, in_out, target)

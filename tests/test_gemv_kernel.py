@@ -71,7 +71,7 @@ def test_decode_gemv(n_out, k, prologue, epilogue):
     np.testing.assert_allclose(y.numpy().astype(np.float32), expected, rtol=1e-2, atol=2e-3 * np.abs(expected).max())
 
 
-Q4_SHAPES = [
+Q_SHAPES = [
     # N, K, prologue, epilogue: Llama-3-8B's four decode linears, then ragged ones
     (6144, 4096, "rmsnorm", "none"),      # fused QKV on the residual stream: 4 groups a lane
     (4096, 4096, "none", "residual"),     # o_proj + residual
@@ -83,28 +83,31 @@ Q4_SHAPES = [
 ]
 
 
-def q4_model(inp: np.ndarray, qweight: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """What the q4 GEMV computes, in float64: the input quantized to int8 per group of 32
-    (``round(x · 127 / max|x|)``), then ``Σ_groups s_w · s_x · Σ (code - 7) · xq``."""
+def quantized_model(inp: np.ndarray, qweight: np.ndarray, scale: np.ndarray, quantization: str) -> np.ndarray:
+    """What the quantized GEMV computes, in float64: the input quantized to int8 per group of 32
+    (``round(x · 127 / max|x|)``), then ``Σ_groups s_w · s_x · Σ w_code · xq`` (q4: ``w_code`` the
+    nibble minus 7)."""
     x = inp.astype(np.float32).reshape(-1, 32)
     amax = np.abs(x).max(axis=1, keepdims=True)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     xq = np.trunc(x * inv + np.copysign(np.float32(0.5), x))  # CUDA roundf: halves away from zero
-    codes = unpack(qweight, SCHEMES["q4f16"]).reshape(qweight.shape[0], -1, 32).astype(np.float64)
+    codes = unpack(qweight, SCHEMES[quantization]).reshape(qweight.shape[0], -1, 32).astype(np.float64)
     group_dots = np.einsum("ngk,gk->ng", codes, xq.astype(np.float64))
     return (scale.astype(np.float64) * (amax.T / 127) * group_dots).sum(axis=1)
 
 
 @pytest.mark.skipif(MODE == "llvm", reason="CUDA kernel (CPU linears run the CPU matmul schedule)")
-@pytest.mark.parametrize("n_out, k, prologue, epilogue", Q4_SHAPES)
-def test_decode_gemv_q4(n_out, k, prologue, epilogue):
-    """q4f16 weights: equal to the kernel's arithmetic modelled in NumPy (``q4_model``) to float32
-    rounding, and within 2 % of the largest output of the float GEMV on the dequantized weight."""
+@pytest.mark.parametrize("n_out, k, prologue, epilogue", Q_SHAPES)
+@pytest.mark.parametrize("quantization", ["q4f16", "q8f16"])
+def test_decode_gemv_quantized(quantization, n_out, k, prologue, epilogue):
+    """q4f16 / q8f16 weights: equal to the kernel's arithmetic modelled in NumPy (``quantized_model``)
+    to float32 rounding, and within 2 % of the largest output of the float GEMV on the dequantized
+    weight."""
     rng = np.random.default_rng(n_out * 7 + k)
     x = rng.standard_normal((1, 2 * k if prologue == "swiglu" else k)).astype(np.float16)
     if prologue == "rmsnorm":
         x = (x * 7).astype(np.float16)
-    qt = quantize((rng.standard_normal((n_out, k)) / np.sqrt(k)).astype(np.float32), SCHEMES["q4f16"])
+    qt = quantize((rng.standard_normal((n_out, k)) / np.sqrt(k)).astype(np.float32), SCHEMES[quantization])
     scale = qt.scale.astype(np.float16)
     xf = x.astype(np.float32)
     inp = (_silu(xf[:, :k]) * xf[:, k:]).astype(np.float16) if prologue == "swiglu" else x
@@ -114,7 +117,7 @@ def test_decode_gemv_q4(n_out, k, prologue, epilogue):
         inp = _rms_norm(x, gamma, EPS)
         args.append(tensor(gamma))
     args += [tensor(qt.qweight), tensor(scale)]
-    modelled = q4_model(inp[0], qt.qweight, scale)
+    modelled = quantized_model(inp[0], qt.qweight, scale, quantization)
     floats = inp.astype(np.float32) @ dequantize(qt).astype(np.float32).T
     if epilogue == "residual":
         r = rng.standard_normal((1, n_out)).astype(np.float16)
@@ -122,7 +125,8 @@ def test_decode_gemv_q4(n_out, k, prologue, epilogue):
         modelled = modelled.astype(np.float16).astype(np.float64) + r[0]
         floats = floats.astype(np.float16).astype(np.float32) + r
     y = tensor(np.full((1, n_out), np.nan, np.float16))
-    build(gemv.make_decode_gemv, n_out, k, "float16", epilogue=epilogue, prologue=prologue, bits=4)(*args, y)
+    build(gemv.make_decode_gemv, n_out, k, "float16", epilogue=epilogue, prologue=prologue,
+          bits=SCHEMES[quantization].bits)(*args, y)
     got = y.numpy()[0].astype(np.float64)
     np.testing.assert_allclose(got, modelled, rtol=2e-3, atol=2e-3 * np.abs(modelled).max())
     assert np.abs(got - floats[0]).max() <= 0.02 * np.abs(floats).max()
@@ -246,6 +250,9 @@ def test_decode_gemv_q4_codegen_and_support():
     assert gemv.supported(4096, 576, "float16", CUDA, bits=4) and not gemv.supported(4096, 600, "float16", CUDA, bits=4)
     with pytest.raises(ValueError, match="K % 32 == 0"):
         gemv.make_decode_gemv(4096, 600, "float16", CUDA, bits=4)
+    q8 = cuda_source(gemv.make_decode_gemv(4096, 4096, "float16", CUDA, "residual", "swiglu", bits=8))
+    kernel = q8[q8.index("decode_gemv_q8_swiglu_residual_4096x4096_kernel("):]
+    assert kernel.count("__dp4a(") == 4 * 8 and "int4" in kernel  # 8 pieces (half a group each) a lane
 
 
 @pytest.mark.skipif(MODE != "llvm", reason="codegen checks run where the compiler is")

@@ -122,8 +122,8 @@ def test_fused_dequantize_matmul_cpu(qs, rows, n, k):
 
 @pytest.mark.parametrize("qs", [Q4, Q8], ids=["q4f16", "q8f16"])
 def test_dequantize_fuses_into_the_matmul(qs):
-    """One PrimFunc reads the packed weight: no kernel writes a float weight (CPU and CUDA decode;
-    on CUDA, q4f16 decodes through ``tir_kernels.gemv``'s 4-bit GEMV, q8f16 through the fused pair)."""
+    """One PrimFunc reads the packed weight: no kernel writes a float weight (CPU: the fused
+    dequantize-matmul pair; CUDA decode: ``tir_kernels.gemv``'s 4/8-bit GEMV)."""
     import tvm.relax as relax
 
     from tsedge.compile.pipeline import fuse_dequantize_matmul
@@ -134,8 +134,8 @@ def test_dequantize_fuses_into_the_matmul(qs):
             fused = tvm.transform.Sequential([fuse_dequantize_matmul(), relax.transform.LegalizeOps(),
                                               relax.transform.FuseTIR()])(mod)
         prims = [gv.name_hint for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-        if qs.bits == 4 and not in_out:
-            assert prims == [gemv.kernel_name(960, 576, "none_none", bits=4)], prims
+        if not in_out:  # CUDA
+            assert prims == [gemv.kernel_name(960, 576, "none_none", bits=qs.bits)], prims
         else:
             assert len(prims) == 1 and "dequantize" in prims[0] and "matmul" in prims[0], prims
 
@@ -150,9 +150,8 @@ def _cuda_kernels(module) -> list[str]:
 
 @pytest.mark.parametrize("qs", [Q4, Q8], ids=["q4f16", "q8f16"])
 def test_cuda_build_compiles(qs):
-    """sm_90, float16: decode is one kernel reading the packed weight (q4f16: tir_kernels.gemv's
-    4-bit GEMV; q8f16: the fused dequantize-GEMV, dlight's GEMV rule); a prefill chunk dequantizes
-    to float16, then runs tir_kernels.matmul's tensor-core GEMM."""
+    """sm_90, float16: decode is one kernel reading the packed weight (tir_kernels.gemv's 4/8-bit
+    GEMV); a prefill chunk dequantizes to float16, then runs tir_kernels.matmul's tensor-core GEMM."""
     target = cuda_target("sm_90")
     kernels = {}
     for rows in (1, "n"):
@@ -160,7 +159,5 @@ def test_cuda_build_compiles(qs):
         with fatbin_build_context(target):  # nvcc, as a library build (kernel_harness.cuda_source)
             ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
         kernels[rows] = _cuda_kernels(ex.mod)
-    decode = (f"{gemv.kernel_name(960, 576, 'none_none', bits=4)}_kernel" if qs.bits == 4
-              else "fused_dequantize_relax_permute_dims_relax_matmul_kernel")
-    assert kernels[1] == [decode]
+    assert kernels[1] == [f"{gemv.kernel_name(960, 576, 'none_none', bits=qs.bits)}_kernel"]
     assert sorted(kernels["n"]) == ["dequantize_kernel", "prefill_matmul_960x576_kernel"]

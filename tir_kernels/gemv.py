@@ -36,20 +36,20 @@ from .common import has_warp_shuffle, i64
 WARPS = 8  # rows (warps) a block
 GROUP = 8  # 16-byte loads a lane issues before it multiplies
 _PIECE = 8  # float16 elements in 16 bytes
-Q4_GROUP = 32  # q4 weights a scale (models/quantization.py q4f16), a lane's 16-byte load
+Q_GROUP = 32  # quantized weights a scale (models/quantization.py): q4 one 16-byte load, q8 two
 
 
 def supported(n_out: int, k: int, dtype: str, target: Target, bits: int = 16) -> bool:
     """True where the kernel runs: CUDA, float16, and ``k`` a multiple of a warp's 512-byte read
-    (float16 weights, ``bits`` 16) or of the 32-weight quantization group (``bits`` 4)."""
-    step = 32 * _PIECE if bits == 16 else Q4_GROUP
-    return (target.kind.name == "cuda" and has_warp_shuffle(target) and dtype == "float16" and bits in (4, 16)
+    (float16 weights, ``bits`` 16) or of the 32-weight quantization group (``bits`` 4 or 8)."""
+    step = 32 * _PIECE if bits == 16 else Q_GROUP
+    return (target.kind.name == "cuda" and has_warp_shuffle(target) and dtype == "float16" and bits in (4, 8, 16)
             and k % step == 0)
 
 
 def kernel_name(n_out: int, k: int, fused: str, bits: int = 16) -> str:
     """The PrimFunc's name for one weight shape and what it fuses (a model holds one per pair)."""
-    return f"decode_gemv_{'q4_' if bits == 4 else ''}{fused}_{n_out}x{k}"
+    return f"decode_gemv_{'' if bits == 16 else f'q{bits}_'}{fused}_{n_out}x{k}"
 
 
 def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: str = "none",
@@ -69,21 +69,25 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
     input to int8 once, per group of 32 (``xq = round(x · 127 / max|x|)``, its scale and the sum
     of the group's ``xq`` kept in shared memory), and a lane's 16-byte load (one group of 32
     weights) is 8 ``__dp4a`` of nibbles against ``xq``: ``y += s_w · (s_x · Σ code·xq − 7 s_x Σ xq)``.
+    ``bits=8`` (q8f16): qweight[n_out, k] int8 and the same scales; a 16-byte load is half a group,
+    4 ``__dp4a`` of the codes against ``xq``: ``y += s_w · s_x · Σ code·xq``.
     Raises ValueError where ``supported`` is False, for an unknown prologue or epilogue, or for
     the rmsnorm prologue with the residual epilogue (no layer needs both).
     """
     if not supported(n_out, k, dtype, target, bits):
-        raise ValueError(f"decode GEMV needs CUDA, float16 and K % {256 if bits == 16 else Q4_GROUP} == 0 (got "
+        raise ValueError(f"decode GEMV needs CUDA, float16 and K % {256 if bits == 16 else Q_GROUP} == 0 (got "
                          f"{target.kind.name}, {dtype}, {bits}-bit weights, K {k})")
     if epilogue not in ("none", "residual") or prologue not in ("none", "swiglu", "rmsnorm") or (
             prologue, epilogue) == ("rmsnorm", "residual"):
         raise ValueError(f"decode GEMV prologue {prologue!r} / epilogue {epilogue!r}: use none, swiglu or rmsnorm / "
                          "none or residual (rmsnorm with none)")
-    q4 = bits == 4
-    # 16-byte pieces of a weight row (q4: one quantization group each), a lane's every 32nd
-    pieces = k // Q4_GROUP if q4 else k // _PIECE
+    quant, q4 = bits < 16, bits == 4
+    # 16-byte pieces of a weight row (q4: a quantization group, q8: half one), a lane's every 32nd;
+    # a lane's registers for GROUP of them
+    pieces = k * bits // 128
     groups = ((pieces + 31) // 32 + GROUP - 1) // GROUP  # of GROUP loads a lane
-    words = 4 * GROUP if q4 else GROUP * _PIECE  # a group's registers (uint32 or float16)
+    w_local = {4: ("uint32", 4), 8: ("int8", 16), 16: ("float16", _PIECE)}[bits]
+    per_group = Q_GROUP * bits // 128  # pieces a quantization group
     threads = 32 * WARPS
     x_items = (k // _PIECE + threads - 1) // threads
     N, K = i64(n_out), i64(k)
@@ -138,19 +142,25 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
         for c in T.unroll(GROUP):  # every load of the group in flight first
             pc: T.let[T.int64] = (g * GROUP + c) * 32 + tx
             if pc < pieces:
-                if q4:
-                    for v in T.vectorized(4):
-                        wl[c * 4 + v] = w[row, pc * 4 + v]
-                    sl[c] = ws[row, pc]
+                if quant:
+                    for v in T.vectorized(w_local[1]):
+                        wl[c * w_local[1] + v] = w[row, pc * w_local[1] + v]
+                    sl[c] = ws[row, pc // per_group]
                 else:
                     for v in T.vectorized(_PIECE):
                         wl[c * _PIECE + v] = w[row, pc * _PIECE + v]
 
     def xq_slot(chunk):
-        """Where the int8 input of 8-weight chunk ``chunk`` starts in ``xq`` (int32 words: even
-        weights, then odd): chunk j of group p at word 8p + 2 (j ^ (p / 4 % 4)), so the 8-byte
-        reads of a warp's lanes (consecutive groups) fall in distinct banks."""
+        """Where the int8 input of 8-weight chunk ``chunk`` starts in ``xq`` (two int32 words). q8:
+        in order. q4: even weights, then odd, chunk j of group p at word 8p + 2 (j ^ (p / 4 % 4)), so
+        the 8-byte reads of a warp's lanes (consecutive groups) fall in distinct banks."""
+        if not q4:
+            return chunk * 2
         return chunk // 4 * 8 + (chunk % 4 ^ (chunk // 16 % 4)) * 2
+
+    def pack(half: int, byte: int) -> int:
+        """Which of a chunk's 8 inputs is byte ``byte`` of its word ``half`` in ``xq``."""
+        return half + 2 * byte if q4 else 4 * half + byte
 
     @T.macro
     def quantize_input(xs, xq, xsc, xcor, xl, qv, red, ty, tx):
@@ -172,19 +182,29 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
             for sh in T.unroll(2):
                 red[2] = red[2] + T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), red[2], tx ^ (T.int64(1) << sh), 32, 32)
             if ((it * WARPS + ty) * 32 + tx) * _PIECE < K:
-                for half in T.unroll(2):
+                for half in T.unroll(2):  # q4: (0, 2, 4, 6), (1, 3, 5, 7); q8: (0, 1, 2, 3), (4, 5, 6, 7)
                     xq[xq_slot(e // _PIECE) + half] = (
-                        (T.Cast("uint32", qv[half]) & T.uint32(255)) | (T.Cast("uint32", qv[half + 2]) & T.uint32(255)) << T.uint32(8)
-                        | (T.Cast("uint32", qv[half + 4]) & T.uint32(255)) << T.uint32(16)
-                        | T.Cast("uint32", qv[half + 6]) << T.uint32(24))
+                        (T.Cast("uint32", qv[pack(half, 0)]) & T.uint32(255))
+                        | (T.Cast("uint32", qv[pack(half, 1)]) & T.uint32(255)) << T.uint32(8)
+                        | (T.Cast("uint32", qv[pack(half, 2)]) & T.uint32(255)) << T.uint32(16)
+                        | T.Cast("uint32", qv[pack(half, 3)]) << T.uint32(24))
                 if tx % 4 == 0:
-                    xsc[e // Q4_GROUP] = red[0] / T.float32(127)
-                    xcor[e // Q4_GROUP] = T.float32(7) * red[0] / T.float32(127) * red[2]
+                    xsc[e // Q_GROUP] = red[0] / T.float32(127)
+                    if q4:  # the codes' offset of 7, times the group's input
+                        xcor[e // Q_GROUP] = T.float32(7) * red[0] / T.float32(127) * red[2]
 
     @T.macro
-    def dot_piece(acc, wl, sl, xs, xl, xq, xsc, xcor, dots, c, pc):
+    def dot_piece(acc, wl, sl, xs, xl, xw, xq, xsc, xcor, dots, c, pc):
         # acc[0] += piece pc of the row (in registers at c) times the input
-        if q4:
+        if bits == 8:
+            for v in T.vectorized(4):  # the piece's 16 inputs: one 16-byte read
+                xw[v] = xq[pc * 4 + v]
+            dots[0] = 0
+            for j in T.unroll(4):
+                dots[0] = T.call_pure_extern("int32", "__dp4a", T.reinterpret("int32", wl.vload([c * 16 + 4 * j], "int8x4")),
+                                             T.reinterpret("int32", xw[j]), dots[0])
+            acc[0] += T.Cast("float32", sl[c]) * xsc[pc // 2] * T.Cast("float32", dots[0])
+        elif q4:
             dots[0] = 0
             for j in T.unroll(4):
                 for half in T.unroll(2):
@@ -207,11 +227,12 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
                         T.reads()
                         T.writes()
                         xs = T.sblock_alloc_buffer((K,), "float16", scope="shared")
-                        xq = T.sblock_alloc_buffer((K // 4 if q4 else 1,), "uint32", scope="shared")
-                        xsc = T.sblock_alloc_buffer((K // Q4_GROUP if q4 else 1,), "float32", scope="shared")
-                        xcor = T.sblock_alloc_buffer((K // Q4_GROUP if q4 else 1,), "float32", scope="shared")
+                        xq = T.sblock_alloc_buffer((K // 4 if quant else 1,), "uint32", scope="shared")
+                        xsc = T.sblock_alloc_buffer((K // Q_GROUP if quant else 1,), "float32", scope="shared")
+                        xcor = T.sblock_alloc_buffer((K // Q_GROUP if q4 else 1,), "float32", scope="shared")
                         red = T.sblock_alloc_buffer((WARPS,), "float32", scope="shared")
-                        wl = T.sblock_alloc_buffer((words,), "uint32" if q4 else "float16", scope="local")
+                        wl = T.sblock_alloc_buffer((GROUP * w_local[1],), w_local[0], scope="local")
+                        xw = T.sblock_alloc_buffer((4,), "uint32", scope="local")
                         sl = T.sblock_alloc_buffer((GROUP,), "float16", scope="local")
                         xl = T.sblock_alloc_buffer((_PIECE,), "float16", scope="local")
                         qv = T.sblock_alloc_buffer((_PIECE,), "int32", scope="local")
@@ -231,7 +252,7 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
                         if prologue == "rmsnorm":
                             normalise(xs, gamma, gu, xr, ss, red, ty, tx)
                         T.tvm_storage_sync("shared")
-                        if q4:
+                        if quant:
                             quantize_input(xs, xq, xsc, xcor, xl, qv, lred, ty, tx)
                             T.tvm_storage_sync("shared")
                         row: T.let[T.int64] = T.min(bx * WARPS + ty, N - 1)  # past the end: recompute the last
@@ -244,7 +265,7 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
                                 load_group(wl, sl, w, ws, row, tx, g)
                             for c in T.unroll(GROUP):
                                 if (g * GROUP + c) * 32 + tx < pieces:
-                                    dot_piece(acc, wl, sl, xs, xl, xq, xsc, xcor, dots, c, (g * GROUP + c) * 32 + tx)
+                                    dot_piece(acc, wl, sl, xs, xl, xw, xq, xsc, xcor, dots, c, (g * GROUP + c) * 32 + tx)
                         for s in T.unroll(5):  # butterfly: every lane ends with the warp's sum
                             acc[0] = acc[0] + T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), acc[0], tx ^ (T.int64(16) >> s), 32, 32)
                         if tx == 0 and bx * WARPS + ty < N:
@@ -253,7 +274,7 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
                             else:
                                 y[0, row] = T.Cast("float16", acc[0])
 
-    w_shape, w_dtype = ((N, i64(k // 8)), "uint32") if q4 else ((N, K), "float16")
+    w_shape, w_dtype = {4: ((N, i64(k // 8)), "uint32"), 8: ((N, K), "int8"), 16: ((N, K), "float16")}[bits]
 
     @T.prim_func(s_tir=True)
     def gemv(x_h: T.handle, g_h: T.handle, w_h: T.handle, ws_h: T.handle, r_h: T.handle, y_h: T.handle):
@@ -261,14 +282,14 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
         x = T.match_buffer(x_h, (T.int64(1), X), "float16")
         gamma = T.match_buffer(g_h, (K,), "float16")
         w = T.match_buffer(w_h, w_shape, w_dtype)
-        ws = T.match_buffer(ws_h, (N, i64(k // Q4_GROUP)), "float16")
+        ws = T.match_buffer(ws_h, (N, i64(k // Q_GROUP)), "float16")
         r = T.match_buffer(r_h, (T.int64(1), N), "float16")
         y = T.match_buffer(y_h, (T.int64(1), N), "float16")
         body(x, gamma, w, ws, r, y)
 
     # the arguments this variant reads, in order: x, [g], w, [scale], [r], y (the body never
     # touches the others, so they leave the signature)
-    used = [True, prologue == "rmsnorm", True, q4, epilogue == "residual", True]
+    used = [True, prologue == "rmsnorm", True, quant, epilogue == "residual", True]
     params = [param for param, keep in zip(gemv.params, used) if keep]
     func = tirx.PrimFunc(params, gemv.body, gemv.ret_type, gemv.attrs)
     return func.with_attr("global_symbol", kernel_name(n_out, k, f"{prologue}_{epilogue}", bits))
