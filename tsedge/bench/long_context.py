@@ -191,7 +191,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("depth (cached tokens; 0 drawn at 512)")
     ax.set_ylabel("ms per decoded token" if kind == "decode"
                   else f"prefill tok/s ({result['rows'][0]['tokens']}-token chunk)")
-    ax.set_title(f"{result['info'].get('model', '')} {kind}, {result['info'].get('device', result['info']['target'])}")
+    quant = result["info"].get("quantization", "q0")
+    weights = "" if quant == "q0" else f" {quant}"
+    ax.set_title(f"{result['info'].get('model', '')}{weights} {kind}, {result['info'].get('device', result['info']['target'])}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
