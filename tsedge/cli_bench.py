@@ -48,7 +48,9 @@ def _bench_command(kind: str):
     @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="llama3-8b", show_default=True,
                   help="model shapes (random weights)")
     @click.option("--depths", default="0,4k,32k,128k", show_default=True, help="cached tokens before the step")
-    @click.option("--policies", default="dense,tokenselect", show_default=True)
+    @click.option("--policies", default="dense,tokenselect", show_default=True,
+                  help="comma list of dense, tokenselect, streaming, tidaldecode, recycled (decode adds "
+                       "tokenselect-reselect, which re-selects at every step)")
     @click.option("--target", default=None, help=TARGET_HELP)
     @click.option("--lib-dir", type=click.Path(file_okay=False), default=None,
                   help="prebuilt libraries <variant>.so (a runtime-only host); written with --compile-only")
