@@ -142,13 +142,10 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
         for c in T.unroll(GROUP):  # every load of the group in flight first
             pc: T.let[T.int64] = (g * GROUP + c) * 32 + tx
             if pc < pieces:
+                for v in T.vectorized(w_local[1]):
+                    wl[c * w_local[1] + v] = w[row, pc * w_local[1] + v]
                 if quant:
-                    for v in T.vectorized(w_local[1]):
-                        wl[c * w_local[1] + v] = w[row, pc * w_local[1] + v]
                     sl[c] = ws[row, pc // per_group]
-                else:
-                    for v in T.vectorized(_PIECE):
-                        wl[c * _PIECE + v] = w[row, pc * _PIECE + v]
 
     def xq_slot(chunk):
         """Where the int8 input of 8-weight chunk ``chunk`` starts in ``xq`` (two int32 words). q8:
@@ -203,7 +200,7 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
             for j in T.unroll(4):
                 dots[0] = T.call_pure_extern("int32", "__dp4a", T.reinterpret("int32", wl.vload([c * 16 + 4 * j], "int8x4")),
                                              T.reinterpret("int32", xw[j]), dots[0])
-            acc[0] += T.Cast("float32", sl[c]) * xsc[pc // 2] * T.Cast("float32", dots[0])
+            acc[0] += T.Cast("float32", sl[c]) * xsc[pc // per_group] * T.Cast("float32", dots[0])
         elif q4:
             dots[0] = 0
             for j in T.unroll(4):
