@@ -12,9 +12,8 @@ from pathlib import Path
 
 import click
 
-from tsedge.cli_options import TARGET_HELP, RecycleK, resolve_target
+from tsedge.cli_options import TARGET_HELP, RecycleK, quantization_option, resolve_target
 from tsedge.models.config import PRESETS
-from tsedge.models.quantization import SCHEMES
 
 
 def _driver() -> str | None:
@@ -67,8 +66,7 @@ def _bench_command(kind: str):
     @click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="bench/results",
                   show_default=True, help="JSON and PNG go here")
     @click.option("--tag", default=None, help="file name stem (default: <kind>_<preset>_<device>)")
-    @click.option("--quantization", type=click.Choice(sorted(SCHEMES)), default="q0", show_default=True,
-                  help="weights of the compiled libraries (random values of the scheme's layout)")
+    @quantization_option("q0")  # the compiled libraries' weights (random values of the scheme's layout)
     def command(preset, depths, policies, target, lib_dir, compile_only, steps, chunk, ttft, tidal_budget, recycle_k,
                 output_dir, tag, quantization):
         from tsedge.bench import long_context as lc

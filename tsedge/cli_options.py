@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from tsedge.models.config import POLICIES, PolicyConfig, parse_recycle_k
+from tsedge.models.quantization import SCHEMES
 from tsedge.progress import interactive, token_progress
 from tsedge.sampling import PEER_DEFAULTS, SamplingParams, generation_config_defaults
 
@@ -250,7 +251,7 @@ def context_full_note(capacity: int) -> str:
             "larger --max-context for longer replies]")
 
 
-QUANTIZATIONS = ("q0", "q8f16", "q4f16")
+QUANTIZATIONS = tuple(SCHEMES)  # q0, q8f16, q4f16 (models/quantization.py)
 
 
 def quantization_option(default: str | None):
