@@ -16,6 +16,7 @@ from tsedge.models.config import ModelConfig, PolicyConfig
 from tsedge.models.library import LibraryMeta, ParamSpec
 from tsedge.models.llama import LlamaForCausalLM
 from tsedge.models.quantization import check_quantizable, scheme
+from tsedge.models.tensor_parallel import shard_config
 
 from .cuda_fatbin import fatbin_build_context
 from .pipeline import relax_pipeline
@@ -23,20 +24,24 @@ from .targets import resolve_dtype, target_name
 
 
 def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str, quantization: str = "q0",
-             max_context: int = 0):
+             max_context: int = 0, tensor_parallel: int = 1):
     """The model's Relax IRModule, its parameter specs and its policy-state specs.
 
     ``max_context``: the KV cache the library is compiled for (sizes Recycled Attention's
-    partial caches). Raises ValueError for an unknown ``quantization``, a linear whose input size
-    is not a whole number of quantization groups, or a fraction ``recycle_k`` without
-    ``max_context``."""
+    partial caches). ``tensor_parallel``: the library is one of that many shards (every shard
+    runs it; ``models/tensor_parallel.py``), parameter and state shapes a shard's. Raises
+    ValueError for an unknown ``quantization``, a linear whose input size (a shard's) is not a
+    whole number of quantization groups, sizes that do not split into the shards, or a fraction
+    ``recycle_k`` without ``max_context``."""
     in_out = target.kind.name == "llvm"
     quant = scheme(quantization)
+    shard = shard_config(cfg, tensor_parallel)
     if quant is not None:
-        for size, what in ((cfg.hidden_size, "hidden_size"), (cfg.num_heads * cfg.head_dim, "heads x head_dim"),
-                           (cfg.intermediate_size, "intermediate_size")):
-            check_quantizable(quant, f"{cfg.name} {what}", size)
-    model = LlamaForCausalLM(cfg, make_policy(policy, cfg, dtype, target, max_context), dtype, in_out, quant)
+        for size, what in ((shard.hidden_size, "hidden_size"), (shard.num_heads * shard.head_dim, "heads x head_dim"),
+                           (shard.intermediate_size, "intermediate_size")):
+            check_quantizable(quant, f"{cfg.name} {what}" + (" per shard" if tensor_parallel > 1 else ""), size)
+    model = LlamaForCausalLM(shard, make_policy(policy, shard, dtype, target, max_context, tensor_parallel), dtype,
+                             in_out, quant, tensor_parallel)
     mod, named = model.export_tvm(spec=model.get_default_spec())
     state = [[name, shape, dt] for name, shape, dt in model.policy.state_specs()]
     functions = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
@@ -76,16 +81,17 @@ def _sources(name: str, cfg: ModelConfig) -> list[str]:
 
 def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str,
                     max_context: int, out: Path, stage: Callable[[str], None] | None = None,
-                    quantization: str = "q0") -> LibraryMeta:
+                    quantization: str = "q0", tensor_parallel: int = 1) -> LibraryMeta:
     """Compile and export ``out`` (.so) with its metadata next to it (``out`` with .json).
 
     ``stage(name)`` is called as each stage (model IR, each TVM pass, export) starts.
     ``quantization``: q0 (float weights), q8f16 or q4f16 (``models/quantization.py``).
+    ``tensor_parallel``: shards (``build_ir``); the metadata keeps the whole model's config.
     """
     stage = stage or (lambda _name: None)
     dtype = resolve_dtype(dtype, target)
     stage("model IR")
-    mod, params, state, functions = build_ir(cfg, policy, target, dtype, quantization, max_context)
+    mod, params, state, functions = build_ir(cfg, policy, target, dtype, quantization, max_context, tensor_parallel)
     start = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     # CUDA: the static stretches of each function (a decode step: all its kernels but the
@@ -101,7 +107,7 @@ def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtyp
         model=cfg, policy=policy, target=target_name(target), target_json=str(target),
         dtype=dtype, max_context=max_context, params=params, functions=sorted(functions),
         tvm_version=tvm.__version__, state=state, compile_seconds=round(time.time() - start, 1),
-        quantization=quantization,
+        quantization=quantization, tensor_parallel=tensor_parallel,
     )
     meta.save(out.with_suffix(".json"))
     return meta

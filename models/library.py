@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig, PolicyConfig
+from .tensor_parallel import shard_config
 
 FORMAT_VERSION = 2
 
@@ -41,7 +42,13 @@ class LibraryMeta:
     state: list[list] = dataclasses.field(default_factory=list)  # [name, shape, dtype] per tensor
     compile_seconds: float = 0.0
     quantization: str = "q0"  # models/quantization.py SCHEMES: q0 (float weights), q8f16, q4f16
+    tensor_parallel: int = 1  # shards that each run this library (models/tensor_parallel.py)
     format_version: int = FORMAT_VERSION
+
+    @property
+    def shard_model(self) -> ModelConfig:
+        """The shapes one shard computes with (``model`` itself without tensor parallelism)."""
+        return shard_config(self.model, self.tensor_parallel)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -18,6 +18,7 @@ from tsedge.tir_kernels import cache_ops, sampling
 from .config import ModelConfig
 from .linear import QuantEmbedding, make_linear
 from .quantization import QuantScheme
+from .collectives import allreduce
 
 # Decode on CUDA: the fused gate/up projection through ``tir_kernels.gemv`` with the post-attention
 # RMSNorm in its prologue (on), or a norm kernel and dlight's GEMV (off). On the H200, Llama-3-8B
@@ -47,8 +48,10 @@ class Step:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None):
+    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None,
+                 shards: int = 1):
         h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.shards = shards
         self.qkv_proj = make_linear(quant, cfg.hidden_size, (h + 2 * hkv) * d, cfg.qkv_bias, dtype, in_out, target)
         self.o_proj = make_linear(quant, h * d, cfg.hidden_size, False, dtype, in_out, target)
         self.shape = (h, hkv, d)
@@ -60,12 +63,16 @@ class Attention(nn.Module):
         h, hkv, d = self.shape
         qkv = self.qkv_proj(x) if norm is None else self.qkv_proj.decode_gemv(x, norm=norm)
         qkv = op.reshape(qkv, [n, h + 2 * hkv, d])  # heads: q, then k, then v
-        out = policy.attend(layer_id, qkv, step)
-        return self.o_proj(op.reshape(out, [n, h * d]), residual)
+        out = op.reshape(policy.attend(layer_id, qkv, step), [n, h * d])
+        if self.shards > 1:  # the shards' partial outputs summed, then the residual
+            return allreduce(self.o_proj(out)) + residual
+        return self.o_proj(out, residual)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None):
+    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None,
+                 shards: int = 1):
+        self.shards = shards
         self.gate_up_proj = make_linear(quant, cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype, in_out,
                                         target, decode_gemv=GATE_UP_NORM_GEMV)
         self.intermediate = cfg.intermediate_size
@@ -75,18 +82,22 @@ class MLP(nn.Module):
         """``residual + down(silu(gate(x)) * up(x))``; with ``norm``, of ``norm(x)``, the norm
         computed in the gate/up GEMV's prologue (decode, where ``gate_up_proj.gemv_applies``)."""
         gate_up = self.gate_up_proj(x) if norm is None else self.gate_up_proj.decode_gemv(x, norm=norm)
+        fused = None if self.shards > 1 else residual  # sharded: the residual follows the all-reduce
         if self.down_proj.gemv_applies(x):  # decode: SwiGLU in the down GEMV's prologue
-            return self.down_proj.decode_gemv(gate_up, residual, swiglu=True)
-        gate, up = op.split(gate_up, [self.intermediate], axis=-1)
-        return self.down_proj(op.silu(gate) * up, residual)
+            y = self.down_proj.decode_gemv(gate_up, fused, swiglu=True)
+        else:
+            gate, up = op.split(gate_up, [self.intermediate], axis=-1)
+            y = self.down_proj(op.silu(gate) * up, fused)
+        return allreduce(y) + residual if self.shards > 1 else y
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None):
+    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None,
+                 shards: int = 1):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
-        self.self_attn = Attention(cfg, dtype, in_out, target, quant)
+        self.self_attn = Attention(cfg, dtype, in_out, target, quant, shards)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
-        self.mlp = MLP(cfg, dtype, in_out, target, quant)
+        self.mlp = MLP(cfg, dtype, in_out, target, quant, shards)
 
     def forward(self, x, layer_id, policy, step):
         # a decode step on CUDA: a norm is the prologue of the GEMV that reads its output, where
@@ -101,10 +112,11 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None):
+    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None,
+                 shards: int = 1):
         self.embed_tokens = (nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype) if quant is None
                              else QuantEmbedding(quant, cfg.vocab_size, cfg.hidden_size, dtype))
-        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype, in_out, target, quant)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype, in_out, target, quant, shards)
                                      for _ in range(cfg.num_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
 
@@ -119,13 +131,17 @@ class LlamaForCausalLM(nn.Module):
     the lm_head then is a parameter of its own even for tied embeddings. ``quant``: the linears,
     the lm_head and the embedding table read group-quantized weights (a lookup dequantizes only
     the rows it gathers).
+
+    ``shards > 1``: one tensor-parallel shard (``models/tensor_parallel.py``): ``cfg`` is the
+    shard's (``shard_config``), the policy built for it, and o_proj/down_proj outputs all-reduced.
     """
 
-    def __init__(self, cfg: ModelConfig, policy, dtype: str, in_out: bool, quant: QuantScheme | None = None):
+    def __init__(self, cfg: ModelConfig, policy, dtype: str, in_out: bool, quant: QuantScheme | None = None,
+                 shards: int = 1):
         self.cfg = cfg
         self.policy = policy
         self.dtype = dtype
-        self.model = LlamaModel(cfg, dtype, in_out, policy.target, quant)
+        self.model = LlamaModel(cfg, dtype, in_out, policy.target, quant, shards)
         self.untied_head = in_out or not cfg.tie_embeddings
         if self.untied_head:  # one row: dlight's GEMV (float weights: at the copy bandwidth), tir_kernels.gemv (q4)
             self.lm_head = make_linear(quant, cfg.hidden_size, cfg.vocab_size, False, dtype, in_out,

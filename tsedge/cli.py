@@ -88,10 +88,10 @@ def _engine(model, target: str | None, lib: str | None, kw: dict):
     one for ``target`` (compiled on first use). ``target``: what ``_checked_target`` returned.
     Float weights for a quantized library are quantized while loading, with a progress bar.
     ``kw["cache_correction"]`` (absent: 0) is the Engine's."""
-    from tsedge.engine import Engine
     from tsedge.library_cache import ensure_library
     from tsedge.models.library import LibraryMeta
     from tsedge.progress import count_progress
+    from tsedge.tensor_parallel import open_engine
     from tsedge.weights import ModelSource, load_source
 
     source = model if isinstance(model, ModelSource) else load_source(model)
@@ -100,14 +100,19 @@ def _engine(model, target: str | None, lib: str | None, kw: dict):
         log = functools.partial(click.echo, err=True)
         lib = ensure_library(source.config, policy, target, kw["dtype"],
                              _max_context(kw, policy, source.config.context_window, source.config, target), log=log,
-                             quantization=kw.get("quantization") or source.quantization)
+                             quantization=kw.get("quantization") or source.quantization,
+                             tensor_parallel=kw.get("tensor_parallel", 1))
     meta = LibraryMeta.load(Path(lib).with_suffix(".json"))
     wanted = kw.get("quantization")
     if wanted and wanted != meta.quantization:  # a given --lib decides the weights' format
         raise ValueError(f"--quantization {wanted} does not match library {lib} (compiled with {meta.quantization}): "
                          "drop --quantization, or pass a library compiled with it")
+    shards = kw.get("tensor_parallel", 1)
+    if shards not in (1, meta.tensor_parallel):
+        raise ValueError(f"--tensor-parallel {shards} does not match library {lib} (compiled for "
+                         f"{meta.tensor_parallel}): drop --tensor-parallel, or pass a library compiled with it")
     # prefill_chunk is capped by the library's policy
-    engine = functools.partial(Engine, lib, source, prefill_chunk=policy.chunk_size,
+    engine = functools.partial(open_engine, lib, source, prefill_chunk=policy.chunk_size,
                                cache_correction=kw.get("cache_correction", 0))
     if meta.quantization == "q0" or source.quantization != "q0":
         return engine()
@@ -168,21 +173,25 @@ def compile(model: str, target: str | None, output: str | None, **kw) -> None:  
     """Compile a model library (.so plus .json metadata)."""
     from tsedge.compile.build import compile_library
     from tsedge.compile.targets import parse_target
+    from tsedge.library_cache import library_stem
     from tsedge.models.attention import check_policy
+    from tsedge.models.tensor_parallel import shard_config
     from tsedge.progress import stage_progress
     from tsedge.weights import load_source
 
     cfg = PRESETS[model] if model in PRESETS and not Path(model).exists() else load_source(model).config
     policy = policy_config(kw)
     target_name = resolve_target(target)
-    check_policy(policy, cfg)
-    quant = "" if kw["quantization"] == "q0" else f"-{kw['quantization']}"
-    out = Path(output or f"{cfg.name}-{policy.name}{quant}-{target_name.replace(':', '_')}.so")
+    shards = kw["tensor_parallel"]
+    check_policy(policy, shard_config(cfg, shards), shards)
+    out = Path(output or f"{library_stem(cfg, policy, kw['quantization'], shards)}-{target_name.replace(':', '_')}.so")
     max_context = _max_context(kw, policy, cfg.context_window, cfg, target_name)
-    with stage_progress(f"compiling {cfg.name} ({policy.name}, {target_name}, {kw['quantization']})") as stage:
+    what = f"{policy.name}, {target_name}, {kw['quantization']}" + (f", {shards} shards" if shards > 1 else "")
+    with stage_progress(f"compiling {cfg.name} ({what})") as stage:
         meta = compile_library(cfg, policy, parse_target(target_name), kw["dtype"], max_context, out, stage=stage,
-                               quantization=kw["quantization"])
-    click.echo(f"wrote {out} and {out.with_suffix('.json')} ({meta.target}, {meta.dtype}, {meta.quantization}, "
+                               quantization=kw["quantization"], tensor_parallel=shards)
+    shards = f", {meta.tensor_parallel} tensor-parallel shards" if meta.tensor_parallel > 1 else ""
+    click.echo(f"wrote {out} and {out.with_suffix('.json')} ({meta.target}, {meta.dtype}, {meta.quantization}{shards}, "
                f"max context {meta.max_context}, {meta.compile_seconds} s)")
 
 

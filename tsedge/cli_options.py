@@ -126,6 +126,9 @@ def policy_options(func):
                           "32768 for selecting policies)"),
         click.option("--dtype", type=click.Choice(["auto", "float16", "float32"]), default="auto",
                      show_default=True, help="auto: float16 on GPUs, float32 on CPUs"),
+        click.option("--tensor-parallel", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+                     help="split the model over N GPUs (one process each, NCCL) or N CPU processes: heads, KV "
+                          "heads and MLP columns per shard"),
     ]
     for option in reversed(options):
         func = option(func)

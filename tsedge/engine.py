@@ -26,6 +26,7 @@ from tsedge.device_sampling import SAMPLE_FUNCTION, DeviceSampler
 from tsedge.kv_cache import ContextOverflowError, KVCache
 from tsedge.models.library import LibraryMeta
 from tsedge.models.quantization import QuantizationError, QuantizedTensor, concatenate, library_arrays, quantize, scheme
+from tsedge.models.tensor_parallel import shard_tensor, split_axis
 from tsedge.sampling import Sampler, SamplingParams
 from tsedge.threads import use_physical_cores
 from tsedge.weights import ModelSource, WeightsError, load_source
@@ -73,14 +74,15 @@ class GenerationResult:
         return steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
-def target_device(target: str) -> tvm.runtime.Device:
-    """The device a library compiled for ``target`` runs on (``cuda:…`` GPU 0, ``vulkan``, or the
-    CPU). Raises LibraryError where that device is missing."""
+def target_device(target: str, index: int = 0) -> tvm.runtime.Device:
+    """The device a library compiled for ``target`` runs on (``cuda:…`` GPU ``index``, ``vulkan``,
+    or the CPU). Raises LibraryError where that device is missing."""
     if target.startswith("cuda"):
-        dev = tvm.cuda(0)
+        dev = tvm.cuda(index)
         if not dev.exist:
-            raise LibraryError(f"library is built for {target} but no CUDA GPU is visible; "
-                               "compile with --target llvm for this machine")
+            raise LibraryError(f"library is built for {target} but CUDA GPU {index} is not visible; "
+                               + ("compile with --target llvm for this machine" if index == 0 else
+                                  "use a --tensor-parallel no larger than the number of GPUs"))
         return dev
     if target == "vulkan":
         return _vulkan().device()
@@ -160,14 +162,22 @@ class Engine:
     def __init__(self, lib: str | Path, weights: str | Path | ModelSource | None,
                  max_context: int | None = None, prefill_chunk: int = 512,
                  params: list[tvm.runtime.Tensor] | None = None,
-                 on_load: LoadProgress | None = None, cache_correction: int = 0) -> None:
+                 on_load: LoadProgress | None = None, cache_correction: int = 0, rank: int = 0,
+                 collective: object | None = None) -> None:
         """``weights``: a model name, .gguf, weights folder or ModelSource; or None with
         ``params`` already on the device in library order (benchmarks with random weights).
         ``on_load(done, total)`` follows the weights' loading (and quantizing, for a quantized
         library given float weights). ``cache_correction``: tokens (0 = off), see the property;
-        a ValueError when it can never run (``check_cache_correction``)."""
+        a ValueError when it can never run (``check_cache_correction``). ``rank``: the
+        tensor-parallel shard this engine runs (GPU ``rank``, that shard's slice of each
+        weight) when the library has shards, with ``collective`` the registered collectives of
+        its group; ``tsedge/tensor_parallel.py`` makes both and runs the shards together."""
         self.meta, module = load_library(lib)
-        self.device = target_device(self.meta.target)
+        if self.meta.tensor_parallel > 1 and collective is None:
+            raise LibraryError(f"{lib} is one of {self.meta.tensor_parallel} tensor-parallel shards: open it with "
+                               "tsedge.tensor_parallel.open_engine (tsedge's commands do)")
+        self.rank, self.collective = rank, collective
+        self.device = target_device(self.meta.target, rank)
         self.vm = VirtualMachine(module, self.device)
         self.tokenizer = None
         if weights is not None:
@@ -206,7 +216,8 @@ class Engine:
 
     def _load_params(self, source: ModelSource, on_load: LoadProgress) -> list[tvm.runtime.Tensor]:
         """Each library parameter from its source tensors (streamed once; fused projections wait
-        for all their parts, then concatenate them along the output dimension). A quantized
+        for all their parts, then concatenate them along the output dimension; with tensor
+        parallelism each source is first cut to this shard's part). A quantized
         library's linear weights are quantized here unless the source already carries them in
         its scheme (a ``tsedge convert --quantization`` folder)."""
         self._check_quantization(source)
@@ -219,7 +230,10 @@ class Engine:
                 wanted.setdefault(name, []).append(slot)
         parts: dict[int, dict[str, object]] = {}
         params: list[tvm.runtime.Tensor | None] = [None] * len(self.meta.params)
+        shards = self.meta.tensor_parallel
         for name, array in source.tensors():
+            if name in wanted:
+                array = shard_tensor(array, split_axis(name), self.rank, shards, name)
             for slot in wanted.get(name, []):
                 spec = self.meta.params[slot[0]]
                 got = parts.setdefault(slot[0], {})

@@ -20,7 +20,7 @@ class KVCache:
     """
 
     def __init__(self, meta: LibraryMeta, capacity: int, device: tvm.runtime.Device) -> None:
-        cfg = meta.model
+        cfg = meta.shard_model  # a tensor-parallel shard holds its own KV heads
         self.capacity = capacity
         shape = (cfg.num_layers, 2, cfg.num_kv_heads, capacity, cfg.head_dim)
         self.tensor = tvm.runtime.empty(shape, meta.dtype, device)

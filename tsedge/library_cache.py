@@ -26,35 +26,44 @@ def _source_digest() -> str:
 
 
 def library_path(cfg: ModelConfig, policy: PolicyConfig, target: str, dtype: str, max_context: int,
-                 quantization: str = "q0") -> Path:
+                 quantization: str = "q0", tensor_parallel: int = 1) -> Path:
     """Where the library for these inputs lives in the cache."""
     key = json.dumps({"model": cfg.to_dict(), "policy": policy.to_dict(), "target": target,
                       "dtype": dtype, "max_context": max_context, "version": tsedge.__version__,
-                      "sources": _source_digest(), "quantization": quantization}, sort_keys=True)
-    quant = "" if quantization == "q0" else f"-{quantization}"
-    name = (f"{cfg.name}-{policy.name}{quant}-{target.replace(':', '_')}-"
+                      "sources": _source_digest(), "quantization": quantization,
+                      "tensor_parallel": tensor_parallel}, sort_keys=True)
+    name = (f"{library_stem(cfg, policy, quantization, tensor_parallel)}-{target.replace(':', '_')}-"
             f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.so")
     return cache_dir() / "libs" / name
 
 
+def library_stem(cfg: ModelConfig, policy: PolicyConfig, quantization: str, tensor_parallel: int) -> str:
+    """A library's file name before its target: model, policy, quantization, shards."""
+    quant = "" if quantization == "q0" else f"-{quantization}"
+    shards = "" if tensor_parallel == 1 else f"-tp{tensor_parallel}"
+    return f"{cfg.name}-{policy.name}{quant}{shards}"
+
+
 def ensure_library(cfg: ModelConfig, policy: PolicyConfig, target: str, dtype: str, max_context: int,
-                   log=print, quantization: str = "q0") -> Path:
+                   log=print, quantization: str = "q0", tensor_parallel: int = 1) -> Path:
     """The cached library for these inputs, compiled now if missing."""
     from tsedge.compile.targets import canonical_target_name, parse_target, resolve_dtype
 
     # no Target, no Relax until a compile: a runtime-only TVM (a GPU machine) finds cached libraries
     name = canonical_target_name(target)
     dtype = resolve_dtype(dtype, name)
-    path = library_path(cfg, policy, name, dtype, max_context, quantization)
+    path = library_path(cfg, policy, name, dtype, max_context, quantization, tensor_parallel)
     if not (path.exists() and path.with_suffix(".json").exists()):
         from tsedge.compile.build import compile_library
         from tsedge.models.attention import check_policy
+        from tsedge.models.tensor_parallel import shard_config
 
-        check_policy(policy, cfg)
+        check_policy(policy, shard_config(cfg, tensor_parallel), tensor_parallel)
         tvm_target = parse_target(name)
-        what = f"compiling {cfg.name} ({policy.name}, {target}, {dtype}, {quantization}, max context {max_context})"
+        shards = f", {tensor_parallel} shards" if tensor_parallel > 1 else ""
+        what = f"compiling {cfg.name} ({policy.name}, {target}, {dtype}, {quantization}{shards}, max context {max_context})"
         with stage_progress(what) as stage:
             meta = compile_library(cfg, policy, tvm_target, dtype, max_context, path, stage=stage,
-                                   quantization=quantization)
+                                   quantization=quantization, tensor_parallel=tensor_parallel)
         log(f"compiled {path.name} in {meta.compile_seconds} s")
     return path

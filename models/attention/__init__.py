@@ -13,28 +13,34 @@ from .tidaldecode import TidalDecodePolicy, check_tidaldecode
 from .tokenselect import StreamingPolicy, TokenSelectPolicy
 
 
-def check_policy(policy: PolicyConfig, cfg: ModelConfig) -> None:
+def check_policy(policy: PolicyConfig, cfg: ModelConfig, shards: int = 1) -> None:
     """Raises ValueError (one line) where ``policy`` cannot be compiled for ``cfg``'s heads and
-    layers; call it before announcing a compile."""
+    layers (``cfg``: a tensor-parallel shard's, of ``shards``); call it before announcing a compile."""
     if policy.name == "tokenselect":
         check_shapes(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        if shards > 1 and policy.pool_kernel > 1:
+            raise ValueError(f"--pool-kernel {policy.pool_kernel} with --tensor-parallel {shards}: the pooled vote is "
+                             "not sharded yet; use --pool-kernel 0 (the default) or --tensor-parallel 1")
     if policy.name == "tidaldecode":
         check_tidaldecode(policy, cfg)
 
 
-def make_policy(policy: PolicyConfig, cfg: ModelConfig, dtype: str, target: Target, max_context: int = 0):
+def make_policy(policy: PolicyConfig, cfg: ModelConfig, dtype: str, target: Target, max_context: int = 0,
+                shards: int = 1):
     """The policy object the model calls once per layer. ``max_context``: the library's KV cache
     in tokens (Recycled Attention sizes its partial caches by it; raises ValueError when a
-    fraction ``recycle_k`` meets no ``max_context``)."""
+    fraction ``recycle_k`` meets no ``max_context``). ``shards``: tensor-parallel shards (``cfg``
+    is then one shard's); TokenSelect and Recycled Attention reduce over them."""
+    check_policy(policy, cfg, shards)
     if policy.name == "dense":
         return DensePolicy(cfg, dtype, target)
     if policy.name == "tokenselect":
-        return TokenSelectPolicy(cfg, dtype, target, policy)
+        return TokenSelectPolicy(cfg, dtype, target, policy, shards)
     if policy.name == "streaming":
         return StreamingPolicy(cfg, dtype, target, policy)
     if policy.name == "tidaldecode":
         return TidalDecodePolicy(cfg, dtype, target, policy)
     if policy.name == "recycled":
-        return RecycledPolicy(cfg, dtype, target, policy, max_context)
+        return RecycledPolicy(cfg, dtype, target, policy, max_context, shards)
     raise NotImplementedError(f"policy {policy.name!r} is not compiled yet "
                               "(available: dense, tokenselect, streaming, tidaldecode, recycled)")

@@ -42,6 +42,7 @@ from tsedge.tir_kernels.selection_cache import STRIDE_STATE, make_selection_chec
 from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
 
 from ..config import ModelConfig, PolicyConfig
+from ..collectives import allreduce
 from .dense import DensePolicy
 
 FULL, PARTIAL = 0, 1  # sel_state[layer, 0] after the refresh check
@@ -58,13 +59,17 @@ class RecycledPolicy(DensePolicy):
     (``[partial_this_step, valid, partial_steps, decode_checks, steps_since_full]``:
     ``Engine.selection_stats`` reports partial steps as hits), ``recycle_k[1]`` i32 (the active K;
     0: unset). ``max_context``: the library's KV cache, which sizes K_max for a fraction (raises
-    ValueError as ``PolicyConfig.recycle_capacity``)."""
+    ValueError as ``PolicyConfig.recycle_capacity``). ``shards > 1`` (tensor parallelism, ``cfg``
+    a shard's): the mean query is all-reduced, so the refresh decision covers every head and is
+    the same on every shard; the partial caches are per KV head, each shard's own."""
 
     selects = True
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig, max_context: int) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig, max_context: int,
+                 shards: int = 1) -> None:
         super().__init__(cfg, dtype, target)
         self.policy = policy
+        self.shards = shards
         self.k_max = k = policy.recycle_capacity(max_context)
         nl, h, hkv, d = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         fraction = policy.recycle_fraction
@@ -150,6 +155,8 @@ class RecycledPolicy(DensePolicy):
         cache_qbar, cache_idx, cache_score, sel_state, active_k = step.state
         qmean = op.tensor_ir_op(self.query_mean, "query_mean", args=[q],
                                 out=nn.Tensor.placeholder([1, self.cfg.head_dim], "float32"))
+        if self.shards > 1:  # the mean over every shard's (equally many) heads
+            qmean = allreduce(qmean) * (1.0 / self.shards)
         cache_qbar, sel_state = op.tensor_ir_inplace_op(
             self.check, "refresh_check", args=[qmean, cache_qbar, sel_state, i64(layer_id), i64(int(force_full))],
             inplace_indices=[1, 2], out=[_like(cache_qbar), _like(sel_state)])

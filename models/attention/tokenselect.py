@@ -19,6 +19,7 @@ from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
 from tsedge.tir_kernels.window_rows import make_window_rows
 
 from ..config import ModelConfig, PolicyConfig
+from ..collectives import allgather, allreduce
 from .dense import DensePolicy
 
 
@@ -36,17 +37,22 @@ class TokenSelectPolicy(DensePolicy):
     (``[hit_this_step, valid, hits, lookups]``), ``topk_workspace[WORKSPACE_SIZE]`` i32 (the
     top-k's histograms, shared by the layers, left zeroed by each selection). Prefill chunks always re-select (forced miss, not
     counted); decode steps look the cache up.
+
+    ``shards > 1`` (tensor parallelism, ``cfg`` a shard's): each shard scores its own heads; the
+    soft vote is all-reduced before the top-k and the Selection Cache compares the all-gathered
+    fingerprint of all heads (``cache_qbar`` holds all), so every shard selects the same rows.
     """
 
     selects = True
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig, shards: int = 1) -> None:
         super().__init__(cfg, dtype, target)
         self.policy = policy
+        self.shards = shards
         nl, h, hkv, d = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         p = policy
         self.fingerprint = make_fingerprint(h, d, p.n_local, dtype, target)
-        self.check = make_selection_check(nl, h, d, p.selection_threshold, target)
+        self.check = make_selection_check(nl, h * shards, d, p.selection_threshold, target)
         # a decode step's fingerprint and check in one launch
         self.fingerprint_check = make_selection_check(nl, h, d, p.selection_threshold, target,
                                                       fingerprint=(p.n_local, dtype))
@@ -55,7 +61,7 @@ class TokenSelectPolicy(DensePolicy):
 
     def state_specs(self) -> list[tuple[str, list[int], str]]:
         cfg, nl = self.cfg, self.cfg.num_layers
-        return [("cache_qbar", [nl, cfg.num_heads, cfg.head_dim], "float32"),
+        return [("cache_qbar", [nl, cfg.num_heads * self.shards, cfg.head_dim], "float32"),
                 ("cache_idx", [nl, self.policy.top_k], "int32"),
                 ("sel_state", [nl, 4], "int32"),
                 ("topk_workspace", [WORKSPACE_SIZE], "int32")]
@@ -77,14 +83,15 @@ class TokenSelectPolicy(DensePolicy):
         layer = i64(layer_id)
         h, d = self.cfg.num_heads, self.cfg.head_dim
         qbar_spec = nn.Tensor.placeholder([h, d], "float32")
-        if step.one_query:  # decode: fingerprint and cache lookup in one kernel
+        if step.one_query and self.shards == 1:  # decode: fingerprint and cache lookup in one kernel
             cache_qbar, sel_state, qbar = op.tensor_ir_inplace_op(
                 self.fingerprint_check, "fingerprint_check", args=[q, step.rope, cache_qbar, sel_state, layer, i64(0)],
                 inplace_indices=[2, 3, -1], out=[_like(cache_qbar), _like(sel_state), qbar_spec])
-        else:  # a prefill chunk (many queries) always re-selects
+        else:  # a prefill chunk (many queries: always re-selects), or a sharded step's decode
             qbar = op.tensor_ir_op(self.fingerprint, "fingerprint", args=[q, step.rope], out=qbar_spec)
+            every_head = allgather(qbar, self.shards) if self.shards > 1 else qbar
             cache_qbar, sel_state = op.tensor_ir_inplace_op(
-                self.check, "selection_check", args=[qbar, cache_qbar, sel_state, layer, i64(1)],
+                self.check, "selection_check", args=[every_head, cache_qbar, sel_state, layer, i64(int(not step.one_query))],
                 inplace_indices=[1, 2], out=[_like(cache_qbar), _like(sel_state)])
         candidates = step.kv.shape[3] - self.policy.n_init - self.policy.n_local  # sized for the capacity
         crit, _, _ = op.tensor_ir_op(
@@ -92,6 +99,8 @@ class TokenSelectPolicy(DensePolicy):
             out=[nn.Tensor.placeholder([candidates], "float32"),
                  nn.Tensor.placeholder([h, candidates], "float32"),
                  nn.Tensor.placeholder([h, SCORE_BLOCKS + 1, 2], "float32")])
+        if self.shards > 1:  # the vote over every shard's heads
+            crit = allreduce(crit)
         cache_idx, workspace, rows = op.tensor_ir_inplace_op(
             self.topk, "topk", args=[crit, sel_state, cache_idx, workspace, layer, step.length],
             inplace_indices=[2, 3, -1],

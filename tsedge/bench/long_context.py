@@ -25,6 +25,7 @@ from tsedge.engine import Engine
 from tsedge.models.config import POLICIES, PolicyConfig
 from tsedge.models.library import LibraryMeta
 from tsedge.models.quantization import scheme
+from tsedge.models.tensor_parallel import split_axis
 
 VARIANTS = {"dense": PolicyConfig(), "tokenselect": PolicyConfig("tokenselect"),
             "tokenselect-reselect": PolicyConfig("tokenselect", selection_threshold=1.5)}
@@ -62,48 +63,78 @@ def variants(policies: list[str], kind: str, **budgets: int | str | None) -> dic
     return chosen
 
 
-def random_params(meta: LibraryMeta) -> tuple[list, Any]:
+def random_params(meta: LibraryMeta, rank: int = 0) -> tuple[list, Any]:
     """Random weights of the library's shapes on its device: (params, keep-alive). Float tensors
     N(0, 0.02); a quantized library's packed weights random bits and its scales 0.02 / max code,
-    so a dequantized weight has about the float weights' scale. Drawn on a CUDA GPU through torch
-    where there is one (16 GB for an 8B model), else with NumPy; a library for another device
-    (Vulkan, the CPU) gets a copy on its device."""
+    so a dequantized weight has about the float weights' scale. Each Hugging Face source tensor
+    is drawn whole from a seed of its name, then cut to tensor-parallel shard ``rank``'s part and
+    arranged as the library stores it, so every shard count runs the same model. Drawn on a
+    CUDA GPU through torch where there is one (16 GB for an 8B model), else with NumPy; a library
+    for another device (Vulkan, the CPU) gets a copy on its device."""
+    import zlib
+
     import tvm
 
     from tsedge.engine import target_device
+    from tsedge.weights import expected_shapes
 
     quant = scheme(meta.quantization)
     packed = quant.storage_dtype if quant else None
+    shapes = expected_shapes(meta.model)
     try:
         import torch
 
         on_gpu = torch.cuda.is_available()
     except ImportError:
         on_gpu = False
+
+    def shape_of(name: str, part: str) -> tuple[int, ...]:
+        out, inp = shapes[name]
+        return (out, inp // quant.per_word) if part == "qweight" else (out, inp // quant.group) if part else shapes[name]
+
     if on_gpu:
-        gen = torch.Generator(device="cuda").manual_seed(0)
+        device = f"cuda:{rank}" if meta.target.startswith("cuda") else "cuda:0"
 
-        def make(p):
-            if p.part == "qweight":  # random bits, as int32 (uint32 nibbles) or int8
-                bits = torch.randint(-2**31, 2**31 - 1, p.shape, generator=gen, device="cuda", dtype=torch.int32)
+        def draw(name: str, part: str, shape: tuple[int, ...]):
+            gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{name}.{part}".encode()))
+            if part == "qweight":  # random bits, as int32 (uint32 nibbles) or int8
+                bits = torch.randint(-2**31, 2**31 - 1, shape, generator=gen, device=device, dtype=torch.int32)
                 return bits.view(torch.uint32) if packed == "uint32" else bits.to(torch.int8)
-            value = torch.randn(p.shape, generator=gen, device="cuda", dtype=getattr(torch, meta.dtype))
-            return value.abs() * (0.02 / quant.max_int) if p.part == "scale" else value * 0.02
-    else:
-        rng = np.random.default_rng(0)
+            value = torch.randn(shape, generator=gen, device=device, dtype=getattr(torch, meta.dtype))
+            return value.abs() * (0.02 / quant.max_int) if part == "scale" else value * 0.02
 
-        def make(p):
-            if p.part == "qweight":
-                return rng.integers(0, 2**32 if packed == "uint32" else 128, p.shape).astype(packed)
-            value = rng.standard_normal(p.shape, np.float32) * 0.02
-            return (np.abs(value) / quant.max_int if p.part == "scale" else value).astype(meta.dtype)
+        def arrange(pieces: list, transposed: bool):
+            whole = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            return (whole.t() if transposed else whole).contiguous()
+    else:
+        def draw(name: str, part: str, shape: tuple[int, ...]):
+            rng = np.random.default_rng(zlib.crc32(f"{name}.{part}".encode()))
+            if part == "qweight":
+                return rng.integers(0, 2**32 if packed == "uint32" else 128, shape).astype(packed)
+            value = rng.standard_normal(shape, np.float32) * 0.02
+            return (np.abs(value) / quant.max_int if part == "scale" else value).astype(meta.dtype)
+
+        def arrange(pieces: list, transposed: bool):
+            whole = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+            return np.ascontiguousarray(whole.T if transposed else whole)
+
+    def make(p):
+        pieces = []
+        for name in p.sources:
+            axis = split_axis(name)
+            whole = draw(name, p.part, shape_of(name, p.part))
+            if axis is not None and meta.tensor_parallel > 1:
+                whole = whole.chunk(meta.tensor_parallel, axis)[rank] if on_gpu else np.split(
+                    whole, meta.tensor_parallel, axis)[rank]
+            pieces.append(whole)
+        return arrange(pieces, p.transposed)
 
     if on_gpu and meta.target.startswith("cuda"):  # shared with torch, no copy
         import tvm_ffi
 
         keep = [make(p) for p in meta.params]
         return [tvm_ffi.from_dlpack(t) for t in keep], keep
-    device = target_device(meta.target)
+    device = target_device(meta.target, rank)
     host = (lambda t: t.cpu().numpy()) if on_gpu else (lambda a: a)
     return [tvm.runtime.tensor(host(make(p)), device) for p in meta.params], None
 

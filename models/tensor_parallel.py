@@ -1,0 +1,70 @@
+"""Tensor parallelism (Megatron-LM, Shoeybi et al., arXiv 1909.08053), as MLC-LLM shards a model.
+
+Each of N shards holds ``num_heads / N`` query heads with their ``num_kv_heads / N`` whole KV heads
+(and the KV cache of those), ``intermediate_size / N`` MLP columns, and a replicated embedding,
+norms and lm_head. Column-parallel weights (q, k, v, gate, up; the qkv bias) are split along their
+output rows, row-parallel ones (o, down) along their input columns; the partial outputs of o_proj
+and down_proj are summed over the shards (an all-reduce) before the residual add.
+
+Every shard runs the same library; the collectives (``models/collectives.py``) are two packed
+functions the runtime registers in each process (``tsedge/tensor_parallel.py``): ``ALLREDUCE(x,
+out)`` (``out`` = the sum of ``x`` over the shards) and ``ALLGATHER(x, out)`` (``out`` = the
+shards' ``x`` stacked along axis 0 in rank order). Plain NumPy here (no TVM). Selecting policies reduce what spans all heads: TokenSelect's soft vote and its
+Selection Cache's cosine (over the all-gathered fingerprint), Recycled Attention's mean query.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .config import ModelConfig
+from .quantization import QuantizedTensor
+
+ALLREDUCE = "tsedge.tp.allreduce_sum"
+ALLGATHER = "tsedge.tp.allgather"
+
+# Hugging Face weight name suffix -> the axis split over the shards (0: output rows, 1: input columns)
+_SPLIT = {"q_proj.weight": 0, "k_proj.weight": 0, "v_proj.weight": 0, "q_proj.bias": 0, "k_proj.bias": 0,
+          "v_proj.bias": 0, "gate_proj.weight": 0, "up_proj.weight": 0, "o_proj.weight": 1, "down_proj.weight": 1}
+
+
+def shard_config(cfg: ModelConfig, shards: int) -> ModelConfig:
+    """The shapes one of ``shards`` shards computes with (heads, KV heads and MLP width divided).
+    Raises ValueError (one line naming the fix) where a size does not divide."""
+    if shards < 1:
+        raise ValueError(f"--tensor-parallel {shards}: give a number of GPUs >= 1")
+    if shards == 1:
+        return cfg
+    sizes = {"num_kv_heads": cfg.num_kv_heads, "num_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size}
+    bad = [f"{k}={v}" for k, v in sizes.items() if v % shards]
+    if bad:
+        raise ValueError(f"{cfg.name}: {', '.join(bad)} not divisible by --tensor-parallel {shards} (each shard "
+                         "holds whole KV heads); choose a tensor-parallel size that divides them")
+    return dataclasses.replace(cfg, head_dim=cfg.head_dim, **{k: v // shards for k, v in sizes.items()})
+
+
+def split_axis(hf_name: str) -> int | None:
+    """The axis of Hugging Face tensor ``hf_name`` that tensor parallelism splits (None: replicated)."""
+    return next((axis for suffix, axis in _SPLIT.items() if hf_name.endswith(suffix)), None)
+
+
+def shard_tensor(array: np.ndarray | QuantizedTensor, axis: int | None, rank: int, shards: int,
+                 name: str = "tensor") -> np.ndarray | QuantizedTensor:
+    """Shard ``rank``'s part of ``array`` (a Hugging Face layout tensor: [out, in] or [out]):
+    ``shards`` equal slices along ``axis``; the whole array for ``axis`` None. A quantized weight
+    is sliced in its packed layout. Raises ValueError (one line) where the axis does not split
+    evenly (for a quantized weight's columns: into whole groups)."""
+    if axis is None or shards == 1:
+        return array
+    if isinstance(array, QuantizedTensor):
+        if axis == 1 and (array.shape[1] // shards) % array.scheme.group:
+            raise ValueError(f"{name}: {array.shape[1]} inputs do not split into {shards} shards of whole "
+                             f"{array.scheme.name} groups; use a smaller --tensor-parallel")
+        return QuantizedTensor(array.scheme, shard_tensor(array.qweight, axis, rank, shards, name),
+                               shard_tensor(array.scale, axis, rank, shards, name))
+    if array.shape[axis] % shards:
+        raise ValueError(f"{name}: size {array.shape[axis]} along axis {axis} does not split into {shards} shards")
+    size = array.shape[axis] // shards
+    return np.ascontiguousarray(np.take(array, np.arange(rank * size, (rank + 1) * size), axis=axis))

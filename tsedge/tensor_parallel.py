@@ -1,0 +1,333 @@
+"""Running a tensor-parallel library: one process per shard, the collectives it calls, and the
+engine that drives them (``models/tensor_parallel.py`` says how a model is split).
+
+``open_engine(lib, weights)`` returns an ``Engine`` for a one-shard library and a
+``ShardedEngine`` otherwise. A ``ShardedEngine`` is rank 0: it starts ``shards - 1`` worker
+processes (``spawn``), each an ``Engine`` of its own rank on GPU ``rank`` (or the CPU) that loads
+its slice of the weights. Rank 0 owns every host decision (prompt reuse, sampling, stopping,
+cache corrections); it forwards each library call (``Engine._run``: the chunk's or token's ids) and
+each cache truncation to the workers, which repeat them on their shards. The collectives inside
+those calls keep the shards in step: an all-reduce gives every rank bit-identical sums, so every
+shard's logits and selections are the same and only rank 0 reads them.
+
+Collectives (the packed functions ``ALLREDUCE``/``ALLGATHER`` the library calls):
+- CUDA: NCCL through CuPy's binding (``cupy.cuda.nccl``, with the ``nvidia-nccl-cu13`` library),
+  on the stream TVM runs on (``tvm_ffi.get_raw_stream``), so a decode step's CUDA graph captures
+  the NCCL kernels with the rest. NVLink multicast (NVLS) stays off (``NCCL_NVLS_ENABLE=0``).
+- CPU: shared memory and a barrier between the processes (tests, and CPU-only hosts).
+A worker that fails reports its error; rank 0 then prints it and exits (a collective would
+otherwise wait for it forever).
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import sys
+import threading
+import weakref
+from multiprocessing import shared_memory
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tsedge.engine import Engine, LibraryError, check_library
+from tsedge.models.library import LibraryMeta
+from tsedge.models.tensor_parallel import ALLGATHER, ALLREDUCE
+
+_NCCL_DTYPES = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "int32": "NCCL_INT32"}
+_open_engine = None  # weakref to this process's ShardedEngine: one at a time (the collectives are global)
+_BARRIER_TIMEOUT_S = 600.0  # a CPU collective waiting longer than this for a shard: that shard is gone
+
+
+class Collective:
+    """The library's collectives for one rank; ``register`` makes them the packed functions the
+    library calls (before its VM is made)."""
+
+    def __init__(self, rank: int, shards: int) -> None:
+        self.rank, self.shards = rank, shards
+
+    def register(self) -> None:
+        import tvm_ffi
+
+        tvm_ffi.register_global_func(ALLREDUCE, self.allreduce, override=True)
+        tvm_ffi.register_global_func(ALLGATHER, self.allgather, override=True)
+
+    def allreduce(self, x, out) -> None:
+        raise NotImplementedError
+
+    def allgather(self, x, out) -> None:
+        raise NotImplementedError
+
+
+class SharedMemoryCollective(Collective):
+    """CPU collectives: each rank writes its tensor into its slot of one shared buffer, a barrier,
+    every rank combines the slots in rank order (identical sums on every rank), a barrier."""
+
+    def __init__(self, rank: int, shards: int, name: str, slot_bytes: int, barrier) -> None:
+        super().__init__(rank, shards)
+        self.memory = shared_memory.SharedMemory(name=name)
+        self.slots = np.ndarray((shards, slot_bytes), np.uint8, buffer=self.memory.buf)
+        self.barrier = barrier
+
+    def _exchange(self, x) -> np.ndarray:
+        """Every rank's ``x`` as [shards, *x.shape]."""
+        value = x.numpy()
+        if value.nbytes > self.slots.shape[1]:
+            raise RuntimeError(f"tensor-parallel exchange of {value.nbytes} bytes exceeds the {self.slots.shape[1]}-byte "
+                               "slots; open the engine with the prefill chunk and context it runs")
+        self.slots[self.rank, :value.nbytes] = value.reshape(-1).view(np.uint8)
+        self.barrier.wait(_BARRIER_TIMEOUT_S)
+        every = np.stack([self.slots[r, :value.nbytes].view(value.dtype).reshape(value.shape)
+                          for r in range(self.shards)])
+        self.barrier.wait(_BARRIER_TIMEOUT_S)  # nobody overwrites a slot before all have read it
+        return every
+
+    def allreduce(self, x, out) -> None:
+        every = self._exchange(x)
+        total = every[0].copy()
+        for part in every[1:]:  # rank order, the same on every rank
+            total += part
+        out.copyfrom(total)
+
+    def allgather(self, x, out) -> None:
+        out.copyfrom(np.ascontiguousarray(np.concatenate(list(self._exchange(x)))))
+
+
+class NcclCollective(Collective):
+    """CUDA collectives through NCCL (CuPy's binding), enqueued on TVM's current stream."""
+
+    def __init__(self, rank: int, shards: int, unique_id: tuple) -> None:
+        super().__init__(rank, shards)
+        import cupy
+        from cupy.cuda import nccl
+
+        self.nccl = nccl
+        cupy.cuda.Device(rank).use()
+        self.comm = nccl.NcclCommunicator(shards, unique_id, rank)
+
+    def _args(self, x) -> tuple[int, int, int]:
+        import tvm_ffi
+
+        return x.numel(), getattr(self.nccl, _NCCL_DTYPES[str(x.dtype)]), tvm_ffi.get_raw_stream(x.device)
+
+    def allreduce(self, x, out) -> None:
+        count, dtype, stream = self._args(x)
+        self.comm.allReduce(x.data_ptr(), out.data_ptr(), count, dtype, self.nccl.NCCL_SUM, stream)
+
+    def allgather(self, x, out) -> None:
+        count, dtype, stream = self._args(x)
+        self.comm.allGather(x.data_ptr(), out.data_ptr(), count, dtype, stream)
+
+
+def nccl_unique_id() -> tuple:
+    """A new NCCL communicator id (rank 0 makes it, every rank joins with it). Raises
+    LibraryError (one line naming the fix) where CuPy's NCCL binding is missing."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (the GPU machines' rule)
+    try:
+        from cupy.cuda import nccl
+
+        return nccl.get_unique_id()
+    except Exception as err:  # ImportError, or CuPy without an NCCL library
+        raise LibraryError(f"tensor parallelism on CUDA needs NCCL through CuPy ({type(err).__name__}: {err}); "
+                           "install it with `pip install tsedge[tp]`") from None
+
+
+def _exchange_bytes(meta: LibraryMeta, max_context: int, prefill_chunk: int) -> int:
+    """The largest tensor one CPU collective exchanges: a prefill chunk's hidden states, a
+    TokenSelect vote over the cache, or every head's fingerprint."""
+    itemsize = np.dtype(meta.dtype).itemsize
+    cfg = meta.model
+    return max(prefill_chunk * cfg.hidden_size * itemsize, max_context * 4, cfg.num_heads * cfg.head_dim * 4)
+
+
+def open_engine(lib: str | Path, weights: Any, random_weights: bool = False, **kwargs: Any) -> Engine:
+    """An engine for ``lib``: ``Engine`` for a one-shard library, else a ``ShardedEngine`` over
+    ``meta.tensor_parallel`` processes. ``random_weights``: every shard draws random weights of
+    the library's shapes (``tsedge.bench.long_context.random_params``; benchmarks), ``weights``
+    then None. ``kwargs``: ``Engine``'s (``max_context``, ``prefill_chunk``, ``on_load``,
+    ``cache_correction``)."""
+    meta = LibraryMeta.load(check_library(lib).with_suffix(".json"))
+    if meta.tensor_parallel > 1:
+        return ShardedEngine(lib, weights, meta, random_weights, **kwargs)
+    return _engine(lib, meta, weights, random_weights, 0, kwargs)
+
+
+def _weights_inputs(meta: LibraryMeta, weights: Any, random_weights: bool, rank: int) -> tuple[Any, dict, Any]:
+    """``(weights, extra Engine kwargs, keep-alive)`` for shard ``rank``: ``weights`` as given, or
+    random weights drawn for that shard (``params``) and the torch tensors that own them."""
+    if not random_weights:
+        return weights, {}, None
+    from tsedge.bench.long_context import random_params
+
+    params, keep = random_params(meta, rank)
+    return None, {"params": params}, keep
+
+
+def _engine(lib: str | Path, meta: LibraryMeta, weights: Any, random_weights: bool, rank: int,
+            kwargs: dict, collective: Collective | None = None) -> Engine:
+    weights, extra, keep = _weights_inputs(meta, weights, random_weights, rank)
+    engine = Engine(lib, weights, rank=rank, collective=collective, **extra, **kwargs)
+    engine.keep_alive = keep
+    return engine
+
+
+def _collective(spec: tuple, rank: int, shards: int) -> Collective:
+    kind, *args = spec
+    return NcclCollective(rank, shards, *args) if kind == "nccl" else SharedMemoryCollective(rank, shards, *args)
+
+
+def _worker(rank: int, shards: int, lib: str, weights: Any, random_weights: bool, kwargs: dict,
+            spec: tuple, conn) -> None:
+    """A shard's process: its collective and engine, then the calls rank 0 forwards."""
+    try:
+        collective = _collective(spec, rank, shards)
+        collective.register()
+        engine = _engine(lib, LibraryMeta.load(Path(lib).with_suffix(".json")), weights, random_weights, rank, kwargs,
+                         collective)
+        conn.send(("ready", None))
+        while True:
+            call = conn.recv()
+            if call is None:
+                return
+            name, args = call
+            getattr(engine, name)(*args)
+    except (EOFError, KeyboardInterrupt):
+        return
+    except BaseException as err:  # reported to rank 0, which stops
+        conn.send(("error", f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"))
+
+
+class ShardedEngine(Engine):
+    """Rank 0 of a tensor-parallel library (see the module docstring); the same API as ``Engine``.
+    Raises LibraryError (one line) where the shards cannot start: too few GPUs, no NCCL binding,
+    or a worker's own load error (wrong weights, …)."""
+
+    def __init__(self, lib: str | Path, weights: Any, meta: LibraryMeta, random_weights: bool = False,
+                 **kwargs: Any) -> None:
+        global _open_engine
+        if _open_engine is not None and _open_engine() is not None and _open_engine()._workers:
+            raise LibraryError("another tensor-parallel engine is open in this process (their collectives would "
+                               "mix): close it first, or run the other library in its own process")
+        _open_engine = weakref.ref(self)
+        shards = meta.tensor_parallel
+        source_path = getattr(weights, "path", weights)  # a ModelSource travels as its path
+        cuda = meta.target.startswith("cuda")
+        context = multiprocessing.get_context("spawn")
+        self._memory = None
+        if cuda:
+            spec: tuple = ("nccl", nccl_unique_id())
+        else:
+            slot = _exchange_bytes(meta, kwargs.get("max_context") or meta.max_context, kwargs.get("prefill_chunk", 512))
+            self._memory = shared_memory.SharedMemory(create=True, size=slot * shards)
+            spec = ("shm", self._memory.name, slot, context.Barrier(shards))
+            share_cpu_threads(shards)
+        self._conns, self._workers = [], []
+        self._ready, self._failure, self._started = 0, None, False
+        self._changed = threading.Condition()
+        self._exit_on_failure = cuda  # rank 0 may wait in NCCL's setup for a shard that failed
+        worker_kwargs = {k: v for k, v in kwargs.items() if k != "on_load"}
+        for rank in range(1, shards):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_worker, daemon=True, name=f"tsedge-shard-{rank}",
+                                      args=(rank, shards, str(lib), None if source_path is None else str(source_path),
+                                            random_weights, worker_kwargs, spec, theirs))
+            process.start()
+            self._conns.append(ours)
+            self._workers.append(process)
+        threading.Thread(target=self._watch, daemon=True, name="tsedge-shard-watch").start()
+        try:
+            collective = _collective(spec, 0, shards)
+            collective.register()
+            weights, extra, self.keep_alive = _weights_inputs(meta, weights, random_weights, 0)
+            super().__init__(lib, weights, collective=collective, **extra, **kwargs)
+            with self._changed:
+                self._changed.wait_for(lambda: self._ready == shards - 1 or self._failure is not None)
+                if self._failure is not None:
+                    raise LibraryError(f"tensor-parallel shard {self._failure}")
+                self._started = self._exit_on_failure = True
+        except BaseException:
+            self.close()
+            raise
+
+    def _watch(self) -> None:
+        """Workers' reports: ready, or an error (or death). After the start an error ends the
+        process: the shards' collectives would wait for the failed one forever."""
+        from multiprocessing.connection import wait
+
+        conns = list(self._conns)
+        while self._conns:
+            for ready in wait(conns + [w.sentinel for w in self._workers], timeout=1.0):
+                rank = 1 + (conns.index(ready) if ready in conns else [w.sentinel for w in self._workers].index(ready))
+                try:
+                    status, detail = ready.recv() if ready in conns else ("error", "its process ended")
+                except EOFError:
+                    status, detail = "error", "its process ended"
+                if not self._conns:  # closing
+                    return
+                with self._changed:
+                    if status == "ready":
+                        self._ready += 1
+                    else:
+                        self._failure = f"{rank} failed: {detail}"
+                        if self._exit_on_failure:
+                            print(f"Error: tensor-parallel shard {self._failure}; stopping", file=sys.stderr, flush=True)
+                            os._exit(1)
+                        conns.remove(ready) if ready in conns else None
+                    self._changed.notify_all()
+                if status != "ready" and not self._exit_on_failure:
+                    return
+
+    def _forward(self, name: str, *args: Any) -> None:
+        for conn in self._conns:
+            conn.send((name, args))
+
+    def _run(self, func: str, ids: list[int]):
+        self._forward("_run", func, ids)
+        return super()._run(func, ids)
+
+    def _truncate(self, length: int, carry_counts: bool = False) -> None:
+        self._forward("_truncate", length, carry_counts)
+        super()._truncate(length, carry_counts)
+
+    def close(self) -> None:
+        """Stop the workers and free the shared memory (also when the engine is collected)."""
+        conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for worker in self._workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.terminate()
+        self._workers = []
+        if self._memory is not None:
+            self._memory.close()
+            self._memory.unlink()
+            self._memory = None
+
+    def __del__(self) -> None:
+        if getattr(self, "_workers", None):
+            self.close()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Stop the workers before multiprocessing's own exit handler ends them (which the watcher
+    would report as a failure)."""
+    engine = _open_engine() if _open_engine is not None else None
+    if engine is not None:
+        engine.close()
+
+
+def share_cpu_threads(shards: int) -> None:
+    """Give each of ``shards`` CPU processes an equal share of TVM's threads (the workers inherit
+    the setting); call before they start."""
+    from tsedge.threads import physical_cores
+
+    threads = int(os.environ.get("TVM_NUM_THREADS") or physical_cores())
+    os.environ["TVM_NUM_THREADS"] = str(max(1, threads // shards))
