@@ -16,7 +16,7 @@ from tsedge.models.config import ModelConfig, PolicyConfig
 from tsedge.models.library import LibraryMeta, ParamSpec
 from tsedge.models.llama import LlamaForCausalLM
 from tsedge.models.quantization import check_quantizable, scheme
-from tsedge.models.tensor_parallel import shard_config
+from tsedge.models.tensor_parallel import param_split, shard_config, vocab_parallel
 
 from .cuda_fatbin import fatbin_build_context
 from .pipeline import relax_pipeline
@@ -40,8 +40,9 @@ def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str,
         for size, what in ((shard.hidden_size, "hidden_size"), (shard.num_heads * shard.head_dim, "heads x head_dim"),
                            (shard.intermediate_size, "intermediate_size")):
             check_quantizable(quant, f"{cfg.name} {what}" + (" per shard" if tensor_parallel > 1 else ""), size)
+    vocab_split = vocab_parallel(cfg, tensor_parallel)
     model = LlamaForCausalLM(shard, make_policy(policy, shard, dtype, target, max_context, tensor_parallel), dtype,
-                             in_out, quant, tensor_parallel)
+                             in_out, quant, tensor_parallel, vocab_split)
     mod, named = model.export_tvm(spec=model.get_default_spec())
     state = [[name, shape, dt] for name, shape, dt in model.policy.state_specs()]
     functions = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
@@ -52,7 +53,8 @@ def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str,
         part = part if part in ("qweight", "scale") else ""
         weight = f"{base}.weight" if part else name
         transposed = in_out and (weight.endswith("_proj.weight") or weight == "lm_head.weight")
-        specs.append(ParamSpec(name, shape, _sources(weight, cfg), transposed, part))
+        split = param_split(name, vocab_split) if tensor_parallel > 1 else None
+        specs.append(ParamSpec(name, shape, _sources(weight, cfg), transposed, part, split))
     return mod, specs, state, functions
 
 

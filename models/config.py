@@ -99,6 +99,8 @@ PRESETS: dict[str, ModelConfig] = {
                     context_window=8192),
         ModelConfig("llama3.1-8b", 4096, 14336, 32, 32, 8, 128256, rope_theta=500000.0,
                     rope_scaling=_LLAMA31_SCALING, context_window=131072),
+        ModelConfig("llama3.1-70b", 8192, 28672, 80, 64, 8, 128256, rope_theta=500000.0,
+                    rope_scaling=_LLAMA31_SCALING, context_window=131072),
         ModelConfig("llama3.2-1b", 2048, 8192, 16, 32, 8, 128256, rope_theta=500000.0,
                     rope_scaling=_LLAMA32_SCALING, tie_embeddings=True, context_window=131072),
         ModelConfig("llama3.2-3b", 3072, 8192, 28, 24, 8, 128256, rope_theta=500000.0,

@@ -19,13 +19,16 @@ class ParamSpec:
     first (output) dimension — e.g. q, k and v for a fused ``qkv_proj`` — then transposed or not.
 
     ``part``: "" for a float tensor; "qweight" or "scale" for one half of a quantized weight
-    (``models/quantization.py``: the sources quantized, or read quantized, in the canonical layout)."""
+    (``models/quantization.py``: the sources quantized, or read quantized, in the canonical layout).
+    ``split``: with tensor parallelism, the axis of each source ([out, in] or [out]) cut into the
+    shards' parts before the concatenation; None: every shard holds the whole sources."""
 
     name: str
     shape: list[int]
     sources: list[str]
     transposed: bool = False
     part: str = ""
+    split: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ from tsedge.tir_kernels import cache_ops, sampling
 from .config import ModelConfig
 from .linear import QuantEmbedding, make_linear
 from .quantization import QuantScheme
-from .collectives import allreduce
+from .collectives import allgather, allreduce
 
 # Decode on CUDA: the fused gate/up projection through ``tir_kernels.gemv`` with the post-attention
 # RMSNorm in its prologue (on), or a norm kernel and dlight's GEMV (off). On the H200, Llama-3-8B
@@ -133,18 +133,21 @@ class LlamaForCausalLM(nn.Module):
     the rows it gathers).
 
     ``shards > 1``: one tensor-parallel shard (``models/tensor_parallel.py``): ``cfg`` is the
-    shard's (``shard_config``), the policy built for it, and o_proj/down_proj outputs all-reduced.
+    shard's (``shard_config``), the policy built for it, and o_proj/down_proj outputs all-reduced;
+    ``vocab_split``: the shard's lm_head has ``vocab_size / shards`` rows (a tied one its own copy
+    of those embedding rows) and the shards' logits are all-gathered.
     """
 
     def __init__(self, cfg: ModelConfig, policy, dtype: str, in_out: bool, quant: QuantScheme | None = None,
-                 shards: int = 1):
+                 shards: int = 1, vocab_split: bool = False):
         self.cfg = cfg
         self.policy = policy
         self.dtype = dtype
         self.model = LlamaModel(cfg, dtype, in_out, policy.target, quant, shards)
-        self.untied_head = in_out or not cfg.tie_embeddings
+        self.shards = shards if vocab_split else 1  # the lm_head's
+        self.untied_head = in_out or not cfg.tie_embeddings or vocab_split
         if self.untied_head:  # one row: dlight's GEMV (float weights: at the copy bandwidth), tir_kernels.gemv (q4)
-            self.lm_head = make_linear(quant, cfg.hidden_size, cfg.vocab_size, False, dtype, in_out,
+            self.lm_head = make_linear(quant, cfg.hidden_size, cfg.vocab_size // self.shards, False, dtype, in_out,
                                        policy.target if quant is not None else None)
         self.rope_kernel = cache_ops.make_rope_table(cfg.head_dim, policy.target)
         self.last_row_kernel = cache_ops.make_last_row(cfg.hidden_size, dtype, policy.target)
@@ -195,6 +198,8 @@ class LlamaForCausalLM(nn.Module):
         h = self.model.norm(last)
         if self.untied_head:
             logits = self.lm_head(h)
+            if self.shards > 1:  # each shard's rows of the vocabulary, in rank order
+                logits = op.reshape(allgather(logits, self.shards), [1, self.cfg.vocab_size])
         else:
             table = self.model.embed_tokens
             logits = op.matmul(h, op.permute_dims(table.weight() if isinstance(table, QuantEmbedding) else table.weight))

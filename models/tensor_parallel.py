@@ -1,8 +1,9 @@
 """Tensor parallelism (Megatron-LM, Shoeybi et al., arXiv 1909.08053), as MLC-LLM shards a model.
 
 Each of N shards holds ``num_heads / N`` query heads with their ``num_kv_heads / N`` whole KV heads
-(and the KV cache of those), ``intermediate_size / N`` MLP columns, and a replicated embedding,
-norms and lm_head. Column-parallel weights (q, k, v, gate, up; the qkv bias) are split along their
+(and the KV cache of those), ``intermediate_size / N`` MLP columns, ``vocab_size / N`` rows of the
+lm_head (``VOCAB_PARALLEL_HEAD``; the shards' logits all-gathered), and a replicated embedding and
+norms. Column-parallel weights (q, k, v, gate, up; the qkv bias; the lm_head) are split along their
 output rows, row-parallel ones (o, down) along their input columns; the partial outputs of o_proj
 and down_proj are summed over the shards (an all-reduce) before the residual add.
 
@@ -25,9 +26,13 @@ from .quantization import QuantizedTensor
 ALLREDUCE = "tsedge.tp.allreduce_sum"
 ALLGATHER = "tsedge.tp.allgather"
 
-# Hugging Face weight name suffix -> the axis split over the shards (0: output rows, 1: input columns)
-_SPLIT = {"q_proj.weight": 0, "k_proj.weight": 0, "v_proj.weight": 0, "q_proj.bias": 0, "k_proj.bias": 0,
-          "v_proj.bias": 0, "gate_proj.weight": 0, "up_proj.weight": 0, "o_proj.weight": 1, "down_proj.weight": 1}
+# The lm_head split by vocabulary rows over the shards (each reads 1/N of it; its logits all-gathered)
+# rather than replicated (each reads all of it), where the vocabulary divides.
+VOCAB_PARALLEL_HEAD = True
+
+# library parameter (module) -> the axis of its Hugging Face sources split over the shards
+# (0: output rows, 1: input columns); parameters not named here are replicated
+_SPLIT = {"qkv_proj": 0, "gate_up_proj": 0, "o_proj": 1, "down_proj": 1}
 
 
 def shard_config(cfg: ModelConfig, shards: int) -> ModelConfig:
@@ -45,9 +50,18 @@ def shard_config(cfg: ModelConfig, shards: int) -> ModelConfig:
     return dataclasses.replace(cfg, head_dim=cfg.head_dim, **{k: v // shards for k, v in sizes.items()})
 
 
-def split_axis(hf_name: str) -> int | None:
-    """The axis of Hugging Face tensor ``hf_name`` that tensor parallelism splits (None: replicated)."""
-    return next((axis for suffix, axis in _SPLIT.items() if hf_name.endswith(suffix)), None)
+def vocab_parallel(cfg: ModelConfig, shards: int) -> bool:
+    """Whether the lm_head of ``cfg`` (the whole model's) is split over ``shards`` shards."""
+    return shards > 1 and VOCAB_PARALLEL_HEAD and cfg.vocab_size % shards == 0
+
+
+def param_split(name: str, vocab_split: bool) -> int | None:
+    """The axis of library parameter ``name``'s Hugging Face sources ([out, in] or [out]) that
+    tensor parallelism splits, or None (replicated); ``vocab_split``: the lm_head is split."""
+    module = name.split(".")[-2]
+    if module == "lm_head":
+        return 0 if vocab_split else None
+    return _SPLIT.get(module)
 
 
 def shard_tensor(array: np.ndarray | QuantizedTensor, axis: int | None, rank: int, shards: int,

@@ -24,7 +24,7 @@ from tsedge.engine import Engine, LibraryError
 from tsedge.eval.agreement import greedy
 from tsedge.models.config import PolicyConfig
 from tsedge.models.quantization import SCHEMES, dequantize, quantize
-from tsedge.models.tensor_parallel import shard_config, shard_tensor, split_axis
+from tsedge.models.tensor_parallel import param_split, shard_config, shard_tensor
 from tsedge.tensor_parallel import ShardedEngine, open_engine
 from tsedge.weights import load_source
 
@@ -108,8 +108,10 @@ def test_shard_config_and_tensors():
     assert (shard.num_heads, shard.num_kv_heads, shard.intermediate_size, shard.head_dim) == (8, 2, 3584, 128)
     with pytest.raises(ValueError, match="not divisible by --tensor-parallel 3"):
         shard_config(cfg, 3)
-    assert [split_axis(n) for n in ("model.layers.0.self_attn.k_proj.weight", "model.layers.0.mlp.down_proj.weight",
-                                    "model.layers.0.self_attn.q_proj.bias", "model.norm.weight")] == [0, 1, 0, None]
+    names = ("model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.down_proj.qweight",
+             "model.layers.0.self_attn.qkv_proj.bias", "model.norm.weight", "lm_head.scale", "model.embed_tokens.weight")
+    assert [param_split(n, vocab_split=True) for n in names] == [0, 1, 0, None, 0, None]
+    assert param_split("lm_head.weight", vocab_split=False) is None
     w = np.random.default_rng(0).standard_normal((6, 128)).astype(np.float32)
     np.testing.assert_array_equal(np.concatenate([shard_tensor(w, 1, r, 2) for r in range(2)], axis=1), w)
     np.testing.assert_array_equal(np.concatenate([shard_tensor(w, 0, r, 3) for r in range(3)]), w)

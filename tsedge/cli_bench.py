@@ -25,9 +25,25 @@ def _driver() -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
+def _shard_variants(variants: dict, shard_counts: list[int]) -> dict:
+    """``{label: (policy, shards)}``: each variant at each tensor-parallel size (``-tpN`` labels)."""
+    return {name if n == 1 else f"{name}-tp{n}": (policy, n) for n in shard_counts for name, policy in variants.items()}
+
+
+def _shard_counts(value: str) -> list[int]:
+    try:
+        counts = [int(v) for v in value.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"{value!r}: give GPU counts such as 1,2", param_hint="--tensor-parallel")
+    return counts
+
+
 def _libraries(preset: str, variants: dict, target: str | None, lib_dir: str | None,
                capacity: int, quantization: str) -> dict[str, Path]:
-    """``<lib_dir>/<variant>.so`` for each variant, or cached libraries compiled on first use."""
+    """``<lib_dir>/<label>.so`` for each of ``_shard_variants``' labels, or cached libraries
+    compiled on first use."""
     if lib_dir:
         libs = {name: Path(lib_dir) / f"{name}.so" for name in variants}
         missing = [str(p) for p in libs.values() if not p.exists()]
@@ -38,8 +54,8 @@ def _libraries(preset: str, variants: dict, target: str | None, lib_dir: str | N
     from tsedge.library_cache import ensure_library
 
     return {name: ensure_library(PRESETS[preset], policy, resolve_target(target), "auto", capacity,
-                                 log=lambda m: click.echo(m, err=True), quantization=quantization)
-            for name, policy in variants.items()}
+                                 log=lambda m: click.echo(m, err=True), quantization=quantization, tensor_parallel=n)
+            for name, (policy, n) in variants.items()}
 
 
 def _bench_command(kind: str):
@@ -67,14 +83,17 @@ def _bench_command(kind: str):
                   show_default=True, help="JSON and PNG go here")
     @click.option("--tag", default=None, help="file name stem (default: <kind>_<preset>_<device>)")
     @quantization_option("q0")  # the compiled libraries' weights (random values of the scheme's layout)
+    @click.option("--tensor-parallel", default="1", show_default=True, metavar="N[,N...]",
+                  help="GPU counts to run each variant on (libraries labelled <variant>-tpN beyond 1)")
     def command(preset, depths, policies, target, lib_dir, compile_only, steps, chunk, ttft, tidal_budget, recycle_k,
-                output_dir, tag, quantization):
+                output_dir, tag, quantization, tensor_parallel):
         from tsedge.bench import long_context as lc
 
         try:
             depth_list = lc.parse_depths(depths)
-            variants = lc.variants([p.strip() for p in policies.split(",")], kind, tidal_budget=tidal_budget,
-                                   recycle_k=recycle_k)
+            variants = _shard_variants(lc.variants([p.strip() for p in policies.split(",")], kind,
+                                                   tidal_budget=tidal_budget, recycle_k=recycle_k),
+                                       _shard_counts(tensor_parallel))
         except ValueError as err:
             raise click.ClickException(str(err)) from None
         capacity = max(max(depth_list) + steps + chunk, ttft) + 8
@@ -97,6 +116,8 @@ def _bench_command(kind: str):
         stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
         lc.plot(result, stem.with_suffix(".png"))
+        if len({row["tensor_parallel"] for row in result["rows"]}) > 1:
+            lc.plot_scaling(result, Path(f"{stem}_gpus.png"))
         click.echo(lc.table(result))
         for row in result["ttft"]:
             click.echo(f"TTFT of a {row['tokens']}-token prompt, {row['policy']}: {row['seconds']:.3f} s "
@@ -113,9 +134,9 @@ def _compile_into(preset: str, variants: dict, target: str | None, lib_dir: Path
     from tsedge.compile.build import compile_library
     from tsedge.compile.targets import parse_target
 
-    for name, policy in variants.items():
+    for name, (policy, shards) in variants.items():
         meta = compile_library(PRESETS[preset], policy, parse_target(resolve_target(target)), "auto", capacity,
-                               lib_dir / f"{name}.so", quantization=quantization)
+                               lib_dir / f"{name}.so", quantization=quantization, tensor_parallel=shards)
         click.echo(f"wrote {lib_dir / name}.so ({meta.target}, {meta.compile_seconds} s)", err=True)
 
 

@@ -128,6 +128,7 @@ def eval_run(model, target, tasks, haystacks, policies, lengths, samples, seed, 
     from tsedge.engine import Engine
     from tsedge.eval.runner import Grid, check_policies, format_table, parse_lengths, plot, run
     from tsedge.library_cache import ensure_library
+    from tsedge.tensor_parallel import open_engine as open_library
     from tsedge.weights import load_source
 
     names = check_policies(_names(policies))
@@ -145,14 +146,14 @@ def eval_run(model, target, tasks, haystacks, policies, lengths, samples, seed, 
     for name, config in configs.items():
         capacity = _max_context({"max_context": grid.capacity()}, config, source.config.context_window)
         libs[name] = ensure_library(source.config, config, target, kw["dtype"], capacity,
-                                    log=functools.partial(click.echo, err=True))
+                                    log=functools.partial(click.echo, err=True), tensor_parallel=kw["tensor_parallel"])
     if compile_only:
         click.echo("\n".join(str(path) for path in libs.values()))
         return
 
     def open_engine(name: str) -> Engine:
-        return Engine(libs[name], source, prefill_chunk=configs[name].chunk_size,
-                      cache_correction=kw["cache_correction"])
+        return open_library(libs[name], source, prefill_chunk=configs[name].chunk_size,
+                            cache_correction=kw["cache_correction"])
 
     with _progress(len(names) * len(grid.cases()) * samples) as progress:
         result = run(open_engine, names, grid, progress)

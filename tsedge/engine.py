@@ -26,7 +26,7 @@ from tsedge.device_sampling import SAMPLE_FUNCTION, DeviceSampler
 from tsedge.kv_cache import ContextOverflowError, KVCache
 from tsedge.models.library import LibraryMeta
 from tsedge.models.quantization import QuantizationError, QuantizedTensor, concatenate, library_arrays, quantize, scheme
-from tsedge.models.tensor_parallel import shard_tensor, split_axis
+from tsedge.models.tensor_parallel import shard_tensor
 from tsedge.sampling import Sampler, SamplingParams
 from tsedge.threads import use_physical_cores
 from tsedge.weights import ModelSource, WeightsError, load_source
@@ -217,7 +217,7 @@ class Engine:
     def _load_params(self, source: ModelSource, on_load: LoadProgress) -> list[tvm.runtime.Tensor]:
         """Each library parameter from its source tensors (streamed once; fused projections wait
         for all their parts, then concatenate them along the output dimension; with tensor
-        parallelism each source is first cut to this shard's part). A quantized
+        parallelism each is first cut to this shard's part, ``ParamSpec.split``). A quantized
         library's linear weights are quantized here unless the source already carries them in
         its scheme (a ``tsedge convert --quantization`` folder)."""
         self._check_quantization(source)
@@ -230,10 +230,7 @@ class Engine:
                 wanted.setdefault(name, []).append(slot)
         parts: dict[int, dict[str, object]] = {}
         params: list[tvm.runtime.Tensor | None] = [None] * len(self.meta.params)
-        shards = self.meta.tensor_parallel
         for name, array in source.tensors():
-            if name in wanted:
-                array = shard_tensor(array, split_axis(name), self.rank, shards, name)
             for slot in wanted.get(name, []):
                 spec = self.meta.params[slot[0]]
                 got = parts.setdefault(slot[0], {})
@@ -264,6 +261,8 @@ class Engine:
         checked against the library's."""
         specs = [self.meta.params[i] for i in slot]
         spec = specs[0]
+        arrays = [shard_tensor(a, spec.split, self.rank, self.meta.tensor_parallel, name)
+                  for a, name in zip(arrays, spec.sources)]
         if spec.part:
             if all(isinstance(a, QuantizedTensor) for a in arrays):
                 qt = concatenate(arrays)
@@ -353,6 +352,35 @@ class Engine:
 
     def reset(self) -> None:
         self._truncate(0)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` cached tokens (dropping any zeroes the policy state)."""
+        self._truncate(length)
+
+    def fill_random(self, length: int, seed: int = 0) -> None:
+        """Benchmarks: make the cache hold ``length`` tokens of random K/V (and random ids)
+        without running prefill: decode time depends on the context length, not its content. On
+        a CUDA GPU the fill runs there (through torch)."""
+        self.reset()
+        self.cache.check_room(length)
+        kv = self.cache.tensor
+        if self.meta.target.startswith("cuda"):
+            import torch
+
+            torch.manual_seed(seed)
+            values = torch.from_dlpack(kv).normal_()
+            torch.cuda.synchronize(values.device)  # the fill must not run inside a caller's timed region
+        else:
+            shape = list(kv.shape)
+            shape[3] = length
+            full = np.zeros(kv.shape, self.meta.dtype)
+            full[:, :, :, :length] = np.random.default_rng(seed).standard_normal(shape)
+            kv.copyfrom(full)
+        vocab = self.meta.model.vocab_size
+        self.cache.tokens = np.random.default_rng(seed).integers(min(100, vocab - 1), vocab, length).tolist()
+
+    def close(self) -> None:
+        """Release what the engine holds besides memory (a sharded engine's workers); a no-op here."""
 
     def _truncate(self, length: int, carry_counts: bool = False) -> None:
         """Keep the first ``length`` cached tokens. Dropping any zeroes the policy state (it

@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 import weakref
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -60,6 +61,15 @@ class Collective:
 
     def allgather(self, x, out) -> None:
         raise NotImplementedError
+
+    def time_allreduce(self, x, reps: int) -> float:
+        """Seconds per all-reduce of ``x`` (in place), the mean of ``reps`` after a warm-up; every
+        rank must call it at once."""
+        self.allreduce(x, x)
+        start = time.perf_counter()
+        for _ in range(reps):
+            self.allreduce(x, x)
+        return (time.perf_counter() - start) / reps
 
 
 class SharedMemoryCollective(Collective):
@@ -120,6 +130,27 @@ class NcclCollective(Collective):
     def allgather(self, x, out) -> None:
         count, dtype, stream = self._args(x)
         self.comm.allGather(x.data_ptr(), out.data_ptr(), count, dtype, stream)
+
+    def time_allreduce(self, x, reps: int) -> float:
+        """GPU seconds per all-reduce of ``x`` as a decode step runs them: ``reps`` of them
+        captured in one CUDA graph, the graph's replay timed by CUDA events (after a warm-up)."""
+        import cupy
+
+        count, dtype, _ = self._args(x)
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            self.comm.allReduce(x.data_ptr(), x.data_ptr(), count, dtype, self.nccl.NCCL_SUM, stream.ptr)
+            stream.begin_capture()
+            for _ in range(reps):
+                self.comm.allReduce(x.data_ptr(), x.data_ptr(), count, dtype, self.nccl.NCCL_SUM, stream.ptr)
+            graph = stream.end_capture()
+            graph.launch(stream)
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+        return cupy.cuda.get_elapsed_time(start, end) / 1000 / reps
 
 
 def nccl_unique_id() -> tuple:
@@ -193,11 +224,22 @@ def _worker(rank: int, shards: int, lib: str, weights: Any, random_weights: bool
             if call is None:
                 return
             name, args = call
-            getattr(engine, name)(*args)
+            _CALLS[name](engine, *args)
     except (EOFError, KeyboardInterrupt):
         return
     except BaseException as err:  # reported to rank 0, which stops
         conn.send(("error", f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"))
+
+
+def _time_allreduce(engine: Engine, numel: int, dtype: str, reps: int) -> float:
+    import tvm
+
+    return engine.collective.time_allreduce(tvm.runtime.tensor(np.ones(numel, dtype), engine.device), reps)
+
+
+# what rank 0 forwards and every worker repeats on its shard
+_CALLS = {"_run": Engine._run, "_truncate": Engine._truncate, "fill_random": Engine.fill_random,
+          "time_allreduce": _time_allreduce}
 
 
 class ShardedEngine(Engine):
@@ -291,6 +333,18 @@ class ShardedEngine(Engine):
     def _truncate(self, length: int, carry_counts: bool = False) -> None:
         self._forward("_truncate", length, carry_counts)
         super()._truncate(length, carry_counts)
+
+    def allreduce_seconds(self, numel: int, dtype: str | None = None, reps: int = 200) -> float:
+        """Seconds per all-reduce of ``numel`` values of ``dtype`` (default: the library's) over
+        the shards (``Collective.time_allreduce``: on CUDA, GPU time inside a CUDA graph, as in a
+        decode step)."""
+        dtype = dtype or self.meta.dtype
+        self._forward("time_allreduce", numel, dtype, reps)
+        return _time_allreduce(self, numel, dtype, reps)
+
+    def fill_random(self, length: int, seed: int = 0) -> None:
+        super().fill_random(length, seed)  # forwards its reset first
+        self._forward("fill_random", length, seed)
 
     def close(self) -> None:
         """Stop the workers and free the shared memory (also when the engine is collected)."""

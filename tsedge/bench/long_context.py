@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 
 from tsedge.bench.speed import decode_speed, machine_info, prefill_chunk_speed, prefill_speed
-from tsedge.engine import Engine
 from tsedge.models.config import POLICIES, PolicyConfig
 from tsedge.models.library import LibraryMeta
 from tsedge.models.quantization import scheme
-from tsedge.models.tensor_parallel import split_axis
+from tsedge.tensor_parallel import open_engine
 
 VARIANTS = {"dense": PolicyConfig(), "tokenselect": PolicyConfig("tokenselect"),
             "tokenselect-reselect": PolicyConfig("tokenselect", selection_threshold=1.5)}
@@ -121,11 +120,10 @@ def random_params(meta: LibraryMeta, rank: int = 0) -> tuple[list, Any]:
     def make(p):
         pieces = []
         for name in p.sources:
-            axis = split_axis(name)
             whole = draw(name, p.part, shape_of(name, p.part))
-            if axis is not None and meta.tensor_parallel > 1:
-                whole = whole.chunk(meta.tensor_parallel, axis)[rank] if on_gpu else np.split(
-                    whole, meta.tensor_parallel, axis)[rank]
+            if p.split is not None:
+                whole = whole.chunk(meta.tensor_parallel, p.split)[rank] if on_gpu else np.split(
+                    whole, meta.tensor_parallel, p.split)[rank]
             pieces.append(whole)
         return arrange(pieces, p.transposed)
 
@@ -143,16 +141,21 @@ def run(kind: str, libs: dict[str, Path], depths: list[int], steps: int = 32, ch
         log: Callable[[str], None] = print, ttft: int = 0) -> dict[str, Any]:
     """Measure ``kind`` ("decode" or "prefill") for each library variant at each depth.
 
-    All variants share one set of random weights (same model and dtype). Returns ``{"info",
-    "kind", "rows": [{"policy", "depth", "ms_per_token" or "tok_per_s", ...}], "ttft": [...]}``;
+    Each variant draws the same random weights (``random_params``: seeded per tensor, so shard
+    counts agree too); a tensor-parallel library runs on its shards (``open_engine``), and its
+    decode rows record the measured all-reduce times. Returns ``{"info", "kind", "rows":
+    [{"policy", "depth", "tensor_parallel", "ms_per_token" or "tok_per_s", ...}], "ttft": [...]}``;
     ``ttft`` > 0 (prefill): also the time to first token of a ``ttft``-token prompt from empty.
     """
-    params, keep = random_params(LibraryMeta.load(next(iter(libs.values())).with_suffix(".json")))
     capacity = max(max(depths) + steps + chunk, ttft) + 8
     rows, info, ttfts = [], {}, []
     for name, lib in libs.items():
-        engine = Engine(lib, None, params=params, max_context=capacity)
+        engine = open_engine(lib, None, random_weights=True, max_context=capacity)
         info = machine_info(engine)
+        shards = {"tensor_parallel": engine.meta.tensor_parallel}
+        if engine.meta.tensor_parallel > 1 and kind == "decode":
+            shards.update(collective_times(engine, capacity))
+            log(f"all-reduce {name}: {shards['allreduce_hidden_us']:.1f} us (hidden) per call")
         for depth in depths:
             if kind == "decode":
                 row = decode_speed(engine, depth, steps)
@@ -162,14 +165,42 @@ def run(kind: str, libs: dict[str, Path], depths: list[int], steps: int = 32, ch
             else:
                 row = prefill_chunk_speed(engine, depth, chunk)
                 value = f"{row['tok_per_s']:10.1f} tok/s"
-            rows.append({"policy": name, "depth": depth, **row})
+            rows.append({"policy": name, "depth": depth, **shards, **row})
             log(f"{kind} {name:21s} depth {depth:7d}: {value}")
         if ttft and kind == "prefill":
             ttfts.append({"policy": name, **prefill_speed(engine, ttft)})
             log(f"TTFT {name:21s} {ttft:7d}-token prompt: {ttfts[-1]['seconds']:.3f} s")
+        engine.close()
         del engine
-    del keep
+        _free_device_memory()
     return {"info": info, "kind": kind, "rows": rows, "ttft": ttfts}
+
+
+def collective_times(engine, capacity: int) -> dict[str, Any]:
+    """A sharded engine's all-reduce times (microseconds, GPU time in a CUDA graph on CUDA): of
+    one token's hidden state (two a layer in every decode step) and, for TokenSelect, of a vote
+    over the cache's candidates (float32; one a layer in a selecting step, plus an all-gather of
+    the fingerprint)."""
+    cfg = engine.meta.model
+    times = {"allreduce_hidden_us": round(1e6 * engine.allreduce_seconds(cfg.hidden_size), 2),
+             "allreduces_per_step": 2 * cfg.num_layers}
+    if engine.meta.policy.name == "tokenselect":
+        candidates = capacity - engine.meta.policy.n_init - engine.meta.policy.n_local
+        times["allreduce_vote_us"] = round(1e6 * engine.allreduce_seconds(candidates, dtype="float32"), 2)
+    return times
+
+
+def _free_device_memory() -> None:
+    """Give the last engine's GPU memory back before the next one draws its weights."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # the llama.cpp weights compared with a library's quantization: (peers.json table, label)
@@ -227,6 +258,33 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{result['info'].get('model', '')}{weights} {kind}, {result['info'].get('device', result['info']['target'])}")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_scaling(result: dict[str, Any], path: Path) -> None:
+    """PNG: ms/token (decode) or tok/s (prefill) against the number of GPUs (tensor-parallel
+    shards), one line per policy and depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "ms_per_token" if result["kind"] == "decode" else "tok_per_s"
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    lines: dict[tuple[str, int], list] = {}
+    for r in result["rows"]:
+        base = r["policy"].rsplit("-tp", 1)[0] if r["tensor_parallel"] > 1 else r["policy"]
+        lines.setdefault((base, r["depth"]), []).append((r["tensor_parallel"], r[key]))
+    for (policy, depth), points in lines.items():
+        ax.plot(*zip(*sorted(points)), marker="o", label=f"{policy}, depth {depth}")
+    ax.set_xlabel("GPUs (tensor-parallel shards)")
+    ax.set_xticks(sorted({r["tensor_parallel"] for r in result["rows"]}))
+    ax.set_ylabel("ms per decoded token" if result["kind"] == "decode" else "prefill tok/s")
+    ax.set_title(f"{result['info'].get('model', '')} {result['kind']}, {result['info'].get('device', '')}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -23,31 +23,6 @@ def random_ids(engine: Engine, count: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(100, vocab, count).tolist()
 
 
-def fill_random(engine: Engine, length: int, seed: int = 0) -> None:
-    """Make the cache hold ``length`` tokens of random K/V without running prefill.
-
-    Decode time depends on the context length, not on its content: this measures decode at 32K
-    tokens without a 32K prefill. On a GPU the fill runs on the device (through torch).
-    """
-    engine.reset()
-    engine.cache.check_room(length)
-    kv = engine.cache.tensor
-    if not engine.meta.target.startswith("cuda"):
-        shape = list(kv.shape)
-        shape[3] = length
-        block = np.random.default_rng(seed).standard_normal(shape).astype(engine.meta.dtype)
-        full = np.zeros(kv.shape, engine.meta.dtype)
-        full[:, :, :, :length] = block
-        kv.copyfrom(full)
-    else:
-        import torch
-
-        torch.manual_seed(seed)
-        torch.from_dlpack(kv).normal_()
-        torch.cuda.synchronize()  # the fill must not run inside a caller's timed region
-    engine.cache.tokens = random_ids(engine, length, seed)
-
-
 def text_ids(engine: Engine, count: int) -> list[int]:
     """The first ``count`` token ids of CPython's docs (``pydoc_data.topics``) by the engine's
     tokenizer (a BOS first when the model adds one, as for a prompt): natural text that both
@@ -82,9 +57,9 @@ def prefill_speed(engine: Engine, length: int, seed: int = 0, ids: list[int] | N
 
 
 def decode_speed(engine: Engine, context: int, steps: int = 64) -> dict[str, Any]:
-    """Decode steps after ``context`` cached tokens filled with random values (``fill_random``);
+    """Decode steps after ``context`` cached tokens filled with random values (``Engine.fill_random``);
     with a device sampler each step includes its greedy pick on the device (``Engine.decode_greedy``)."""
-    fill_random(engine, context)
+    engine.fill_random(context)
     engine.cache.check_room(steps + 2)
     # a library with ``sample``: each step decodes and picks greedily on the device (only the id
     # crosses to the host), as generation does; else the logits come to the host. Every step
@@ -125,10 +100,10 @@ def prefill_chunk_speed(engine: Engine, context: int, chunk: int, reps: int = 5)
     median of ``reps`` calls, the cache truncated back to ``context`` before each (after a warm-up
     call at the same shapes)."""
     ids = random_ids(engine, chunk)
-    fill_random(engine, context)
+    engine.fill_random(context)
     times = []
     for _ in range(reps + 1):
-        engine.cache.truncate(context)
+        engine.truncate(context)
         start = time.perf_counter()
         engine.prefill(ids)
         times.append(time.perf_counter() - start)

@@ -169,6 +169,7 @@ def run(open_engine: Callable[[str], Any], policies: list[str], grid: Grid,
             cells.append({"task": task, "haystack": haystack, "policy": policy, "length": length,
                           "seconds": round(time.perf_counter() - start, 2), **cell})
             (progress or _quiet)(policy, case, cells[-1])
+        engine.close()
     return {"task": "eval", "config": config, "info": info, "cells": cells}
 
 
