@@ -33,6 +33,8 @@ VOCAB_PARALLEL_HEAD = True
 # library parameter (module) -> the axis of its Hugging Face sources split over the shards
 # (0: output rows, 1: input columns); parameters not named here are replicated
 _SPLIT = {"qkv_proj": 0, "gate_up_proj": 0, "o_proj": 1, "down_proj": 1}
+# the same for the Hugging Face linears those are made of
+_LINEARS = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, "o_proj": 1, "down_proj": 1}
 
 
 def shard_config(cfg: ModelConfig, shards: int) -> ModelConfig:
@@ -62,6 +64,23 @@ def param_split(name: str, vocab_split: bool) -> int | None:
     if module == "lm_head":
         return 0 if vocab_split else None
     return _SPLIT.get(module)
+
+
+def linear_split(hf_name: str) -> int | None:
+    """The axis of Hugging Face tensor ``hf_name`` split over the shards when it is one of the
+    attention or MLP linears (weight or bias; what a ``tsedge convert --tensor-parallel`` shard
+    folder stores split), else None."""
+    parts = hf_name.split(".")
+    return _LINEARS.get(parts[-2]) if len(parts) > 1 else None
+
+
+def shard_shapes(shapes: dict[str, tuple[int, ...]], shards: int) -> dict[str, tuple[int, ...]]:
+    """``shapes`` (Hugging Face names) as one shard's folder holds them (``linear_split``)."""
+    def cut(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        axis = linear_split(name)
+        return shape if axis is None else tuple(n // shards if i == axis else n for i, n in enumerate(shape))
+
+    return {name: cut(name, shape) for name, shape in shapes.items()}
 
 
 def shard_tensor(array: np.ndarray | QuantizedTensor, axis: int | None, rank: int, shards: int,

@@ -52,11 +52,13 @@ def _library(tmp_path_factory, source, policy: dict, shards: int, quantization: 
 
 def _greedy_both(tmp_path_factory, source, weights, policy: dict, shards: int, prompt: list[int], steps: int,
                  quantization: str = "q0", context: int = CONTEXT):
-    """(tokens, logits, selection stats) of one shard and of ``shards`` shards."""
+    """(tokens, logits, selection stats) of one shard and of ``shards`` shards (``weights`` None:
+    random weights, ``random_params``)."""
     results = []
     for n in (1, shards):
         engine = open_engine(_library(tmp_path_factory, source, policy, n, quantization, context), weights,
-                             max_context=context, prefill_chunk=policy.get("chunk_size", 32))
+                             random_weights=weights is None, max_context=context,
+                             prefill_chunk=policy.get("chunk_size", 32))
         try:
             assert isinstance(engine, ShardedEngine) == (n > 1)
             results.append((*greedy(engine, prompt, steps), engine.selection_stats()))
@@ -76,6 +78,18 @@ def test_two_shards_equal_one(tmp_path_factory, tiny, policy):
     assert tp_tokens == tokens
     np.testing.assert_allclose(np.stack(tp_logits), np.stack(logits), rtol=1e-4, atol=1e-5)
     assert tp_stats == stats
+
+
+@pytest.mark.parametrize("quantization", ["q0", "q4f16"])
+def test_random_weights_agree_across_shards(tmp_path_factory, tiny, quantization):
+    """Benchmarks' random weights are drawn per Hugging Face tensor and then split, so one and
+    two shards run the same model."""
+    source = load_source(str(tiny))
+    prompt = prompt_ids(source, 40)
+    (tokens, logits, _), (tp_tokens, tp_logits, _) = _greedy_both(
+        tmp_path_factory, source, None, TINY_POLICIES["dense"], 2, prompt, 6, quantization=quantization)
+    assert tp_tokens == tokens
+    np.testing.assert_allclose(np.stack(tp_logits), np.stack(logits), rtol=1e-4, atol=1e-5)
 
 
 def test_two_shards_quantized(tmp_path_factory, tiny):
@@ -146,3 +160,30 @@ def test_cli(tmp_path, tiny):
                           (["--lib", str(out), "--tensor-parallel", "4"], "does not match library")):
         bad = runner.invoke(main, ["generate", "--model", str(tiny), "--target", "llvm", "--prompt", "x", *args])
         assert bad.exit_code != 0 and message in bad.output and len(bad.output.strip().splitlines()) == 1
+
+
+def test_convert_shard_folders(tmp_path, tiny):
+    """`convert --tensor-parallel 2` writes shard folders whose linears hold one shard's part; a
+    2-shard library runs from them (each process opens its own) with the same tokens as from the
+    whole weights, and a library of another shard count says how to convert."""
+    runner = CliRunner()
+    lib = tmp_path / "tp.so"
+    assert runner.invoke(main, ["compile", "--model", str(tiny), "--target", "llvm", "--tensor-parallel", "2",
+                                "--max-context", "128", "-o", str(lib)]).exit_code == 0
+    shards = tmp_path / "shards"
+    done = runner.invoke(main, ["convert", "--model", str(tiny), "-o", str(shards), "--tensor-parallel", "2"])
+    assert done.exit_code == 0, done.output
+    assert "2 shard folders" in done.output
+    half = load_source(str(shards), rank=1)
+    assert half.shard == (1, 2) and half.path.name == "shard-1"
+    sizes = dict((name, array.shape) for name, array in half.tensors())
+    assert sizes["model.layers.0.self_attn.q_proj.weight"] == (32, 64) and sizes["model.layers.0.mlp.down_proj.weight"] == (64, 64)
+    assert sizes["model.embed_tokens.weight"] == (load_source(str(tiny)).config.vocab_size, 64)
+    args = ["generate", "--lib", str(lib), "--raw", "--max-new-tokens", "4", "--temperature", "0", "--prompt", "The quick"]
+    whole = runner.invoke(main, args + ["--model", str(tiny)])
+    split = runner.invoke(main, args + ["--model", str(shards)])
+    assert whole.exit_code == 0 and split.exit_code == 0, split.output
+    assert split.stdout == whole.stdout
+    bad = runner.invoke(main, ["generate", "--model", str(shards), "--target", "llvm", "--max-context", "128",
+                               "--prompt", "x"])
+    assert bad.exit_code != 0 and "--tensor-parallel 1" in bad.output and len(bad.output.strip().splitlines()) == 1

@@ -115,9 +115,12 @@ def _engine(model, target: str | None, lib: str | None, kw: dict):
     engine = functools.partial(open_engine, lib, source, prefill_chunk=policy.chunk_size,
                                cache_correction=kw.get("cache_correction", 0))
     if meta.quantization == "q0" or source.quantization != "q0":
-        return engine()
-    with count_progress(f"quantizing {source.config.name} to {meta.quantization}", len(meta.params)) as update:
-        return engine(on_load=lambda done, _total: update(done))
+        opened = engine()
+    else:
+        with count_progress(f"quantizing {source.config.name} to {meta.quantization}", len(meta.params)) as update:
+            opened = engine(on_load=lambda done, _total: update(done))
+    click.get_current_context().call_on_close(opened.close)  # a sharded engine's workers end with the command
+    return opened
 
 
 class _OneLineUsageErrors(click.Group):
@@ -199,26 +202,36 @@ def compile(model: str, target: str | None, output: str | None, **kw) -> None:  
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="preset name, .gguf or HF folder")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="weights folder")
 @quantization_option("q0")
+@click.option("--tensor-parallel", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="write N shard folders (OUTPUT/shard-0 ...), each with its part of the attention and MLP linears")
 @_errors
-def convert(model: str, output: str, quantization: str) -> None:
+def convert(model: str, output: str, quantization: str, tensor_parallel: int) -> None:
     """Write a weights folder (float16 safetensors, or q8f16/q4f16 packed linear weights and float16
     scales; config, tokenizer) that loads without conversion."""
+    from tsedge.models.tensor_parallel import linear_split, shard_config, shard_tensor
     from tsedge.progress import count_progress
     from tsedge.weights import expected_shapes, load_source, save_weights_folder
 
     source = load_source(model)
-    if source.quantization != "q0":
-        raise ValueError(f"{source.path} is already a {source.quantization} folder; convert from the float "
-                         "weights (GGUF or Hugging Face folder) instead")
+    if source.quantization != "q0" or source.shard is not None:
+        what = f"a {source.quantization} folder" if source.shard is None else "a tensor-parallel shard"
+        raise ValueError(f"{source.path} is already {what}; convert from the float weights (GGUF or Hugging Face "
+                         "folder) instead")
+    shard_config(source.config, tensor_parallel)  # sizes that do not divide: one error line, before any work
     total = len(expected_shapes(source.config))
     if Path(output).is_dir() and any(Path(output).iterdir()):
         click.echo(f"tsedge: note: {output} is not empty; its weights, config and tokenizer are replaced", err=True)
-    with count_progress(f"converting {source.config.name} ({quantization})", total) as update:
-        tensors = ((update(i + 1), item)[1] for i, item in enumerate(source.tensors()))
-        save_weights_folder(output, tensors, source.config, source.tokenizer,
-                            {"model": source.config.name, "source": str(source.path)}, quantization)
-    _keep_sampling_defaults(source.path, Path(output))
-    click.echo(f"wrote {output} ({quantization})")
+    for rank in range(tensor_parallel):
+        folder = Path(output) / f"shard-{rank}" if tensor_parallel > 1 else Path(output)
+        shard = f", shard {rank + 1} of {tensor_parallel}" if tensor_parallel > 1 else ""
+        with count_progress(f"converting {source.config.name} ({quantization}{shard})", total) as update:
+            tensors = ((update(i + 1), (name, shard_tensor(array, linear_split(name), rank, tensor_parallel, name)))[1]
+                       for i, (name, array) in enumerate(source.tensors()))
+            save_weights_folder(folder, tensors, source.config, source.tokenizer,
+                                {"model": source.config.name, "source": str(source.path)}, quantization,
+                                (rank, tensor_parallel) if tensor_parallel > 1 else None)
+        _keep_sampling_defaults(source.path, folder)
+    click.echo(f"wrote {output} ({quantization}" + (f", {tensor_parallel} shard folders)" if tensor_parallel > 1 else ")"))
 
 
 def _keep_sampling_defaults(source: Path, output: Path) -> None:

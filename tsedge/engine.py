@@ -26,7 +26,7 @@ from tsedge.device_sampling import SAMPLE_FUNCTION, DeviceSampler
 from tsedge.kv_cache import ContextOverflowError, KVCache
 from tsedge.models.library import LibraryMeta
 from tsedge.models.quantization import QuantizationError, QuantizedTensor, concatenate, library_arrays, quantize, scheme
-from tsedge.models.tensor_parallel import shard_tensor
+from tsedge.models.tensor_parallel import linear_split, shard_tensor
 from tsedge.sampling import Sampler, SamplingParams
 from tsedge.threads import use_physical_cores
 from tsedge.weights import ModelSource, WeightsError, load_source
@@ -181,7 +181,7 @@ class Engine:
         self.vm = VirtualMachine(module, self.device)
         self.tokenizer = None
         if weights is not None:
-            source = weights if isinstance(weights, ModelSource) else load_source(str(weights))
+            source = weights if isinstance(weights, ModelSource) else load_source(str(weights), rank)
             if source.config.to_dict() | {"name": ""} != self.meta.model.to_dict() | {"name": ""}:
                 raise LibraryError(
                     f"weights {source.path} ({source.config.name}) do not match library {lib} "
@@ -221,6 +221,11 @@ class Engine:
         library's linear weights are quantized here unless the source already carries them in
         its scheme (a ``tsedge convert --quantization`` folder)."""
         self._check_quantization(source)
+        shards = self.meta.tensor_parallel
+        if source.shard not in (None, (self.rank, shards)):
+            raise LibraryError(f"weights {source.path} are tensor-parallel shard {source.shard[0]} of {source.shard[1]}, "
+                               f"but this is shard {self.rank} of {shards}: convert them with --tensor-parallel {shards}")
+        self._presplit = source.shard is not None  # its linears are this shard's parts already
         slots: dict[str, list[int]] = {}  # a float parameter, or the qweight and scale of a weight
         for i, spec in enumerate(self.meta.params):
             slots.setdefault(spec.name.rpartition(".")[0] if spec.part else spec.name, []).append(i)
@@ -261,7 +266,8 @@ class Engine:
         checked against the library's."""
         specs = [self.meta.params[i] for i in slot]
         spec = specs[0]
-        arrays = [shard_tensor(a, spec.split, self.rank, self.meta.tensor_parallel, name)
+        arrays = [a if self._presplit and linear_split(name) is not None
+                  else shard_tensor(a, spec.split, self.rank, self.meta.tensor_parallel, name)
                   for a, name in zip(arrays, spec.sources)]
         if spec.part:
             if all(isinstance(a, QuantizedTensor) for a in arrays):

@@ -256,6 +256,8 @@ class ShardedEngine(Engine):
         _open_engine = weakref.ref(self)
         shards = meta.tensor_parallel
         source_path = getattr(weights, "path", weights)  # a ModelSource travels as its path
+        if getattr(weights, "shard", None) is not None:  # a shard folder: the workers open their own
+            source_path = source_path.parent
         cuda = meta.target.startswith("cuda")
         context = multiprocessing.get_context("spawn")
         self._memory = None

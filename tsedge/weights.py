@@ -25,6 +25,7 @@ import numpy as np
 from tsedge.fetch import default_model_path
 from tsedge.gguf_check import GGUFCheckError, check_counts, check_layout
 from tsedge.models.config import PRESETS, ModelConfig, from_hf_config
+from tsedge.models.tensor_parallel import shard_shapes
 from tsedge.models.quantization import (QuantizationError, QuantizedTensor, check_quantized, is_quantized_weight,
                                         quantize, scheme)
 from tsedge.tokenizer import Tokenizer, TokenizerError
@@ -75,6 +76,7 @@ class ModelSource:
     path: Path
     read: Callable[[], Tensors] = dataclasses.field(repr=False)
     quantization: str = "q0"  # the scheme of the linear weights it carries (q0: float)
+    shard: tuple[int, int] | None = None  # (rank, shards): a shard folder's linears hold that part only
 
     def tensors(self) -> Tensors:
         """Yield ``(name, array)`` one at a time (HF names; a tsedge folder: as it was saved; a
@@ -83,9 +85,16 @@ class ModelSource:
 
 
 # ---- entry point --------------------------------------------------------------------------------
-def load_source(model: str) -> ModelSource:
-    """Open a model: a preset name with embedded weights, a ``.gguf`` file or a weights folder."""
+def load_source(model: str, rank: int = 0) -> ModelSource:
+    """Open a model: a preset name with embedded weights, a ``.gguf`` file or a weights folder;
+    a folder of tensor-parallel shard folders (``tsedge convert --tensor-parallel``) opens as its
+    ``shard-<rank>``."""
     path = Path(model).expanduser()
+    if (path / "shard-0").is_dir():
+        if not (path / f"shard-{rank}").is_dir():
+            raise WeightsError(f"{path} has no shard-{rank}: it was converted for fewer tensor-parallel shards; "
+                               "convert it with the library's --tensor-parallel")
+        path = path / f"shard-{rank}"
     if not path.exists():
         if model in EMBEDDED:
             path = EMBEDDED[model]()
@@ -343,7 +352,10 @@ def _tsedge_folder(path: Path, config: ModelConfig, tokenizer: Tokenizer) -> Mod
         qs = scheme(str(quantization))
     except QuantizationError as e:
         raise WeightsError(f"{path / 'tsedge.json'}: {e}") from e
-    shapes = expected_shapes(config)
+    shard = info.get("shard")
+    if shard is not None and not (_naturals(shard) and len(shard) == 2 and shard[0] < shard[1]):
+        raise WeightsError(f"{path / 'tsedge.json'}: shard {shard!r} is not [rank, shards]; re-convert the weights")
+    shapes = expected_shapes(config) if shard is None else shard_shapes(expected_shapes(config), shard[1])
 
     def read(name: str) -> np.ndarray | QuantizedTensor:
         if qs is None or not is_quantized_weight(name):
@@ -364,7 +376,8 @@ def _tsedge_folder(path: Path, config: ModelConfig, tokenizer: Tokenizer) -> Mod
     if absent:
         raise WeightsError(f"{path / 'params.safetensors'}: tensor {absent[0]} of a {quantization} folder is "
                            "missing; re-convert the weights folder")
-    return ModelSource(config, tokenizer, path, lambda: ((n, read(n)) for n in names), quantization)
+    return ModelSource(config, tokenizer, path, lambda: ((n, read(n)) for n in names), quantization,
+                       None if shard is None else (shard[0], shard[1]))
 
 
 def quantized_tensors(tensors: Tensors, quantization: str) -> Tensors:
@@ -382,15 +395,19 @@ def quantized_tensors(tensors: Tensors, quantization: str) -> Tensors:
 
 def save_weights_folder(out_dir: str | Path, params: Iterable[tuple[str, np.ndarray]],
                         config: ModelConfig, tokenizer: Tokenizer, meta: dict[str, Any],
-                        quantization: str = "q0") -> None:
+                        quantization: str = "q0", shard: tuple[int, int] | None = None) -> None:
     """Write a tsedge weights folder; ``params`` are consumed one at a time, stored as float16, or
-    with ``quantization`` q8f16/q4f16 the linear weights quantized (``quantized_tensors``)."""
+    with ``quantization`` q8f16/q4f16 the linear weights quantized (``quantized_tensors``).
+    ``shard``: (rank, shards) when ``params`` are a tensor-parallel shard's (its linears cut by
+    ``models.tensor_parallel.linear_split``), recorded for the loader."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stored = _write_safetensors(out_dir / "params.safetensors", quantized_tensors(params, quantization))
     order = stored if quantization == "q0" else [n.removesuffix(".qweight") for n in stored
                                                  if not n.endswith(".scale")]
     info = {"meta": meta, "params": order, "quantization": quantization}
+    if shard is not None:
+        info["shard"] = list(shard)
     (out_dir / "tsedge.json").write_text(json.dumps(info, indent=1))
     (out_dir / "config.json").write_text(json.dumps({**config.to_dict(), "tsedge": True}, indent=2))
     tokenizer.save(out_dir)

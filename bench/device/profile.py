@@ -2,7 +2,7 @@
 launches, gaps.
 
 Usage: python3 bench/device/profile.py OUT_JSON LIB:DEPTH[:prefill] [...]
-For each library (random weights) and depth: the step's wall time without the profiler, then
+For each library (random weights; a tensor-parallel one profiled on GPU 0, its rank 0) and depth: the step's wall time without the profiler, then
 torch.profiler's CUDA kernel records over 10 steps: GPU time per step, kernel launches per step,
 the gap (wall − kernel time: launch and host overhead) and the top 40 kernels. A step is one decoded
 token, or with ``:prefill`` one 512-token prefill chunk after DEPTH cached tokens (the cache
@@ -19,28 +19,24 @@ from pathlib import Path
 
 import torch
 
-from tsedge.bench.long_context import random_params
-from tsedge.bench.speed import fill_random, random_ids
-from tsedge.engine import Engine
-from tsedge.models.library import LibraryMeta
+from tsedge.bench.speed import random_ids
+from tsedge.tensor_parallel import open_engine
 
 STEPS = 10
 CHUNK = 512
 
 
 def profile(lib: Path, depth: int, kind: str = "decode") -> dict:
-    meta = LibraryMeta.load(lib.with_suffix(".json"))
-    params, keep = random_params(meta)
-    engine = Engine(lib, None, params=params, max_context=depth + (CHUNK if kind == "prefill" else 4 * STEPS) + 8,
-                    prefill_chunk=CHUNK)
-    fill_random(engine, depth)
+    engine = open_engine(lib, None, random_weights=True, prefill_chunk=CHUNK,
+                         max_context=depth + (CHUNK if kind == "prefill" else 4 * STEPS) + 8)
+    engine.fill_random(depth)
     chunk = random_ids(engine, CHUNK, seed=1)
 
     def step() -> None:
         if kind == "decode":
             engine.decode(1)
         else:
-            engine.cache.truncate(depth)
+            engine.truncate(depth)
             engine.prefill(chunk)
 
     for _ in range(3):
@@ -59,7 +55,8 @@ def profile(lib: Path, depth: int, kind: str = "decode") -> dict:
             counts[event.name] += 1
     kernel_ms = sum(times.values())
     top = sorted(times, key=times.get, reverse=True)[:40]
-    del engine, keep
+    engine.close()
+    del engine
     return {"lib": lib.name, "kind": kind, "depth": depth, "wall_ms": round(wall_ms, 3), "kernel_ms": round(kernel_ms, 3),
             "gap_ms": round(wall_ms - kernel_ms, 3), "launches": sum(counts.values()) // STEPS,
             "top": [{"kernel": k[:80], "ms": round(times[k], 3), "per_step": counts[k] // STEPS} for k in top]}

@@ -27,6 +27,8 @@ def main() -> None:
     prompt_len = int(sys.argv[3]) if len(sys.argv) > 3 else 3000
     results = {}
     for policy in ("dense", "tokenselect"):
+        if not (lib_dir / f"{policy}-tp2.so").exists():
+            continue
         runs = {}
         for label in (policy, f"{policy}-tp2"):
             engine = open_engine(lib_dir / f"{label}.so", None, random_weights=True, max_context=8192)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from tsedge import vulkan
 from tsedge.bench.long_context import random_params
-from tsedge.bench.speed import fill_random
 from tsedge.engine import Engine
 from tsedge.models.library import LibraryMeta
 
@@ -28,7 +27,7 @@ def main() -> None:
     meta = LibraryMeta.load(lib.with_suffix(".json"))
     params, keep = random_params(meta)
     engine = Engine(lib, None, params=params, max_context=min(meta.max_context, context + steps + 8))
-    fill_random(engine, context)
+    engine.fill_random(context)
     engine.decode(1)  # warm-up: pipelines, bind groups
     before = vulkan.dispatch_counts()
     start = time.perf_counter()

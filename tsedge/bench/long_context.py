@@ -88,8 +88,10 @@ def random_params(meta: LibraryMeta, rank: int = 0) -> tuple[list, Any]:
         on_gpu = False
 
     def shape_of(name: str, part: str) -> tuple[int, ...]:
+        if not part:
+            return shapes[name]
         out, inp = shapes[name]
-        return (out, inp // quant.per_word) if part == "qweight" else (out, inp // quant.group) if part else shapes[name]
+        return (out, inp // (quant.per_word if part == "qweight" else quant.group))
 
     if on_gpu:
         device = f"cuda:{rank}" if meta.target.startswith("cuda") else "cuda:0"
