@@ -18,7 +18,7 @@ from tsedge.tir_kernels import cache_ops, sampling
 from .config import ModelConfig
 from .linear import QuantEmbedding, make_linear
 from .quantization import QuantScheme
-from .collectives import allgather, allreduce
+from .collectives import allgather, allreduce_add
 
 # Decode on CUDA: the fused gate/up projection through ``tir_kernels.gemv`` with the post-attention
 # RMSNorm in its prologue (on), or a norm kernel and dlight's GEMV (off). On the H200, Llama-3-8B
@@ -64,8 +64,8 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x) if norm is None else self.qkv_proj.decode_gemv(x, norm=norm)
         qkv = op.reshape(qkv, [n, h + 2 * hkv, d])  # heads: q, then k, then v
         out = op.reshape(policy.attend(layer_id, qkv, step), [n, h * d])
-        if self.shards > 1:  # the shards' partial outputs summed, then the residual
-            return allreduce(self.o_proj(out)) + residual
+        if self.shards > 1:  # the shards' partial outputs summed, and the residual
+            return allreduce_add(self.o_proj(out), residual)
         return self.o_proj(out, residual)
 
 
@@ -88,7 +88,7 @@ class MLP(nn.Module):
         else:
             gate, up = op.split(gate_up, [self.intermediate], axis=-1)
             y = self.down_proj(op.silu(gate) * up, fused)
-        return allreduce(y) + residual if self.shards > 1 else y
+        return allreduce_add(y, residual) if self.shards > 1 else y
 
 
 class DecoderLayer(nn.Module):

@@ -9,8 +9,9 @@ and down_proj are summed over the shards (an all-reduce) before the residual add
 
 Every shard runs the same library; the collectives (``models/collectives.py``) are two packed
 functions the runtime registers in each process (``tsedge/tensor_parallel.py``): ``ALLREDUCE(x,
-out)`` (``out`` = the sum of ``x`` over the shards) and ``ALLGATHER(x, out)`` (``out`` = the
-shards' ``x`` stacked along axis 0 in rank order). Plain NumPy here (no TVM). Selecting policies reduce what spans all heads: TokenSelect's soft vote and its
+out)`` (``out`` = the sum of ``x`` over the shards), ``ALLREDUCE_ADD(x, residual, out)`` (the same
+plus ``residual``: the residual add of o_proj and down_proj in the collective) and ``ALLGATHER(x,
+out)`` (``out`` = the shards' ``x`` stacked along axis 0 in rank order). Plain NumPy here (no TVM). Selecting policies reduce what spans all heads: TokenSelect's soft vote and its
 Selection Cache's cosine (over the all-gathered fingerprint), Recycled Attention's mean query.
 """
 
@@ -24,6 +25,7 @@ from .config import ModelConfig
 from .quantization import QuantizedTensor
 
 ALLREDUCE = "tsedge.tp.allreduce_sum"
+ALLREDUCE_ADD = "tsedge.tp.allreduce_add"  # (x, residual, out): out = residual + the sum of x over the shards
 ALLGATHER = "tsedge.tp.allgather"
 
 # The lm_head split by vocabulary rows over the shards (each reads 1/N of it; its logits all-gathered)

@@ -114,8 +114,8 @@ def _bench_command(kind: str):
         quant = "" if quantization == "q0" else f"_{quantization}"
         stem = Path(output_dir) / (tag or f"{kind}_{preset}{quant}_{device}")
         stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        lc.plot(result, stem.with_suffix(".png"))
+        stem.parent.joinpath(stem.name + ".json").write_text(json.dumps(result, indent=1))  # a stem may hold dots
+        lc.plot(result, stem.parent / (stem.name + ".png"))
         if len({row["tensor_parallel"] for row in result["rows"]}) > 1:
             lc.plot_scaling(result, Path(f"{stem}_gpus.png"))
         click.echo(lc.table(result))

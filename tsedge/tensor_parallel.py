@@ -36,7 +36,7 @@ import numpy as np
 
 from tsedge.engine import Engine, LibraryError, check_library
 from tsedge.models.library import LibraryMeta
-from tsedge.models.tensor_parallel import ALLGATHER, ALLREDUCE
+from tsedge.models.tensor_parallel import ALLGATHER, ALLREDUCE, ALLREDUCE_ADD
 
 _NCCL_DTYPES = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "int32": "NCCL_INT32"}
 _open_engine = None  # weakref to this process's ShardedEngine: one at a time (the collectives are global)
@@ -54,9 +54,13 @@ class Collective:
         import tvm_ffi
 
         tvm_ffi.register_global_func(ALLREDUCE, self.allreduce, override=True)
+        tvm_ffi.register_global_func(ALLREDUCE_ADD, self.allreduce_add, override=True)
         tvm_ffi.register_global_func(ALLGATHER, self.allgather, override=True)
 
     def allreduce(self, x, out) -> None:
+        raise NotImplementedError
+
+    def allreduce_add(self, x, residual, out) -> None:
         raise NotImplementedError
 
     def allgather(self, x, out) -> None:
@@ -95,37 +99,72 @@ class SharedMemoryCollective(Collective):
         self.barrier.wait(_BARRIER_TIMEOUT_S)  # nobody overwrites a slot before all have read it
         return every
 
-    def allreduce(self, x, out) -> None:
+    def _sum(self, x) -> np.ndarray:
         every = self._exchange(x)
         total = every[0].copy()
         for part in every[1:]:  # rank order, the same on every rank
             total += part
-        out.copyfrom(total)
+        return total
+
+    def allreduce(self, x, out) -> None:
+        out.copyfrom(self._sum(x))
+
+    def allreduce_add(self, x, residual, out) -> None:
+        out.copyfrom(self._sum(x) + residual.numpy())
 
     def allgather(self, x, out) -> None:
         out.copyfrom(np.ascontiguousarray(np.concatenate(list(self._exchange(x)))))
 
 
 class NcclCollective(Collective):
-    """CUDA collectives through NCCL (CuPy's binding), enqueued on TVM's current stream."""
+    """CUDA collectives through NCCL (CuPy's binding), enqueued on TVM's current stream; a decode
+    step's small float16 all-reduces (with their residual) through ``P2PAllReduce`` where the
+    GPUs reach each other's memory."""
 
     def __init__(self, rank: int, shards: int, unique_id: tuple) -> None:
         super().__init__(rank, shards)
         import cupy
         from cupy.cuda import nccl
 
-        self.nccl = nccl
+        self.cupy, self.nccl = cupy, nccl
         cupy.cuda.Device(rank).use()
         self.comm = nccl.NcclCommunicator(shards, unique_id, rank)
+        self.p2p = P2PAllReduce.open(self) if os.environ.get("TSEDGE_P2P_ALLREDUCE", "1") != "0" else None
+        self._streams: dict[int, Any] = {}
 
     def _args(self, x) -> tuple[int, int, int]:
         import tvm_ffi
 
         return x.numel(), getattr(self.nccl, _NCCL_DTYPES[str(x.dtype)]), tvm_ffi.get_raw_stream(x.device)
 
+    def stream(self, handle: int):
+        """CuPy's view of the CUDA stream ``handle`` (TVM's current one)."""
+        if handle not in self._streams:
+            self._streams[handle] = self.cupy.cuda.ExternalStream(handle)
+        return self._streams[handle]
+
     def allreduce(self, x, out) -> None:
         count, dtype, stream = self._args(x)
+        if self.p2p is not None and self.p2p.fits(x):
+            self.p2p.run(x.data_ptr(), 0, out.data_ptr(), x.numel(), self.stream(stream))
+            return
         self.comm.allReduce(x.data_ptr(), out.data_ptr(), count, dtype, self.nccl.NCCL_SUM, stream)
+
+    def allreduce_add(self, x, residual, out) -> None:
+        count, dtype, stream = self._args(x)
+        if self.p2p is not None and self.p2p.fits(x):
+            self.p2p.run(x.data_ptr(), residual.data_ptr(), out.data_ptr(), x.numel(), self.stream(stream))
+            return
+        self.comm.allReduce(x.data_ptr(), out.data_ptr(), count, dtype, self.nccl.NCCL_SUM, stream)
+        with self.stream(stream):
+            total, extra = (self._cupy_view(t) for t in (out, residual))
+            self.cupy.add(total, extra, out=total)
+
+    def _cupy_view(self, tensor):
+        cp = self.cupy
+        nbytes = tensor.numel() * np.dtype(str(tensor.dtype)).itemsize
+        memory = cp.cuda.UnownedMemory(tensor.data_ptr(), nbytes, tensor, self.rank)
+        return cp.ndarray((tensor.numel(),), str(tensor.dtype), cp.cuda.MemoryPointer(memory, 0))
 
     def allgather(self, x, out) -> None:
         count, dtype, stream = self._args(x)
@@ -134,16 +173,17 @@ class NcclCollective(Collective):
     def time_allreduce(self, x, reps: int) -> float:
         """GPU seconds per all-reduce of ``x`` as a decode step runs them: ``reps`` of them
         captured in one CUDA graph, the graph's replay timed by CUDA events (after a warm-up)."""
-        import cupy
-
-        count, dtype, _ = self._args(x)
+        cupy = self.cupy
         stream = cupy.cuda.Stream(non_blocking=True)
         with stream:
-            self.comm.allReduce(x.data_ptr(), x.data_ptr(), count, dtype, self.nccl.NCCL_SUM, stream.ptr)
-            stream.begin_capture()
-            for _ in range(reps):
-                self.comm.allReduce(x.data_ptr(), x.data_ptr(), count, dtype, self.nccl.NCCL_SUM, stream.ptr)
-            graph = stream.end_capture()
+            import tvm_ffi
+
+            with tvm_ffi.use_raw_stream(x.device, stream.ptr):  # our allreduce enqueues on TVM's stream
+                self.allreduce(x, x)
+                stream.begin_capture()
+                for _ in range(reps):
+                    self.allreduce(x, x)
+                graph = stream.end_capture()
             graph.launch(stream)
             start, end = cupy.cuda.Event(), cupy.cuda.Event()
             start.record(stream)
@@ -151,6 +191,64 @@ class NcclCollective(Collective):
             end.record(stream)
             end.synchronize()
         return cupy.cuda.get_elapsed_time(start, end) / 1000 / reps
+
+
+class P2PAllReduce:
+    """``p2p_allreduce.cu``'s one-shot all-reduce: every rank's buffer and flag array mapped into
+    every other rank (CUDA IPC handles exchanged through NCCL), one kernel a call, for float16
+    tensors of at most ``MAX_BYTES`` (a decode step's hidden state) on GPUs with peer access."""
+
+    MAX_BYTES = 64 * 1024
+    THREADS = 1024
+
+    def __init__(self, collective: NcclCollective) -> None:
+        cp, rt = collective.cupy, collective.cupy.cuda.runtime
+        self.cupy, self.rank, self.shards = cp, collective.rank, collective.shards
+        self.buffer = rt.malloc(2 * self.MAX_BYTES)  # cudaMalloc'd (not pooled): IPC maps whole allocations
+        self.flags = rt.malloc(4 * self.shards)
+        rt.memset(self.flags, 0, 4 * self.shards)
+        self.epoch = cp.zeros(1, cp.uint32)
+        handles = np.frombuffer(rt.ipcGetMemHandle(self.buffer) + rt.ipcGetMemHandle(self.flags), np.uint8)
+        mine, every = cp.asarray(handles), cp.empty(handles.size * self.shards, cp.uint8)
+        collective.comm.allGather(mine.data.ptr, every.data.ptr, handles.size, collective.nccl.NCCL_UINT8,
+                                  cp.cuda.Stream.null.ptr)
+        cp.cuda.Stream.null.synchronize()
+        size = handles.size // 2
+        gathered = every.get().tobytes()
+        self._opened = []
+        bufs, flags = [], []
+        for r in range(self.shards):
+            if r == self.rank:
+                bufs.append(self.buffer)
+                flags.append(self.flags)
+                continue
+            base = r * 2 * size
+            bufs.append(rt.ipcOpenMemHandle(gathered[base:base + size]))
+            flags.append(rt.ipcOpenMemHandle(gathered[base + size:base + 2 * size]))
+            self._opened += [bufs[-1], flags[-1]]
+        self.bufs = cp.asarray(np.array(bufs, np.uint64))
+        self.flag_ptrs = cp.asarray(np.array(flags, np.uint64))
+        source = (Path(__file__).with_name("p2p_allreduce.cu")).read_text()
+        self.kernel = cp.RawKernel(source, "tsedge_p2p_allreduce_f16")
+
+    @classmethod
+    def open(cls, collective: NcclCollective) -> P2PAllReduce | None:
+        """The all-reduce for ``collective``'s ranks, or None where a GPU cannot reach a peer's memory."""
+        rt = collective.cupy.cuda.runtime
+        if not all(rt.deviceCanAccessPeer(collective.rank, r) for r in range(collective.shards) if r != collective.rank):
+            return None
+        return cls(collective)
+
+    def fits(self, x) -> bool:
+        nbytes = x.numel() * 2
+        return str(x.dtype) == "float16" and nbytes <= self.MAX_BYTES and nbytes % 16 == 0
+
+    def run(self, x: int, residual: int, out: int, numel: int, stream) -> None:
+        """``out = residual (0: none) + Σ_ranks x`` for ``numel`` float16 values, on ``stream``."""
+        u64, i32 = np.uint64, np.int32
+        self.kernel((1,), (self.THREADS,), (u64(x), u64(residual), u64(out), i32(numel // 8), self.bufs,
+                                             self.flag_ptrs, self.epoch, i32(self.rank), i32(self.shards),
+                                             i32(self.MAX_BYTES // 16)), stream=stream)
 
 
 def nccl_unique_id() -> tuple:
