@@ -9,7 +9,7 @@ import transformers
 from test_chat import tiny_folder, tiny_lib  # noqa: F401 (fixtures: a tiny model, 64-token cache)
 from tiny_model import make_tiny_hf_model
 
-from tsedge.bench.speed import decode_speed, fill_random, prefill_chunk_speed
+from tsedge.bench.speed import decode_speed, prefill_chunk_speed
 from tsedge.chat import ChatSession
 from tsedge.compile.build import compile_library
 from tsedge.compile.targets import parse_target
@@ -112,14 +112,14 @@ def test_prefill_reports_progress(tiny_folder, tiny_lib):
 
 
 def test_speed_helpers_fill_and_extend_the_cache(engine):
-    fill_random(engine, 200)
+    engine.fill_random(200)
     assert len(engine.cache) == 200
     decode = decode_speed(engine, 100, steps=4)
     assert len(engine.cache) == 100 + 1 + 4 and decode["tok_per_s"] > 0
     chunk = prefill_chunk_speed(engine, 300, 48)
     assert len(engine.cache) == 300 + 48 and chunk["seconds"] > 0
     with pytest.raises(ContextOverflowError):
-        fill_random(engine, 5000)
+        engine.fill_random(5000)
 
 
 @pytest.mark.parametrize("qkv_bias, tie", [(False, False), (True, True)])

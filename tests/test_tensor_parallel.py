@@ -187,3 +187,19 @@ def test_convert_shard_folders(tmp_path, tiny):
     bad = runner.invoke(main, ["generate", "--model", str(shards), "--target", "llvm", "--max-context", "128",
                                "--prompt", "x"])
     assert bad.exit_code != 0 and "--tensor-parallel 1" in bad.output and len(bad.output.strip().splitlines()) == 1
+
+
+def test_ctrl_c_waits_for_the_forwarded_call():
+    """A Ctrl-C inside a forwarded call interrupts once the call is done on rank 0 too."""
+    import os
+    import signal
+
+    from tsedge.tensor_parallel import _uninterrupted
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _uninterrupted():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append(True)
+    assert done == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -22,13 +22,16 @@ otherwise wait for it forever).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
 import weakref
 from multiprocessing import shared_memory
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +314,7 @@ def _collective(spec: tuple, rank: int, shards: int) -> Collective:
 def _worker(rank: int, shards: int, lib: str, weights: Any, random_weights: bool, kwargs: dict,
             spec: tuple, conn) -> None:
     """A shard's process: its collective and engine, then the calls rank 0 forwards."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is rank 0's to handle
     try:
         collective = _collective(spec, rank, shards)
         collective.register()
@@ -323,7 +327,7 @@ def _worker(rank: int, shards: int, lib: str, weights: Any, random_weights: bool
                 return
             name, args = call
             _CALLS[name](engine, *args)
-    except (EOFError, KeyboardInterrupt):
+    except EOFError:  # rank 0 is gone
         return
     except BaseException as err:  # reported to rank 0, which stops
         conn.send(("error", f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"))
@@ -427,12 +431,14 @@ class ShardedEngine(Engine):
             conn.send((name, args))
 
     def _run(self, func: str, ids: list[int]):
-        self._forward("_run", func, ids)
-        return super()._run(func, ids)
+        with _uninterrupted():
+            self._forward("_run", func, ids)
+            return super()._run(func, ids)
 
     def _truncate(self, length: int, carry_counts: bool = False) -> None:
-        self._forward("_truncate", length, carry_counts)
-        super()._truncate(length, carry_counts)
+        with _uninterrupted():
+            self._forward("_truncate", length, carry_counts)
+            super()._truncate(length, carry_counts)
 
     def allreduce_seconds(self, numel: int, dtype: str | None = None, reps: int = 200) -> float:
         """Seconds per all-reduce of ``numel`` values of ``dtype`` (default: the library's) over
@@ -443,8 +449,9 @@ class ShardedEngine(Engine):
         return _time_allreduce(self, numel, dtype, reps)
 
     def fill_random(self, length: int, seed: int = 0) -> None:
-        super().fill_random(length, seed)  # forwards its reset first
-        self._forward("fill_random", length, seed)
+        with _uninterrupted():
+            super().fill_random(length, seed)  # forwards its reset first
+            self._forward("fill_random", length, seed)
 
     def close(self) -> None:
         """Stop the workers and free the shared memory (also when the engine is collected)."""
@@ -467,6 +474,23 @@ class ShardedEngine(Engine):
     def __del__(self) -> None:
         if getattr(self, "_workers", None):
             self.close()
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Ctrl-C (SIGINT) waits until the block is done, then interrupts: rank 0 never forwards a call
+    it does not run itself (the shards would fall out of step)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, _frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 @atexit.register
