@@ -184,9 +184,14 @@ def test_convert_shard_folders(tmp_path, tiny):
     split = runner.invoke(main, args + ["--model", str(shards)])
     assert whole.exit_code == 0 and split.exit_code == 0, split.output
     assert split.stdout == whole.stdout
-    bad = runner.invoke(main, ["generate", "--model", str(shards), "--target", "llvm", "--max-context", "128",
-                               "--prompt", "x"])
-    assert bad.exit_code != 0 and "--tensor-parallel 1" in bad.output and len(bad.output.strip().splitlines()) == 1
+    auto = runner.invoke(main, args[:1] + args[3:] + ["--model", str(shards), "--target", "llvm", "--max-context", "128"])
+    assert auto.exit_code == 0 and auto.stdout == whole.stdout  # the folder's shard count, without the option
+    single = tmp_path / "single.so"
+    assert runner.invoke(main, ["compile", "--model", str(tiny), "--target", "llvm", "--max-context", "128",
+                                "-o", str(single)]).exit_code == 0
+    bad = runner.invoke(main, ["generate", "--model", str(shards), "--lib", str(single), "--prompt", "x"])
+    assert bad.exit_code != 0 and "run them with --tensor-parallel 2" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
 
 
 def test_ctrl_c_waits_for_the_forwarded_call():
@@ -196,10 +201,10 @@ def test_ctrl_c_waits_for_the_forwarded_call():
 
     from tsedge.tensor_parallel import _uninterrupted
 
-    done = []
+    done, before = [], signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         with _uninterrupted():
             os.kill(os.getpid(), signal.SIGINT)
             done.append(True)
     assert done == [True]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before

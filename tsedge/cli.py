@@ -96,6 +96,8 @@ def _engine(model, target: str | None, lib: str | None, kw: dict):
 
     source = model if isinstance(model, ModelSource) else load_source(model)
     policy = policy_config(kw)
+    if lib is None and source.shard is not None and kw.get("tensor_parallel", 1) == 1:  # as many as its folders
+        kw = {**kw, "tensor_parallel": source.shard[1]}
     if lib is None:
         log = functools.partial(click.echo, err=True)
         lib = ensure_library(source.config, policy, target, kw["dtype"],

@@ -127,8 +127,8 @@ def policy_options(func):
         click.option("--dtype", type=click.Choice(["auto", "float16", "float32"]), default="auto",
                      show_default=True, help="auto: float16 on GPUs, float32 on CPUs"),
         click.option("--tensor-parallel", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
-                     help="split the model over N GPUs (one process each, NCCL) or N CPU processes: heads, KV "
-                          "heads and MLP columns per shard"),
+                     help="tensor-parallel shards: heads, KV heads, MLP columns and lm_head rows split N ways; "
+                          "the library runs as N processes (one per GPU over NCCL, or on the CPU)"),
     ]
     for option in reversed(options):
         func = option(func)

@@ -223,8 +223,9 @@ class Engine:
         self._check_quantization(source)
         shards = self.meta.tensor_parallel
         if source.shard not in (None, (self.rank, shards)):
-            raise LibraryError(f"weights {source.path} are tensor-parallel shard {source.shard[0]} of {source.shard[1]}, "
-                               f"but this is shard {self.rank} of {shards}: convert them with --tensor-parallel {shards}")
+            raise LibraryError(f"weights {source.path} are a folder of {source.shard[1]} tensor-parallel shards but library "
+                               f"{self.meta.model.name} has {shards}: run them with --tensor-parallel {source.shard[1]} "
+                               f"(or a library compiled with it), or convert them with --tensor-parallel {shards}")
         self._presplit = source.shard is not None  # its linears are this shard's parts already
         slots: dict[str, list[int]] = {}  # a float parameter, or the qweight and scale of a weight
         for i, spec in enumerate(self.meta.params):
