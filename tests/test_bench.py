@@ -94,3 +94,27 @@ def test_bench_command_writes_json_png_and_table(tiny_lib, tmp_path):
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
     missing = CliRunner().invoke(main, ["bench", "decode", "--lib-dir", str(libs)])
     assert missing.exit_code == 1 and "tokenselect.so" in missing.output  # names the missing library
+
+
+def test_bench_decode_over_shards(tmp_path):
+    """`bench decode --tensor-parallel 1,3` (SmolLM2's shapes: 3 KV heads) on the CPU: both shard
+    counts measured with the same random weights, the sharded rows with their all-reduce times,
+    the table labelled by shard count and the GPUs plot written."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tsedge.cli import main
+
+    args = ["bench", "decode", "--preset", "smollm2-135m", "--policies", "dense", "--target", "llvm",
+            "--depths", "0,64", "--steps", "2", "--chunk", "16", "--tensor-parallel", "1,3",
+            "--lib-dir", str(tmp_path / "libs")]
+    assert CliRunner().invoke(main, args + ["--compile-only"]).exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "libs").glob("*.so")) == ["dense-tp3.so", "dense.so"]
+    result = CliRunner().invoke(main, args + ["-o", str(tmp_path), "--tag", "tp"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == "| depth (ms per token) | dense | dense-tp3 |"
+    rows = json.loads((tmp_path / "tp.json").read_text())["rows"]
+    assert [(r["policy"], r["tensor_parallel"]) for r in rows] == [("dense", 1)] * 2 + [("dense-tp3", 3)] * 2
+    assert all(r["allreduce_hidden_us"] > 0 and r["allreduces_per_step"] == 60 for r in rows[2:])
+    assert (tmp_path / "tp_gpus.png").read_bytes()[:4] == b"\x89PNG"
