@@ -339,7 +339,8 @@ def _worker(rank: int, shards: int, lib: str, weights: Any, random_weights: bool
 def _time_allreduce(engine: Engine, numel: int, dtype: str, reps: int) -> float:
     import tvm
 
-    return engine.collective.time_allreduce(tvm.runtime.tensor(np.zeros(numel, dtype), engine.device), reps)  # zeros: repeated sums stay finite
+    zeros = tvm.runtime.tensor(np.zeros(numel, dtype), engine.device)  # repeated in-place sums stay finite
+    return engine.collective.time_allreduce(zeros, reps)
 
 
 # what rank 0 forwards and every worker repeats on its shard
