@@ -7,12 +7,13 @@ norms. Column-parallel weights (q, k, v, gate, up; the qkv bias; the lm_head) ar
 output rows, row-parallel ones (o, down) along their input columns; the partial outputs of o_proj
 and down_proj are summed over the shards (an all-reduce) before the residual add.
 
-Every shard runs the same library; the collectives (``models/collectives.py``) are two packed
+Every shard runs the same library; the collectives (``models/collectives.py``) are three packed
 functions the runtime registers in each process (``tsedge/tensor_parallel.py``): ``ALLREDUCE(x,
 out)`` (``out`` = the sum of ``x`` over the shards), ``ALLREDUCE_ADD(x, residual, out)`` (the same
 plus ``residual``: the residual add of o_proj and down_proj in the collective) and ``ALLGATHER(x,
-out)`` (``out`` = the shards' ``x`` stacked along axis 0 in rank order). Plain NumPy here (no TVM). Selecting policies reduce what spans all heads: TokenSelect's soft vote and its
-Selection Cache's cosine (over the all-gathered fingerprint), Recycled Attention's mean query.
+out)`` (``out`` = the shards' ``x`` stacked along axis 0 in rank order). Selecting policies reduce
+what spans all heads: TokenSelect's soft vote and its Selection Cache's cosine (over the
+all-gathered fingerprint), Recycled Attention's mean query. Plain NumPy here (no TVM).
 """
 
 from __future__ import annotations
