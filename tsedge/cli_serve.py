@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import click
@@ -18,6 +19,24 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as err:
         raise ValueError(f"cannot listen on {host}:{port} ({err.strerror or err}); pick another --port, "
                          "or --host 127.0.0.1") from None
+
+
+def _quiet_server_class():
+    import uvicorn
+
+    class QuietServer(uvicorn.Server):
+        """uvicorn's server, stopped by Ctrl-C or SIGTERM without raising the signal again once it has
+        shut down (uvicorn does, for its caller; the cancelled lifespan task then prints a traceback)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    self._captured_signals.clear()
+
+    return QuietServer
 
 
 def _serve(model: str, target: str | None, lib: str | None, host: str, port: int, kw: dict) -> None:
@@ -37,7 +56,9 @@ def _serve(model: str, target: str | None, lib: str | None, host: str, port: int
     url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
     click.echo(f"tsedge serve: {source.config.name} ({engine.meta.policy.name}, {engine.meta.target}, "
                f"context {engine.cache.capacity}) at {url} — chat page {url}/, OpenAI API {url}/v1", err=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[sock])
+    server = _quiet_server_class()(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
+    click.echo("tsedge serve: stopped", err=True)
 
 
 @click.command()
