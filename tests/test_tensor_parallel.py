@@ -190,7 +190,7 @@ def test_convert_shard_folders(tmp_path, tiny):
     assert runner.invoke(main, ["compile", "--model", str(tiny), "--target", "llvm", "--max-context", "128",
                                 "-o", str(single)]).exit_code == 0
     bad = runner.invoke(main, ["generate", "--model", str(shards), "--lib", str(single), "--prompt", "x"])
-    assert bad.exit_code != 0 and "run them with --tensor-parallel 2" in bad.output
+    assert bad.exit_code != 0 and "use a library compiled with --tensor-parallel 2" in bad.output
     assert len(bad.output.strip().splitlines()) == 1
 
 

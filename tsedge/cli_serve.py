@@ -54,8 +54,9 @@ def _serve(model: str, target: str | None, lib: str | None, host: str, port: int
     app = create_app(engine, source.config.name, sampling_params(source.path, kw), aliases=(model,))
     bound_host, bound_port = sock.getsockname()[:2]
     url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
+    shards = f", {engine.meta.tensor_parallel} shards" if engine.meta.tensor_parallel > 1 else ""
     click.echo(f"tsedge serve: {source.config.name} ({engine.meta.policy.name}, {engine.meta.target}, "
-               f"context {engine.cache.capacity}) at {url} — chat page {url}/, OpenAI API {url}/v1", err=True)
+               f"context {engine.cache.capacity}{shards}) at {url} — chat page {url}/, OpenAI API {url}/v1", err=True)
     server = _quiet_server_class()(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     server.run(sockets=[sock])
     click.echo("tsedge serve: stopped", err=True)

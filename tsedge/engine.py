@@ -223,9 +223,10 @@ class Engine:
         self._check_quantization(source)
         shards = self.meta.tensor_parallel
         if source.shard not in (None, (self.rank, shards)):
-            raise LibraryError(f"weights {source.path} are a folder of {source.shard[1]} tensor-parallel shards but library "
-                               f"{self.meta.model.name} has {shards}: run them with --tensor-parallel {source.shard[1]} "
-                               f"(or a library compiled with it), or convert them with --tensor-parallel {shards}")
+            raise LibraryError(f"weights {source.path.parent} are {source.shard[1]} tensor-parallel shard folders but "
+                               f"the library has {shards} shard(s): use a library compiled with --tensor-parallel "
+                               f"{source.shard[1]} (without --lib one is compiled), or convert the weights with "
+                               f"--tensor-parallel {shards}")
         self._presplit = source.shard is not None  # its linears are this shard's parts already
         slots: dict[str, list[int]] = {}  # a float parameter, or the qweight and scale of a weight
         for i, spec in enumerate(self.meta.params):
