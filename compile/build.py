@@ -11,7 +11,7 @@ import tvm
 from tvm import relax
 from tvm.target import Target
 
-from tsedge.models.attention import make_policy
+from tsedge.models.attention import check_policy, make_policy
 from tsedge.models.config import ModelConfig, PolicyConfig
 from tsedge.models.library import LibraryMeta, ParamSpec
 from tsedge.models.llama import LlamaForCausalLM
@@ -31,10 +31,11 @@ def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str,
     partial caches). ``tensor_parallel``: the library is one of that many shards (every shard
     runs it; ``models/tensor_parallel.py``), parameter and state shapes a shard's. Raises
     ValueError for an unknown ``quantization``, a linear whose input size (a shard's) is not a
-    whole number of quantization groups, sizes that do not split into the shards, or a fraction
-    ``recycle_k`` without ``max_context``."""
+    whole number of quantization groups, sizes that do not split into the shards, a policy the
+    shards' heads cannot take (``check_policy``), or a fraction ``recycle_k`` without ``max_context``."""
     in_out = target.kind.name == "llvm"
     quant = scheme(quantization)
+    check_policy(policy, cfg, tensor_parallel)
     shard = shard_config(cfg, tensor_parallel)
     if quant is not None:
         for size, what in ((shard.hidden_size, "hidden_size"), (shard.num_heads * shard.head_dim, "heads x head_dim"),

@@ -180,7 +180,6 @@ def compile(model: str, target: str | None, output: str | None, **kw) -> None:  
     from tsedge.compile.targets import parse_target
     from tsedge.library_cache import library_stem
     from tsedge.models.attention import check_policy
-    from tsedge.models.tensor_parallel import shard_config
     from tsedge.progress import stage_progress
     from tsedge.weights import load_source
 
@@ -188,7 +187,7 @@ def compile(model: str, target: str | None, output: str | None, **kw) -> None:  
     policy = policy_config(kw)
     target_name = resolve_target(target)
     shards = kw["tensor_parallel"]
-    check_policy(policy, shard_config(cfg, shards), shards)
+    check_policy(policy, cfg, shards)
     out = Path(output or f"{library_stem(cfg, policy, kw['quantization'], shards)}-{target_name.replace(':', '_')}.so")
     max_context = _max_context(kw, policy, cfg.context_window, cfg, target_name)
     what = f"{policy.name}, {target_name}, {kw['quantization']}" + (f", {shards} shards" if shards > 1 else "")

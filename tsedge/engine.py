@@ -227,7 +227,6 @@ class Engine:
                                f"the library has {shards} shard(s): use a library compiled with --tensor-parallel "
                                f"{source.shard[1]} (without --lib one is compiled), or convert the weights with "
                                f"--tensor-parallel {shards}")
-        self._presplit = source.shard is not None  # its linears are this shard's parts already
         slots: dict[str, list[int]] = {}  # a float parameter, or the qweight and scale of a weight
         for i, spec in enumerate(self.meta.params):
             slots.setdefault(spec.name.rpartition(".")[0] if spec.part else spec.name, []).append(i)
@@ -245,7 +244,8 @@ class Engine:
                 if len(got) < len(spec.sources):
                     continue
                 del parts[slot[0]]
-                for i, value in zip(slot, self._arrange(slot, [got[n] for n in spec.sources])):
+                values = self._arrange(slot, [got[n] for n in spec.sources], source.shard is not None)
+                for i, value in zip(slot, values):
                     params[i] = tvm.runtime.tensor(value, self.device)
                 on_load(sum(p is not None for p in params), len(params))
         missing = [n for i, p in enumerate(params) if p is None for n in self.meta.params[i].sources
@@ -263,12 +263,13 @@ class Engine:
                    f"convert the weights with --quantization {lib}, or compile with --quantization {weights}")
             raise LibraryError(f"weights {source.path} are quantized {weights} but the library is {lib}: {fix}")
 
-    def _arrange(self, slot: list[int], arrays: list) -> list[np.ndarray]:
-        """The library arrays of one slot from its source arrays, in the slot's order; shapes
-        checked against the library's."""
+    def _arrange(self, slot: list[int], arrays: list, presplit: bool) -> list[np.ndarray]:
+        """The library arrays of one slot from its source arrays, in the slot's order (each cut to
+        this shard's part, except a shard folder's linears: ``presplit``); shapes checked against
+        the library's."""
         specs = [self.meta.params[i] for i in slot]
         spec = specs[0]
-        arrays = [a if self._presplit and linear_split(name) is not None
+        arrays = [a if presplit and linear_split(name) is not None
                   else shard_tensor(a, spec.split, self.rank, self.meta.tensor_parallel, name)
                   for a, name in zip(arrays, spec.sources)]
         if spec.part:

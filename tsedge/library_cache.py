@@ -56,9 +56,8 @@ def ensure_library(cfg: ModelConfig, policy: PolicyConfig, target: str, dtype: s
     if not (path.exists() and path.with_suffix(".json").exists()):
         from tsedge.compile.build import compile_library
         from tsedge.models.attention import check_policy
-        from tsedge.models.tensor_parallel import shard_config
 
-        check_policy(policy, shard_config(cfg, tensor_parallel), tensor_parallel)
+        check_policy(policy, cfg, tensor_parallel)
         tvm_target = parse_target(name)
         shards = f", {tensor_parallel} shards" if tensor_parallel > 1 else ""
         what = f"compiling {cfg.name} ({policy.name}, {target}, {dtype}, {quantization}{shards}, max context {max_context})"

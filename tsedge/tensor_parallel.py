@@ -150,21 +150,24 @@ class NcclCollective(Collective):
         return self._streams[handle]
 
     def allreduce(self, x, out) -> None:
-        count, dtype, stream = self._args(x)
-        if self.p2p is not None and self.p2p.fits(x):
-            self.p2p.run(x.data_ptr(), 0, out.data_ptr(), x.numel(), self.stream(stream))
-            return
-        self.comm.allReduce(x.data_ptr(), out.data_ptr(), count, dtype, self.nccl.NCCL_SUM, stream)
+        self._reduce(x, None, out)
 
     def allreduce_add(self, x, residual, out) -> None:
+        self._reduce(x, residual, out)
+
+    def _reduce(self, x, residual, out) -> None:
+        """``out = Σ_ranks x`` (+ ``residual`` where given): the P2P kernel where it fits, else NCCL
+        (and CuPy's add for the residual)."""
         count, dtype, stream = self._args(x)
         if self.p2p is not None and self.p2p.fits(x):
-            self.p2p.run(x.data_ptr(), residual.data_ptr(), out.data_ptr(), x.numel(), self.stream(stream))
+            extra = 0 if residual is None else residual.data_ptr()
+            self.p2p.run(x.data_ptr(), extra, out.data_ptr(), count, self.stream(stream))
             return
         self.comm.allReduce(x.data_ptr(), out.data_ptr(), count, dtype, self.nccl.NCCL_SUM, stream)
-        with self.stream(stream):
-            total, extra = (self._cupy_view(t) for t in (out, residual))
-            self.cupy.add(total, extra, out=total)
+        if residual is not None:
+            with self.stream(stream):
+                total, extra = (self._cupy_view(t) for t in (out, residual))
+                self.cupy.add(total, extra, out=total)
 
     def _cupy_view(self, tensor):
         cp = self.cupy
@@ -221,7 +224,6 @@ class P2PAllReduce:
         cp.cuda.Stream.null.synchronize()
         size = handles.size // 2
         gathered = every.get().tobytes()
-        self._opened = []
         bufs, flags = [], []
         for r in range(self.shards):
             if r == self.rank:
@@ -231,7 +233,6 @@ class P2PAllReduce:
             base = r * 2 * size
             bufs.append(rt.ipcOpenMemHandle(gathered[base:base + size]))
             flags.append(rt.ipcOpenMemHandle(gathered[base + size:base + 2 * size]))
-            self._opened += [bufs[-1], flags[-1]]
         self.bufs = cp.asarray(np.array(bufs, np.uint64))
         self.flag_ptrs = cp.asarray(np.array(flags, np.uint64))
         source = (Path(__file__).with_name("p2p_allreduce.cu")).read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tvm.target import Target
 
 from ..config import ModelConfig, PolicyConfig
+from ..tensor_parallel import shard_config
 from tsedge.tir_kernels.tokenselect_scoring import check_shapes
 
 from .dense import DensePolicy
@@ -15,7 +16,9 @@ from .tokenselect import StreamingPolicy, TokenSelectPolicy
 
 def check_policy(policy: PolicyConfig, cfg: ModelConfig, shards: int = 1) -> None:
     """Raises ValueError (one line) where ``policy`` cannot be compiled for ``cfg``'s heads and
-    layers (``cfg``: a tensor-parallel shard's, of ``shards``); call it before announcing a compile."""
+    layers split into ``shards`` tensor-parallel shards (``shard_config``'s errors included);
+    call it before announcing a compile."""
+    cfg = shard_config(cfg, shards)
     if policy.name == "tokenselect":
         check_shapes(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         if shards > 1 and policy.pool_kernel > 1:
@@ -31,7 +34,6 @@ def make_policy(policy: PolicyConfig, cfg: ModelConfig, dtype: str, target: Targ
     in tokens (Recycled Attention sizes its partial caches by it; raises ValueError when a
     fraction ``recycle_k`` meets no ``max_context``). ``shards``: tensor-parallel shards (``cfg``
     is then one shard's); TokenSelect and Recycled Attention reduce over them."""
-    check_policy(policy, cfg, shards)
     if policy.name == "dense":
         return DensePolicy(cfg, dtype, target)
     if policy.name == "tokenselect":
