@@ -70,7 +70,8 @@ def main() -> None:
         for p in procs:
             p.join()
         print(f"{name:20s} " + "  ".join(f"{size}: {value:.3g}" for size, value in results[name].items()), flush=True)
-    Path(sys.argv[1]).write_text(json.dumps({"gpus": shards, "us_per_allreduce": results}, indent=1))
+    device = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    Path(sys.argv[1]).write_text(json.dumps({"device": device, "gpus": shards, "us_per_allreduce": results}, indent=1))
     if any(value > 1e-2 for key, value in results["p2p kernel"].items() if "error" in str(key)):
         sys.exit("the P2P all-reduce's sums are wrong")
 

@@ -46,7 +46,10 @@ def main() -> None:
                            "selection_1gpu": one_stats, "selection_2gpu": two_stats, "prompt_tokens": prompt_len}
         print(f"{policy:12s} tokens equal {one == two} (first divergence {results[policy]['first_divergence']}), "
               f"max |dlogit|/max|logit| {diff:.2e}, selection cache {one_stats} vs {two_stats}", flush=True)
-    out.write_text(json.dumps(results, indent=1))
+    import torch
+
+    out.write_text(json.dumps({"device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}", **results},
+                              indent=1))
 
 
 if __name__ == "__main__":
