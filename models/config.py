@@ -299,6 +299,8 @@ def from_hf_config(cfg: dict[str, Any], name: str = "custom") -> ModelConfig:
 
 
 POLICIES = ("dense", "tokenselect", "streaming", "tidaldecode", "recycled")
+CAPACITY = "capacity"  # in a state shape: the KV cache's capacity in tokens (a per-token state tensor)
+SCORE_KEYS = ("exact", "int8")  # TokenSelect's scoring input: the cached keys, or int8 codes of them
 RECYCLE_K = "1/8"  # Recycled Attention's K: the paper's 1/8 of the prompt
 MAX_DENOMINATOR = 65536  # of a --recycle-k fraction (the device computes 2 p L in int64)
 
@@ -332,10 +334,16 @@ class PolicyConfig:
     recycle_threshold: float = 0.85  # full step when cos(mean query, the last full step's) is below
     recycle_fixed_stride: bool = False  # full step every recycle_stride steps, no similarity check
     recycle_min_k: int = 256  # a fraction's K at least this (contexts up to it: dense)
+    score_keys: str = "exact"  # TokenSelect scores the cached keys ("exact") or their int8 codes ("int8")
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
             raise ValueError(f"unknown policy {self.name!r}; choose one of {', '.join(POLICIES)}")
+        if self.score_keys not in SCORE_KEYS:
+            raise ValueError(f"unknown score_keys {self.score_keys!r}; choose one of {', '.join(SCORE_KEYS)}")
+        if self.score_keys != "exact" and self.name != "tokenselect":
+            raise ValueError(f"--score-keys {self.score_keys} is TokenSelect's scoring; use it with --policy "
+                             f"tokenselect, or leave --score-keys exact for --policy {self.name}")
         if self.name not in ("dense", "tidaldecode", "recycled") and self.chunk_size > self.n_local:
             raise ValueError(
                 f"chunk_size={self.chunk_size} > n_local={self.n_local}: a prefill chunk must fit "

@@ -205,6 +205,14 @@ class LlamaForCausalLM(nn.Module):
             logits = op.matmul(h, op.permute_dims(table.weight() if isinstance(table, QuantEmbedding) else table.weight))
         return logits.astype("float32")
 
+    def code_keys(self, kv: nn.Tensor, length: nn.Tensor, state, n):
+        """``--score-keys int8``: every layer's key rows ``[length - n, length)`` coded again from
+        the KV cache (a cache filled without prefill, ``Engine.fill_random``) -> the policy state."""
+        state = list(state)
+        for layer_id in range(self.cfg.num_layers):
+            state[4:6] = self.policy.code_keys(kv, state[4:6], layer_id, length, n)
+        return tuple(state)
+
     def rope_table(self, num_pos):
         inv = nn.Tensor.from_const(self.inv_freq)
         return op.tensor_ir_op(self.rope_kernel, "compute_rope_table", args=[inv, num_pos],
@@ -245,6 +253,9 @@ class LlamaForCausalLM(nn.Module):
                                    "token": nn.spec.Tensor([1], "int32"),
                                    "workspace": nn.spec.Tensor([vocab], "float32"),
                                    "$": {"param_mode": "none", "effect_mode": "none"}}  # no weights
+        if getattr(self.policy, "key_codes", None) is not None:
+            functions["code_keys"] = {"kv": kv, "length": length, "state": state, "n": int,
+                                      "$": {"param_mode": "none", "effect_mode": "none"}}
         if self.policy.selects:
             functions["prefill_select"] = dict(functions["prefill"])  # from_raw pops "$"
             functions["decode_select"] = dict(functions["decode"])

@@ -9,6 +9,7 @@ import tvm
 
 from kernel_harness import CUDA, MODE, build, cuda_source, tensor
 
+from tsedge.tir_kernels.key_codes import make_key_codes
 from tsedge.tir_kernels.selection_cache import make_selection_check
 from tsedge.tir_kernels.tokenselect_scoring import SCORE_BLOCKS, make_fingerprint, make_scoring
 from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
@@ -31,14 +32,16 @@ def length_tensor(length: int) -> tvm.runtime.Tensor:
     return tensor(np.array([length], np.int32))
 
 
-def run_scoring(qbar, kv, state, length, n_heads, n_init, n_local, pool, dtype):
+def run_scoring(qbar, kv, state, length, n_heads, n_init, n_local, pool, dtype, key_bits=16):
     """crit of the ``length - n_init - n_local`` candidates; the outputs are sized for the
-    cache's capacity and the entries past the candidates must stay untouched."""
+    cache's capacity and the entries past the candidates must stay untouched. ``key_bits`` 8:
+    the kernel scores the keys' int8 codes (made by the NumPy reference)."""
     n_kv, capacity, head_dim = kv.shape[2], kv.shape[3], kv.shape[4]
-    f = build(make_scoring, NUM_LAYERS, n_heads, n_kv, head_dim, n_init, n_local, pool, dtype)
+    f = build(make_scoring, NUM_LAYERS, n_heads, n_kv, head_dim, n_init, n_local, pool, dtype, key_bits=key_bits)
     c, size = length - n_init - n_local, capacity - n_init - n_local
     crit = poisoned((size,))
-    f(tensor(qbar), tensor(kv), tensor(state), LAYER, length_tensor(length), crit, poisoned((n_heads, size)),
+    keys = [tensor(kv)] if key_bits == 16 else [tensor(a) for a in ref.key_codes(kv[:, 0])]
+    f(tensor(qbar), *keys, tensor(state), LAYER, length_tensor(length), crit, poisoned((n_heads, size)),
       poisoned((n_heads, SCORE_BLOCKS + 1, 2)))
     if MODE != "cuda-build":
         assert np.isnan(crit.numpy()[c:]).all()
@@ -106,6 +109,50 @@ def test_scoring(n_heads, n_kv, head_dim, dtype, n_init, n_local, length, pool):
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
     finite = np.isfinite(want)
     np.testing.assert_allclose(got[finite], want[finite], rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_heads, n_kv, head_dim, dtype, n_init, n_local, length, pool",
+                         [SCORING_CASES[i] for i in (0, 1, 2, 4, 5, 7)])
+def test_scoring_on_int8_key_codes(n_heads, n_kv, head_dim, dtype, n_init, n_local, length, pool):
+    """--score-keys int8: the criticality of the codes' keys (``code · scale``); on the GPU the
+    fingerprint is itself two int8 rows per head (within ~1e-4 of its value)."""
+    rng = np.random.default_rng(length + 1)
+    kv = random_kv(rng, n_kv, length + 9, head_dim, dtype)
+    kv[:, 0] *= rng.uniform(0.05, 8, kv.shape[2:4])[..., None].astype(dtype)  # rows of unequal scale
+    qbar = (rng.standard_normal((n_heads, head_dim)) * 0.4).astype(np.float32)
+    got = run_scoring(qbar, kv, np.zeros((NUM_LAYERS, 4), np.int32), length, n_heads, n_init, n_local, pool,
+                      dtype, key_bits=8)
+    want = ref.criticality(qbar.astype(np.float64), ref.decoded_keys(kv), LAYER, length, n_init, n_local, pool)
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=2e-4 if MODE == "llvm" else 3e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_kv, head_dim, dtype, length, n", [
+    (3, 64, "float16", 37, 5), (8, 128, "float16", 1000, 1), (2, 128, "float32", 700, 513), (1, 64, "float32", 9, 9)])
+def test_key_codes(n_kv, head_dim, dtype, length, n):
+    """Rows ``[length - n, length)`` of the layer get the reference's codes and scales (a zero row:
+    0 and 0); every other row and layer stays as it was."""
+    rng = np.random.default_rng(n)
+    capacity = length + 6
+    kv = random_kv(rng, n_kv, capacity, head_dim, dtype)
+    kv[:, 0] *= rng.uniform(0.01, 30, (NUM_LAYERS, n_kv, capacity))[..., None].astype(dtype)
+    kv[LAYER, 0, 0, length - 1] = 0
+    codes = tensor(np.full((NUM_LAYERS, n_kv, capacity, head_dim), 99, np.int8))
+    scales = poisoned((NUM_LAYERS, n_kv, capacity))
+    build(make_key_codes, NUM_LAYERS, n_kv, head_dim, dtype)(tensor(kv), codes, scales, LAYER,
+                                                             length_tensor(length), n)
+    if MODE == "cuda-build":
+        return
+    want_codes, want_scales = ref.key_codes(kv[LAYER, 0, :, length - n:length])
+    got_codes, got_scales = codes.numpy(), scales.numpy()
+    diff = np.abs(got_codes[LAYER, :, length - n:length].astype(int) - want_codes)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # a GPU's division may round the other way at .5
+    np.testing.assert_allclose(got_scales[LAYER, :, length - n:length], want_scales, rtol=1e-6)
+    assert got_scales[LAYER, 0, length - 1] == 0 and not got_codes[LAYER, 0, length - 1].any()
+    untouched = np.ones(got_scales.shape, bool)
+    untouched[LAYER, :, length - n:length] = False
+    assert np.isnan(got_scales[untouched]).all() and (got_codes[untouched] == 99).all()
 
 
 def test_scoring_skipped_on_hit():
@@ -266,8 +313,10 @@ def test_cuda_codegen(dtype, head_dim):
     ]
     for func, must_contain in zip(funcs, ["__global__", "__shfl", "__shfl", "atomicAdd", "__shfl"]):
         assert must_contain in cuda_source(func)
-    # float16 caches with groups of at most 8 heads score on tensor cores (scoring_mma.py)
+    # float16 caches with groups of at most 8 heads score on tensor cores (scoring_mma.py); int8 codes
+    # on int8 tensor cores whatever the cache's dtype
     assert ("mma.sync.aligned.m16n8k16" in cuda_source(funcs[1])) == (dtype == "float16")
+    assert "m16n8k32.row.col.s32.s8.s8.s32" in cuda_source(make_scoring(4, 32, 8, head_dim, 128, 512, 0, dtype, CUDA, 8))
 
 
 @pytest.mark.parametrize("n_init, n_local, length", [(4, 6, 60), (16, 64, 209), (0, 5, 1000), (3, 300, 303)])

@@ -64,6 +64,10 @@ def tokenselect(engines, **overrides) -> Engine:
     return engines(**{"name": "tokenselect", **BUDGETS, **overrides})
 
 
+def tokenselect_int8(engines) -> Engine:
+    return tokenselect(engines, score_keys="int8")
+
+
 def streaming(engines) -> Engine:
     return engines(**{"name": "streaming", **BUDGETS, "top_k": 0})
 
@@ -90,8 +94,8 @@ class ReferenceModel:
             qbar = tref.fingerprint(q, self.table.astype(np.float32), p.n_local).astype(np.float32)
             if not tref.cache_check(qbar, self.cache_qbar, self.state, layer,
                                     p.selection_threshold, force_miss=not decode):
-                crit = tref.criticality(qbar.astype(np.float64), self.kv, layer, length, p.n_init,
-                                        p.n_local, p.pool_kernel)
+                kv = tref.decoded_keys(self.kv[layer:layer + 1]) if p.score_keys == "int8" else self.kv[layer:layer + 1]
+                crit = tref.criticality(qbar.astype(np.float64), kv, 0, length, p.n_init, p.n_local, p.pool_kernel)
                 self.cache_idx[layer] = tref.topk_positions(crit, p.top_k, p.n_init)
         return np.concatenate([np.arange(p.n_init), self.cache_idx[layer],
                                np.arange(length - p.n_local, length)])
@@ -144,7 +148,7 @@ def test_chunk_larger_than_local_window_rejected(name):
 
 
 # ---- whole model ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("policy", [tokenselect, streaming])
+@pytest.mark.parametrize("policy", [tokenselect, tokenselect_int8, streaming])
 def test_within_budget_equals_dense(engines, text_ids, policy):
     """Up to exactly the budget the selecting library runs dense code: same bits, same tokens."""
     engine = policy(engines)
@@ -159,7 +163,7 @@ def test_within_budget_equals_dense(engines, text_ids, policy):
     assert engine.selection_stats() in (None, {"hits": 0, "lookups": 0})
 
 
-@pytest.mark.parametrize("policy", [tokenselect, streaming])
+@pytest.mark.parametrize("policy", [tokenselect, tokenselect_int8, streaming])
 def test_beyond_budget_matches_numpy_reference(engines, source, text_ids, policy):
     """Selection, cache decisions, row lists and re-assigned positions equal the reference."""
     engine = policy(engines)
@@ -181,6 +185,25 @@ def test_beyond_budget_close_to_dense(engines, text_ids):
     assert result["finite"]
     assert result["top1_agreement"] >= 0.75
     assert result["mean_kl"] <= 0.25
+
+
+def test_int8_key_codes_select_like_exact_keys(engines, text_ids):
+    """--score-keys int8 beside exact scoring on ~600 tokens of prose (208-token budget): the same
+    next-token distributions within a small margin, and the codes kept for the cached rows equal
+    the reference's codes of the cached keys (also after ``truncate`` and ``fill_random``)."""
+    exact, coded = tokenselect(engines), tokenselect_int8(engines)
+    result = agreement(exact, coded, text_ids[:600], steps=16)
+    print(f"tokenselect int8 vs exact: {result}")
+    assert result["finite"] and result["top1_agreement"] >= 0.9 and result["mean_kl"] <= 0.05
+    for length in (len(coded.cache), 250):
+        coded.truncate(length)
+        codes, scales = tref.key_codes(coded.cache.tensor.numpy()[:, 0, :, :length])
+        diff = np.abs(coded.state("key_codes")[:, :, :length].astype(int) - codes)
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-4
+        np.testing.assert_allclose(coded.state("key_scales")[:, :, :length], scales, rtol=1e-6)
+    coded.fill_random(700, seed=3)
+    codes, _ = tref.key_codes(coded.cache.tensor.numpy()[:, 0, :, :700])
+    assert np.abs(coded.state("key_codes")[:, :, :700].astype(int) - codes).max() <= 1
 
 
 @pytest.mark.parametrize("threshold, all_hit", [(-1.0, True), (1.5, False)])

@@ -39,6 +39,26 @@ def head_scores(qbar: np.ndarray, kv: np.ndarray, layer: int, length: int, n_ini
     return np.einsum("hd,htd->ht", qbar, np.repeat(keys, group, axis=0))
 
 
+def key_codes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes and float32 scales of key rows ``keys[..., d]`` (``tir_kernels/key_codes.py``):
+    ``scale = max|k| / 127``, ``code = round(k * 127 / max|k|)`` half away from zero, in float32."""
+    k = keys.astype(np.float32)
+    m = np.abs(k).max(axis=-1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(m > 0, np.float32(127) / m, np.float32(0)).astype(np.float32)
+    x = k * inv[..., None]
+    codes = np.clip(np.sign(x) * np.floor(np.abs(x) + np.float32(0.5)), -127, 127).astype(np.int8)
+    return codes, (m / np.float32(127)).astype(np.float32)
+
+
+def decoded_keys(kv: np.ndarray) -> np.ndarray:
+    """``kv`` (float64) with its keys replaced by ``code · scale``: what int8 scoring reads."""
+    codes, scales = key_codes(kv[:, 0])
+    out = kv.astype(np.float64)
+    out[:, 0] = codes * scales[..., None].astype(np.float64)
+    return out
+
+
 def soft_vote(scores: np.ndarray) -> np.ndarray:
     """Per-head softmax over tokens, summed over heads."""
     e = np.exp(scores - scores.max(axis=1, keepdims=True))

@@ -126,7 +126,7 @@ def check_shapes(n_heads: int, n_kv_heads: int, head_dim: int) -> None:
 
 
 def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, n_init: int,
-                 n_local: int, pool_kernel: int, dtype: str, target: Target) -> tirx.PrimFunc:
+                 n_local: int, pool_kernel: int, dtype: str, target: Target, key_bits: int = 16) -> tirx.PrimFunc:
     """Per-head scores, soft voting and optional max-pool → criticality of every candidate.
 
     Args (in order): qbar[H, d] float32, kv[num_layers, 2, n_kv, capacity, d] ``dtype``,
@@ -143,8 +143,19 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
     Three passes: (1) SCORE_BLOCKS chunks of tokens: scores and per-chunk online max/sum per head
     (K is read once); (2) merge the chunk partials per head; (3) tiles of tokens: normalise, sum
     over heads and max-pool from a shared-memory tile with a halo of ``p - 1``.
+
+    ``key_bits`` 8 (``--score-keys int8``): the scores come from the keys' int8 codes
+    (``key_codes.py``), ``scores[h, t] = scale[t] · (qbar[h] · code[t])``, and the second and third
+    args are codes[num_layers, n_kv, capacity, d] int8 and scales[num_layers, n_kv, capacity]
+    float32 instead of kv. CUDA sm_80+ (tensor cores, ``scoring_mma.py``) and CPUs; else
+    ValueError (one line).
     """
     check_shapes(n_heads, n_kv_heads, head_dim)
+    codes = key_bits == 8
+    if codes and (emits_wgsl(target) or (is_gpu(target) and not scoring_mma.fits(
+            n_heads, n_kv_heads, head_dim, dtype, target, key_bits))):
+        raise ValueError(f"--score-keys int8 needs a CUDA GPU of sm_80 or newer or a CPU (llvm) target, "
+                         f"not {target.kind.name}; use --score-keys exact")
     gpu = is_gpu(target)
     group = n_heads // n_kv_heads
     NB, H, d = i64(SCORE_BLOCKS), i64(n_heads), i64(head_dim)
@@ -193,83 +204,108 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
     def n_candidates(length):  # C, loaded where it is used: kernels read it on the device, never the host
         return T.Cast("int64", length[0]) - offset
 
-    use_mma = scoring_mma.fits(n_heads, n_kv_heads, head_dim, dtype, target)  # pass 1 on tensor cores
-    score_pass_mma = (scoring_mma.make_score_pass(num_layers, n_heads, n_kv_heads, head_dim, n_init, offset,
-                                                  SCORE_BLOCKS, online_update, merge_partial, _NEG) if use_mma else None)
+    use_mma = scoring_mma.fits(n_heads, n_kv_heads, head_dim, dtype, target, key_bits)  # pass 1 on tensor cores
+    score_pass_mma = (scoring_mma.make_score_pass(num_layers, n_heads, n_kv_heads, head_dim, n_init, offset, SCORE_BLOCKS,
+                                                  online_update, merge_partial, _NEG, key_bits) if use_mma else None)
 
-    @T.prim_func(s_tir=True)
-    def scoring(qbar_h: T.handle, kv_h: T.handle, state_h: T.handle, layer: T.int64, length_h: T.handle,
-                crit_h: T.handle, scores_h: T.handle, partials_h: T.handle):
-        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
-        cap = T.int64()
-        qbar = T.match_buffer(qbar_h, (H, d), "float32")
-        kv = T.match_buffer(kv_h, (i64(num_layers), 2, i64(n_kv_heads), cap, d), dtype)
-        state = T.match_buffer(state_h, (i64(num_layers), 4), "int32")
-        crit = T.match_buffer(crit_h, (cap - offset,), "float32")
-        scores = T.match_buffer(scores_h, (H, cap - offset), "float32")
-        partials = T.match_buffer(partials_h, (H, NB + 1, 2), "float32")
-        length = T.match_buffer(length_h, (T.int64(1),), "int32")
+    @T.macro
+    def simt_pass(qbar, kv, state, layer, length, scores, partials):
+        # pass 1: block (b, g) scores tokens [b*chunk, (b+1)*chunk) of KV head g for the query
+        # heads of its group: one token row per thread (its 16-byte loads all issued before the
+        # first multiply, so a row is in flight at once; no shuffles per token),
+        # then a block reduction of the per-thread online-softmax states
+        for b in T.thread_binding(NB, thread="blockIdx.x"):
+            for g in T.thread_binding(i64(n_kv_heads), thread="blockIdx.y"):
+                for tx in T.thread_binding(tile, thread="threadIdx.x"):
+                    with T.sblock("score"):
+                        T.reads()
+                        T.writes()
+                        qs = T.sblock_alloc_buffer((group, d), "float32", scope="shared")
+                        kl = T.sblock_alloc_buffer((d,), dtype, scope="local")
+                        q4 = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                        acc = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                        m = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                        z = T.sblock_alloc_buffer((group,), "float32", scope="local")
+                        val = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        mx = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        total = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        C: T.let[T.int64] = n_candidates(length)
+                        chunk: T.let[T.int64] = T.ceildiv(C, NB)
+                        if state[layer, 0] == 0:
+                            for it in range(T.ceildiv(group * d, tile)):
+                                e: T.let[T.int64] = it * tile + tx
+                                if e < group * d:
+                                    qs[e // d, e % d] = qbar[g * group + e // d, e % d]
+                            T.tvm_storage_sync("shared")
+                            for j in range(group):
+                                m[j] = T.float32(_NEG)
+                                z[j] = T.float32(0)
+                            for it in range(T.ceildiv(chunk, tile)):
+                                # a barrier keeps the compiler from hoisting all of qs into registers
+                                T.tvm_storage_sync("shared")
+                                t: T.let[T.int64] = b * chunk + it * tile + tx
+                                if it * tile + tx < chunk and t < C:
+                                    for j in T.unroll(group):
+                                        acc[j] = T.float32(0)
+                                    for c in T.unroll(d // vec):  # the whole row in flight at once
+                                        for v in T.vectorized(vec):
+                                            kl[c * vec + v] = kv[layer, 0, g, n_init + t, c * vec + v]
+                                    for c in T.unroll(d // 4):  # 16-byte (broadcast) reads of the queries
+                                        for j in T.unroll(group):
+                                            for v in T.vectorized(4):
+                                                q4[v] = qs[j, c * 4 + v]
+                                            for v in T.unroll(4):
+                                                acc[j] += q4[v] * T.Cast("float32", kl[c * 4 + v])
+                                    for j in T.unroll(group):
+                                        online_update(m, z, j, acc[j])
+                                        scores[g * group + j, t] = acc[j]
+                            for j in range(group):
+                                val[0] = m[j]
+                                allreduce_max_f32(val, mx, tx)
+                                val[0] = z[j] * T.exp(m[j] - mx[0])
+                                allreduce_sum_f32(val, total, tx)
+                                if tx == 0:
+                                    partials[g * group + j, b, 0] = mx[0]
+                                    partials[g * group + j, b, 1] = total[0]
+
+    @T.macro
+    def cpu_pass(qbar, keys, scales, state, layer, length, scores, partials):
+        for b in T.parallel(NB):
+            with T.sblock("score"):
+                T.reads()
+                T.writes()
+                qv = T.sblock_alloc_buffer((vec,), "float32", scope="local")
+                m = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                z = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                C: T.let[T.int64] = n_candidates(length)
+                chunk: T.let[T.int64] = T.ceildiv(C, NB)
+                if state[layer, 0] == 0:
+                    for h in range(H):
+                        m[0] = T.float32(_NEG)
+                        z[0] = T.float32(0)
+                        for t in range(b * chunk, T.min((b + 1) * chunk, C)):
+                            for v in T.vectorized(vec):
+                                qv[v] = T.float32(0)
+                            for c in range(d // vec):
+                                for v in T.vectorized(vec):
+                                    if codes:
+                                        qv[v] += qbar[h, c * vec + v] * T.Cast(
+                                            "float32", keys[layer, h // group, n_init + t, c * vec + v])
+                                    else:
+                                        qv[v] += qbar[h, c * vec + v] * T.Cast(
+                                            "float32", keys[layer, 0, h // group, n_init + t, c * vec + v])
+                            scores[h, t] = T.float32(0)
+                            for v in range(vec):
+                                scores[h, t] += qv[v]
+                            if codes:
+                                scores[h, t] = scores[h, t] * scales[layer, h // group, n_init + t]
+                            online_update(m, z, 0, scores[h, t])
+                        partials[h, b, 0] = m[0]
+                        partials[h, b, 1] = z[0]
+
+    @T.macro
+    def merge_and_vote(state, layer, length, crit, scores, partials, cap):
         if gpu:
-            if use_mma:  # static: tensor cores (scoring_mma.py)
-                score_pass_mma(qbar, kv, state, layer, length, scores, partials, cap)
-            else:
-                # pass 1: block (b, g) scores tokens [b*chunk, (b+1)*chunk) of KV head g for the query
-                # heads of its group: one token row per thread (its 16-byte loads all issued before the
-                # first multiply, so a row is in flight at once; no shuffles per token),
-                # then a block reduction of the per-thread online-softmax states
-                for b in T.thread_binding(NB, thread="blockIdx.x"):
-                    for g in T.thread_binding(i64(n_kv_heads), thread="blockIdx.y"):
-                        for tx in T.thread_binding(tile, thread="threadIdx.x"):
-                            with T.sblock("score"):
-                                T.reads()
-                                T.writes()
-                                qs = T.sblock_alloc_buffer((group, d), "float32", scope="shared")
-                                kl = T.sblock_alloc_buffer((d,), dtype, scope="local")
-                                q4 = T.sblock_alloc_buffer((4,), "float32", scope="local")
-                                acc = T.sblock_alloc_buffer((group,), "float32", scope="local")
-                                m = T.sblock_alloc_buffer((group,), "float32", scope="local")
-                                z = T.sblock_alloc_buffer((group,), "float32", scope="local")
-                                val = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                mx = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                total = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                C: T.let[T.int64] = n_candidates(length)
-                                chunk: T.let[T.int64] = T.ceildiv(C, NB)
-                                if state[layer, 0] == 0:
-                                    for it in range(T.ceildiv(group * d, tile)):
-                                        e: T.let[T.int64] = it * tile + tx
-                                        if e < group * d:
-                                            qs[e // d, e % d] = qbar[g * group + e // d, e % d]
-                                    T.tvm_storage_sync("shared")
-                                    for j in range(group):
-                                        m[j] = T.float32(_NEG)
-                                        z[j] = T.float32(0)
-                                    for it in range(T.ceildiv(chunk, tile)):
-                                        # a barrier keeps the compiler from hoisting all of qs into registers
-                                        T.tvm_storage_sync("shared")
-                                        t: T.let[T.int64] = b * chunk + it * tile + tx
-                                        if it * tile + tx < chunk and t < C:
-                                            for j in T.unroll(group):
-                                                acc[j] = T.float32(0)
-                                            for c in T.unroll(d // vec):  # the whole row in flight at once
-                                                for v in T.vectorized(vec):
-                                                    kl[c * vec + v] = kv[layer, 0, g, n_init + t, c * vec + v]
-                                            for c in T.unroll(d // 4):  # 16-byte (broadcast) reads of the queries
-                                                for j in T.unroll(group):
-                                                    for v in T.vectorized(4):
-                                                        q4[v] = qs[j, c * 4 + v]
-                                                    for v in T.unroll(4):
-                                                        acc[j] += q4[v] * T.Cast("float32", kl[c * 4 + v])
-                                            for j in T.unroll(group):
-                                                online_update(m, z, j, acc[j])
-                                                scores[g * group + j, t] = acc[j]
-                                    for j in range(group):
-                                        val[0] = m[j]
-                                        allreduce_max_f32(val, mx, tx)
-                                        val[0] = z[j] * T.exp(m[j] - mx[0])
-                                        allreduce_sum_f32(val, total, tx)
-                                        if tx == 0:
-                                            partials[g * group + j, b, 0] = mx[0]
-                                            partials[g * group + j, b, 1] = total[0]
             # pass 2: one block per head merges the chunk partials
             for h in T.thread_binding(H, thread="blockIdx.x"):
                 for tx in T.thread_binding(NB, thread="threadIdx.x"):
@@ -303,32 +339,6 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
                             T.tvm_storage_sync("shared")
                             pool_store(raw, crit, b * tile + tx, tx, C)
         else:
-            for b in T.parallel(NB):
-                with T.sblock("score"):
-                    T.reads()
-                    T.writes()
-                    qv = T.sblock_alloc_buffer((vec,), "float32", scope="local")
-                    m = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                    z = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                    C: T.let[T.int64] = n_candidates(length)
-                    chunk: T.let[T.int64] = T.ceildiv(C, NB)
-                    if state[layer, 0] == 0:
-                        for h in range(H):
-                            m[0] = T.float32(_NEG)
-                            z[0] = T.float32(0)
-                            for t in range(b * chunk, T.min((b + 1) * chunk, C)):
-                                for v in T.vectorized(vec):
-                                    qv[v] = T.float32(0)
-                                for c in range(d // vec):
-                                    for v in T.vectorized(vec):
-                                        qv[v] += qbar[h, c * vec + v] * T.Cast(
-                                            "float32", kv[layer, 0, h // group, n_init + t, c * vec + v])
-                                scores[h, t] = T.float32(0)
-                                for v in range(vec):
-                                    scores[h, t] += qv[v]
-                                online_update(m, z, 0, scores[h, t])
-                            partials[h, b, 0] = m[0]
-                            partials[h, b, 1] = z[0]
             for h in T.serial(H):
                 with T.sblock("merge"):
                     m = T.sblock_alloc_buffer((1,), "float32", scope="local")
@@ -353,5 +363,47 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
                             raw[w] = acc[0]
                         for i in range(tile):
                             pool_store(raw, crit, b * tile + i, i, C)
+
+    if codes:
+        @T.prim_func(s_tir=True)
+        def scoring_codes(qbar_h: T.handle, codes_h: T.handle, scales_h: T.handle, state_h: T.handle, layer: T.int64,
+                          length_h: T.handle, crit_h: T.handle, scores_h: T.handle, partials_h: T.handle):
+            T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+            cap = T.int64()
+            qbar = T.match_buffer(qbar_h, (H, d), "float32")
+            key_codes = T.match_buffer(codes_h, (i64(num_layers), i64(n_kv_heads), cap, d), "int8")
+            scales = T.match_buffer(scales_h, (i64(num_layers), i64(n_kv_heads), cap), "float32")
+            state = T.match_buffer(state_h, (i64(num_layers), 4), "int32")
+            crit = T.match_buffer(crit_h, (cap - offset,), "float32")
+            scores = T.match_buffer(scores_h, (H, cap - offset), "float32")
+            partials = T.match_buffer(partials_h, (H, NB + 1, 2), "float32")
+            length = T.match_buffer(length_h, (T.int64(1),), "int32")
+            if gpu:
+                score_pass_mma(qbar, key_codes, scales, state, layer, length, scores, partials, cap)
+            else:
+                cpu_pass(qbar, key_codes, scales, state, layer, length, scores, partials)
+            merge_and_vote(state, layer, length, crit, scores, partials, cap)
+
+        return scoring_codes
+
+    @T.prim_func(s_tir=True)
+    def scoring(qbar_h: T.handle, kv_h: T.handle, state_h: T.handle, layer: T.int64, length_h: T.handle,
+                crit_h: T.handle, scores_h: T.handle, partials_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        cap = T.int64()
+        qbar = T.match_buffer(qbar_h, (H, d), "float32")
+        kv = T.match_buffer(kv_h, (i64(num_layers), 2, i64(n_kv_heads), cap, d), dtype)
+        state = T.match_buffer(state_h, (i64(num_layers), 4), "int32")
+        crit = T.match_buffer(crit_h, (cap - offset,), "float32")
+        scores = T.match_buffer(scores_h, (H, cap - offset), "float32")
+        partials = T.match_buffer(partials_h, (H, NB + 1, 2), "float32")
+        length = T.match_buffer(length_h, (T.int64(1),), "int32")
+        if not gpu:
+            cpu_pass(qbar, kv, None, state, layer, length, scores, partials)
+        elif use_mma:  # static: tensor cores (scoring_mma.py)
+            score_pass_mma(qbar, kv, None, state, layer, length, scores, partials, cap)
+        else:
+            simt_pass(qbar, kv, state, layer, length, scores, partials)
+        merge_and_vote(state, layer, length, crit, scores, partials, cap)
 
     return scoring

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from tsedge.models.config import POLICIES, PolicyConfig, parse_recycle_k
+from tsedge.models.config import POLICIES, SCORE_KEYS, PolicyConfig, parse_recycle_k
 from tsedge.models.quantization import SCHEMES
 from tsedge.progress import interactive, token_progress
 from tsedge.sampling import PEER_DEFAULTS, SamplingParams, generation_config_defaults
@@ -100,6 +100,9 @@ def policy_options(func):
         click.option("--pool-kernel", type=click.IntRange(min=0), default=defaults.pool_kernel,
                      show_default=True,
                      help="max-pool smoothing of criticality (0 = off; the reference uses 6 for passkey)"),
+        click.option("--score-keys", type=click.Choice(SCORE_KEYS), default=defaults.score_keys, show_default=True,
+                     help="TokenSelect scores the cached keys (exact) or int8 codes of them kept beside the cache "
+                          "(int8: half the bytes of float16 keys; CUDA sm_80+ and CPUs)"),
         click.option("--tidal-budget", type=click.IntRange(min=1), default=defaults.tidal_budget,
                      show_default=True, help="tokens each head attends to in TidalDecode's sparse layers"),
         click.option("--tidal-select-layer", type=click.IntRange(min=0),
@@ -176,7 +179,8 @@ def policy_config(kw: dict[str, Any]) -> PolicyConfig:
                         kw["chunk_size"], kw["selection_threshold"], kw["pool_kernel"],
                         kw["tidal_budget"], kw["tidal_select_layer"], kw["tidal_reselect_layers"],
                         kw["tidal_per_kv_head"], kw["recycle_k"], kw["recycle_stride"],
-                        kw["recycle_threshold"], kw["recycle_fixed_stride"], kw["recycle_min_k"])
+                        kw["recycle_threshold"], kw["recycle_fixed_stride"], kw["recycle_min_k"],
+                        kw["score_keys"])
 
 
 # ---- sampling -----------------------------------------------------------------------------------

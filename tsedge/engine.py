@@ -369,7 +369,8 @@ class Engine:
     def fill_random(self, length: int, seed: int = 0) -> None:
         """Benchmarks: make the cache hold ``length`` tokens of random K/V (and random ids)
         without running prefill: decode time depends on the context length, not its content. On
-        a CUDA GPU the fill runs there (through torch)."""
+        a CUDA GPU the fill runs there (through torch). Per-token policy state derived from the
+        keys (``--score-keys int8`` codes) is computed from them by the library."""
         self.reset()
         self.cache.check_room(length)
         kv = self.cache.tensor
@@ -385,6 +386,9 @@ class Engine:
             full = np.zeros(kv.shape, self.meta.dtype)
             full[:, :, :, :length] = np.random.default_rng(seed).standard_normal(shape)
             kv.copyfrom(full)
+        if "code_keys" in self.meta.functions and length:  # --score-keys int8: the codes of the filled keys
+            self.length.copyfrom(np.array([length], dtype="int32"))
+            self.vm["code_keys"](kv, self.length, self.cache.state, tvm.runtime.ShapeTuple([length]))
         vocab = self.meta.model.vocab_size
         self.cache.tokens = np.random.default_rng(seed).integers(min(100, vocab - 1), vocab, length).tolist()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tvm
 
+from tsedge.models.config import CAPACITY
 from tsedge.models.library import LibraryMeta
 
 
@@ -26,16 +27,19 @@ class KVCache:
         self.tensor = tvm.runtime.empty(shape, meta.dtype, device)
         self.state_specs = meta.state
         self.device = device
-        self.state = [tvm.runtime.empty(s, dtype, device) for _, s, dtype in self.state_specs]
+        self.state = [tvm.runtime.empty([capacity if s == CAPACITY else s for s in shape], dtype, device)
+                      for _, shape, dtype in self.state_specs]
         self.reset_state()
         self.tokens: list[int] = []
 
     def reset_state(self) -> None:
         """Zero the policy state (e.g. the selection cache): it describes the dropped tokens.
         In place: the library updates these tensors in place, and a CUDA graph of a decode step
-        holds their addresses."""
+        holds their addresses. Per-token state (a ``capacity`` dimension: data of each cached
+        row, written with it) is kept, as the rows are."""
         for tensor, (_, shape, dtype) in zip(self.state, self.state_specs):
-            tensor.copyfrom(np.zeros(shape, dtype))
+            if CAPACITY not in shape:
+                tensor.copyfrom(np.zeros(shape, dtype))
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -13,12 +13,13 @@ from tvm.relax.frontend.nn import op
 from tvm.target import Target
 
 from tsedge.tir_kernels.common import i64
+from tsedge.tir_kernels.key_codes import make_key_codes
 from tsedge.tir_kernels.selection_cache import make_selection_check
 from tsedge.tir_kernels.tokenselect_scoring import SCORE_BLOCKS, make_fingerprint, make_scoring
 from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
 from tsedge.tir_kernels.window_rows import make_window_rows
 
-from ..config import ModelConfig, PolicyConfig
+from ..config import CAPACITY, ModelConfig, PolicyConfig
 from ..collectives import allgather, allreduce
 from .dense import DensePolicy
 
@@ -38,6 +39,11 @@ class TokenSelectPolicy(DensePolicy):
     top-k's histograms, shared by the layers, left zeroed by each selection). Prefill chunks always re-select (forced miss, not
     counted); decode steps look the cache up.
 
+    ``policy.score_keys == "int8"``: the scoring reads int8 codes of the cached keys
+    (``tir_kernels/key_codes.py``), written after each KV append into two more state tensors sized
+    by the cache's capacity, ``key_codes[NL, Hkv, capacity, d]`` i8 and ``key_scales[NL, Hkv,
+    capacity]`` f32 (per-token data: a truncation keeps them, as it keeps the KV rows).
+
     ``shards > 1`` (tensor parallelism, ``cfg`` a shard's): each shard scores its own heads; the
     soft vote is all-reduced before the top-k and the Selection Cache compares the all-gathered
     fingerprint of all heads (``cache_qbar`` holds all), so every shard selects the same rows.
@@ -56,7 +62,9 @@ class TokenSelectPolicy(DensePolicy):
         # a decode step's fingerprint and check in one launch
         self.fingerprint_check = make_selection_check(nl, h, d, p.selection_threshold, target,
                                                       fingerprint=(p.n_local, dtype))
-        self.scoring = make_scoring(nl, h, hkv, d, p.n_init, p.n_local, p.pool_kernel, dtype, target)
+        self.key_bits = 8 if p.score_keys == "int8" else 16
+        self.scoring = make_scoring(nl, h, hkv, d, p.n_init, p.n_local, p.pool_kernel, dtype, target, self.key_bits)
+        self.key_codes = make_key_codes(nl, hkv, d, dtype, target) if self.key_bits == 8 else None
         self.topk = make_topk(nl, p.top_k, p.n_init, target, n_local=p.n_local)  # also the row list
 
     def state_specs(self) -> list[tuple[str, list[int], str]]:
@@ -64,7 +72,22 @@ class TokenSelectPolicy(DensePolicy):
         return [("cache_qbar", [nl, cfg.num_heads * self.shards, cfg.head_dim], "float32"),
                 ("cache_idx", [nl, self.policy.top_k], "int32"),
                 ("sel_state", [nl, 4], "int32"),
-                ("topk_workspace", [WORKSPACE_SIZE], "int32")]
+                ("topk_workspace", [WORKSPACE_SIZE], "int32")] + ([
+                ("key_codes", [nl, cfg.num_kv_heads, CAPACITY, cfg.head_dim], "int8"),
+                ("key_scales", [nl, cfg.num_kv_heads, CAPACITY], "float32")] if self.key_codes is not None else [])
+
+    def append(self, layer_id: int, qkv: nn.Tensor, step) -> None:
+        """The KV append, then (``--score-keys int8``) the int8 codes of the step's keys."""
+        super().append(layer_id, qkv, step)
+        if self.key_codes is not None:
+            step.state[4:6] = self.code_keys(step.kv, step.state[4:6], layer_id, step.length, step.n)
+
+    def code_keys(self, kv: nn.Tensor, codes: list, layer_id: int, length: nn.Tensor, n) -> list:
+        """``[key_codes, key_scales]`` with rows ``[length - n, length)`` of layer ``layer_id``
+        coded (``n``: an int or an int64 shape variable)."""
+        return list(op.tensor_ir_inplace_op(
+            self.key_codes, "key_codes", args=[kv, *codes, i64(layer_id), length, i64(n) if isinstance(n, int) else n],
+            inplace_indices=[1, 2], out=[_like(t) for t in codes]))
 
     def begin_step(self, step) -> None:
         """Dense rows when the context fits; beyond the budget rows are chosen per layer."""
@@ -79,7 +102,7 @@ class TokenSelectPolicy(DensePolicy):
 
     def select(self, layer_id: int, q: nn.Tensor, step) -> nn.Tensor:
         """Update the layer's selection (in ``step.state``) and return its attended rows."""
-        cache_qbar, cache_idx, sel_state, workspace = step.state
+        cache_qbar, cache_idx, sel_state, workspace, *codes = step.state
         layer = i64(layer_id)
         h, d = self.cfg.num_heads, self.cfg.head_dim
         qbar_spec = nn.Tensor.placeholder([h, d], "float32")
@@ -95,7 +118,7 @@ class TokenSelectPolicy(DensePolicy):
                 inplace_indices=[1, 2], out=[_like(cache_qbar), _like(sel_state)])
         candidates = step.kv.shape[3] - self.policy.n_init - self.policy.n_local  # sized for the capacity
         crit, _, _ = op.tensor_ir_op(
-            self.scoring, "tokenselect_scoring", args=[qbar, step.kv, sel_state, layer, step.length],
+            self.scoring, "tokenselect_scoring", args=[qbar, *(codes or [step.kv]), sel_state, layer, step.length],
             out=[nn.Tensor.placeholder([candidates], "float32"),
                  nn.Tensor.placeholder([h, candidates], "float32"),
                  nn.Tensor.placeholder([h, SCORE_BLOCKS + 1, 2], "float32")])
@@ -105,7 +128,7 @@ class TokenSelectPolicy(DensePolicy):
             self.topk, "topk", args=[crit, sel_state, cache_idx, workspace, layer, step.length],
             inplace_indices=[2, 3, -1],
             out=[_like(cache_idx), _like(workspace), nn.Tensor.placeholder([self.policy.budget], "int32")])
-        step.state = [cache_qbar, cache_idx, sel_state, workspace]
+        step.state = [cache_qbar, cache_idx, sel_state, workspace, *codes]
         return rows
 
 
