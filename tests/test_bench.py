@@ -30,6 +30,16 @@ def test_variants_add_reselect_for_decode_only():
     assert lc.variants(["streaming"], "decode")["streaming"].name == "streaming"  # any compiled policy
 
 
+def test_variants_score_keys_per_tokenselect_variant():
+    """--score-keys exact,int8: every TokenSelect variant twice (int8 suffixed), other policies once."""
+    chosen = lc.variants(["dense", "tokenselect"], "decode", ("exact", "int8"))
+    assert list(chosen) == ["dense", "tokenselect", "tokenselect-int8", "tokenselect-reselect",
+                            "tokenselect-reselect-int8"]
+    assert chosen["tokenselect-reselect-int8"].score_keys == "int8"
+    assert chosen["tokenselect-reselect-int8"].selection_threshold > 1
+    assert chosen["dense"].score_keys == chosen["tokenselect"].score_keys == "exact"
+
+
 def _result(device: str) -> dict:
     rows = [{"policy": p, "depth": d, "ms_per_token": v} for p, d, v in
             [("dense", 0, 4.5), ("dense", 131072, 9.0), ("tokenselect", 131072, 4.4)]]

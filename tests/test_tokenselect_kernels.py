@@ -332,3 +332,16 @@ def test_scoring_refuses_unsupported_head_dims_in_one_line():
 
     with pytest.raises(ValueError, match="head_dim 64 or 128 .*use --policy dense or streaming"):
         make_scoring(NUM_LAYERS, 4, 2, 16, 4, 8, 0, "float32", tvm.target.Target("llvm"))
+
+
+@pytest.mark.skipif(MODE != "llvm", reason="target checks run where the compiler is")
+def test_int8_key_codes_refused_where_unsupported_in_one_line():
+    """--score-keys int8 needs int8 tensor cores (CUDA sm_80+) or a CPU; other policies refuse it."""
+    from tsedge.compile.targets import cuda_target, parse_target
+    from tsedge.models.config import PolicyConfig
+
+    for target in (parse_target("vulkan"), cuda_target("sm_75")):
+        with pytest.raises(ValueError, match="needs a CUDA GPU of sm_80 or newer or a CPU .*use --score-keys exact"):
+            make_scoring(NUM_LAYERS, 8, 2, 64, 4, 8, 0, "float16", target, key_bits=8)
+    with pytest.raises(ValueError, match="use it with --policy tokenselect"):
+        PolicyConfig("dense", score_keys="int8")

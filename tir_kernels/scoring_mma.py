@@ -21,7 +21,9 @@ from tvm.target import Target
 from .common import has_mma_sync, i64, mma_m16n8k16
 
 KEYS = 16  # float16 candidates per shared-memory tile (int8 codes: 32, the same bytes)
-STAGES = 2
+STAGES = 2  # cp.async stages of float16 tiles (measured: 16-key tiles, 2 stages; scoring_tiles_h200.json)
+KEYS_INT8 = 32  # int8 candidates per tile
+STAGES_INT8 = 2  # of int8 tiles (measured: 2 of 2, 3, 4 and 6, attention_speed_scoring_int8_h200.json)
 PIECE = 16  # bytes of a cp.async copy and of a row's padding in shared memory
 
 
@@ -35,7 +37,8 @@ def fits(n_heads: int, n_kv: int, head_dim: int, dtype: str, target: Target, key
 
 
 def make_score_pass(num_layers: int, n_heads: int, n_kv: int, head_dim: int, n_init: int, offset: int,
-                    chunks: int, online_update, merge_partial, neg: float, key_bits: int = 16):
+                    chunks: int, exp, merge_partial, neg: float, key_bits: int = 16,
+                    stages: int | None = None, keys: int | None = None):
     """A TIR macro ``(qbar, keys, scales, state, layer, length, scores, partials, cap)``: for chunk
     ``b`` of ``chunks`` and KV head ``g``, ``scores[h, t] = qbar[h] · k[n_init + t]`` (float32) for
     the chunk's candidates ``t < C = length[0] - offset`` and ``partials[h, b] = (max, sum of
@@ -44,15 +47,19 @@ def make_score_pass(num_layers: int, n_heads: int, n_kv: int, head_dim: int, n_i
     ``scales`` unused; 8: ``keys``/``scales`` are ``key_codes.py``'s int8 codes and float32 row
     scales, the score ``scale · (q̄ · code)`` with q̄ as two int8 rows per head (``hi = round(q̄ /
     s)``, ``s = max|q̄| / 127``, and the remainder in steps of ``s / 254``), an ``m16n8k32`` int8
-    mma with int32 sums. ``online_update`` / ``merge_partial``: the caller's online-softmax macros
-    on 1-element (m, z) buffers, and ``neg`` its finite minus infinity (an empty state's max), so
-    both passes keep one rule.
+    mma with int32 sums (a tile's scales copied to shared memory with its codes). ``stages``: cp.async
+    stages in flight and ``keys`` candidates a tile (16 or 32; defaults ``STAGES``, ``KEYS`` /
+    ``STAGES_INT8``, ``KEYS_INT8``). A thread adds a tile's scores to its online softmax at once
+    (one rescale by the tile's max). ``exp``: the caller's exponential, ``merge_partial``: its
+    macro merging an (m, z) pair into 1-element buffers, ``neg``: its finite minus infinity (an
+    empty state's max), so both passes keep one rule.
     """
     int8 = key_bits == 8
+    stages = stages or (STAGES_INT8 if int8 else STAGES)
     elem, acc_dtype = ("int8", "int32") if int8 else ("float16", "float32")
     per_piece = PIECE // (1 if int8 else 2)  # elements of a 16-byte piece
     per_reg = 4 if int8 else 2  # elements of a 32-bit fragment register
-    keys_per_tile = 2 * KEYS if int8 else KEYS
+    keys_per_tile = keys or (KEYS_INT8 if int8 else KEYS)
     k_depth = 32 if int8 else 16
     group = n_heads // n_kv
     stride = head_dim + per_piece  # a padded row: conflict-free ldmatrix
@@ -66,16 +73,21 @@ def make_score_pass(num_layers: int, n_heads: int, n_kv: int, head_dim: int, n_i
     plane = 1 if int8 else 2  # the keys' source: codes[l, g, row] or kv[l, 0, g, row]
 
     @T.macro
-    def copy_tile(keys, k_st, layer, cap, g, t, j0, j1, tx):
-        """Copies of tile ``t`` (candidates clamped to the chunk's last) into stage ``t % STAGES``."""
+    def copy_tile(keys, scales, k_st, s_st, layer, cap, g, t, j0, j1, tx):
+        """Copies of tile ``t`` (candidates clamped to the chunk's last) into stage ``t % stages``;
+        int8: the tile's scales too (4 bytes a lane)."""
         for it in T.unroll(i64(kv_items)):
             if it * 32 + tx < keys_per_tile * pieces:
                 jj: T.let[T.int64] = (it * 32 + tx) // pieces
                 c: T.let[T.int64] = (it * 32 + tx) % pieces * per_piece
                 row: T.let[T.int64] = n_init + T.min(j0 + t * keys_per_tile + jj, j1 - 1)
                 T.evaluate(T.s_tir.cp_async_raw.legacy(
-                    k_st.data, t % STAGES * stage_elems + jj * stride + c, keys.data,
+                    k_st.data, t % stages * stage_elems + jj * stride + c, keys.data,
                     (((layer * plane) * HKV + g) * cap + row) * D + c, 16, dtype=elem))
+        if int8 and tx < keys_per_tile:
+            T.evaluate(T.s_tir.cp_async_raw.legacy(
+                s_st.data, t % stages * keys_per_tile + tx, scales.data,
+                (layer * HKV + g) * cap + n_init + T.min(j0 + t * keys_per_tile + tx, j1 - 1), 4, dtype="float32"))
 
     @T.macro
     def stage_query_f16(qbar, q_sh, g, tx):
@@ -125,7 +137,8 @@ def make_score_pass(num_layers: int, n_heads: int, n_kv: int, head_dim: int, n_i
                     with T.sblock("score_mma"):
                         T.reads()
                         T.writes()
-                        k_st = T.sblock_alloc_buffer((STAGES * stage_elems,), elem, scope="shared")
+                        k_st = T.sblock_alloc_buffer((stages * stage_elems,), elem, scope="shared")
+                        s_st = T.sblock_alloc_buffer((stages * keys_per_tile if int8 else 1,), "float32", scope="shared")
                         q_sh = T.sblock_alloc_buffer((16 * stride,), elem, scope="shared")
                         qf = T.sblock_alloc_buffer((k_steps * 4 * per_reg,), elem, scope="local")
                         bk = T.sblock_alloc_buffer((n_tiles * 2 * per_reg,), elem, scope="local")
@@ -133,7 +146,8 @@ def make_score_pass(num_layers: int, n_heads: int, n_kv: int, head_dim: int, n_i
                         sq = T.sblock_alloc_buffer((2,), "float32", scope="local")  # int8: the hi step, a scratch
                         m = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         z = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                        sc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        sc = T.sblock_alloc_buffer((n_tiles * 2,), "float32", scope="local")  # a thread's scores of a tile
+                        tile_max = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         other = T.sblock_alloc_buffer((2,), "float32", scope="local")  # a partner's (m, z)
                         C: T.let[T.int64] = T.Cast("int64", length[0]) - offset
                         j0: T.let[T.int64] = b * T.ceildiv(C, NB)
@@ -141,9 +155,9 @@ def make_score_pass(num_layers: int, n_heads: int, n_kv: int, head_dim: int, n_i
                         miss: T.let[T.bool] = state[layer, 0] == 0
                         tiles: T.let[T.int64] = T.max(j1 - j0 + keys_per_tile - 1, i64(0)) // keys_per_tile
                         for _ in range(T.Cast("int64", miss)):  # nothing on a hit (no early return: barriers)
-                            for t in T.unroll(i64(STAGES - 1)):
+                            for t in T.unroll(i64(stages - 1)):
                                 if t < tiles:
-                                    copy_tile(keys, k_st, layer, cap, g, t, j0, j1, tx)
+                                    copy_tile(keys, scales, k_st, s_st, layer, cap, g, t, j0, j1, tx)
                                 T.evaluate(T.ptx.cp.async_.commit_group())
                             if int8:
                                 stage_query_i8(qbar, q_sh, sq, g, tx)
@@ -159,10 +173,10 @@ def make_score_pass(num_layers: int, n_heads: int, n_kv: int, head_dim: int, n_i
                             z[0] = T.float32(0)
                             for t in T.serial(tiles):
                                 T.tvm_storage_sync("shared")  # the warp is done with tile t - 1: its stage is free
-                                if t + STAGES - 1 < tiles:
-                                    copy_tile(keys, k_st, layer, cap, g, t + STAGES - 1, j0, j1, tx)
+                                if t + stages - 1 < tiles:
+                                    copy_tile(keys, scales, k_st, s_st, layer, cap, g, t + stages - 1, j0, j1, tx)
                                 T.evaluate(T.ptx.cp.async_.commit_group())
-                                T.evaluate(T.ptx.cp.async_.wait_group(STAGES - 1))
+                                T.evaluate(T.ptx.cp.async_.wait_group(stages - 1))
                                 T.tvm_storage_sync("shared")
                                 for e in T.unroll(n_tiles * 4):
                                     sf[e] = T.Cast(acc_dtype, 0)
@@ -170,7 +184,7 @@ def make_score_pass(num_layers: int, n_heads: int, n_kv: int, head_dim: int, n_i
                                     for kp in T.unroll(n_tiles // 2):
                                         T.evaluate(T.ptx_legacy.ldmatrix(
                                             False, 4, ".b16", bk.data, kp * 4 * per_reg, k_st.access_ptr("r"),
-                                            t % STAGES * stage_elems + (kp * 16 + tx // 16 * 8 + tx % 8) * stride
+                                            t % stages * stage_elems + (kp * 16 + tx // 16 * 8 + tx % 8) * stride
                                             + ks * k_depth + (tx // 8) % 2 * per_piece, dtype=elem))
                                     for nb in T.unroll(n_tiles):
                                         if int8:
@@ -183,15 +197,23 @@ def make_score_pass(num_layers: int, n_heads: int, n_kv: int, head_dim: int, n_i
                                 for nb in T.unroll(n_tiles):  # row tx / 4 (hi) + row tx / 4 + 8 (lo): the score
                                     for c in T.unroll(2):
                                         j: T.let[T.int64] = j0 + t * keys_per_tile + nb * 8 + tx % 4 * 2 + c
+                                        if int8:
+                                            sc[nb * 2 + c] = s_st[t % stages * keys_per_tile + nb * 8 + tx % 4 * 2 + c] * sq[0] * (
+                                                T.Cast("float32", sf[nb * 4 + c])
+                                                + T.Cast("float32", sf[nb * 4 + 2 + c]) * T.float32(1 / 254))
+                                        else:
+                                            sc[nb * 2 + c] = sf[nb * 4 + c] + sf[nb * 4 + 2 + c]
                                         if j < j1 and tx // 4 < G:
-                                            if int8:
-                                                sc[0] = scales[layer, g, n_init + j] * sq[0] * (
-                                                    T.Cast("float32", sf[nb * 4 + c])
-                                                    + T.Cast("float32", sf[nb * 4 + 2 + c]) / T.float32(254))
-                                            else:
-                                                sc[0] = sf[nb * 4 + c] + sf[nb * 4 + 2 + c]
-                                            scores[g * G + tx // 4, j] = sc[0]
-                                            online_update(m, z, 0, sc[0])
+                                            scores[g * G + tx // 4, j] = sc[nb * 2 + c]
+                                        sc[nb * 2 + c] = T.if_then_else(j < j1, sc[nb * 2 + c], T.float32(neg))
+                                # the tile's scores into the online softmax at once (no branch per score)
+                                tile_max[0] = m[0]
+                                for e in T.unroll(n_tiles * 2):
+                                    tile_max[0] = T.max(tile_max[0], sc[e])
+                                z[0] = z[0] * exp(m[0] - tile_max[0])
+                                for e in T.unroll(n_tiles * 2):
+                                    z[0] = z[0] + exp(sc[e] - tile_max[0])
+                                m[0] = tile_max[0]
                             for r in T.unroll(2):  # the row's four threads
                                 other[0] = T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), m[0], tx ^ (T.int64(1) << r), 32, 32)
                                 other[1] = T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), z[0], tx ^ (T.int64(1) << r), 32, 32)

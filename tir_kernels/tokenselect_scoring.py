@@ -27,7 +27,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from . import scoring_mma
-from .common import emits_wgsl, i64, is_gpu
+from .common import emits_wgsl, has_warp_shuffle, i64, is_gpu
 
 SCORE_BLOCKS = 256  # token chunks of the scoring pass; partials[H, SCORE_BLOCKS + 1, 2]
 _THREADS = 256
@@ -126,7 +126,8 @@ def check_shapes(n_heads: int, n_kv_heads: int, head_dim: int) -> None:
 
 
 def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, n_init: int,
-                 n_local: int, pool_kernel: int, dtype: str, target: Target, key_bits: int = 16) -> tirx.PrimFunc:
+                 n_local: int, pool_kernel: int, dtype: str, target: Target, key_bits: int = 16,
+                 mma_stages: int | None = None, mma_keys: int | None = None) -> tirx.PrimFunc:
     """Per-head scores, soft voting and optional max-pool → criticality of every candidate.
 
     Args (in order): qbar[H, d] float32, kv[num_layers, 2, n_kv, capacity, d] ``dtype``,
@@ -148,7 +149,8 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
     (``key_codes.py``), ``scores[h, t] = scale[t] · (qbar[h] · code[t])``, and the second and third
     args are codes[num_layers, n_kv, capacity, d] int8 and scales[num_layers, n_kv, capacity]
     float32 instead of kv. CUDA sm_80+ (tensor cores, ``scoring_mma.py``) and CPUs; else
-    ValueError (one line).
+    ValueError (one line). ``mma_stages``, ``mma_keys``: the tensor-core pass's cp.async stages and
+    candidates a tile (tuning; defaults: the measured best).
     """
     check_shapes(n_heads, n_kv_heads, head_dim)
     codes = key_bits == 8
@@ -167,18 +169,21 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
     vec = 16 // (2 if dtype in ("float16", "bfloat16") else 4)  # 16-byte loads of key rows
     vec = min(vec, 4) if emits_wgsl(target) else vec  # WGSL vectors: at most 4 lanes
 
+    def exp(x):  # CUDA: the fast exponential (arguments <= 0 here: within ~1e-5 relative)
+        return T.call_pure_extern("float32", "__expf", x) if has_warp_shuffle(target) else T.exp(x)
+
     @T.macro
     def online_update(m, z, j, s):
         if s > m[j]:
-            z[j] = z[j] * T.exp(m[j] - s) + T.float32(1)
+            z[j] = z[j] * exp(m[j] - s) + T.float32(1)
             m[j] = s
         else:
-            z[j] = z[j] + T.exp(s - m[j])
+            z[j] = z[j] + exp(s - m[j])
 
     @T.macro
     def merge_partial(m, z, j, m2, z2):
         m_new: T.let[T.float32] = T.max(m[j], m2)
-        z[j] = z[j] * T.exp(m[j] - m_new) + z2 * T.exp(m2 - m_new)
+        z[j] = z[j] * exp(m[j] - m_new) + z2 * exp(m2 - m_new)
         m[j] = m_new
 
     @T.macro
@@ -188,7 +193,7 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
         if 0 <= t and t < C:
             out[0] = T.float32(0)
             for h in range(H):
-                out[0] += T.exp(scores[h, t] - partials[h, NB, 0]) * partials[h, NB, 1]
+                out[0] += exp(scores[h, t] - partials[h, NB, 0]) * partials[h, NB, 1]
 
     @T.macro
     def pool_store(raw, crit, t, w0, C):
@@ -206,7 +211,8 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
 
     use_mma = scoring_mma.fits(n_heads, n_kv_heads, head_dim, dtype, target, key_bits)  # pass 1 on tensor cores
     score_pass_mma = (scoring_mma.make_score_pass(num_layers, n_heads, n_kv_heads, head_dim, n_init, offset, SCORE_BLOCKS,
-                                                  online_update, merge_partial, _NEG, key_bits) if use_mma else None)
+                                                  exp, merge_partial, _NEG, key_bits, mma_stages, mma_keys)
+                      if use_mma else None)
 
     @T.macro
     def simt_pass(qbar, kv, state, layer, length, scores, partials):

@@ -373,8 +373,8 @@ def bench_speed(model, target, lib, prefill_lengths, decode_contexts, steps, out
 @policy_options
 @_errors
 def bench_accuracy(model, target, lib, reference_lib, prompt_tokens, positions, output, **kw) -> None:
-    """Top-1 agreement, KL and perplexity of --quantization against float weights on natural text
-    (CPython's docs), teacher-forced."""
+    """Top-1 agreement, KL and perplexity of --quantization (and --score-keys) against float weights
+    (and exact scoring) on natural text (CPython's docs), teacher-forced."""
     import pydoc_data.topics
 
     from tsedge.bench.quant_accuracy import text_accuracy
@@ -385,10 +385,12 @@ def bench_accuracy(model, target, lib, reference_lib, prompt_tokens, positions, 
     targets = _checked_target(target, lib), _checked_target(target, reference_lib)
     source = load_source(model)
     candidate = _engine(source, targets[0], lib, kw)
-    reference = _engine(source, targets[1], reference_lib, {**kw, "quantization": "q0"})
+    reference = _engine(source, targets[1], reference_lib, {**kw, "quantization": "q0", "score_keys": "exact"})
     ids = reference.tokenizer.encode("\n\n".join(pydoc_data.topics.topics.values()))[:prompt_tokens + positions]
     result = text_accuracy(reference, candidate, ids, prompt_tokens)
-    click.echo(f"{candidate.meta.quantization} vs {reference.meta.quantization}, {result['positions']} positions: "
+    names = [f"{e.meta.quantization}" + (f" ({e.meta.policy.score_keys} keys)" if e.meta.policy.name == "tokenselect" else "")
+             for e in (candidate, reference)]
+    click.echo(f"{names[0]} vs {names[1]}, {result['positions']} positions: "
                f"top-1 agreement {result['top1_agreement']:.3f}, mean KL {result['mean_kl']:.4f} nats "
                f"(max {result['max_kl']:.3f}), perplexity {result['candidate_ppl']:.2f} vs {result['reference_ppl']:.2f}")
     if output:

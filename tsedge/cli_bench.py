@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from tsedge.cli_options import TARGET_HELP, RecycleK, quantization_option, resolve_target
-from tsedge.models.config import PRESETS
+from tsedge.models.config import PRESETS, SCORE_KEYS
 
 
 def _driver() -> str | None:
@@ -58,6 +58,15 @@ def _libraries(preset: str, variants: dict, target: str | None, lib_dir: str | N
             for name, (policy, n) in variants.items()}
 
 
+def _score_key_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    """``"exact,int8"`` -> ``("exact", "int8")``; one error line for an unknown mode."""
+    modes = tuple(dict.fromkeys(m.strip() for m in value.split(",")))
+    for mode in modes:
+        if mode not in SCORE_KEYS:
+            raise click.BadParameter(f"unknown mode {mode!r}: use some of {','.join(SCORE_KEYS)}")
+    return modes
+
+
 def _bench_command(kind: str):
     @click.command(kind)
     @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="llama3-8b", show_default=True,
@@ -83,15 +92,18 @@ def _bench_command(kind: str):
                   show_default=True, help="JSON and PNG go here")
     @click.option("--tag", default=None, help="file name stem (default: <kind>_<preset>_<device>)")
     @quantization_option("q0")  # the compiled libraries' weights (random values of the scheme's layout)
+    @click.option("--score-keys", default="exact", show_default=True, metavar="MODE[,MODE...]",
+                  callback=_score_key_list,
+                  help="TokenSelect's scoring input, each run as its own variant: exact, int8 (named tokenselect-int8)")
     @click.option("--tensor-parallel", default="1", show_default=True, metavar="N[,N...]",
                   help="GPU counts to run each variant on (libraries labelled <variant>-tpN beyond 1)")
     def command(preset, depths, policies, target, lib_dir, compile_only, steps, chunk, ttft, tidal_budget, recycle_k,
-                output_dir, tag, quantization, tensor_parallel):
+                output_dir, tag, quantization, score_keys, tensor_parallel):
         from tsedge.bench import long_context as lc
 
         try:
             depth_list = lc.parse_depths(depths)
-            variants = _shard_variants(lc.variants([p.strip() for p in policies.split(",")], kind,
+            variants = _shard_variants(lc.variants([p.strip() for p in policies.split(",")], kind, score_keys,
                                                    tidal_budget=tidal_budget, recycle_k=recycle_k),
                                        _shard_counts(tensor_parallel))
         except ValueError as err:

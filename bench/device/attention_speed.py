@@ -31,6 +31,10 @@ DENSE_SHAPES = {"dense 256": ("simt", {"max_splits": 256, "min_keys": 8}), "mma 
                 "mma dense min16": ("mma", {"min_keys": 16})}
 SPLIT_OPTIONS = ("max_splits", "min_keys")  # the options decode_splits takes
 REPLAYS = 4  # graph replays timed
+# scoring variants: (key bits, cp.async stages, candidates a tile of the tensor-core pass; None: the default)
+# (int8: 16- or 32-key tiles, 2-6 stages all within 60-62 us a layer but 32 keys x 3 stages, 69 us:
+# scoring_int8_tiles_h200.json)
+SCORING_SHAPES = {"scoring": (16, None, None), "scoring int8": (8, None, None)}
 PARTS = ("decode", "prefill", "scoring")  # what prepare builds and run times (default: all)
 PREFILL_N = 512
 PREFILL_DEPTHS = (0, 4096, 32768, 131072)
@@ -60,9 +64,10 @@ def prepare(parts: list[str]) -> None:
                        (f"merge {name}", attention.make_attention_merge(
                            HEADS, HEAD_DIM, "float16", target,
                            functools.partial(decode_attention.decode_splits, **_split_options(kind, kw))), target)]
-    if "scoring" in parts:  # TokenSelect paper budgets 128/512
-        builds.append(("scoring", tokenselect_scoring.make_scoring(LAYERS, HEADS, KV_HEADS, HEAD_DIM, 128, 512, 0,
-                                                                   "float16", target), target))
+    if "scoring" in parts:  # TokenSelect paper budgets 128/512; exact keys and int8 codes (--score-keys)
+        builds += [(name, tokenselect_scoring.make_scoring(LAYERS, HEADS, KV_HEADS, HEAD_DIM, 128, 512, 0, "float16",
+                                                           target, bits, stages, keys), target)
+                   for name, (bits, stages, keys) in SCORING_SHAPES.items()]
     if "prefill" in parts:
         builds += [("merge chunks", attention.make_attention_merge(HEADS, HEAD_DIM, "float16", target, few_chunks=True),
                     target),
@@ -212,14 +217,25 @@ def run(out_path: Path, parts: list[str]) -> None:
     outs = [torch.empty(shape, device=dev, dtype=torch.float32)
             for shape in ((size,), (HEADS, size), (HEADS, tokenselect_scoring.SCORE_BLOCKS + 1, 2))]
     length_t = torch.tensor([length], device=dev, dtype=torch.int32)
-    if "scoring" in parts:
-        kernel = load("scoring")
-        us = timed_calls(lambda layer: kernel(ffi(qbar), ffi(kv), ffi(state), layer, ffi(length_t),
+    codes = [torch.randint(-127, 128, (LAYERS, KV_HEADS, CAPACITY, HEAD_DIM), generator=gen, device=dev,
+                           dtype=torch.int8),
+             torch.rand((LAYERS, KV_HEADS, CAPACITY), generator=gen, device=dev) * 0.05] if "scoring" in parts else []
+    for name, (bits, _, _) in SCORING_SHAPES.items() if "scoring" in parts else ():
+        keys, key_bytes = ([kv], 2 * HEAD_DIM) if bits == 16 else (codes, HEAD_DIM + 4)
+        kernel = load(_file(name))
+        us = timed_calls(lambda layer: kernel(ffi(qbar), *[ffi(t) for t in keys], ffi(state), layer, ffi(length_t),
                                               *[ffi(t) for t in outs]), 8 * LAYERS)
-        gbs = candidates * KV_HEADS * HEAD_DIM * 2 / us / 1e3
-        results.append({"variant": "scoring (TokenSelect, re-selecting)", "kind": "scoring", "candidates": candidates,
-                        "us_per_layer": round(us, 2), "k_gb_per_s": round(gbs, 1)})
-        print(f"scoring {candidates} candidates: {us:9.2f} us/layer {gbs:8.1f} GB/s", flush=True)
+        gbs = candidates * KV_HEADS * key_bytes / us / 1e3
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for layer in range(LAYERS):
+                kernel(ffi(qbar), *[ffi(t) for t in keys], ffi(state), layer, ffi(length_t), *[ffi(t) for t in outs])
+            torch.cuda.synchronize()
+        passes = {e.key: round(getattr(e, "device_time", 0) or e.cuda_time, 2) for e in prof.key_averages()}  # mean us of each kernel
+        results.append({"variant": f"{name} (TokenSelect, re-selecting)", "kind": "scoring", "candidates": candidates,
+                        "us_per_layer": round(us, 2), "k_gb_per_s": round(gbs, 1), "bytes_per_key": key_bytes,
+                        "passes_us": passes})
+        print(f"  passes (us each, outside a graph): {passes}", flush=True)
+        print(f"{name} {candidates} candidates: {us:9.2f} us/layer {gbs:8.1f} GB/s", flush=True)
     out_path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "shapes": {
         "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "float16"},
         "note": "per layer: attention kernel + merge; decode GB/s = K+V bytes of the attended rows / time; "

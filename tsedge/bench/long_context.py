@@ -46,19 +46,24 @@ def parse_depths(text: str) -> list[int]:
     return depths
 
 
-def variants(policies: list[str], kind: str, **budgets: int | str | None) -> dict[str, PolicyConfig]:
+def variants(policies: list[str], kind: str, score_keys: tuple[str, ...] = ("exact",),
+             **budgets: int | str | None) -> dict[str, PolicyConfig]:
     """Library variants measured for ``policies``, each with its default budgets but those given
     (``PolicyConfig`` fields, e.g. ``tidal_budget``, ``recycle_k``: a count, or a fraction ``"1/8"``
     of the context, the default, whose K at a depth is that depth's; None keeps the default) —
-    decode adds ``tokenselect-reselect``; raises ValueError for a policy the compiler does not know."""
+    decode adds ``tokenselect-reselect``; each TokenSelect variant runs with each of
+    ``score_keys`` (a mode other than exact is suffixed: ``tokenselect-int8``); raises ValueError
+    for a policy the compiler does not know."""
     chosen = {}
     given = {field: value for field, value in budgets.items() if value is not None}
     for policy in policies:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r} for bench: use some of {','.join(POLICIES)}")
-        chosen[policy] = dataclasses.replace(VARIANTS.get(policy, PolicyConfig(policy)), **given)
-        if policy == "tokenselect" and kind == "decode":
-            chosen["tokenselect-reselect"] = VARIANTS["tokenselect-reselect"]
+        names = [policy, "tokenselect-reselect"] if policy == "tokenselect" and kind == "decode" else [policy]
+        for name in names:
+            base = dataclasses.replace(VARIANTS.get(name, PolicyConfig(policy)), **given)
+            for mode in (score_keys if policy == "tokenselect" else ("exact",)):
+                chosen[name if mode == "exact" else f"{name}-{mode}"] = dataclasses.replace(base, score_keys=mode)
     return chosen
 
 
