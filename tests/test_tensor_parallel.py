@@ -102,13 +102,15 @@ def test_two_shards_quantized(tmp_path_factory, tiny):
     np.testing.assert_allclose(np.stack(tp_logits), np.stack(logits), rtol=1e-4, atol=1e-5)
 
 
-def test_tokenselect_three_shards(tmp_path_factory, smol_source):
+@pytest.mark.parametrize("score_keys", ["exact", "int8"])
+def test_tokenselect_three_shards(tmp_path_factory, smol_source, score_keys):
     """TokenSelect beyond its budget: the soft vote all-reduced over the shards' heads and the
-    Selection Cache deciding on every head's fingerprint pick the same rows as one shard."""
+    Selection Cache deciding on every head's fingerprint pick the same rows as one shard (int8:
+    each shard codes and scores its own KV heads)."""
     from test_tokenselect_model import BUDGETS, TEXT
 
     prompt = smol_source.tokenizer.encode(TEXT)[:300]
-    policy = dict(name="tokenselect", **BUDGETS)
+    policy = dict(name="tokenselect", score_keys=score_keys, **BUDGETS)
     (tokens, logits, stats), (tp_tokens, tp_logits, tp_stats) = _greedy_both(
         tmp_path_factory, smol_source, smol_source.path, policy, 3, prompt, 10, context=512)
     assert tp_tokens == tokens

@@ -157,7 +157,8 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
     if codes and (emits_wgsl(target) or (is_gpu(target) and not scoring_mma.fits(
             n_heads, n_kv_heads, head_dim, dtype, target, key_bits))):
         raise ValueError(f"--score-keys int8 needs a CUDA GPU of sm_80 or newer or a CPU (llvm) target, "
-                         f"not {target.kind.name}; use --score-keys exact")
+                         f"not {'vulkan' if emits_wgsl(target) else target.attrs.get('arch', target.kind.name)}; "
+                         "use --score-keys exact")
     gpu = is_gpu(target)
     group = n_heads // n_kv_heads
     NB, H, d = i64(SCORE_BLOCKS), i64(n_heads), i64(head_dim)
