@@ -264,6 +264,19 @@ def test_bad_target_fails_before_the_model_loads(monkeypatch):
         assert "none is visible; use --target llvm" in result.output
 
 
+def test_score_keys_refused_before_the_model_loads(monkeypatch):
+    """--score-keys int8 with another policy, or on Vulkan: one line, before any model work (and
+    before asking for wgpu-native)."""
+    import tsedge.weights
+
+    monkeypatch.setattr(tsedge.weights, "load_source", lambda *_: pytest.fail("the model was loaded"))
+    for args, want in ((["--policy", "dense"], "use it with --policy tokenselect"),
+                       (["--policy", "tokenselect", "--target", "vulkan"], "Vulkan's WGSL has no 8-bit storage")):
+        for command in (["generate", "--prompt", "x"], ["chat"]):
+            result = run(*command, "--score-keys", "int8", *args)
+            assert result.exit_code == 1 and result.output.count("\n") == 1 and want in result.output
+
+
 def test_lib_given_its_metadata_file(tmp_path):
     meta = tmp_path / "model.json"
     meta.write_text("{}")

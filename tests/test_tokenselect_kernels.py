@@ -341,7 +341,7 @@ def test_int8_key_codes_refused_where_unsupported_in_one_line():
     from tsedge.models.config import PolicyConfig
 
     for target in (parse_target("vulkan"), cuda_target("sm_75")):
-        with pytest.raises(ValueError, match="needs a CUDA GPU of sm_80 or newer or a CPU .*use --score-keys exact"):
+        with pytest.raises(ValueError, match=r"needs a CPU \(llvm\) target or a CUDA GPU of sm_80 or newer.*use --score-keys exact"):
             make_scoring(NUM_LAYERS, 8, 2, 64, 4, 8, 0, "float16", target, key_bits=8)
     with pytest.raises(ValueError, match="use it with --policy tokenselect"):
         PolicyConfig("dense", score_keys="int8")

@@ -125,6 +125,19 @@ def check_shapes(n_heads: int, n_kv_heads: int, head_dim: int) -> None:
                          f"head_dim {head_dim}, {n_heads} heads, {n_kv_heads} KV heads); use --policy dense or streaming")
 
 
+def check_score_keys(score_keys: str, n_heads: int, n_kv_heads: int, head_dim: int, target: Target) -> None:
+    """Raises ValueError (one line naming the fix) where ``--score-keys`` int8 cannot run: it needs
+    the CPU (llvm) or a CUDA GPU of sm_80+ with at most 8 query heads per KV head (int8 tensor
+    cores, ``scoring_mma.py``); not Vulkan (no 8-bit storage in WGSL)."""
+    if score_keys == "exact" or (not is_gpu(target) and not emits_wgsl(target)):
+        return
+    if emits_wgsl(target) or not scoring_mma.fits(n_heads, n_kv_heads, head_dim, "float16", target, 8):
+        where = "vulkan" if emits_wgsl(target) else f"{target.attrs.get('arch', target.kind.name)}, " \
+            f"{n_heads // n_kv_heads} query heads per KV head"
+        raise ValueError(f"--score-keys {score_keys} needs a CPU (llvm) target or a CUDA GPU of sm_80 or newer with at "
+                         f"most 8 query heads per KV head (here: {where}); use --score-keys exact")
+
+
 def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, n_init: int,
                  n_local: int, pool_kernel: int, dtype: str, target: Target, key_bits: int = 16,
                  mma_stages: int | None = None, mma_keys: int | None = None) -> tirx.PrimFunc:
@@ -154,11 +167,8 @@ def make_scoring(num_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, 
     """
     check_shapes(n_heads, n_kv_heads, head_dim)
     codes = key_bits == 8
-    if codes and (emits_wgsl(target) or (is_gpu(target) and not scoring_mma.fits(
-            n_heads, n_kv_heads, head_dim, dtype, target, key_bits))):
-        raise ValueError(f"--score-keys int8 needs a CUDA GPU of sm_80 or newer or a CPU (llvm) target, "
-                         f"not {'vulkan' if emits_wgsl(target) else target.attrs.get('arch', target.kind.name)}; "
-                         "use --score-keys exact")
+    if codes:
+        check_score_keys("int8", n_heads, n_kv_heads, head_dim, target)
     gpu = is_gpu(target)
     group = n_heads // n_kv_heads
     NB, H, d = i64(SCORE_BLOCKS), i64(n_heads), i64(head_dim)

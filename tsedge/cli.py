@@ -60,16 +60,22 @@ def _max_context(kw: dict, policy: PolicyConfig, window: int, cfg: ModelConfig |
     return min(window, 8192) if policy.name == "dense" else 32768
 
 
-def _checked_target(target: str | None, lib: str | None) -> str | None:
+def _checked_target(target: str | None, lib: str | None, kw: dict | None = None) -> str | None:
     """The resolved ``--target`` to run on here (or a check that ``--lib`` exists), before any
-    model is loaded or compiled: a CUDA target needs a visible GPU, the Vulkan target wgpu-native."""
+    model is loaded or compiled: a CUDA target needs a visible GPU, the Vulkan target wgpu-native.
+    ``kw``: the command's ``policy_options``, checked first (``policy_config``; int8 key codes are
+    not for Vulkan)."""
     from tsedge.compile.targets import has_cuda_gpu
     from tsedge.engine import check_library
 
+    policy = policy_config(kw) if kw is not None else None
     if lib is not None:
         check_library(lib)
         return None
     name = resolve_target(target)
+    if policy is not None and policy.score_keys != "exact" and name == "vulkan":
+        raise ValueError(f"--score-keys {policy.score_keys} needs a CPU (llvm) target or a CUDA GPU of sm_80 or newer "
+                         "(Vulkan's WGSL has no 8-bit storage); use --score-keys exact")
     if name.startswith("cuda") and not has_cuda_gpu():
         raise ValueError(f"--target {target} runs the model on a CUDA GPU, but none is visible; use --target "
                          "llvm here, or `tsedge compile --target cuda:sm_XX` to build for another machine")
@@ -187,7 +193,7 @@ def compile(model: str, target: str | None, output: str | None, **kw) -> None:  
     policy = policy_config(kw)
     target_name = resolve_target(target)
     shards = kw["tensor_parallel"]
-    check_policy(policy, cfg, shards)
+    check_policy(policy, cfg, shards, parse_target(target_name))
     out = Path(output or f"{library_stem(cfg, policy, kw['quantization'], shards)}-{target_name.replace(':', '_')}.so")
     max_context = _max_context(kw, policy, cfg.context_window, cfg, target_name)
     what = f"{policy.name}, {target_name}, {kw['quantization']}" + (f", {shards} shards" if shards > 1 else "")
@@ -289,7 +295,7 @@ def generate(model, target, lib, prompt, prompt_file, max_new_tokens, raw, as_js
     if (prompt is None) == (prompt_file is None):
         _fail("give exactly one of --prompt or --prompt-file")
     text = prompt if prompt is not None else read_text_file(prompt_file)
-    target = _checked_target(target, lib)
+    target = _checked_target(target, lib, kw)
     source = load_source(model)
     sampling = sampling_params(source.path, kw)
     engine = _engine(source, target, lib, kw)
@@ -324,7 +330,7 @@ def chat(model, target, lib, max_new_tokens, system, **kw) -> None:
     from tsedge.cli_chat import repl
     from tsedge.weights import load_source
 
-    target = _checked_target(target, lib)
+    target = _checked_target(target, lib, kw)
     source = load_source(model)
     sampling = sampling_params(source.path, kw)
     repl(ChatSession(_engine(source, target, lib, kw), sampling, max_new_tokens, system))
@@ -382,7 +388,7 @@ def bench_accuracy(model, target, lib, reference_lib, prompt_tokens, positions, 
     from tsedge.weights import load_source
 
     kw["max_context"] = kw["max_context"] or prompt_tokens + positions + 8
-    targets = _checked_target(target, lib), _checked_target(target, reference_lib)
+    targets = _checked_target(target, lib, kw), _checked_target(target, reference_lib)
     source = load_source(model)
     candidate = _engine(source, targets[0], lib, kw)
     reference = _engine(source, targets[1], reference_lib, {**kw, "quantization": "q0", "score_keys": "exact"})
@@ -434,7 +440,7 @@ def eval_passkey(model, target, lib, lengths, depths, keys_per_cell, seed, outpu
 
     if not kw["max_context"]:
         kw["max_context"] = max(lengths) + 256
-    engine = _engine(model, _checked_target(target, lib), lib, kw)
+    engine = _engine(model, _checked_target(target, lib, kw), lib, kw)
 
     def progress(cell: dict) -> None:
         click.echo(f"{cell['length']:6d} tokens, depth {cell['depth']:.2f}: {cell['score']:.0%}", err=True)
@@ -468,7 +474,7 @@ def eval_agreement(model, target, dense_lib, lib, lengths, steps, output, **kw) 
     from tsedge.weights import load_source
 
     kw["max_context"] = kw["max_context"] or max(lengths) + steps + 256
-    targets = _checked_target(target, lib), _checked_target(target, dense_lib)
+    targets = _checked_target(target, lib, kw), _checked_target(target, dense_lib)
     source = load_source(model)  # read once, shared by both engines
     candidate = _engine(source, targets[0], lib, kw)
     dense = _engine(source, targets[1], dense_lib, {**kw, "policy": "dense"})

@@ -47,7 +47,7 @@ def _serve(model: str, target: str | None, lib: str | None, host: str, port: int
     from tsedge.serve import create_app
     from tsedge.weights import load_source
 
-    target = _checked_target(target, lib)
+    target = _checked_target(target, lib, kw)
     sock = _listen(host, port)  # before loading: a taken port fails at once
     source = load_source(model)
     engine = _engine(source, target, lib, kw)

@@ -57,8 +57,8 @@ def ensure_library(cfg: ModelConfig, policy: PolicyConfig, target: str, dtype: s
         from tsedge.compile.build import compile_library
         from tsedge.models.attention import check_policy
 
-        check_policy(policy, cfg, tensor_parallel)
         tvm_target = parse_target(name)
+        check_policy(policy, cfg, tensor_parallel, tvm_target)
         shards = f", {tensor_parallel} shards" if tensor_parallel > 1 else ""
         what = f"compiling {cfg.name} ({policy.name}, {target}, {dtype}, {quantization}{shards}, max context {max_context})"
         with stage_progress(what) as stage:

@@ -6,7 +6,7 @@ from tvm.target import Target
 
 from ..config import ModelConfig, PolicyConfig
 from ..tensor_parallel import shard_config
-from tsedge.tir_kernels.tokenselect_scoring import check_shapes
+from tsedge.tir_kernels.tokenselect_scoring import check_score_keys, check_shapes
 
 from .dense import DensePolicy
 from .recycled import RecycledPolicy
@@ -14,13 +14,15 @@ from .tidaldecode import TidalDecodePolicy, check_tidaldecode
 from .tokenselect import StreamingPolicy, TokenSelectPolicy
 
 
-def check_policy(policy: PolicyConfig, cfg: ModelConfig, shards: int = 1) -> None:
+def check_policy(policy: PolicyConfig, cfg: ModelConfig, shards: int = 1, target: Target | None = None) -> None:
     """Raises ValueError (one line) where ``policy`` cannot be compiled for ``cfg``'s heads and
-    layers split into ``shards`` tensor-parallel shards (``shard_config``'s errors included);
-    call it before announcing a compile."""
+    layers split into ``shards`` tensor-parallel shards (``shard_config``'s errors included), or
+    (``target`` given) for that target; call it before announcing a compile."""
     cfg = shard_config(cfg, shards)
     if policy.name == "tokenselect":
         check_shapes(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        if target is not None:
+            check_score_keys(policy.score_keys, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, target)
         if shards > 1 and policy.pool_kernel > 1:
             raise ValueError(f"--pool-kernel {policy.pool_kernel} with --tensor-parallel {shards}: the pooled vote is "
                              "not sharded yet; use --pool-kernel 0 (the default) or --tensor-parallel 1")
