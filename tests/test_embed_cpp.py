@@ -105,6 +105,8 @@ def random_weights(tiny_weights: Path, folder: Path) -> Path:
 
 
 POLICIES = {"tokenselect": ["--n-init", "4", "--n-local", "8", "--select-top-k", "8", "--chunk-size", "8"],
+            "tokenselect-int8": ["--n-init", "4", "--n-local", "8", "--select-top-k", "8", "--chunk-size", "8",
+                                 "--score-keys", "int8"],  # per-token state sized by the capacity
             "recycled": ["--recycle-k", "1/8", "--recycle-min-k", "1", "--recycle-stride", "2"],  # no floor: all select
             "recycled-count": ["--recycle-k", "16", "--recycle-stride", "2", "--chunk-size", "8"],
             "tidaldecode": ["--tidal-budget", "8", "--tidal-select-layer", "0", "--tidal-reselect-layers", "none"]}

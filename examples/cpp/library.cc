@@ -101,6 +101,21 @@ class Fields {
     }
     return dims;
   }
+  std::vector<int64_t> StateDims(const std::string& key) const {  // sizes >= 0 or "capacity"
+    std::vector<int64_t> dims;
+    for (const ffi::Any& d : Arr(key)) {
+      auto size = d.as<int64_t>();
+      auto name = d.as<ffi::String>();
+      if (size && *size >= 0) {
+        dims.push_back(*size);
+      } else if (name && std::string(*name) == "capacity") {
+        dims.push_back(kCapacityDim);
+      } else {
+        Fail(key, "is not a list of sizes (or \"capacity\")");
+      }
+    }
+    return dims;
+  }
   std::vector<std::string> Strings(const std::string& key) const {
     std::vector<std::string> out;
     for (const ffi::Any& s : Arr(key)) {
@@ -122,9 +137,10 @@ class Fields {
 
 DLDataType ParseDtype(const Fields& f, const std::string& key) {
   static const std::unordered_map<std::string, DLDataType> kTypes = {
-      {"float32", {kDLFloat, 32, 1}}, {"float16", {kDLFloat, 16, 1}}, {"int32", {kDLInt, 32, 1}}};
+      {"float32", {kDLFloat, 32, 1}}, {"float16", {kDLFloat, 16, 1}}, {"int32", {kDLInt, 32, 1}},
+      {"int8", {kDLInt, 8, 1}}};
   auto it = kTypes.find(f.Str(key));
-  if (it == kTypes.end()) f.Fail(key, "is not float32, float16 or int32");
+  if (it == kTypes.end()) f.Fail(key, "is not float32, float16, int32 or int8");
   return it->second;
 }
 
@@ -348,11 +364,17 @@ LibraryMeta ReadLibraryMeta(const std::string& json_path) {
     if (!triple || triple->size() != 3) root.Fail("state", "is not a list of [name, shape, dtype]");
     Fields s(json::Object{{"name", (*triple)[0]}, {"shape", (*triple)[1]}, {"dtype", (*triple)[2]}},
              json_path + ": a state tensor", fix);
-    StateSpec spec{s.Str("name"), s.Dims("shape"), ParseDtype(s, "dtype")};
-    if (!Bytes(spec.shape, spec.dtype.bits / 8)) s.Fail("shape", ShapeStr(spec.shape) + " is too large");
+    StateSpec spec{s.Str("name"), s.StateDims("shape"), ParseDtype(s, "dtype")};
+    if (!Bytes(spec.Shape(1), spec.dtype.bits / 8)) s.Fail("shape", ShapeStr(spec.shape) + " is too large");
     meta.state.push_back(std::move(spec));
   }
   return meta;
+}
+
+std::vector<int64_t> StateSpec::Shape(int64_t capacity) const {
+  std::vector<int64_t> out = shape;
+  for (int64_t& d : out) d = d == kCapacityDim ? capacity : d;
+  return out;
 }
 
 ffi::Tensor NewTensor(const std::vector<int64_t>& shape, DLDataType dtype, DLDevice device,

@@ -28,11 +28,14 @@ struct ParamSpec {
   bool transposed = false;
 };
 
-// A policy state tensor the runtime allocates zeroed (e.g. TokenSelect's selection cache).
+// A policy state tensor the runtime allocates zeroed (e.g. TokenSelect's selection cache). A size
+// of kCapacityDim ("capacity" in LIB.json) is the KV cache's tokens (per-token state: int8 key codes).
+constexpr int64_t kCapacityDim = -1;
 struct StateSpec {
   std::string name;
   std::vector<int64_t> shape;
   DLDataType dtype;
+  std::vector<int64_t> Shape(int64_t capacity) const;  // shape with kCapacityDim -> capacity
 };
 
 // What the runtime needs from LIB.json, written by `tsedge compile` (models/library.py LibraryMeta).

@@ -93,7 +93,7 @@ class Runner {
     kv_ = tsedge::NewTensor({meta.num_layers, 2, meta.num_kv_heads, capacity, meta.head_dim}, meta.dtype,
                             device);
     for (const tsedge::StateSpec& s : meta.state)
-      state_.push_back(tsedge::ZeroTensor(s.shape, s.dtype, device));
+      state_.push_back(tsedge::ZeroTensor(s.Shape(capacity), s.dtype, device));
     rope_ = Function("rope_table")(ffi::Shape({capacity}), params_).cast<ffi::Tensor>();
   }
 
