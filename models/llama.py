@@ -210,7 +210,7 @@ class LlamaForCausalLM(nn.Module):
         the KV cache (a cache filled without prefill, ``Engine.fill_random``) -> the policy state."""
         state = list(state)
         for layer_id in range(self.cfg.num_layers):
-            state[4:6] = self.policy.code_keys(kv, state[4:6], layer_id, length, n)
+            state = self.policy.code_keys(kv, state, layer_id, length, n)
         return tuple(state)
 
     def rope_table(self, num_pos):

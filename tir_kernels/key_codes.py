@@ -21,15 +21,10 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from .common import emits_wgsl, i64, is_gpu
+from .common import i64, is_gpu
 from .tokenselect_scoring import allreduce_max_f32
 
 CODE_MAX = 127
-
-
-def supported(target: Target) -> bool:
-    """int8 buffers: every target but Vulkan (WGSL has no 8-bit storage in TVM's codegen)."""
-    return not emits_wgsl(target)
 
 
 def make_key_codes(num_layers: int, n_kv: int, head_dim: int, dtype: str, target: Target) -> tirx.PrimFunc:

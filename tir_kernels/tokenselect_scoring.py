@@ -129,7 +129,7 @@ def check_score_keys(score_keys: str, n_heads: int, n_kv_heads: int, head_dim: i
     """Raises ValueError (one line naming the fix) where ``--score-keys`` int8 cannot run: it needs
     the CPU (llvm) or a CUDA GPU of sm_80+ with at most 8 query heads per KV head (int8 tensor
     cores, ``scoring_mma.py``); not Vulkan (no 8-bit storage in WGSL)."""
-    if score_keys == "exact" or (not is_gpu(target) and not emits_wgsl(target)):
+    if score_keys == "exact" or not is_gpu(target):  # CPUs score codes x scale
         return
     if emits_wgsl(target) or not scoring_mma.fits(n_heads, n_kv_heads, head_dim, "float16", target, 8):
         where = "vulkan" if emits_wgsl(target) else f"{target.attrs.get('arch', target.kind.name)}, " \

@@ -24,6 +24,9 @@ from ..collectives import allgather, allreduce
 from .dense import DensePolicy
 
 
+_CODES = slice(4, 6)  # key_codes and key_scales in TokenSelect's state (after the four selection tensors)
+
+
 def _like(t: nn.Tensor) -> nn.Tensor:
     """The output placeholder of an in-place update of ``t``."""
     return nn.Tensor.placeholder(t.shape, t.dtype)
@@ -62,9 +65,9 @@ class TokenSelectPolicy(DensePolicy):
         # a decode step's fingerprint and check in one launch
         self.fingerprint_check = make_selection_check(nl, h, d, p.selection_threshold, target,
                                                       fingerprint=(p.n_local, dtype))
-        self.key_bits = 8 if p.score_keys == "int8" else 16
-        self.scoring = make_scoring(nl, h, hkv, d, p.n_init, p.n_local, p.pool_kernel, dtype, target, self.key_bits)
-        self.key_codes = make_key_codes(nl, hkv, d, dtype, target) if self.key_bits == 8 else None
+        key_bits = 8 if p.score_keys == "int8" else 16
+        self.scoring = make_scoring(nl, h, hkv, d, p.n_init, p.n_local, p.pool_kernel, dtype, target, key_bits)
+        self.key_codes = make_key_codes(nl, hkv, d, dtype, target) if key_bits == 8 else None
         self.topk = make_topk(nl, p.top_k, p.n_init, target, n_local=p.n_local)  # also the row list
 
     def state_specs(self) -> list[tuple[str, list[int], str]]:
@@ -80,14 +83,17 @@ class TokenSelectPolicy(DensePolicy):
         """The KV append, then (``--score-keys int8``) the int8 codes of the step's keys."""
         super().append(layer_id, qkv, step)
         if self.key_codes is not None:
-            step.state[4:6] = self.code_keys(step.kv, step.state[4:6], layer_id, step.length, step.n)
+            step.state = self.code_keys(step.kv, step.state, layer_id, step.length, step.n)
 
-    def code_keys(self, kv: nn.Tensor, codes: list, layer_id: int, length: nn.Tensor, n) -> list:
-        """``[key_codes, key_scales]`` with rows ``[length - n, length)`` of layer ``layer_id``
-        coded (``n``: an int or an int64 shape variable)."""
-        return list(op.tensor_ir_inplace_op(
+    def code_keys(self, kv: nn.Tensor, state: list, layer_id: int, length: nn.Tensor, n) -> list:
+        """``state`` (``state_specs`` order) with rows ``[length - n, length)`` of layer
+        ``layer_id`` coded into its ``key_codes`` and ``key_scales`` (``n``: an int or an int64
+        shape variable)."""
+        codes = state[_CODES]
+        coded = op.tensor_ir_inplace_op(
             self.key_codes, "key_codes", args=[kv, *codes, i64(layer_id), length, i64(n) if isinstance(n, int) else n],
-            inplace_indices=[1, 2], out=[_like(t) for t in codes]))
+            inplace_indices=[1, 2], out=[_like(t) for t in codes])
+        return [*state[:_CODES.start], *coded, *state[_CODES.stop:]]
 
     def begin_step(self, step) -> None:
         """Dense rows when the context fits; beyond the budget rows are chosen per layer."""
