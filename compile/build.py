@@ -15,7 +15,7 @@ from tsedge.models.attention import check_policy, make_policy
 from tsedge.models.config import ModelConfig, PolicyConfig
 from tsedge.models.library import LibraryMeta, ParamSpec
 from tsedge.models.llama import LlamaForCausalLM
-from tsedge.models.quantization import check_quantizable, scheme
+from tsedge.models.quantization import PARTS, check_quantizable, roles
 from tsedge.models.tensor_parallel import param_split, shard_config, vocab_parallel
 
 from .cuda_fatbin import fatbin_build_context
@@ -34,13 +34,13 @@ def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str,
     whole number of quantization groups, sizes that do not split into the shards, a policy the
     shards' heads cannot take (``check_policy``), or a fraction ``recycle_k`` without ``max_context``."""
     in_out = target.kind.name == "llvm"
-    quant = scheme(quantization)
+    quant = roles(quantization)
     check_policy(policy, cfg, tensor_parallel)
     shard = shard_config(cfg, tensor_parallel)
-    if quant is not None:
+    for qs in {q for q in quant.values() if q is not None}:  # every scheme's groups run along hidden sizes
         for size, what in ((shard.hidden_size, "hidden_size"), (shard.num_heads * shard.head_dim, "heads x head_dim"),
                            (shard.intermediate_size, "intermediate_size")):
-            check_quantizable(quant, f"{cfg.name} {what}" + (" per shard" if tensor_parallel > 1 else ""), size)
+            check_quantizable(qs, f"{cfg.name} {what}" + (" per shard" if tensor_parallel > 1 else ""), size)
     vocab_split = vocab_parallel(cfg, tensor_parallel)
     model = LlamaForCausalLM(shard, make_policy(policy, shard, dtype, target, max_context, tensor_parallel), dtype,
                              in_out, quant, tensor_parallel, vocab_split)
@@ -51,7 +51,7 @@ def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str,
     for name, param in named:
         shape = [int(s) for s in param.shape]
         base, _, part = name.rpartition(".")
-        part = part if part in ("qweight", "scale") else ""
+        part = part if part in PARTS else ""
         weight = f"{base}.weight" if part else name
         transposed = in_out and (weight.endswith("_proj.weight") or weight == "lm_head.weight")
         split = param_split(name, vocab_split) if tensor_parallel > 1 else None
@@ -88,7 +88,7 @@ def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtyp
     """Compile and export ``out`` (.so) with its metadata next to it (``out`` with .json).
 
     ``stage(name)`` is called as each stage (model IR, each TVM pass, export) starts.
-    ``quantization``: q0 (float weights), q8f16 or q4f16 (``models/quantization.py``).
+    ``quantization``: q0 (float weights), a scheme, or a scheme per role (``models/quantization.py``).
     ``tensor_parallel``: shards (``build_ir``); the metadata keeps the whole model's config.
     """
     stage = stage or (lambda _name: None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 from tvm.relax.backend.cuda import pipeline as cuda_passes
-from tvm.relax.dpl.pattern import GlobalVarPattern, TuplePattern, is_op, wildcard
+from tvm.relax.dpl.pattern import GlobalVarPattern, is_op, wildcard
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
@@ -41,8 +41,9 @@ def fp32_accumulate(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tv
 
 def _dequantize_matmul_patterns() -> list[tuple]:
     """``matmul(x, W)``, ``matmul(x, permute_dims(W))`` and either ``+ bias`` where ``W`` is a
-    ``call_tir`` of a PrimFunc called ``dequantize*`` (``models/quant_linear.py``)."""
-    weight = is_op("relax.call_tir")(GlobalVarPattern(), TuplePattern([wildcard(), wildcard()]))
+    ``call_tir`` of a PrimFunc called ``dequantize*`` (``models/linear.py``: packed weight, scale
+    and, for q4_1, min)."""
+    weight = is_op("relax.call_tir")(GlobalVarPattern(), wildcard())
     patterns = []
     for name, w in (("nt", is_op("relax.permute_dims")(weight)), ("nn", weight)):
         matmul = is_op("relax.matmul")(wildcard(), w)

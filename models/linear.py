@@ -26,35 +26,53 @@ from .quantization import QuantScheme
 
 def param_shapes(qs: QuantScheme, in_features: int, out_features: int,
                  in_out: bool) -> tuple[list[int], list[int]]:
-    """Library shapes of (qweight, scale): canonical [out, in/per_word], [out, in/group], or
-    transposed with ``in_out``."""
+    """Library shapes of (qweight, scale) — ``min`` is shaped as ``scale``: canonical [out,
+    in/per_word], [out, in/group], or transposed with ``in_out``."""
     q = [out_features, in_features // qs.per_word]
     s = [out_features, in_features // qs.group]
     return (q[::-1], s[::-1]) if in_out else (q, s)
 
 
-def dequantize_expr(qs: QuantScheme, q: te.Tensor, s: te.Tensor, in_out: bool) -> te.Tensor:
+def dequantize_expr(qs: QuantScheme, q: te.Tensor, s: te.Tensor, in_out: bool, m: te.Tensor | None = None) -> te.Tensor:
     """The float weight ([in, out] with ``in_out``, else [out, in]) as a TE compute, in the scale's
-    dtype: ``(code) * scale`` with the code unpacked from its nibble (q4) or int8 (q8)."""
+    dtype: ``code * scale`` (``+ min`` for q4_1, ``m``) with the code unpacked from its nibble
+    (4-bit, less the scheme's offset) or int8 (8-bit)."""
     dtype = s.dtype
 
     def weight(k, j):  # k: reduction (input) index, j: output index
         code = q[k // qs.per_word, j] if in_out else q[j, k // qs.per_word]
-        scale = s[k // qs.group, j] if in_out else s[j, k // qs.group]
+        group = (k // qs.group, j) if in_out else (j, k // qs.group)
         if qs.bits == 4:
             shift = (k % qs.per_word).astype("uint32") * tirx.const(4, "uint32")
             # via int32: a signed int-to-float conversion is one instruction on x86 (unsigned is not)
             nibble = ((code >> shift) & tirx.const(15, "uint32")).astype("int32")
-            value = nibble.astype(dtype) - tirx.const(qs.max_int, dtype)
+            value = nibble.astype(dtype) - tirx.const(qs.offset, dtype) if qs.offset else nibble.astype(dtype)
         else:
             value = code.astype(dtype)
-        return value * scale
+        return value * s[group] + m[group] if qs.has_min else value * s[group]
 
     inp = (q.shape[0] if in_out else q.shape[1]) * qs.per_word
     out = q.shape[1] if in_out else q.shape[0]
     if in_out:
         return te.compute((inp, out), lambda k, j: weight(k, j), name="dequantize")
     return te.compute((out, inp), lambda j, k: weight(k, j), name="dequantize")
+
+
+class _Packed:
+    """The stored arrays of a quantized weight as parameters: ``qweight``, ``scale`` and, for
+    schemes with a min (q4_1), ``min``."""
+
+    def _packed_params(self, qs: QuantScheme, q_shape: list[int], s_shape: list[int], dtype: str) -> None:
+        self.qs = qs
+        self.qweight = nn.Parameter(q_shape, qs.storage_dtype)
+        self.scale = nn.Parameter(s_shape, dtype)
+        self.min = nn.Parameter(s_shape, dtype) if qs.has_min else None
+
+    def _packed(self) -> list[nn.Tensor]:
+        return [self.qweight, self.scale] + ([self.min] if self.qs.has_min else [])
+
+    def _dequantized(self, tensors: list[nn.Tensor], in_out: bool, name: str) -> nn.Tensor:
+        return op.tensor_expr_op(lambda q, s, *m: dequantize_expr(self.qs, q, s, in_out, *m), name, args=tensors)
 
 
 class Linear(nn.Module):
@@ -69,15 +87,17 @@ class Linear(nn.Module):
         self._setup(in_features, out_features, bias, dtype, in_out, target, decode_gemv)
 
     def _setup(self, in_features: int, out_features: int, bias: bool, dtype: str, in_out: bool, target,
-               decode_gemv: bool, bits: int = 16) -> None:
+               decode_gemv: bool, scheme: QuantScheme | None = None) -> None:
         self.bias = nn.Parameter([out_features], dtype) if bias else None
         self.in_out, self.shape = in_out, (out_features, in_features)
         self.prefill_kernel = (matmul.make_prefill_matmul(out_features, in_features, dtype, target)
                                if target is not None and not in_out
                                and matmul.supported(out_features, in_features, dtype, target) else None)
-        self.bits = bits  # of the weights the decode GEMV reads: 16 (float16), 8 (q8f16) or 4 (q4f16)
+        # how the decode GEMV reads the weights: float16, or the scheme's codes (bits, offset, min)
+        self.gemv_format = {} if scheme is None else {"bits": scheme.bits, "offset": scheme.offset,
+                                                      "has_min": scheme.has_min}
         self.gemv_target = (target if decode_gemv and target is not None and not in_out and not bias
-                            and gemv.supported(out_features, in_features, dtype, target, bits) else None)
+                            and gemv.supported(out_features, in_features, dtype, target, **self.gemv_format) else None)
 
     def _weights(self) -> list[nn.Tensor]:
         """The parameters the decode GEMV reads."""
@@ -112,32 +132,28 @@ class Linear(nn.Module):
         prologue = "swiglu" if swiglu else "rmsnorm" if norm is not None else "none"
         epilogue = "none" if residual is None else "residual"
         eps = norm.epsilon if norm is not None else 1e-5
-        kernel = gemv.make_decode_gemv(n_out, k, x.dtype, self.gemv_target, epilogue, prologue, eps, self.bits)
+        kernel = gemv.make_decode_gemv(n_out, k, x.dtype, self.gemv_target, epilogue, prologue, eps, **self.gemv_format)
         args = ([x] + ([norm.weight] if norm is not None else []) + self._weights()
                 + ([residual] if residual is not None else []))
-        return op.tensor_ir_op(kernel, gemv.kernel_name(n_out, k, f"{prologue}_{epilogue}", self.bits), args=args,
+        return op.tensor_ir_op(kernel, gemv.kernel_name(n_out, k, f"{prologue}_{epilogue}", **self.gemv_format), args=args,
                                out=nn.Tensor.placeholder([1, n_out], x.dtype))
 
 
-class QuantLinear(Linear):
-    """``Linear`` with ``W`` stored as ``qweight`` + ``scale`` (see ``param_shapes``). Decode: through
-    ``tir_kernels.gemv``'s 4/8-bit GEMV (fusions as ``Linear``'s) where it runs; otherwise inside
-    dlight's GEMV (the float weight never exists)."""
+class QuantLinear(_Packed, Linear):
+    """``Linear`` with ``W`` stored as ``qweight`` + ``scale`` (+ ``min``; see ``param_shapes``).
+    Decode: through ``tir_kernels.gemv``'s 4/8-bit GEMV (fusions as ``Linear``'s) where it runs;
+    otherwise inside dlight's GEMV (the float weight never exists)."""
 
     def __init__(self, qs: QuantScheme, in_features: int, out_features: int, bias: bool, dtype: str,
                  in_out: bool, target):
-        q_shape, s_shape = param_shapes(qs, in_features, out_features, in_out)
-        self.qweight = nn.Parameter(q_shape, qs.storage_dtype)
-        self.scale = nn.Parameter(s_shape, dtype)
-        self.qs = qs
-        self._setup(in_features, out_features, bias, dtype, in_out, target, decode_gemv=True, bits=qs.bits)
+        self._packed_params(qs, *param_shapes(qs, in_features, out_features, in_out), dtype)
+        self._setup(in_features, out_features, bias, dtype, in_out, target, decode_gemv=True, scheme=qs)
 
     def _weights(self) -> list[nn.Tensor]:
-        return [self.qweight, self.scale]
+        return self._packed()
 
     def _weight(self) -> nn.Tensor:
-        return op.tensor_expr_op(lambda q, s: dequantize_expr(self.qs, q, s, self.in_out), "dequantize",
-                                 args=[self.qweight, self.scale])
+        return self._dequantized(self._packed(), self.in_out, "dequantize")
 
 
 def make_linear(quant: QuantScheme | None, in_features: int, out_features: int, bias: bool, dtype: str,
@@ -149,24 +165,20 @@ def make_linear(quant: QuantScheme | None, in_features: int, out_features: int, 
     return QuantLinear(quant, in_features, out_features, bias, dtype, in_out, target)
 
 
-class QuantEmbedding(nn.Module):
-    """An embedding table [vocab, hidden] stored as ``qweight`` + ``scale`` in the canonical
-    layout (groups along ``hidden``): a lookup gathers the packed rows and dequantizes only them;
-    ``weight()`` is the whole float table as a dequantize compute (a tied lm_head's matmul fuses
-    it, as ``QuantLinear``'s)."""
+class QuantEmbedding(_Packed, nn.Module):
+    """An embedding table [vocab, hidden] stored as ``qweight`` + ``scale`` (+ ``min``) in the
+    canonical layout (groups along ``hidden``): a lookup gathers the packed rows and dequantizes
+    only them; ``weight()`` is the whole float table as a dequantize compute (a tied lm_head's
+    matmul fuses it, as ``QuantLinear``'s)."""
 
     def __init__(self, qs: QuantScheme, vocab: int, hidden: int, dtype: str):
-        q_shape, s_shape = param_shapes(qs, hidden, vocab, in_out=False)
-        self.qweight = nn.Parameter(q_shape, qs.storage_dtype)
-        self.scale = nn.Parameter(s_shape, dtype)
-        self.qs = qs
+        self._packed_params(qs, *param_shapes(qs, hidden, vocab, in_out=False), dtype)
 
     def weight(self) -> nn.Tensor:
-        return op.tensor_expr_op(lambda q, s: dequantize_expr(self.qs, q, s, False), "dequantize",
-                                 args=[self.qweight, self.scale])
+        return self._dequantized(self._packed(), False, "dequantize")
 
     def lookup(self, ids: nn.Tensor) -> nn.Tensor:
         """Rows of ``ids`` [n] -> [n, hidden]; ids outside the table are clipped into it."""
         rows = [op.wrap_nested(relax.op.take(p._expr, ids._expr, axis=0, mode="clip"), name="embed_rows")
-                for p in (self.qweight, self.scale)]
-        return op.tensor_expr_op(lambda q, s: dequantize_expr(self.qs, q, s, False), "dequantize_rows", args=rows)
+                for p in self._packed()]
+        return self._dequantized(rows, False, "dequantize_rows")

@@ -17,7 +17,7 @@ from tsedge.tir_kernels import cache_ops, sampling
 
 from .config import ModelConfig
 from .linear import QuantEmbedding, make_linear
-from .quantization import QuantScheme
+from .quantization import ROLES, QuantScheme
 from .collectives import allgather, allreduce_add
 
 # Decode on CUDA: the fused gate/up projection through ``tir_kernels.gemv`` with the post-attention
@@ -112,11 +112,12 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: QuantScheme | None,
+    def __init__(self, cfg: ModelConfig, dtype: str, in_out: bool, target, quant: dict[str, QuantScheme | None],
                  shards: int = 1):
-        self.embed_tokens = (nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype) if quant is None
-                             else QuantEmbedding(quant, cfg.vocab_size, cfg.hidden_size, dtype))
-        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype, in_out, target, quant, shards)
+        embedding = quant["embedding"]
+        self.embed_tokens = (nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype) if embedding is None
+                             else QuantEmbedding(embedding, cfg.vocab_size, cfg.hidden_size, dtype))
+        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype, in_out, target, quant["linear"], shards)
                                      for _ in range(cfg.num_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
 
@@ -128,9 +129,10 @@ class LlamaForCausalLM(nn.Module):
     the context exceeds the policy's budget.
 
     ``in_out`` stores linear weights [in, out] (CPU schedules vectorise over the output dim);
-    the lm_head then is a parameter of its own even for tied embeddings. ``quant``: the linears,
-    the lm_head and the embedding table read group-quantized weights (a lookup dequantizes only
-    the rows it gathers).
+    the lm_head then is a parameter of its own even for tied embeddings. ``quant``: the scheme of
+    each role (``models/quantization.py`` ROLES; None: float; default all float): the linears, the
+    embedding table (a lookup dequantizes only the rows it gathers) and the lm_head read
+    group-quantized weights.
 
     ``shards > 1``: one tensor-parallel shard (``models/tensor_parallel.py``): ``cfg`` is the
     shard's (``shard_config``), the policy built for it, and o_proj/down_proj outputs all-reduced;
@@ -138,8 +140,9 @@ class LlamaForCausalLM(nn.Module):
     of those embedding rows) and the shards' logits are all-gathered.
     """
 
-    def __init__(self, cfg: ModelConfig, policy, dtype: str, in_out: bool, quant: QuantScheme | None = None,
-                 shards: int = 1, vocab_split: bool = False):
+    def __init__(self, cfg: ModelConfig, policy, dtype: str, in_out: bool,
+                 quant: dict[str, QuantScheme | None] | None = None, shards: int = 1, vocab_split: bool = False):
+        quant = quant or dict.fromkeys(ROLES)
         self.cfg = cfg
         self.policy = policy
         self.dtype = dtype
@@ -147,8 +150,8 @@ class LlamaForCausalLM(nn.Module):
         self.shards = shards if vocab_split else 1  # the lm_head's
         self.untied_head = in_out or not cfg.tie_embeddings or vocab_split
         if self.untied_head:  # one row: dlight's GEMV (float weights: at the copy bandwidth), tir_kernels.gemv (q4)
-            self.lm_head = make_linear(quant, cfg.hidden_size, cfg.vocab_size // self.shards, False, dtype, in_out,
-                                       policy.target if quant is not None else None)
+            self.lm_head = make_linear(quant["lm_head"], cfg.hidden_size, cfg.vocab_size // self.shards, False, dtype,
+                                       in_out, policy.target if quant["lm_head"] is not None else None)
         self.rope_kernel = cache_ops.make_rope_table(cfg.head_dim, policy.target)
         self.last_row_kernel = cache_ops.make_last_row(cfg.hidden_size, dtype, policy.target)
         self.inv_freq = cfg.inv_freq()

@@ -98,8 +98,7 @@ def shard_tensor(array: np.ndarray | QuantizedTensor, axis: int | None, rank: in
         if axis == 1 and (array.shape[1] // shards) % array.scheme.group:
             raise ValueError(f"{name}: {array.shape[1]} inputs do not split into {shards} shards of whole "
                              f"{array.scheme.name} groups; use a smaller --tensor-parallel")
-        return QuantizedTensor(array.scheme, shard_tensor(array.qweight, axis, rank, shards, name),
-                               shard_tensor(array.scale, axis, rank, shards, name))
+        return array.map(lambda part: shard_tensor(part, axis, rank, shards, name))
     if array.shape[axis] % shards:
         raise ValueError(f"{name}: size {array.shape[axis]} along axis {axis} does not split into {shards} shards")
     size = array.shape[axis] // shards

@@ -83,32 +83,33 @@ Q_SHAPES = [
 ]
 
 
-def quantized_model(inp: np.ndarray, qweight: np.ndarray, scale: np.ndarray, quantization: str) -> np.ndarray:
+def quantized_model(inp: np.ndarray, qt) -> np.ndarray:
     """What the quantized GEMV computes, in float64: the input quantized to int8 per group of 32
-    (``round(x · 127 / max|x|)``), then ``Σ_groups s_w · s_x · Σ w_code · xq`` (q4: ``w_code`` the
-    nibble minus 7)."""
+    (``round(x · 127 / max|x|)``), then ``Σ_groups s_x (s_w Σ w_code · xq + m_w Σ xq)`` (4-bit:
+    ``w_code`` the nibble minus the scheme's offset; ``m_w`` q4_1's min, else 0)."""
     x = inp.astype(np.float32).reshape(-1, 32)
     amax = np.abs(x).max(axis=1, keepdims=True)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     xq = np.trunc(x * inv + np.copysign(np.float32(0.5), x))  # CUDA roundf: halves away from zero
-    codes = unpack(qweight, SCHEMES[quantization]).reshape(qweight.shape[0], -1, 32).astype(np.float64)
+    codes = unpack(qt.qweight, qt.scheme).reshape(qt.qweight.shape[0], -1, 32).astype(np.float64)
     group_dots = np.einsum("ngk,gk->ng", codes, xq.astype(np.float64))
-    return (scale.astype(np.float64) * (amax.T / 127) * group_dots).sum(axis=1)
+    if qt.scheme.has_min:
+        group_dots = group_dots + qt.min.astype(np.float64) / qt.scale.astype(np.float64) * xq.sum(axis=1)
+    return (qt.scale.astype(np.float64) * (amax.T / 127) * group_dots).sum(axis=1)
 
 
 @pytest.mark.skipif(MODE == "llvm", reason="CUDA kernel (CPU linears run the CPU matmul schedule)")
 @pytest.mark.parametrize("n_out, k, prologue, epilogue", Q_SHAPES)
-@pytest.mark.parametrize("quantization", ["q4f16", "q8f16"])
+@pytest.mark.parametrize("quantization", ["q4f16", "q8f16", "q4_0", "q4_1"])
 def test_decode_gemv_quantized(quantization, n_out, k, prologue, epilogue):
-    """q4f16 / q8f16 weights: equal to the kernel's arithmetic modelled in NumPy (``quantized_model``)
-    to float32 rounding, and within 2 % of the largest output of the float GEMV on the dequantized
-    weight."""
+    """q4f16 / q8f16 / GGML Q4_0 / Q4_1 weights: equal to the kernel's arithmetic modelled in NumPy
+    (``quantized_model``) to float32 rounding, and within 2 % of the largest output of the float
+    GEMV on the dequantized weight."""
     rng = np.random.default_rng(n_out * 7 + k)
     x = rng.standard_normal((1, 2 * k if prologue == "swiglu" else k)).astype(np.float16)
     if prologue == "rmsnorm":
         x = (x * 7).astype(np.float16)
     qt = quantize((rng.standard_normal((n_out, k)) / np.sqrt(k)).astype(np.float32), SCHEMES[quantization])
-    scale = qt.scale.astype(np.float16)
     xf = x.astype(np.float32)
     inp = (_silu(xf[:, :k]) * xf[:, k:]).astype(np.float16) if prologue == "swiglu" else x
     args = [tensor(x)]
@@ -116,8 +117,8 @@ def test_decode_gemv_quantized(quantization, n_out, k, prologue, epilogue):
         gamma = _gamma(rng, k)
         inp = _rms_norm(x, gamma, EPS)
         args.append(tensor(gamma))
-    args += [tensor(qt.qweight), tensor(scale)]
-    modelled = quantized_model(inp[0], qt.qweight, scale, quantization)
+    args += [tensor(a) for a in qt.arrays().values()]
+    modelled = quantized_model(inp[0], qt)
     floats = inp.astype(np.float32) @ dequantize(qt).astype(np.float32).T
     if epilogue == "residual":
         r = rng.standard_normal((1, n_out)).astype(np.float16)
@@ -125,8 +126,9 @@ def test_decode_gemv_quantized(quantization, n_out, k, prologue, epilogue):
         modelled = modelled.astype(np.float16).astype(np.float64) + r[0]
         floats = floats.astype(np.float16).astype(np.float32) + r
     y = tensor(np.full((1, n_out), np.nan, np.float16))
+    qs = SCHEMES[quantization]
     build(gemv.make_decode_gemv, n_out, k, "float16", epilogue=epilogue, prologue=prologue,
-          bits=SCHEMES[quantization].bits)(*args, y)
+          bits=qs.bits, offset=qs.offset, has_min=qs.has_min)(*args, y)
     got = y.numpy()[0].astype(np.float64)
     np.testing.assert_allclose(got, modelled, rtol=2e-3, atol=2e-3 * np.abs(modelled).max())
     assert np.abs(got - floats[0]).max() <= 0.02 * np.abs(floats).max()
@@ -253,6 +255,10 @@ def test_decode_gemv_q4_codegen_and_support():
     q8 = cuda_source(gemv.make_decode_gemv(4096, 4096, "float16", CUDA, "residual", "swiglu", bits=8))
     kernel = q8[q8.index("decode_gemv_q8_swiglu_residual_4096x4096_kernel("):]
     assert kernel.count("__dp4a(") == 4 * 8 and "int4" in kernel  # 8 pieces (half a group each) a lane
+    q41 = cuda_source(gemv.make_decode_gemv(4096, 4096, "float16", CUDA, bits=4, offset=0, has_min=True))
+    kernel = q41[q41.index("decode_gemv_q4o0m_none_none_4096x4096_kernel("):]
+    assert kernel.count("__dp4a") == 8 * 4 and "wm" in kernel  # Q4_1: the min an argument of its own
+    assert not gemv.supported(4096, 4096, "float16", CUDA, bits=8, has_min=True)
 
 
 @pytest.mark.skipif(MODE != "llvm", reason="codegen checks run where the compiler is")

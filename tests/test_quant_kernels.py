@@ -14,11 +14,14 @@ from tsedge.compile.cuda_fatbin import fatbin_build_context
 from tsedge.compile.pipeline import relax_pipeline
 from tsedge.compile.targets import cuda_target, parse_target
 from tsedge.models.linear import QuantLinear
-from tsedge.models.quantization import (SCHEMES, QuantizationError, QuantizedTensor, check_quantized,
-                                        concatenate, dequantize, library_arrays, quantize, unpack)
+from tsedge.models.quantization import (GGML_SCHEMES, SCHEMES, QuantizationError, QuantizedTensor, check_quantized,
+                                        concatenate, dequantize, from_ggml_blocks, library_arrays, quantize,
+                                        unpack)
 from tsedge.tir_kernels import gemv
 
 Q4, Q8 = SCHEMES["q4f16"], SCHEMES["q8f16"]
+ALL = [SCHEMES[n] for n in ("q4f16", "q8f16", "q4_0", "q4_1")]
+ALL_IDS = ["q4f16", "q8f16", "q4_0", "q4_1"]
 
 
 def _reference_codes(w: np.ndarray, max_int: int, group: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,6 +75,38 @@ def test_file_checks():
         check_quantized(bad, "w", (8, 64))
 
 
+@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("shape", [(3, 32), (5, 96), (64, 576)])
+def test_ggml_blocks_kept_exactly(ggml_type, shape):
+    """A GGUF tensor's blocks (made by the ``gguf`` package's ggml reference quantizer) in the
+    canonical layout dequantize to exactly what ``gguf.quants.dequantize`` gives; quantizing to
+    q4_0/q4_1 gives the same blocks' values; a wrong byte count is refused in one line."""
+    import gguf
+
+    rng = np.random.default_rng(len(ggml_type) + shape[0])
+    w = (rng.standard_normal(shape) * rng.uniform(0.01, 3, (shape[0], 1))).astype(np.float32)
+    w[0, :32] = 0.0  # an all-zero block
+    w[-1, -1] = -40.0  # a negative outlier sets Q4_0's scale sign
+    kind = gguf.GGMLQuantizationType[ggml_type]
+    blocks = gguf.quants.quantize(w, kind)
+    qt = from_ggml_blocks(blocks, ggml_type, shape)
+    assert qt.scheme is SCHEMES[GGML_SCHEMES[ggml_type]]
+    check_quantized(qt, "w", shape)
+    np.testing.assert_array_equal(dequantize(qt), gguf.quants.dequantize(blocks, kind))
+    if qt.scheme.name != "q8f16":  # ours: the float16-rounded scale (not ggml's Q8_0 quantizer)
+        np.testing.assert_array_equal(dequantize(quantize(w, qt.scheme)), dequantize(qt))
+    with pytest.raises(QuantizationError, match=f"w: {ggml_type} data is .* bytes, expected .* corrupt"):
+        from_ggml_blocks(blocks[:, :-1], ggml_type, shape, "w")
+
+
+def test_q4_1_min_is_checked():
+    qt = quantize(np.random.default_rng(2).standard_normal((8, 64)).astype(np.float32), SCHEMES["q4_1"])
+    with pytest.raises(QuantizationError, match="min is missing"):
+        check_quantized(QuantizedTensor(qt.scheme, qt.qweight, qt.scale), "w", (8, 64))
+    with pytest.raises(QuantizationError, match="mins contain NaN"):
+        check_quantized(QuantizedTensor(qt.scheme, qt.qweight, qt.scale, np.full_like(qt.min, np.nan)), "w", (8, 64))
+
+
 def test_concatenation_is_quantization_of_the_concatenation():
     rng = np.random.default_rng(1)
     parts = [rng.standard_normal((n, 64)).astype(np.float32) for n in (16, 8, 8)]
@@ -100,7 +135,7 @@ def _module(qs, k, n, bias, dtype, in_out, target, rows):
 SHAPES = [(1, 64, 32), (1, 960, 576), (1, 4160, 96), (7, 1536, 576), (13, 128, 1536)]
 
 
-@pytest.mark.parametrize("qs", [Q4, Q8], ids=["q4f16", "q8f16"])
+@pytest.mark.parametrize("qs", ALL, ids=ALL_IDS)
 @pytest.mark.parametrize("rows, n, k", SHAPES)
 def test_fused_dequantize_matmul_cpu(qs, rows, n, k):
     """llvm float32, weights [in, out] as the CPU build stores them; the bias add fused too."""
@@ -110,17 +145,16 @@ def test_fused_dequantize_matmul_cpu(qs, rows, n, k):
     rng = np.random.default_rng(rows * n + k)
     w = rng.standard_normal((n, k)).astype(np.float32)
     qt = quantize(w, qs)
-    q, s = library_arrays(qt, True, "float32")
     bias = rng.standard_normal(n).astype(np.float32)
     x = rng.standard_normal((rows, k)).astype(np.float32)
     vm = tvm.runtime.vm.VirtualMachine(ex, tvm.cpu())
-    params = [tvm.runtime.tensor(a) for a in (q, s, bias)]
+    params = [tvm.runtime.tensor(a) for a in (*library_arrays(qt, True, "float32").values(), bias)]
     y = vm["forward"](tvm.runtime.tensor(x), params).numpy()
     expected = x.astype(np.float64) @ dequantize(qt).astype(np.float64).T + bias
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-4 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("qs", [Q4, Q8], ids=["q4f16", "q8f16"])
+@pytest.mark.parametrize("qs", ALL, ids=ALL_IDS)
 def test_dequantize_fuses_into_the_matmul(qs):
     """One PrimFunc reads the packed weight: no kernel writes a float weight (CPU: the fused
     dequantize-matmul pair; CUDA decode: ``tir_kernels.gemv``'s 4/8-bit GEMV)."""
@@ -135,7 +169,7 @@ def test_dequantize_fuses_into_the_matmul(qs):
                                               relax.transform.FuseTIR()])(mod)
         prims = [gv.name_hint for gv, f in fused.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
         if not in_out:  # CUDA
-            assert prims == [gemv.kernel_name(960, 576, "none_none", bits=qs.bits)], prims
+            assert prims == [gemv.kernel_name(960, 576, "none_none", qs.bits, qs.offset, qs.has_min)], prims
         else:
             assert len(prims) == 1 and "dequantize" in prims[0] and "matmul" in prims[0], prims
 
@@ -148,7 +182,7 @@ def _cuda_kernels(module) -> list[str]:
     return [name for sub in module.imports_ for name in _cuda_kernels(sub)]
 
 
-@pytest.mark.parametrize("qs", [Q4, Q8], ids=["q4f16", "q8f16"])
+@pytest.mark.parametrize("qs", ALL, ids=ALL_IDS)
 def test_cuda_build_compiles(qs):
     """sm_90, float16: decode is one kernel reading the packed weight (tir_kernels.gemv's 4/8-bit
     GEMV); a prefill chunk dequantizes to float16, then runs tir_kernels.matmul's tensor-core GEMM."""
@@ -159,5 +193,5 @@ def test_cuda_build_compiles(qs):
         with fatbin_build_context(target):  # nvcc, as a library build (kernel_harness.cuda_source)
             ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
         kernels[rows] = _cuda_kernels(ex.mod)
-    assert kernels[1] == [f"{gemv.kernel_name(960, 576, 'none_none', bits=qs.bits)}_kernel"]
+    assert kernels[1] == [f"{gemv.kernel_name(960, 576, 'none_none', qs.bits, qs.offset, qs.has_min)}_kernel"]
     assert sorted(kernels["n"]) == ["dequantize_kernel", "prefill_matmul_960x576_kernel"]

@@ -1,5 +1,6 @@
-"""q8f16/q4f16 libraries end to end on a tiny random Llama: against the float library, quantized
-weights folders, and the one-line errors when library and weights do not agree."""
+"""Quantized libraries (q8f16, q4f16, GGML's q4_0/q4_1, a GGUF's own blocks) end to end on a tiny
+random Llama and on SmolLM2: against the float library, quantized weights folders, and the
+one-line errors when library and weights do not agree."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from tsedge.compile.targets import parse_target
 from tsedge.engine import Engine, LibraryError
 from tsedge.models.config import PolicyConfig
 from tsedge.models.library import LibraryMeta
-from tsedge.models.quantization import SCHEMES, QuantizationError, dequantize, is_quantized_weight, quantize
+from tsedge.models.quantization import SCHEMES, QuantizationError, dequantize, quantize, role_of
 from tsedge.weights import WeightsError, load_source, save_weights_folder
 
-QUANTS = ("q0", "q8f16", "q4f16")
+QUANTS = ("q0", "q8f16", "q4f16", "q4_0", "q4_1")
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +49,12 @@ def _dequantized_source(source, quantization):
     tensors = list(source.tensors())
 
     def read():
-        return ((n, dequantize(quantize(a, qs, n)) if is_quantized_weight(n) else a) for n, a in tensors)
+        return ((n, dequantize(quantize(a, qs, n)) if role_of(n) else a) for n, a in tensors)
 
     return dataclasses.replace(source, read=read)
 
 
-@pytest.mark.parametrize("quantization", ["q8f16", "q4f16"])
+@pytest.mark.parametrize("quantization", QUANTS[1:])
 def test_quantized_library_equals_float_library_on_dequantized_weights(tiny, libs, ids, quantization):
     """The fused kernels compute exactly the float model of the dequantized weights (prefill
     chunks and decode), so all the error is the quantization's."""
@@ -79,16 +80,22 @@ def test_close_to_the_float_model(tiny, libs, ids, quantization):
     assert np.abs(got - want).max() <= TOLERANCE[quantization] * np.abs(want).max()
 
 
-def test_smollm2_q8f16_greedy_equals_float(smol_source, smol_lib, tmp_path):
-    """A real model (the random tiny one's logits are near-ties): 32 greedy tokens of q8f16
-    SmolLM2-135M equal the float library's."""
-    lib = tmp_path / "smol-q8.so"
-    compile_library(smol_source.config, PolicyConfig(), parse_target("llvm"), "float32", 512, lib,
-                    quantization="q8f16")
+def test_smollm2_gguf_blocks_lose_nothing(smol_source, smol_lib, tmp_path):
+    """The embedded Q4_1 GGUF run on its own blocks (``--quantization gguf``, the default for a
+    GGUF: linears q4_1, the tied embedding Q8_0 as q8f16) computes the float library's model of
+    the same file: logits equal to rounding, 32 greedy tokens equal."""
+    assert smol_source.quantization == "linear=q4_1,embedding=q8f16,lm_head=q8f16"
+    lib = tmp_path / "smol-gguf.so"
+    meta = compile_library(smol_source.config, PolicyConfig(), parse_target("llvm"), "float32", 512, lib,
+                           quantization=smol_source.quantization)
+    assert {p.name.rpartition(".")[2] for p in meta.params} >= {"qweight", "scale", "min"}
     prompt = smol_source.tokenizer.encode("The history of astronomy spans thousands of years, from the first "
                                           "observations of the night sky to modern space telescopes.")
-    want = Engine(smol_lib, smol_source).generate(prompt, 32, stop_ids=[]).tokens
-    assert Engine(lib, smol_source).generate(prompt, 32, stop_ids=[]).tokens == want
+    ours, ref = Engine(lib, smol_source), Engine(smol_lib, smol_source)
+    want = ref.prefill(prompt)
+    np.testing.assert_allclose(ours.prefill(prompt), want, atol=2e-3 * np.abs(want).max())
+    ours.reset(), ref.reset()
+    assert ours.generate(prompt, 32, stop_ids=[]).tokens == ref.generate(prompt, 32, stop_ids=[]).tokens
 
 
 def test_metadata_records_the_quantization(libs):

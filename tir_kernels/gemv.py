@@ -39,21 +39,26 @@ _PIECE = 8  # float16 elements in 16 bytes
 Q_GROUP = 32  # quantized weights a scale (models/quantization.py): q4 one 16-byte load, q8 two
 
 
-def supported(n_out: int, k: int, dtype: str, target: Target, bits: int = 16) -> bool:
+def supported(n_out: int, k: int, dtype: str, target: Target, bits: int = 16, offset: int = 7,
+              has_min: bool = False) -> bool:
     """True where the kernel runs: CUDA, float16, and ``k`` a multiple of a warp's 512-byte read
-    (float16 weights, ``bits`` 16) or of the 32-weight quantization group (``bits`` 4 or 8)."""
+    (float16 weights, ``bits`` 16) or of the 32-weight quantization group (``bits`` 4 or 8; a min
+    with 4 bits only)."""
     step = 32 * _PIECE if bits == 16 else Q_GROUP
     return (target.kind.name == "cuda" and has_warp_shuffle(target) and dtype == "float16" and bits in (4, 8, 16)
-            and k % step == 0)
+            and k % step == 0 and (bits == 4 or not has_min))
 
 
-def kernel_name(n_out: int, k: int, fused: str, bits: int = 16) -> str:
-    """The PrimFunc's name for one weight shape and what it fuses (a model holds one per pair)."""
-    return f"decode_gemv_{'' if bits == 16 else f'q{bits}_'}{fused}_{n_out}x{k}"
+def kernel_name(n_out: int, k: int, fused: str, bits: int = 16, offset: int = 7, has_min: bool = False) -> str:
+    """The PrimFunc's name for one weight shape, format and what it fuses (a model holds one per
+    triple): ``q4_`` (offset 7: q4f16), ``q4o8_`` (q4_0), ``q4o0m_`` (q4_1), ``q8_``, or none for float16."""
+    fmt = "" if bits == 16 else f"q{bits}" + (f"o{offset}" if bits == 4 and offset != 7 else "") + ("m" if has_min else "") + "_"
+    return f"decode_gemv_{fmt}{fused}_{n_out}x{k}"
 
 
 def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: str = "none",
-                     prologue: str = "none", eps: float = 1e-5, bits: int = 16) -> tirx.PrimFunc:
+                     prologue: str = "none", eps: float = 1e-5, bits: int = 16, offset: int = 7,
+                     has_min: bool = False) -> tirx.PrimFunc:
     """Args: x[1, k] float16 (``prologue="swiglu"``: x[1, 2k], the gate/up output, and the GEMV's
     input is ``silu(x[:k]) * x[k:]``, computed in float32 and rounded to float16; ``"rmsnorm"``:
     x is the residual stream and a second argument g[k] float16 the norm's weight, and the input
@@ -68,13 +73,15 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
     float16 take its place. As llama.cpp's CUDA GEMV does (``mmvq``), the block quantizes its
     input to int8 once, per group of 32 (``xq = round(x · 127 / max|x|)``, its scale and the sum
     of the group's ``xq`` kept in shared memory), and a lane's 16-byte load (one group of 32
-    weights) is 8 ``__dp4a`` of nibbles against ``xq``: ``y += s_w · (s_x · Σ code·xq − 7 s_x Σ xq)``.
+    weights) is 8 ``__dp4a`` of nibbles against ``xq``: ``y += s_w · (s_x · Σ nibble·xq − offset s_x Σ xq)``
+    (the nibble stores the code + ``offset``: 7 for q4f16, 8 for GGML's Q4_0, 0 for Q4_1). ``has_min``
+    (Q4_1, ``w = nibble · s_w + m_w``): min[n_out, k/32] float16 follows the scale and ``y += m_w s_x Σ xq``.
     ``bits=8`` (q8f16): qweight[n_out, k] int8 and the same scales; a 16-byte load is half a group,
     4 ``__dp4a`` of the codes against ``xq``: ``y += s_w · s_x · Σ code·xq``.
     Raises ValueError where ``supported`` is False, for an unknown prologue or epilogue, or for
     the rmsnorm prologue with the residual epilogue (no layer needs both).
     """
-    if not supported(n_out, k, dtype, target, bits):
+    if not supported(n_out, k, dtype, target, bits, offset, has_min):
         raise ValueError(f"decode GEMV needs CUDA, float16 and K % {256 if bits == 16 else Q_GROUP} == 0 (got "
                          f"{target.kind.name}, {dtype}, {bits}-bit weights, K {k})")
     if epilogue not in ("none", "residual") or prologue not in ("none", "swiglu", "rmsnorm") or (
@@ -138,7 +145,7 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
                     xs[e + v] = gu[_PIECE + v]
 
     @T.macro
-    def load_group(wl, sl, w, ws, row, tx, g):
+    def load_group(wl, sl, ml, w, ws, wm, row, tx, g):
         for c in T.unroll(GROUP):  # every load of the group in flight first
             pc: T.let[T.int64] = (g * GROUP + c) * 32 + tx
             if pc < pieces:
@@ -146,6 +153,8 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
                     wl[c * w_local[1] + v] = w[row, pc * w_local[1] + v]
                 if quant:
                     sl[c] = ws[row, pc // per_group]
+                if has_min:
+                    ml[c] = wm[row, pc // per_group]
 
     def xq_slot(chunk):
         """Where the int8 input of 8-weight chunk ``chunk`` starts in ``xq`` (two int32 words). q8:
@@ -187,11 +196,11 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
                         | T.Cast("uint32", qv[pack(half, 3)]) << T.uint32(24))
                 if tx % 4 == 0:
                     xsc[e // Q_GROUP] = red[0] / T.float32(127)
-                    if q4:  # the codes' offset of 7, times the group's input
-                        xcor[e // Q_GROUP] = T.float32(7) * red[0] / T.float32(127) * red[2]
+                    if q4:  # the group's input sum (times the codes' offset, or the min)
+                        xcor[e // Q_GROUP] = red[0] / T.float32(127) * red[2]
 
     @T.macro
-    def dot_piece(acc, wl, sl, xs, xl, xw, xq, xsc, xcor, dots, c, pc):
+    def dot_piece(acc, wl, sl, ml, xs, xl, xw, xq, xsc, xcor, dots, c, pc):
         # acc[0] += piece pc of the row (in registers at c) times the input
         if bits == 8:
             for v in T.vectorized(4):  # the piece's 16 inputs: one 16-byte read
@@ -208,7 +217,12 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
                     dots[0] = T.call_pure_extern(
                         "int32", "__dp4a", T.reinterpret("int32", wl[c * 4 + j] >> T.uint32(4 * half) & T.uint32(0x0F0F0F0F)),
                         T.reinterpret("int32", xq[xq_slot(pc * 4 + j) + half]), dots[0])
-            acc[0] += T.Cast("float32", sl[c]) * (xsc[pc] * T.Cast("float32", dots[0]) - xcor[pc])
+            if offset != 0:
+                acc[0] += T.Cast("float32", sl[c]) * (xsc[pc] * T.Cast("float32", dots[0]) - T.float32(offset) * xcor[pc])
+            else:
+                acc[0] += T.Cast("float32", sl[c]) * xsc[pc] * T.Cast("float32", dots[0])
+            if has_min:
+                acc[0] += T.Cast("float32", ml[c]) * xcor[pc]
         else:
             for v in T.vectorized(_PIECE):
                 xl[v] = xs[pc * _PIECE + v]
@@ -216,7 +230,7 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
                 acc[0] += T.Cast("float32", wl[c * _PIECE + v]) * T.Cast("float32", xl[v])
 
     @T.macro
-    def body(x, gamma, w, ws, r, y):
+    def body(x, gamma, w, ws, wm, r, y):
         for bx in T.thread_binding((N + WARPS - 1) // WARPS, thread="blockIdx.x"):
             for ty in T.thread_binding(i64(WARPS), thread="threadIdx.y"):
                 for tx in T.thread_binding(i64(32), thread="threadIdx.x"):
@@ -231,6 +245,7 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
                         wl = T.sblock_alloc_buffer((GROUP * w_local[1],), w_local[0], scope="local")
                         xw = T.sblock_alloc_buffer((4,), "uint32", scope="local")
                         sl = T.sblock_alloc_buffer((GROUP,), "float16", scope="local")
+                        ml = T.sblock_alloc_buffer((GROUP,), "float16", scope="local")
                         xl = T.sblock_alloc_buffer((_PIECE,), "float16", scope="local")
                         qv = T.sblock_alloc_buffer((_PIECE,), "int32", scope="local")
                         lred = T.sblock_alloc_buffer((3,), "float32", scope="local")
@@ -240,7 +255,7 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
                         gu = T.sblock_alloc_buffer((2 * _PIECE,), "float16", scope="local")
                         xr = T.sblock_alloc_buffer((x_items * _PIECE,), "float16", scope="local")
                         if prologue == "rmsnorm":  # the first weight loads overlap the norm
-                            load_group(wl, sl, w, ws, T.min(bx * WARPS + ty, N - 1), tx, T.int64(0))
+                            load_group(wl, sl, ml, w, ws, wm, T.min(bx * WARPS + ty, N - 1), tx, T.int64(0))
                             ss[0] = T.float32(0)
                         for it in T.unroll(i64(x_items)):
                             e: T.let[T.int64] = ((it * WARPS + ty) * 32 + tx) * _PIECE
@@ -257,12 +272,12 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
                         for g in T.serial(i64(groups)):
                             if prologue == "rmsnorm":
                                 if g > 0:  # group 0 is in flight since before the norm
-                                    load_group(wl, sl, w, ws, row, tx, g)
+                                    load_group(wl, sl, ml, w, ws, wm, row, tx, g)
                             else:
-                                load_group(wl, sl, w, ws, row, tx, g)
+                                load_group(wl, sl, ml, w, ws, wm, row, tx, g)
                             for c in T.unroll(GROUP):
                                 if (g * GROUP + c) * 32 + tx < pieces:
-                                    dot_piece(acc, wl, sl, xs, xl, xw, xq, xsc, xcor, dots, c, (g * GROUP + c) * 32 + tx)
+                                    dot_piece(acc, wl, sl, ml, xs, xl, xw, xq, xsc, xcor, dots, c, (g * GROUP + c) * 32 + tx)
                         for s in T.unroll(5):  # butterfly: every lane ends with the warp's sum
                             acc[0] = acc[0] + T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), acc[0], tx ^ (T.int64(16) >> s), 32, 32)
                         if tx == 0 and bx * WARPS + ty < N:
@@ -274,19 +289,21 @@ def make_decode_gemv(n_out: int, k: int, dtype: str, target: Target, epilogue: s
     w_shape, w_dtype = {4: ((N, i64(k // 8)), "uint32"), 8: ((N, K), "int8"), 16: ((N, K), "float16")}[bits]
 
     @T.prim_func(s_tir=True)
-    def gemv(x_h: T.handle, g_h: T.handle, w_h: T.handle, ws_h: T.handle, r_h: T.handle, y_h: T.handle):
+    def gemv(x_h: T.handle, g_h: T.handle, w_h: T.handle, ws_h: T.handle, wm_h: T.handle, r_h: T.handle,
+             y_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
         x = T.match_buffer(x_h, (T.int64(1), X), "float16")
         gamma = T.match_buffer(g_h, (K,), "float16")
         w = T.match_buffer(w_h, w_shape, w_dtype)
         ws = T.match_buffer(ws_h, (N, i64(k // Q_GROUP)), "float16")
+        wm = T.match_buffer(wm_h, (N, i64(k // Q_GROUP)), "float16")
         r = T.match_buffer(r_h, (T.int64(1), N), "float16")
         y = T.match_buffer(y_h, (T.int64(1), N), "float16")
-        body(x, gamma, w, ws, r, y)
+        body(x, gamma, w, ws, wm, r, y)
 
-    # the arguments this variant reads, in order: x, [g], w, [scale], [r], y (the body never
-    # touches the others, so they leave the signature)
-    used = [True, prologue == "rmsnorm", True, quant, epilogue == "residual", True]
+    # the arguments this variant reads, in order: x, [g], w, [scale], [min], [r], y (the body
+    # never touches the others, so they leave the signature)
+    used = [True, prologue == "rmsnorm", True, quant, has_min, epilogue == "residual", True]
     params = [param for param, keep in zip(gemv.params, used) if keep]
     func = tirx.PrimFunc(params, gemv.body, gemv.ret_type, gemv.attrs)
-    return func.with_attr("global_symbol", kernel_name(n_out, k, f"{prologue}_{epilogue}", bits))
+    return func.with_attr("global_symbol", kernel_name(n_out, k, f"{prologue}_{epilogue}", bits, offset, has_min))

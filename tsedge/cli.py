@@ -13,7 +13,8 @@ from tsedge.cli_bench import bench_decode, bench_prefill, speed_options
 from tsedge.cli_eval import eval_run, eval_table
 from tsedge.cli_options import (POSITIVE_INTS, TARGET_HELP, FiniteFloatRange, PrefillDisplay,
                                  cache_correction_option, context_full_note, number_list, policy_config,
-                                 policy_options, quantization_option, read_text_file, resolve_target,
+                                 policy_options, quantization_option, read_text_file, resolve_quantization,
+                                 resolve_target,
                                  sampling_options, sampling_params, utf8_option)
 from tsedge.cli_serve import serve
 from tsedge.models.config import PRESETS, ModelConfig, PolicyConfig
@@ -101,6 +102,9 @@ def _engine(model, target: str | None, lib: str | None, kw: dict):
     from tsedge.weights import ModelSource, load_source
 
     source = model if isinstance(model, ModelSource) else load_source(model)
+    for note in source.notes:
+        click.echo(f"tsedge: note: {note}", err=True)
+    quantization = resolve_quantization(kw.get("quantization"), source)
     policy = policy_config(kw)
     if lib is None and source.shard is not None and kw.get("tensor_parallel", 1) == 1:  # as many as its folders
         kw = {**kw, "tensor_parallel": source.shard[1]}
@@ -108,13 +112,12 @@ def _engine(model, target: str | None, lib: str | None, kw: dict):
         log = functools.partial(click.echo, err=True)
         lib = ensure_library(source.config, policy, target, kw["dtype"],
                              _max_context(kw, policy, source.config.context_window, source.config, target), log=log,
-                             quantization=kw.get("quantization") or source.quantization,
+                             quantization=quantization,
                              tensor_parallel=kw.get("tensor_parallel", 1))
     meta = LibraryMeta.load(Path(lib).with_suffix(".json"))
-    wanted = kw.get("quantization")
-    if wanted and wanted != meta.quantization:  # a given --lib decides the weights' format
-        raise ValueError(f"--quantization {wanted} does not match library {lib} (compiled with {meta.quantization}): "
-                         "drop --quantization, or pass a library compiled with it")
+    if kw.get("quantization") and quantization != meta.quantization:  # a given --lib decides the weights' format
+        raise ValueError(f"--quantization {kw['quantization']} does not match library {lib} (compiled with "
+                         f"{meta.quantization}): drop --quantization, or pass a library compiled with it")
     shards = kw.get("tensor_parallel", 1)
     if shards not in (1, meta.tensor_parallel):
         raise ValueError(f"--tensor-parallel {shards} does not match library {lib} (compiled for "
@@ -122,7 +125,7 @@ def _engine(model, target: str | None, lib: str | None, kw: dict):
     # prefill_chunk is capped by the library's policy
     engine = functools.partial(open_engine, lib, source, prefill_chunk=policy.chunk_size,
                                cache_correction=kw.get("cache_correction", 0))
-    if meta.quantization == "q0" or source.quantization != "q0":
+    if meta.quantization in ("q0", source.quantization):
         opened = engine()
     else:
         with count_progress(f"quantizing {source.config.name} to {meta.quantization}", len(meta.params)) as update:
@@ -177,19 +180,22 @@ def models() -> None:
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="preset name, .gguf or HF folder")
 @click.option("--target", default=None, help=TARGET_HELP)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="library file (.so)")
-@quantization_option("q0")
+@quantization_option(None)
 @policy_options
 @_errors
 def compile(model: str, target: str | None, output: str | None, **kw) -> None:  # noqa: A001
-    """Compile a model library (.so plus .json metadata)."""
+    """Compile a model library (.so plus .json metadata); by default for the weights' own
+    quantization (a GGUF's blocks: the library `tsedge generate` would compile for them)."""
     from tsedge.compile.build import compile_library
     from tsedge.compile.targets import parse_target
     from tsedge.library_cache import library_stem
     from tsedge.models.attention import check_policy
     from tsedge.progress import stage_progress
-    from tsedge.weights import load_source
+    from tsedge.weights import EMBEDDED, load_source
 
-    cfg = PRESETS[model] if model in PRESETS and not Path(model).exists() else load_source(model).config
+    source = None if model in PRESETS and model not in EMBEDDED and not Path(model).exists() else load_source(model)
+    cfg = PRESETS[model] if source is None else source.config
+    kw["quantization"] = resolve_quantization(kw["quantization"], source)
     policy = policy_config(kw)
     target_name = resolve_target(target)
     shards = kw["tensor_parallel"]
@@ -213,14 +219,15 @@ def compile(model: str, target: str | None, output: str | None, **kw) -> None:  
               help="write N shard folders (OUTPUT/shard-0 ...), each with its part of the attention and MLP linears")
 @_errors
 def convert(model: str, output: str, quantization: str, tensor_parallel: int) -> None:
-    """Write a weights folder (float16 safetensors, or q8f16/q4f16 packed linear weights and float16
-    scales; config, tokenizer) that loads without conversion."""
+    """Write a weights folder (float16 safetensors, or packed quantized weights and float16 scales;
+    config, tokenizer) that loads without conversion."""
     from tsedge.models.tensor_parallel import linear_split, shard_config, shard_tensor
     from tsedge.progress import count_progress
     from tsedge.weights import expected_shapes, load_source, save_weights_folder
 
     source = load_source(model)
-    if source.quantization != "q0" or source.shard is not None:
+    quantization = resolve_quantization(quantization, source)
+    if (source.quantization != "q0" and not source.requantizable) or source.shard is not None:
         what = f"a {source.quantization} folder" if source.shard is None else "a tensor-parallel shard"
         raise ValueError(f"{source.path} is already {what}; convert from the float weights (GGUF or Hugging Face "
                          "folder) instead")

@@ -14,6 +14,7 @@ import click
 
 from tsedge.cli_options import TARGET_HELP, RecycleK, quantization_option, resolve_target
 from tsedge.models.config import PRESETS, SCORE_KEYS
+from tsedge.models.quantization import short_name
 
 
 def _driver() -> str | None:
@@ -91,7 +92,7 @@ def _bench_command(kind: str):
     @click.option("-o", "--output-dir", type=click.Path(file_okay=False), default="bench/results",
                   show_default=True, help="JSON and PNG go here")
     @click.option("--tag", default=None, help="file name stem (default: <kind>_<preset>_<device>)")
-    @quantization_option("q0")  # the compiled libraries' weights (random values of the scheme's layout)
+    @quantization_option("q0", weights=False)  # the compiled libraries' weights (random values of the scheme's layout)
     @click.option("--score-keys", default="exact", show_default=True, metavar="MODE[,MODE...]",
                   callback=_score_key_list,
                   help="TokenSelect's scoring input, each run as its own variant: exact, int8 (named tokenselect-int8)")
@@ -223,7 +224,7 @@ def run_speed(engine, model_path: Path, prefill_lengths: list[int], decode_conte
         result["ratios"] = lp.ratios(result)
         click.echo(lp.table(result))
         output = output or (f"bench/results/cpu_{engine.meta.model.name.split('-')[0]}_vs_llamacpp_"
-                            f"{engine.meta.quantization}.json")
+                            f"{short_name(engine.meta.quantization)}.json")
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=1))

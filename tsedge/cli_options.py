@@ -258,13 +258,33 @@ def context_full_note(capacity: int) -> str:
             "larger --max-context for longer replies]")
 
 
-QUANTIZATIONS = tuple(SCHEMES)  # q0, q8f16, q4f16 (models/quantization.py)
+QUANTIZATIONS = tuple(SCHEMES)  # q0, q8f16, q4f16, q4_0, q4_1 (models/quantization.py)
+GGUF = "gguf"  # a GGUF file's own Q4_0/Q4_1/Q8_0 blocks, kept as stored
 
 
-def quantization_option(default: str | None):
-    """``--quantization`` (models/quantization.py); ``default`` None: the weights' own (a
-    ``tsedge convert --quantization`` folder), else q0."""
-    shown = default or "the weights folder's, else q0"
-    return click.option("--quantization", type=click.Choice(QUANTIZATIONS), default=default,
-                        help=f"linear weights: q0 float, q8f16/q4f16 8/4-bit with a scale per 32 inputs "
-                             f"[default: {shown}]")
+def quantization_option(default: str | None, weights: bool = True):
+    """``--quantization`` (models/quantization.py); ``default`` None: the weights' own (a GGUF's
+    blocks, a ``tsedge convert --quantization`` folder's), else q0 (``resolve_quantization``).
+    ``weights``: the command runs real weights, so ``gguf`` is a choice."""
+    shown = default or "the weights' own: a GGUF's blocks, a converted folder's; else q0"
+    return click.option("--quantization", type=click.Choice(QUANTIZATIONS + ((GGUF,) if weights else ())),
+                        default=default,
+                        help="weights: q0 float, q8f16/q4f16 8/4-bit with a float16 scale per 32 inputs, q4_0/q4_1 "
+                             "GGML's 4-bit blocks" + (", gguf a GGUF file's Q4_0/Q4_1/Q8_0 blocks as stored" if weights
+                                                      else "") + f" [default: {shown}]")
+
+
+def resolve_quantization(wanted: str | None, source) -> str:
+    """The library quantization for ``--quantization wanted`` (None: not given) and the model's
+    weights ``source`` (a ``weights.ModelSource``; None: a preset without weights): ``gguf`` and
+    no choice give the weights' own (``ModelSource.quantization``), else q0. Raises ValueError
+    for ``gguf`` without a GGUF file."""
+    if wanted == GGUF:
+        if source is None or source.path.suffix != ".gguf":
+            where = "a preset without weights" if source is None else str(source.path)
+            raise ValueError(f"--quantization gguf keeps a GGUF file's blocks, but the model is {where}: pass a .gguf "
+                             f"file, or use one of {', '.join(QUANTIZATIONS)}")
+        return source.quantization
+    if wanted is None:
+        return source.quantization if source is not None else "q0"
+    return wanted

@@ -25,7 +25,8 @@ from tvm.runtime.vm import VirtualMachine
 from tsedge.device_sampling import SAMPLE_FUNCTION, DeviceSampler
 from tsedge.kv_cache import ContextOverflowError, KVCache
 from tsedge.models.library import LibraryMeta
-from tsedge.models.quantization import QuantizationError, QuantizedTensor, concatenate, library_arrays, quantize, scheme
+from tsedge.models.quantization import (QuantizationError, QuantizedTensor, concatenate, dequantize, library_arrays,
+                                        quantize, scheme_of)
 from tsedge.models.tensor_parallel import linear_split, shard_tensor
 from tsedge.sampling import Sampler, SamplingParams
 from tsedge.threads import use_physical_cores
@@ -218,8 +219,9 @@ class Engine:
         """Each library parameter from its source tensors (streamed once; fused projections wait
         for all their parts, then concatenate them along the output dimension; with tensor
         parallelism each is first cut to this shard's part, ``ParamSpec.split``). A quantized
-        library's linear weights are quantized here unless the source already carries them in
-        its scheme (a ``tsedge convert --quantization`` folder)."""
+        library's weights are quantized here unless the source already carries them in its
+        scheme (a ``tsedge convert --quantization`` folder, a GGUF's blocks); a GGUF's blocks of
+        another scheme are dequantized first."""
         self._check_quantization(source)
         shards = self.meta.tensor_parallel
         if source.shard not in (None, (self.rank, shards)):
@@ -256,9 +258,10 @@ class Engine:
         return params
 
     def _check_quantization(self, source: ModelSource) -> None:
-        """Pre-quantized weights must carry the library's scheme (float weights fit any)."""
+        """Pre-quantized weights must carry the library's quantization (float weights, and a
+        GGUF's, which are dequantized where they differ, fit any)."""
         lib, weights = self.meta.quantization, source.quantization
-        if weights != "q0" and weights != lib:
+        if weights != "q0" and weights != lib and not source.requantizable:
             fix = (f"compile the library with --quantization {weights}" if lib == "q0" else
                    f"convert the weights with --quantization {lib}, or compile with --quantization {weights}")
             raise LibraryError(f"weights {source.path} are quantized {weights} but the library is {lib}: {fix}")
@@ -272,6 +275,9 @@ class Engine:
         arrays = [a if presplit and linear_split(name) is not None
                   else shard_tensor(a, spec.split, self.rank, self.meta.tensor_parallel, name)
                   for a, name in zip(arrays, spec.sources)]
+        # blocks of another scheme (a GGUF's: ``_check_quantization`` refused other sources) as floats
+        qs = scheme_of(self.meta.quantization, spec.name.rpartition(".")[0] + ".weight" if spec.part else spec.name)
+        arrays = [dequantize(a) if isinstance(a, QuantizedTensor) and a.scheme != qs else a for a in arrays]
         if spec.part:
             if all(isinstance(a, QuantizedTensor) for a in arrays):
                 qt = concatenate(arrays)
@@ -279,15 +285,11 @@ class Engine:
                 raise QuantizationError(f"tensor {'+'.join(spec.sources)}: some parts are quantized and "
                                         "some are not; re-convert the weights folder")
             else:
-                qt = quantize(np.concatenate(arrays) if len(arrays) > 1 else arrays[0],
-                              scheme(self.meta.quantization), "+".join(spec.sources))
-            q, s = library_arrays(qt, spec.transposed, self.meta.dtype)
-            values = [q if sp.part == "qweight" else s for sp in specs]
+                qt = quantize(np.concatenate(arrays) if len(arrays) > 1 else arrays[0], qs, "+".join(spec.sources))
+            stored = library_arrays(qt, spec.transposed, self.meta.dtype)
+            values = [stored[sp.part] for sp in specs]
             whole_shape = list(qt.shape)
         else:
-            if any(isinstance(a, QuantizedTensor) for a in arrays):
-                raise LibraryError(f"tensor {'+'.join(spec.sources)} is quantized, but library parameter "
-                                   f"{spec.name} is float; compile with the weights' --quantization")
             whole = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
             values = [np.ascontiguousarray(whole.T if spec.transposed else whole, dtype=self.meta.dtype)]
             whole_shape = list(whole.shape)

@@ -9,6 +9,7 @@ from pathlib import Path
 import tsedge
 from tsedge.fetch import cache_dir
 from tsedge.models.config import ModelConfig, PolicyConfig
+from tsedge.models.quantization import short_name
 from tsedge.progress import stage_progress
 
 
@@ -39,7 +40,7 @@ def library_path(cfg: ModelConfig, policy: PolicyConfig, target: str, dtype: str
 
 def library_stem(cfg: ModelConfig, policy: PolicyConfig, quantization: str, tensor_parallel: int) -> str:
     """A library's file name before its target: model, policy, quantization, shards."""
-    quant = "" if quantization == "q0" else f"-{quantization}"
+    quant = "" if quantization == "q0" else f"-{short_name(quantization)}"
     shards = "" if tensor_parallel == 1 else f"-tp{tensor_parallel}"
     return f"{cfg.name}-{policy.name}{quant}{shards}"
 

@@ -3,9 +3,12 @@
 ``load_source`` gives the config, the tokenizer and a lazy stream of tensors under Hugging Face
 names and shapes ([out, in] for linears), float32 or float16, checked against the config.
 ``save_weights_folder`` / ``load_weights_folder`` write and read the folder a compiled library
-runs from: ``params.safetensors`` (float16; with a quantization, each linear weight ``W`` as
-``W.qweight`` (U32 or I8) + ``W.scale`` (F16) in ``models/quantization.py``'s canonical layout),
-``tsedge.json`` (which records the quantization), ``config.json`` and tokenizer files.
+runs from: ``params.safetensors`` (float16; with a quantization, each quantized weight ``W`` as
+``W.qweight`` (U32 or I8) + ``W.scale`` (F16) (+ ``W.min`` (F16), q4_1) in
+``models/quantization.py``'s canonical layout), ``tsedge.json`` (which records the quantization),
+``config.json`` and tokenizer files. A GGUF's Q4_0/Q4_1/Q8_0 weights are read as stored
+(``models.quantization.from_ggml_blocks``): its ``quantization`` is what they are
+(``gguf_quantization``), and a library of another quantization dequantizes (and re-quantizes) them.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from tsedge.fetch import default_model_path
 from tsedge.gguf_check import GGUFCheckError, check_counts, check_layout
 from tsedge.models.config import PRESETS, ModelConfig, from_hf_config
 from tsedge.models.tensor_parallel import shard_shapes
-from tsedge.models.quantization import (QuantizationError, QuantizedTensor, check_quantized, is_quantized_weight,
-                                        quantize, scheme)
+from tsedge.models.quantization import (GGML_SCHEMES, ROLES, QuantizationError, QuantizedTensor, check_quantized,
+                                        dequantize, from_ggml_blocks, quantize, role_of, role_spec, roles,
+                                        scheme_of)
 from tsedge.tokenizer import Tokenizer, TokenizerError
 
 Tensors = Iterator[tuple[str, np.ndarray]]
@@ -75,13 +79,17 @@ class ModelSource:
     tokenizer: Tokenizer
     path: Path
     read: Callable[[], Tensors] = dataclasses.field(repr=False)
-    quantization: str = "q0"  # the scheme of the linear weights it carries (q0: float)
+    quantization: str = "q0"  # what its weights are stored in (models/quantization.py roles; q0: float)
     shard: tuple[int, int] | None = None  # (rank, shards): a shard folder's linears hold that part only
+    requantizable: bool = False  # a library of another quantization may take it (GGUF: dequantized first)
+    notes: tuple[str, ...] = ()  # what a user should know about how it loads (one line each)
 
-    def tensors(self) -> Tensors:
-        """Yield ``(name, array)`` one at a time (HF names; a tsedge folder: as it was saved; a
-        quantized folder's linear weights as ``QuantizedTensor``)."""
-        return self.read()
+    def tensors(self, blocks: bool = True) -> Tensors:
+        """Yield ``(name, array)`` one at a time under HF names: float arrays, and the weights
+        stored quantized (a quantized tsedge folder's, a GGUF's Q4_0/Q4_1/Q8_0 ones) as
+        ``QuantizedTensor``; ``blocks=False``: those dequantized to float32 too."""
+        stream = self.read()
+        return stream if blocks else ((n, dequantize(a) if isinstance(a, QuantizedTensor) else a) for n, a in stream)
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -347,9 +355,9 @@ def _tsedge_folder(path: Path, config: ModelConfig, tokenizer: Tokenizer) -> Mod
     """A folder written by ``save_weights_folder``; a quantized one's packed weights and scales are
     checked (dtypes, shapes, group counts, code range) against the config as they are read."""
     info, names, entries = _weights_manifest(path)
-    quantization = info.get("quantization", "q0")
+    quantization = str(info.get("quantization", "q0"))
     try:
-        qs = scheme(str(quantization))
+        roles(quantization)
     except QuantizationError as e:
         raise WeightsError(f"{path / 'tsedge.json'}: {e}") from e
     shard = info.get("shard")
@@ -358,10 +366,11 @@ def _tsedge_folder(path: Path, config: ModelConfig, tokenizer: Tokenizer) -> Mod
     shapes = expected_shapes(config) if shard is None else shard_shapes(expected_shapes(config), shard[1])
 
     def read(name: str) -> np.ndarray | QuantizedTensor:
-        if qs is None or not is_quantized_weight(name):
+        qs = scheme_of(quantization, name)
+        if qs is None:
             return _read_safetensor(entries[name])
         qt = QuantizedTensor(qs, _read_safetensor(entries[f"{name}.qweight"], _ST_PACKED),
-                             _read_safetensor(entries[f"{name}.scale"]))
+                             *(_read_safetensor(entries[f"{name}.{part}"]) for part in qs.parts[1:]))
         if name not in shapes:
             raise WeightsError(f"{path}: quantized tensor {name} is not part of {config.name}")
         try:
@@ -370,8 +379,8 @@ def _tsedge_folder(path: Path, config: ModelConfig, tokenizer: Tokenizer) -> Mod
             raise WeightsError(f"{path}: {e}") from e
         return qt
 
-    stored = [f"{n}.{part}" for n in names if qs is not None and is_quantized_weight(n)
-              for part in ("qweight", "scale")]
+    stored = [f"{n}.{part}" for n in names if scheme_of(quantization, n) is not None
+              for part in scheme_of(quantization, n).parts]
     absent = [n for n in stored if n not in entries]
     if absent:
         raise WeightsError(f"{path / 'params.safetensors'}: tensor {absent[0]} of a {quantization} folder is "
@@ -381,30 +390,32 @@ def _tsedge_folder(path: Path, config: ModelConfig, tokenizer: Tokenizer) -> Mod
 
 
 def quantized_tensors(tensors: Tensors, quantization: str) -> Tensors:
-    """``tensors`` with each linear weight ``W`` replaced by ``W.qweight`` and ``W.scale`` (the
-    canonical layout of ``models/quantization.py``), for ``save_weights_folder``."""
-    qs = scheme(quantization)
+    """``tensors`` with each weight ``W`` that ``quantization`` quantizes replaced by ``W.qweight``
+    and ``W.scale`` (and ``W.min``) in the canonical layout of ``models/quantization.py`` (weights
+    already in its scheme as they are; others dequantized first), for ``save_weights_folder``."""
     for name, array in tensors:
-        if qs is None or not is_quantized_weight(name):
+        qs = scheme_of(quantization, name)
+        if isinstance(array, QuantizedTensor) and array.scheme != qs:
+            array = dequantize(array)
+        if qs is None:
             yield name, array
             continue
-        qt = quantize(array, qs, name)
-        yield f"{name}.qweight", qt.qweight
-        yield f"{name}.scale", qt.scale
+        qt = array if isinstance(array, QuantizedTensor) else quantize(array, qs, name)
+        for part, value in qt.arrays().items():
+            yield f"{name}.{part}", value
 
 
 def save_weights_folder(out_dir: str | Path, params: Iterable[tuple[str, np.ndarray]],
                         config: ModelConfig, tokenizer: Tokenizer, meta: dict[str, Any],
                         quantization: str = "q0", shard: tuple[int, int] | None = None) -> None:
     """Write a tsedge weights folder; ``params`` are consumed one at a time, stored as float16, or
-    with ``quantization`` q8f16/q4f16 the linear weights quantized (``quantized_tensors``).
+    with a ``quantization`` its weights quantized (``quantized_tensors``).
     ``shard``: (rank, shards) when ``params`` are a tensor-parallel shard's (its linears cut by
     ``models.tensor_parallel.linear_split``), recorded for the loader."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stored = _write_safetensors(out_dir / "params.safetensors", quantized_tensors(params, quantization))
-    order = stored if quantization == "q0" else [n.removesuffix(".qweight") for n in stored
-                                                 if not n.endswith(".scale")]
+    order = [n.removesuffix(".qweight") for n in stored if n.rpartition(".")[2] not in ("scale", "min")]
     info = {"meta": meta, "params": order, "quantization": quantization}
     if shard is not None:
         info["shard"] = list(shard)
@@ -422,16 +433,18 @@ def load_weights_folder(directory: str | Path
 
 def _weights_manifest(directory: Path) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
     """``(tsedge.json, param names in order, safetensors entries)`` of a tsedge weights folder
-    (a quantized weight ``W`` is listed as ``W``, stored as ``W.qweight`` and ``W.scale``)."""
+    (a quantized weight ``W`` is listed as ``W``, stored as ``W.qweight``, ``W.scale`` (and ``W.min``))."""
     manifest, params = directory / "tsedge.json", directory / "params.safetensors"
     if not manifest.exists() or not params.exists():
         raise WeightsError(f"{directory}: no tsedge.json or params.safetensors; not a folder "
                            "written by `tsedge convert`")
     info = json.loads(manifest.read_text())
     entries = _safetensors_header(params)
-    quantized = info.get("quantization", "q0") != "q0"
-    missing = [n for n in info["params"]
-               if n not in entries and not (quantized and is_quantized_weight(n))]
+    try:
+        by_role = roles(str(info.get("quantization", "q0")))
+    except QuantizationError as e:
+        raise WeightsError(f"{manifest}: {e}") from e
+    missing = [n for n in info["params"] if n not in entries and (role_of(n) is None or by_role[role_of(n)] is None)]
     if missing:
         raise WeightsError(f"{params}: tensor {missing[0]} is missing")
     return info, info["params"], entries
@@ -476,15 +489,48 @@ def _gguf_source(reader: gguf.GGUFReader, path: Path) -> ModelSource:
     hf_to_gguf = {_hf_name(name): name for name in tensors if name != "rope_freqs.weight"}
     found = {hf: shapes[g] for hf, g in hf_to_gguf.items()}
 
-    def read(name: str) -> np.ndarray:
+    types = {hf: tensors[g].tensor_type.name for hf, g in hf_to_gguf.items()}
+    quantization, notes = gguf_quantization(types)
+
+    def read(name: str) -> np.ndarray | QuantizedTensor:
         t = tensors[hf_to_gguf[name]]
-        array = gguf.quants.dequantize(t.data, t.tensor_type)
+        if scheme_of(quantization, name) is not None:  # blocks kept as stored
+            try:
+                array = from_ggml_blocks(t.data, t.tensor_type.name, shapes[t.name], name)
+            except QuantizationError as e:
+                raise WeightsError(f"{path}: {e}") from e
+        else:
+            array = gguf.quants.dequantize(t.data, t.tensor_type)
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
-            array = _unpermute(array, heads)
+            array = array.map(lambda a: _unpermute(a, heads)) if isinstance(array, QuantizedTensor) else _unpermute(array, heads)
         return array
 
-    return ModelSource(config, tokenizer, path, _checked(config, found, read, path))
+    return ModelSource(config, tokenizer, path, _checked(config, found, read, path), quantization,
+                       requantizable=True, notes=notes)
+
+
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def gguf_quantization(types: dict[str, str]) -> tuple[str, tuple[str, ...]]:
+    """What a GGUF's weights are, as a quantization (``models/quantization.py`` roles), from the
+    GGML type of each tensor (HF names): a role whose tensors are all Q4_0, all Q4_1 or all Q8_0
+    keeps them as stored (q4_0, q4_1, q8f16); float tensors, other block types (K-quants, IQ, ...)
+    and mixes load as float (q0), each such role named in a note. A tied lm_head is the embedding."""
+    by_role, notes = {}, []
+    for role in ROLES:
+        kinds = sorted({t for n, t in types.items() if role_of(n) == role})
+        if role == "lm_head" and not kinds:  # tied to the embedding table
+            by_role[role] = by_role["embedding"]
+            continue
+        names = {GGML_SCHEMES.get(k, "q0") for k in kinds}
+        by_role[role] = names.pop() if len(names) == 1 else "q0"
+        if by_role[role] == "q0" and set(kinds) - set(_FLOAT_TYPES):
+            notes.append(f"the {role} weights are {'/'.join(kinds)}; tsedge keeps only Q4_0, Q4_1 and Q8_0 blocks "
+                         f"as stored (one type per role), so they load as float (--quantization q4f16 or q8f16 "
+                         "re-quantizes them instead)")
+    return role_spec(by_role), tuple(notes)
 
 
 _REQUIRED = object()

@@ -23,7 +23,7 @@ import numpy as np
 from tsedge.bench.speed import decode_speed, machine_info, prefill_chunk_speed, prefill_speed
 from tsedge.models.config import POLICIES, PolicyConfig
 from tsedge.models.library import LibraryMeta
-from tsedge.models.quantization import scheme
+from tsedge.models.quantization import scheme_of
 from tsedge.tensor_parallel import open_engine
 
 VARIANTS = {"dense": PolicyConfig(), "tokenselect": PolicyConfig("tokenselect"),
@@ -69,8 +69,8 @@ def variants(policies: list[str], kind: str, score_keys: tuple[str, ...] = ("exa
 
 def random_params(meta: LibraryMeta, rank: int = 0) -> tuple[list, Any]:
     """Random weights of the library's shapes on its device: (params, keep-alive). Float tensors
-    N(0, 0.02); a quantized library's packed weights random bits and its scales 0.02 / max code,
-    so a dequantized weight has about the float weights' scale. Each Hugging Face source tensor
+    N(0, 0.02); a quantized library's packed weights random bits, its scales 0.02 / max code
+    and its mins (q4_1) N(0, 0.02), so a dequantized weight has about the float weights' scale. Each Hugging Face source tensor
     is drawn whole from a seed of its name, then cut to tensor-parallel shard ``rank``'s part and
     arranged as the library stores it, so every shard count runs the same model. Drawn on a
     CUDA GPU through torch where there is one (16 GB for an 8B model), else with NumPy; a library
@@ -82,8 +82,6 @@ def random_params(meta: LibraryMeta, rank: int = 0) -> tuple[list, Any]:
     from tsedge.engine import target_device
     from tsedge.weights import expected_shapes
 
-    quant = scheme(meta.quantization)
-    packed = quant.storage_dtype if quant else None
     shapes = expected_shapes(meta.model)
     try:
         import torch
@@ -92,7 +90,7 @@ def random_params(meta: LibraryMeta, rank: int = 0) -> tuple[list, Any]:
     except ImportError:
         on_gpu = False
 
-    def shape_of(name: str, part: str) -> tuple[int, ...]:
+    def shape_of(name: str, part: str, quant) -> tuple[int, ...]:
         if not part:
             return shapes[name]
         out, inp = shapes[name]
@@ -101,11 +99,11 @@ def random_params(meta: LibraryMeta, rank: int = 0) -> tuple[list, Any]:
     if on_gpu:
         device = f"cuda:{rank}" if meta.target.startswith("cuda") else "cuda:0"
 
-        def draw(name: str, part: str, shape: tuple[int, ...]):
+        def draw(name: str, part: str, shape: tuple[int, ...], quant):
             gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{name}.{part}".encode()))
             if part == "qweight":  # random bits, as int32 (uint32 nibbles) or int8
                 bits = torch.randint(-2**31, 2**31 - 1, shape, generator=gen, device=device, dtype=torch.int32)
-                return bits.view(torch.uint32) if packed == "uint32" else bits.to(torch.int8)
+                return bits.view(torch.uint32) if quant.storage_dtype == "uint32" else bits.to(torch.int8)
             value = torch.randn(shape, generator=gen, device=device, dtype=getattr(torch, meta.dtype))
             return value.abs() * (0.02 / quant.max_int) if part == "scale" else value * 0.02
 
@@ -113,10 +111,10 @@ def random_params(meta: LibraryMeta, rank: int = 0) -> tuple[list, Any]:
             whole = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
             return (whole.t() if transposed else whole).contiguous()
     else:
-        def draw(name: str, part: str, shape: tuple[int, ...]):
+        def draw(name: str, part: str, shape: tuple[int, ...], quant):
             rng = np.random.default_rng(zlib.crc32(f"{name}.{part}".encode()))
             if part == "qweight":
-                return rng.integers(0, 2**32 if packed == "uint32" else 128, shape).astype(packed)
+                return rng.integers(0, 2**32 if quant.storage_dtype == "uint32" else 128, shape).astype(quant.storage_dtype)
             value = rng.standard_normal(shape, np.float32) * 0.02
             return (np.abs(value) / quant.max_int if part == "scale" else value).astype(meta.dtype)
 
@@ -126,8 +124,9 @@ def random_params(meta: LibraryMeta, rank: int = 0) -> tuple[list, Any]:
 
     def make(p):
         pieces = []
+        quant = scheme_of(meta.quantization, p.name.rpartition(".")[0] + ".weight") if p.part else None
         for name in p.sources:
-            whole = draw(name, p.part, shape_of(name, p.part))
+            whole = draw(name, p.part, shape_of(name, p.part, quant), quant)
             if p.split is not None:
                 whole = whole.chunk(meta.tensor_parallel, p.split)[rank] if on_gpu else np.split(
                     whole, meta.tensor_parallel, p.split)[rank]
