@@ -46,7 +46,7 @@ def probe(model: str, length: int, seed: int) -> dict:
     sample = niah.make_sample("niah_single", tok, length, sample_rng(seed, "niah_single", "prose", length, 0), "prose")
     ids, value = sample.prompt, sample.references[0]
     span = value_span(tok, ids, value)
-    w = {name: a.astype(np.float64) for name, a in source.tensors()}
+    w = {name: a.astype(np.float64) for name, a in source.tensors(blocks=False)}
     n, h, hkv, d = len(ids), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pos, inv = np.arange(n, dtype=np.float64), cfg.inv_freq()
     causal = np.triu(np.full((n, n), -np.inf), 1)

@@ -78,7 +78,7 @@ class ReferenceModel:
     def __init__(self, source: ModelSource, policy: PolicyConfig, capacity: int) -> None:
         cfg = self.cfg = source.config
         self.policy = policy
-        self.w = {name: a.astype(np.float64) for name, a in source.tensors()}
+        self.w = {name: a.astype(np.float64) for name, a in source.tensors(blocks=False)}
         self.table = aref.rope_table(cfg.inv_freq(), capacity)
         self.kv = np.zeros((cfg.num_layers, 2, cfg.num_kv_heads, capacity, cfg.head_dim))
         self.cache_qbar = np.zeros((cfg.num_layers, cfg.num_heads, cfg.head_dim), np.float32)
