@@ -87,6 +87,25 @@ def test_ratios_and_table_on_given_numbers():
         "| decode after 2048 | 33.0 tok/s | 22.0 tok/s | 55.0 tok/s | 0.60× |"]
 
 
+def test_greedy_agreement_counts_equal_leading_picks():
+    result = _result()
+    result["decode"][0]["tokens"] = [5, 6, 7, 8]
+    result["decode"][1]["tokens"] = [1, 2, 3]
+    result["peer"]["runs"][0]["decode"][0]["tokens"] = [5, 6, 9, 8]  # FA on parts at the third pick
+    result["peer"]["runs"][1]["decode"][0]["tokens"] = [5, 6, 7, 8]
+    result["peer"]["runs"][0]["decode"][1]["tokens"] = [1, 2, 3]
+    result["peer"]["runs"][1]["decode"] = result["peer"]["runs"][1]["decode"][:1]  # 2048 not run with FA off
+    result["greedy"] = lp.greedy_agreement(result)
+    assert result["greedy"] == [{"context": 128, "picks": 4, "equal_prefix": {"FA on": 2, "FA off": 4}},
+                                {"context": 2048, "picks": 3, "equal_prefix": {"FA on": 3}}]
+    result["greedy"][0]["margin"] = 0.0123
+    result["ratios"] = lp.ratios(result)
+    assert lp.table(result).splitlines()[-2:] == [
+        "greedy picks after 128: the first 2 (FA on), 4 (FA off) of 4 equal; at the first difference tsedge's "
+        "logit of its pick leads llama.cpp's pick by 0.0123",
+        "greedy picks after 2048: the first 3 (FA on) of 3 equal"]
+
+
 def test_ratios_skip_what_the_peer_did_not_measure():
     result = _result()
     for run in result["peer"]["runs"]:

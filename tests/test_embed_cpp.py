@@ -192,7 +192,12 @@ def test_bad_inputs_are_one_line_errors(tsedge_run, tiny_lib, tiny_weights, tmp_
     meta = tmp_path / "lib.json"
     meta.write_text(tiny_lib.with_suffix(".json").read_text().replace('"max_context": 64', '"max_context": -1'))
     shutil.copy(tiny_lib, meta.with_suffix(".so"))
+    packed = tmp_path / "packed.json"  # a quantized library's metadata
+    packed.write_text(tiny_lib.with_suffix(".json").read_text().replace('"quantization": "q0"', '"quantization": "q4f16"'))
+    shutil.copy(tiny_lib, packed.with_suffix(".so"))
     cases = [
+        (packed.with_suffix(".so"), tiny_weights, [1], [], "quantization is q4f16; this example reads float libraries: "
+                                                          "compile with --quantization q0"),
         (tiny_lib, other, [1, 2], [], "do not match library"),
         (tiny_lib, tiny_weights, [1, 300], [], "token id 300 is outside the vocabulary of 300"),
         (tiny_lib, tiny_weights, list(range(65)), [], "prompt of 65 tokens exceeds the KV cache of 64"),

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import click
+import numpy as np
 
 from tsedge.cli_options import TARGET_HELP, RecycleK, quantization_option, resolve_target
 from tsedge.models.config import PRESETS, SCORE_KEYS
@@ -182,6 +183,24 @@ def speed_setup(peer: str | None, threads: int | None, model: str):
     return threads, source
 
 
+def _divergence_margin(engine, prompt: list[int], result: dict, agreement: dict) -> dict:
+    """Where tsedge's and llama.cpp's greedy picks first differ (the earliest over llama.cpp's
+    runs): tsedge's logits there, fed the prompt and the common picks, give ``margin`` = logit of
+    its pick − logit of llama.cpp's (a near-tie is a small fraction of the logits' scale, ``scale``:
+    their max − median). Empty when all picks agree."""
+    first = min(agreement["equal_prefix"].values())
+    if first >= agreement["picks"]:
+        return {}
+    ours = next(r["tokens"] for r in result["decode"] if r["context"] == agreement["context"])
+    theirs = next(r["tokens"] for run in result["peer"]["runs"] for r in run["decode"]
+                  if r["context"] == agreement["context"] and r["tokens"][first] != ours[first])
+    engine.reset()
+    logits = engine.prefill(prompt + ours[:first])
+    return {"first_difference": first, "tsedge_pick": ours[first], "llama_cpp_pick": theirs[first],
+            "margin": round(float(logits[ours[first]] - logits[theirs[first]]), 5),
+            "scale": round(float(logits.max() - np.median(logits)), 3)}
+
+
 def run_speed(engine, model_path: Path, prefill_lengths: list[int], decode_contexts: list[int], steps: int,
               output: str | None, peer: str | None, threads: int) -> dict:
     """``tsedge bench speed``: prefill and greedy decode of CPython's docs (tsedge's tokenizer),
@@ -222,6 +241,8 @@ def run_speed(engine, model_path: Path, prefill_lengths: list[int], decode_conte
         except lp.PeerError as err:
             raise click.ClickException(str(err)) from None
         result["ratios"] = lp.ratios(result)
+        result["greedy"] = [{**g, **_divergence_margin(engine, decode[g["context"]], result, g)}
+                            for g in lp.greedy_agreement(result)]
         click.echo(lp.table(result))
         output = output or (f"bench/results/cpu_{engine.meta.model.name.split('-')[0]}_vs_llamacpp_"
                             f"{short_name(engine.meta.quantization)}.json")

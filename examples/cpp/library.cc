@@ -349,6 +349,10 @@ LibraryMeta ReadLibraryMeta(const std::string& json_path) {
   meta.target = root.Str("target");
   meta.dtype = ParseDtype(root, "dtype");
   if (meta.dtype.code != kDLFloat) root.Fail("dtype", "is not float32 or float16");
+  if (root.Str("quantization") != "q0") {  // packed weights: not read by this example
+    root.Fail("quantization", "is " + root.Str("quantization") +
+                                  "; this example reads float libraries: compile with --quantization q0");
+  }
   meta.functions = root.Strings("functions");
   for (const char* name : {"rope_table", "prefill", "decode"}) {
     if (!meta.HasFunction(name)) root.Fail("functions", std::string("lack ") + name);

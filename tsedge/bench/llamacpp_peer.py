@@ -86,6 +86,22 @@ def ratios(result: dict) -> list[dict[str, Any]]:
     return rows
 
 
+def greedy_agreement(result: dict) -> list[dict[str, Any]]:
+    """Per decode context both engines ran: how many greedy picks, from the first on, tsedge and
+    llama.cpp (each flash attention setting) have in common (``equal_prefix``), of ``picks``."""
+    rows = []
+    for row in result["decode"]:
+        same = {}
+        for run in result["peer"]["runs"]:
+            theirs = next((r["tokens"] for r in run["decode"] if r["context"] == row["context"]), None)
+            if theirs is not None:
+                pairs = list(zip(row["tokens"], theirs))
+                same[_fa(run["flash_attention"])] = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
+        if same:
+            rows.append({"context": row["context"], "picks": len(row["tokens"]), "equal_prefix": same})
+    return rows
+
+
 def _label(row: dict) -> str:
     return f"prefill {row['tokens']} tokens" if row["kind"] == "prefill" else f"decode after {row['context']}"
 
@@ -104,6 +120,11 @@ def table(result: dict) -> str:
                  *(f"{r['llama.cpp'][fa]:.1f} tok/s" if fa in r["llama.cpp"] else "—" for fa in settings),
                  f"{r['ratio']:.2f}×"]
         lines.append("| " + " | ".join(cells) + " |")
+    for g in result.get("greedy", []):
+        same = ", ".join(f"{n} ({fa})" for fa, n in g["equal_prefix"].items())
+        margin = (f"; at the first difference tsedge's logit of its pick leads llama.cpp's pick by "
+                  f"{g['margin']:.4f}" if "margin" in g else "")
+        lines.append(f"greedy picks after {g['context']}: the first {same} of {g['picks']} equal{margin}")
     return "\n".join(lines)
 
 
