@@ -10,9 +10,7 @@ The dequantization is a ``te.compute`` whose output feeds ``matmul``; Relax's Fu
 the pair one PrimFunc (as MLC-LLM's ``fused_dequantize_*_matmul``), which the CPU schedule and
 dlight's GEMV rule then schedule with the dequantization inlined into the reduction: the float
 weight never exists in memory. On CUDA a prefill chunk dequantizes the weight to float16 first
-(a kernel of its own) and runs ``tir_kernels.matmul``'s tensor-core GEMM on it. On x86 CPUs with
-AVX-512 VNNI one row over 4-bit weights runs ``tir_kernels.gemv_cpu`` instead (int8 inputs, integer
-dot products, as llama.cpp's CPU path does).
+(a kernel of its own) and runs ``tir_kernels.matmul``'s tensor-core GEMM on it.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from tsedge.tir_kernels import gemv, gemv_cpu, matmul
+from tsedge.tir_kernels import gemv, matmul
 
 from .quantization import QuantScheme
 
@@ -100,10 +98,6 @@ class Linear(nn.Module):
                                                       "has_min": scheme.has_min}
         self.gemv_target = (target if decode_gemv and target is not None and not in_out and not bias
                             and gemv.supported(out_features, in_features, dtype, target, **self.gemv_format) else None)
-        # decode on x86 CPUs with AVX-512 VNNI: 4-bit weights times int8 inputs (tir_kernels/gemv_cpu.py)
-        self.vnni_gemv = (gemv_cpu.make_decode_gemv_vnni(out_features, in_features, target, scheme.offset, scheme.has_min)
-                          if scheme is not None and in_out
-                          and gemv_cpu.supported(out_features, in_features, dtype, target, scheme.bits) else None)
 
     def _weights(self) -> list[nn.Tensor]:
         """The parameters the decode GEMV reads."""
@@ -116,11 +110,7 @@ class Linear(nn.Module):
         """``x[n, in] -> x W^T (+ b) (+ residual)`` [n, out]."""
         if self.gemv_applies(x):
             return self.decode_gemv(x, residual)
-        one_row = isinstance(x.shape[0], int) and x.shape[0] == 1
-        if self.vnni_gemv is not None and one_row:
-            y = op.tensor_ir_op(self.vnni_gemv, self.vnni_gemv.attrs["global_symbol"], args=[x] + self._weights(),
-                                out=nn.Tensor.placeholder([1, self.shape[0]], x.dtype))
-        elif self.prefill_kernel is not None and not one_row:
+        if self.prefill_kernel is not None and not isinstance(x.shape[0], int):
             y = op.tensor_ir_op(self.prefill_kernel, matmul.kernel_name(*self.shape), args=[x, self._weight()],
                                 out=nn.Tensor.placeholder([x.shape[0], self.shape[0]], x.dtype))
         else:

@@ -17,7 +17,7 @@ from tsedge.models.linear import QuantLinear
 from tsedge.models.quantization import (GGML_SCHEMES, SCHEMES, QuantizationError, QuantizedTensor, check_quantized,
                                         concatenate, dequantize, from_ggml_blocks, library_arrays, quantize,
                                         unpack)
-from tsedge.tir_kernels import gemv, gemv_cpu
+from tsedge.tir_kernels import gemv
 
 Q4, Q8 = SCHEMES["q4f16"], SCHEMES["q8f16"]
 ALL = [SCHEMES[n] for n in ("q4f16", "q8f16", "q4_0", "q4_1")]
@@ -196,52 +196,3 @@ def test_cuda_build_compiles(qs):
     assert kernels[1] == [f"{gemv.kernel_name(960, 576, 'none_none', qs.bits, qs.offset, qs.has_min)}_kernel"]
     assert sorted(kernels["n"]) == ["dequantize_kernel", "prefill_matmul_960x576_kernel"]
 
-
-def _int8_input_model(x: np.ndarray, qt) -> np.ndarray:
-    """What ``tir_kernels.gemv_cpu`` computes, in float64: x quantized to int8 per group of 32
-    (``round(x · 127 / max|x|)``, halves away from zero), then ``Σ_groups s_x (s_w Σ code · xq +
-    m_w Σ xq)``."""
-    g = x.astype(np.float32).reshape(-1, 32)
-    amax = np.abs(g).max(axis=1, keepdims=True)
-    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    xq = np.trunc(g * inv + np.copysign(np.float32(0.5), g)).astype(np.float64)
-    codes = unpack(qt.qweight, qt.scheme).reshape(qt.qweight.shape[0], -1, 32).astype(np.float64)
-    dots = np.einsum("ngk,gk->ng", codes, xq) * qt.scale.astype(np.float64)
-    if qt.scheme.has_min:
-        dots = dots + qt.min.astype(np.float64) * xq.sum(axis=1)
-    return (dots * (amax.T / 127)).sum(axis=1)
-
-
-VNNI = gemv_cpu.supported(16, 32, "float32", parse_target("llvm"), 4)
-
-
-@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI (the float dequantize-GEMV runs instead)")
-@pytest.mark.parametrize("qs", ALL[:1] + ALL[2:], ids=["q4f16", "q4_0", "q4_1"])
-@pytest.mark.parametrize("n, k", [(16, 32), (48, 96), (960, 576), (3072, 576), (576, 1536)])
-def test_vnni_gemv_equals_its_int8_model(qs, n, k):
-    """The CPU decode GEMV over 4-bit weights with int8 inputs: equal to its arithmetic modelled in
-    NumPy to float32 rounding, and within 2 % of the largest output of the float GEMV on the
-    dequantized weight (the input's int8 rounding); an all-zero input group contributes nothing."""
-    target = parse_target("llvm")
-    rng = np.random.default_rng(n + k + qs.bits)
-    qt = quantize((rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32), qs)
-    x = rng.standard_normal((1, k)).astype(np.float32)
-    x[0, :32] = 0.0
-    lib = tvm.compile(tvm.IRModule({"main": gemv_cpu.make_decode_gemv_vnni(n, k, target, qs.offset, qs.has_min)}),
-                      target=target)
-    y = tvm.runtime.tensor(np.full((1, n), np.nan, np.float32))
-    lib["main"](tvm.runtime.tensor(x), *(tvm.runtime.tensor(a) for a in library_arrays(qt, True, "float32").values()), y)
-    modelled = _int8_input_model(x[0], qt)
-    np.testing.assert_allclose(y.numpy()[0], modelled, rtol=1e-4, atol=1e-4 * np.abs(modelled).max())
-    floats = x.astype(np.float64) @ dequantize(qt).astype(np.float64).T
-    assert np.abs(y.numpy() - floats).max() <= 0.02 * np.abs(floats).max()
-
-
-def test_vnni_gemv_support():
-    llvm = parse_target("llvm")
-    assert not gemv_cpu.supported(20, 32, "float32", llvm, 4)  # N not a multiple of 16
-    assert not gemv_cpu.supported(16, 40, "float32", llvm, 4)  # K not whole groups
-    assert not gemv_cpu.supported(16, 32, "float32", llvm, 8)  # 8-bit weights: the float path
-    assert not gemv_cpu.supported(16, 32, "float32", cuda_target("sm_90"), 4)
-    with pytest.raises(ValueError, match="VNNI GEMV needs"):
-        gemv_cpu.make_decode_gemv_vnni(20, 32, llvm, 7, False)
