@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+from typing import TYPE_CHECKING
 
-from tvm.target import Target
+if TYPE_CHECKING:
+    from tvm.target import Target
 
 TARGET_HELP = ("llvm (this CPU), cuda (local GPU's arch, else sm_90a), cuda:sm_XX or vulkan (WGSL through "
                "wgpu-native; pip install tsedge[vulkan])")
@@ -46,6 +48,8 @@ def cuda_target(arch: str) -> Target:
     """
     if arch not in CUDA_ARCHS:
         raise ValueError(f"bad CUDA arch {arch!r}: use one of {', '.join(CUDA_ARCHS)}")
+    from tvm.target import Target
+
     return Target({"kind": "cuda", "arch": arch, **_CUDA_LIMITS})
 
 
@@ -57,6 +61,8 @@ _VULKAN_LIMITS = {"max_num_threads": 256, "max_shared_memory_per_block": 32768, 
 def vulkan_target() -> Target:
     """``--target vulkan``: TVM's webgpu codegen (WGSL, run on Vulkan by wgpu-native through
     ``tsedge.vulkan``) with an LLVM host for the Relax VM code."""
+    from tvm.target import Target
+
     return Target({"kind": "webgpu", **_VULKAN_LIMITS, "host": {"kind": "llvm"}})
 
 
@@ -86,6 +92,8 @@ def canonical_target_name(name: str) -> str:
 
 def parse_target(name: str) -> Target:
     """Turn a CLI target name into a TVM Target; raises ValueError with the accepted forms."""
+    from tvm.target import Target
+
     kind, _, arch = canonical_target_name(name).partition(":")
     if kind == "llvm":
         return Target({"kind": "llvm", "mcpu": _host_cpu()})

@@ -67,10 +67,11 @@ def _checked_target(target: str | None, lib: str | None, kw: dict | None = None)
     ``kw``: the command's ``policy_options``, checked first (``policy_config``; int8 key codes are
     not for Vulkan)."""
     from tsedge.compile.targets import has_cuda_gpu
-    from tsedge.engine import check_library
 
     policy = policy_config(kw) if kw is not None else None
     if lib is not None:
+        from tsedge.engine import check_library  # TVM: imported here only when a library is given
+
         check_library(lib)
         return None
     name = resolve_target(target)
@@ -90,15 +91,15 @@ def _checked_target(target: str | None, lib: str | None, kw: dict | None = None)
     return name
 
 
-def _engine(model, target: str | None, lib: str | None, kw: dict):
+def _engine(model, target: str | None, lib: str | None, kw: dict, runtime_only: bool = False):
     """Engine for ``model`` (a name or a loaded ModelSource): the given library, or the cached
     one for ``target`` (compiled on first use). ``target``: what ``_checked_target`` returned.
     Float weights for a quantized library are quantized while loading, with a progress bar.
-    ``kw["cache_correction"]`` (absent: 0) is the Engine's."""
+    ``kw["cache_correction"]`` (absent: 0) is the Engine's. ``runtime_only``: the command opens
+    no other library, so a cached one runs on TVM's runtime alone (``ensure_library``)."""
     from tsedge.library_cache import ensure_library
     from tsedge.models.library import LibraryMeta
     from tsedge.progress import count_progress
-    from tsedge.tensor_parallel import open_engine
     from tsedge.weights import ModelSource, load_source
 
     source = model if isinstance(model, ModelSource) else load_source(model)
@@ -113,7 +114,9 @@ def _engine(model, target: str | None, lib: str | None, kw: dict):
         lib = ensure_library(source.config, policy, target, kw["dtype"],
                              _max_context(kw, policy, source.config.context_window, source.config, target), log=log,
                              quantization=quantization,
-                             tensor_parallel=kw.get("tensor_parallel", 1))
+                             tensor_parallel=kw.get("tensor_parallel", 1), runtime_only=runtime_only)
+    from tsedge.tensor_parallel import open_engine  # TVM (and torch): after ensure_library's runtime_only choice
+
     meta = LibraryMeta.load(Path(lib).with_suffix(".json"))
     if kw.get("quantization") and quantization != meta.quantization:  # a given --lib decides the weights' format
         raise ValueError(f"--quantization {kw['quantization']} does not match library {lib} (compiled with "
@@ -305,7 +308,7 @@ def generate(model, target, lib, prompt, prompt_file, max_new_tokens, raw, as_js
     target = _checked_target(target, lib, kw)
     source = load_source(model)
     sampling = sampling_params(source.path, kw)
-    engine = _engine(source, target, lib, kw)
+    engine = _engine(source, target, lib, kw, runtime_only=True)
     ids = _prompt_ids(engine, text, raw)
     stream = engine.tokenizer.stream(skip_special_tokens=True)
 
@@ -340,7 +343,7 @@ def chat(model, target, lib, max_new_tokens, system, **kw) -> None:
     target = _checked_target(target, lib, kw)
     source = load_source(model)
     sampling = sampling_params(source.path, kw)
-    repl(ChatSession(_engine(source, target, lib, kw), sampling, max_new_tokens, system))
+    repl(ChatSession(_engine(source, target, lib, kw, runtime_only=True), sampling, max_new_tokens, system))
 
 
 @main.group()

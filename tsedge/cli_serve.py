@@ -50,7 +50,7 @@ def _serve(model: str, target: str | None, lib: str | None, host: str, port: int
     target = _checked_target(target, lib, kw)
     sock = _listen(host, port)  # before loading: a taken port fails at once
     source = load_source(model)
-    engine = _engine(source, target, lib, kw)
+    engine = _engine(source, target, lib, kw, runtime_only=True)
     app = create_app(engine, source.config.name, sampling_params(source.path, kw), aliases=(model,))
     bound_host, bound_port = sock.getsockname()[:2]
     url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
