@@ -137,7 +137,8 @@ def test_run_speed_writes_the_json_schema_and_png(tiny_folder, tiny_lib, tmp_pat
         return {"name": "llama.cpp", "model_type": "Q4_1", "runs": [
             {"flash_attention": flash, "settings": {"n_threads": threads},
              "prefill": [{"tokens": n, "tok_per_s": 100.0, "ids": ids_digest(v)} for n, v in prefill.items()],
-             "decode": [{"context": n, "tok_per_s": 50.0, "ids": ids_digest(v)} for n, v in decode.items()]}
+             "decode": [{"context": n, "tok_per_s": 50.0, "ids": ids_digest(v), "tokens": [7, 8, 9, 10, 11]}
+                        for n, v in decode.items()]}
             for flash in (True, False)]}
 
     monkeypatch.setattr(lp, "measure", fake_measure)
@@ -145,7 +146,7 @@ def test_run_speed_writes_the_json_schema_and_png(tiny_folder, tiny_lib, tmp_pat
     out = tmp_path / "r" / "cmp.json"
     run_speed(engine, Path("m.gguf"), [16, 32], [8], 3, str(out), "llama.cpp", 2)
     saved = json.loads(out.read_text())
-    assert set(saved) == {"info", "prefill", "decode", "peer", "ratios"}
+    assert set(saved) == {"info", "prefill", "decode", "peer", "ratios", "greedy"}
     assert {"cpu_model", "cpu_flags", "threads", "tvm_threads", "tvm", "tsedge", "quantization",
             "model_file", "date"} <= set(saved["info"])
     assert saved["info"]["threads"] == 2 and asked["threads"] == 2 and asked["steps"] == 3
@@ -158,3 +159,9 @@ def test_run_speed_writes_the_json_schema_and_png(tiny_folder, tiny_lib, tmp_pat
     assert [r["kind"] for r in saved["ratios"]] == ["prefill", "prefill", "decode"]
     assert all(r["ratio"] == round(r["tsedge"] / max(r["llama.cpp"].values()), 3) for r in saved["ratios"])
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ours, (greedy,) = saved["decode"][0]["tokens"], saved["greedy"]
+    first = next((i for i, (a, b) in enumerate(zip(ours, [7, 8, 9, 10, 11])) if a != b), 5)
+    assert greedy["equal_prefix"] == {"FA on": first, "FA off": first} and greedy["picks"] == 5
+    if first < 5:  # tsedge's logits where the picks part: its own pick leads (argmax, fed the common prefix)
+        assert greedy["first_difference"] == first and greedy["tsedge_pick"] == ours[first]
+        assert greedy["margin"] >= -1e-4 and greedy["scale"] > 0

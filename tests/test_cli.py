@@ -167,6 +167,14 @@ def test_non_utf8_prompt_and_prompt_file(tmp_path):
     assert result.exit_code == 1 and result.stderr == f"Error: {prompt_file}: {NOT_UTF8}\n"
 
 
+def test_empty_prompt_is_refused(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n")
+    result = run("generate", "--prompt-file", str(empty))
+    assert result.exit_code == 1 and result.stderr == f"Error: the prompt file {empty} is empty; give the text to answer\n"
+    assert run("generate", "--prompt", "").stderr == "Error: the prompt is empty; give the text to answer\n"
+
+
 def _range(option: str, value: str, rule: str) -> str:
     return f"Error: Invalid value for '{option}': {value} is not in the range {rule}."
 

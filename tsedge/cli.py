@@ -305,6 +305,8 @@ def generate(model, target, lib, prompt, prompt_file, max_new_tokens, raw, as_js
     if (prompt is None) == (prompt_file is None):
         _fail("give exactly one of --prompt or --prompt-file")
     text = prompt if prompt is not None else read_text_file(prompt_file)
+    if not text.strip():
+        _fail(f"the prompt{' file ' + prompt_file if prompt_file else ''} is empty; give the text to answer")
     target = _checked_target(target, lib, kw)
     source = load_source(model)
     sampling = sampling_params(source.path, kw)
