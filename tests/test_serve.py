@@ -330,8 +330,9 @@ def test_client_disconnect_cancels_at_the_next_token(smol_server):
     while smol_server.metric(cancelled) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert smol_server.metric(cancelled) == 2
-    # ~23 tokens/s on a 2-core CPU: both stopped within a few tokens of their client's leaving
-    assert smol_server.metric("tsedge_generated_tokens_total") - generated < 60
+    # both stopped soon after their client left (the streaming one after a few tokens, the other
+    # after its 1 s timeout: ~90 tokens at 2-core CPU speed), far from the 600 they asked for
+    assert smol_server.metric("tsedge_generated_tokens_total") - generated < 300
 
 
 def test_selection_cache_hit_rate_in_metrics(smol_server):
