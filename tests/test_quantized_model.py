@@ -124,6 +124,21 @@ def test_converted_folder_loads_without_requantizing(tiny, libs, ids, tmp_path):
     np.testing.assert_allclose(from_folder, on_the_fly, atol=2e-3)
 
 
+def test_gguf_blocks_convert_to_a_folder_as_stored(smol_source, tmp_path):
+    """`convert --quantization gguf` writes the GGUF's blocks (q4_1 with its mins, the Q8_0 table)
+    unchanged, and the folder reads back as the same quantization and the same arrays."""
+    result = CliRunner().invoke(main, ["convert", "--quantization", "gguf", "-o", str(tmp_path / "w")])
+    assert result.exit_code == 0, result.output
+    folder = load_source(str(tmp_path / "w"))
+    assert folder.quantization == smol_source.quantization == "linear=q4_1,embedding=q8f16,lm_head=q8f16"
+    stored, blocks = dict(folder.tensors()), dict(smol_source.tensors())
+    for name in ("model.layers.3.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight",
+                 "model.embed_tokens.weight"):
+        assert stored[name].scheme == blocks[name].scheme
+        for part, array in blocks[name].arrays().items():
+            np.testing.assert_array_equal(stored[name].arrays()[part], array, err_msg=f"{name}.{part}")
+
+
 def _folder(tiny, path, quantization):
     source = load_source(str(tiny))
     save_weights_folder(path, source.tensors(), source.config, source.tokenizer, {}, quantization)
