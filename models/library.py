@@ -30,6 +30,11 @@ class ParamSpec:
     part: str = ""
     split: int | None = None
 
+    @property
+    def weight(self) -> str:
+        """The (fused) weight this parameter stores (``W`` for ``W.qweight``), or its own name."""
+        return f"{self.name.rpartition('.')[0]}.weight" if self.part else self.name
+
 
 @dataclasses.dataclass(frozen=True)
 class LibraryMeta:

@@ -69,7 +69,7 @@ class _Packed:
         self.min = nn.Parameter(s_shape, dtype) if qs.has_min else None
 
     def _packed(self) -> list[nn.Tensor]:
-        return [self.qweight, self.scale] + ([self.min] if self.qs.has_min else [])
+        return [getattr(self, part) for part in self.qs.parts]
 
     def _dequantized(self, tensors: list[nn.Tensor], in_out: bool, name: str) -> nn.Tensor:
         return op.tensor_expr_op(lambda q, s, *m: dequantize_expr(self.qs, q, s, in_out, *m), name, args=tensors)

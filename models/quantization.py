@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import gguf
 import numpy as np
 
 GROUP = 32
@@ -83,7 +82,7 @@ SCHEMES: dict[str, QuantScheme | None] = {
     "q4_0": QuantScheme("q4_0", 4, (-8, 7)), "q4_1": QuantScheme("q4_1", 4, (0, 15), has_min=True)}
 # GGML block types kept as stored (``from_ggml_blocks``) -> scheme; other types load as float
 GGML_SCHEMES = {"Q8_0": "q8f16", "Q4_0": "q4_0", "Q4_1": "q4_1"}
-_GGML_QUANTIZED = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1}
+_GGML_QUANTIZED = {"q4_0": "Q4_0", "q4_1": "Q4_1"}  # schemes quantized by the gguf package
 
 
 class QuantizationError(ValueError):
@@ -190,8 +189,11 @@ def quantize(w: np.ndarray, qs: QuantScheme, name: str = "weight") -> QuantizedT
     if not np.isfinite(groups).all():
         raise QuantizationError(f"{name}: weights contain NaN or infinity; they cannot be quantized")
     if qs.name in _GGML_QUANTIZED:
+        import gguf  # here: the CLI imports this module at start-up, and gguf takes ~70 ms to import
+
         ggml = _GGML_QUANTIZED[qs.name]
-        return from_ggml_blocks(gguf.quants.quantize(groups.reshape(out, inp), ggml), ggml.name, (out, inp), name)
+        blocks = gguf.quants.quantize(groups.reshape(out, inp), gguf.GGMLQuantizationType[ggml])
+        return from_ggml_blocks(blocks, ggml, (out, inp), name)
     scale = (np.abs(groups).max(axis=2) / np.float32(qs.max_int)).astype(np.float16)
     s32 = scale.astype(np.float32)[:, :, None]
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -276,7 +276,7 @@ class Engine:
                   else shard_tensor(a, spec.split, self.rank, self.meta.tensor_parallel, name)
                   for a, name in zip(arrays, spec.sources)]
         # blocks of another scheme (a GGUF's: ``_check_quantization`` refused other sources) as floats
-        qs = scheme_of(self.meta.quantization, spec.name.rpartition(".")[0] + ".weight" if spec.part else spec.name)
+        qs = scheme_of(self.meta.quantization, spec.weight)
         arrays = [dequantize(a) if isinstance(a, QuantizedTensor) and a.scheme != qs else a for a in arrays]
         if spec.part:
             if all(isinstance(a, QuantizedTensor) for a in arrays):

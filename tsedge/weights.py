@@ -355,11 +355,7 @@ def _tsedge_folder(path: Path, config: ModelConfig, tokenizer: Tokenizer) -> Mod
     """A folder written by ``save_weights_folder``; a quantized one's packed weights and scales are
     checked (dtypes, shapes, group counts, code range) against the config as they are read."""
     info, names, entries = _weights_manifest(path)
-    quantization = str(info.get("quantization", "q0"))
-    try:
-        roles(quantization)
-    except QuantizationError as e:
-        raise WeightsError(f"{path / 'tsedge.json'}: {e}") from e
+    quantization = str(info.get("quantization", "q0"))  # checked by _weights_manifest
     shard = info.get("shard")
     if shard is not None and not (_naturals(shard) and len(shard) == 2 and shard[0] < shard[1]):
         raise WeightsError(f"{path / 'tsedge.json'}: shard {shard!r} is not [rank, shards]; re-convert the weights")
@@ -440,11 +436,12 @@ def _weights_manifest(directory: Path) -> tuple[dict[str, Any], list[str], dict[
                            "written by `tsedge convert`")
     info = json.loads(manifest.read_text())
     entries = _safetensors_header(params)
+    quantization = str(info.get("quantization", "q0"))
     try:
-        by_role = roles(str(info.get("quantization", "q0")))
+        roles(quantization)
     except QuantizationError as e:
         raise WeightsError(f"{manifest}: {e}") from e
-    missing = [n for n in info["params"] if n not in entries and (role_of(n) is None or by_role[role_of(n)] is None)]
+    missing = [n for n in info["params"] if n not in entries and scheme_of(quantization, n) is None]
     if missing:
         raise WeightsError(f"{params}: tensor {missing[0]} is missing")
     return info, info["params"], entries

@@ -124,7 +124,7 @@ def random_params(meta: LibraryMeta, rank: int = 0) -> tuple[list, Any]:
 
     def make(p):
         pieces = []
-        quant = scheme_of(meta.quantization, p.name.rpartition(".")[0] + ".weight") if p.part else None
+        quant = scheme_of(meta.quantization, p.weight)
         for name in p.sources:
             whole = draw(name, p.part, shape_of(name, p.part, quant), quant)
             if p.split is not None:
