@@ -1,8 +1,8 @@
 """Schedule rules for ``llvm`` targets (TVM's default CPU build neither fuses nor schedules).
 
 The fused PrimFuncs get:
-- matmul (weights stored [in, out]): register tiles of 6 rows x 64 columns, the column tile
-  vectorised, tiles spread over cores, reduction kept in a local accumulator;
+- matmul (weights stored [in, out]): register tiles of 6 rows x 64 columns over rows padded to a
+  multiple of 6, the column tile vectorised, tiles spread over cores, the accumulators in registers;
 - GEMV (decode, one row): the reduction split over the cores (``rfactor``) when the output has at
   most ``_SPLIT_K_MAX_COLS`` columns, else 64-column tiles spread over cores;
 - a fused dequantize-matmul (``models/linear.py``): the GEMV keeps the dequantization inlined,
@@ -65,64 +65,79 @@ class CpuMatmul(dl.ScheduleRule):
             if not (panel and producer in dequantize):
                 sch.compute_inline(producer)
         epilogues = [b.block_rv for b in infos[infos.index(main) + 1:]]
-        if panel:
-            return _dequantized_panel_matmul(sch, block, dequantize[0], epilogues)
         loops = sch.get_loops(block)
+        if len(loops) == 3:
+            return _tiled_matmul(sch, block, dequantize[0] if panel else None, epilogues)
         cols = _static(sch.get(loops[-2]).extent) or 0
-        if len(loops) == 2 and cols % _COLS == 0 and 0 < cols <= (_SPLIT_K_MAX_COLS_DEQUANTIZED if dequantize
-                                                                  else _SPLIT_K_MAX_COLS):
+        if cols % _COLS == 0 and 0 < cols <= (_SPLIT_K_MAX_COLS_DEQUANTIZED if dequantize else _SPLIT_K_MAX_COLS):
             return _split_k_gemv(sch, block, unroll_k=_WORD if dequantize else 1)
-        if len(loops) == 2:  # GEMV: one row
-            j, k = loops
-            jo, ji = sch.split(j, [None, _COLS])
-            depth = _static(sch.get(k).extent) or 0
-            if dequantize and depth % _WORD == 0:  # as _split_k_gemv's unroll_k
-                k, kw = sch.split(k, [None, _WORD])
-                sch.reorder(jo, k, kw, ji)
-                sch.unroll(kw)
-            else:
-                sch.reorder(jo, k, ji)
-            outer = jo
-            inner = [ji]
-        else:
-            i, j, k = loops
-            jo, ji = sch.split(j, [None, _COLS])
-            io, ii = sch.split(i, [None, _ROWS])
-            sch.reorder(io, jo, k, ii, ji)
-            outer = sch.fuse(io, jo)
-            sch.unroll(ii)
-            inner = [ii, ji]
-        sch.parallel(outer)
-        acc = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(acc, outer)
-        for epi in epilogues:
-            sch.reverse_compute_at(epi, outer)
-        for blk in [acc, *epilogues]:
-            loops = sch.get_loops(blk)
-            if len(loops) > 1:
-                _vectorize_tail(sch, loops[-1])
-        sch.vectorize(inner[-1])
-        sch.decompose_reduction(block, k)
-        return sch
+        return _tiled_gemv(sch, block, bool(dequantize), epilogues)
 
 
-def _dequantized_panel_matmul(sch: s_tir.Schedule, block, dequantize, epilogues) -> s_tir.Schedule:
-    """Matmul over a dequantized weight: per 64-column tile (spread over cores) the [K, 64] float
-    panel is dequantized once into a per-core buffer, then each 6-row register tile of the chunk
-    runs over it (the dequantization costs 1/rows of the multiply-adds instead of one per row)."""
+def _tiled_gemv(sch: s_tir.Schedule, block, dequantized: bool, epilogues) -> s_tir.Schedule:
+    """A GEMV (one row) with many columns: 64-column tiles spread over the cores, the reduction
+    kept in a local accumulator (8 steps unrolled for a packed 4-bit weight, as _split_k_gemv)."""
+    j, k = sch.get_loops(block)
+    jo, ji = sch.split(j, [None, _COLS])
+    depth = _static(sch.get(k).extent) or 0
+    if dequantized and depth % _WORD == 0:
+        k, kw = sch.split(k, [None, _WORD])
+        sch.reorder(jo, k, kw, ji)
+        sch.unroll(kw)
+    else:
+        sch.reorder(jo, k, ji)
+    sch.parallel(jo)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, jo)
+    for epi in epilogues:
+        sch.reverse_compute_at(epi, jo)
+    for blk in [acc, *epilogues]:
+        _vectorize_tail(sch, sch.get_loops(blk)[-1])
+    sch.vectorize(ji)
+    sch.decompose_reduction(block, k)
+    return sch
+
+
+def _tiled_matmul(sch: s_tir.Schedule, block, dequantize, epilogues) -> s_tir.Schedule:
+    """A matmul in register tiles of 6 rows x 64 columns, the accumulators held in registers
+    across the whole reduction.
+
+    The rows (the chunk's tokens, a symbolic count) are padded to a multiple of 6 first
+    (``pad_einsum``: the input copied once into a padded buffer, the padded rows' results never
+    written back), so no row of a tile is predicated inside the reduction loop — with the
+    predicate LLVM kept the accumulators in memory (a load and a store per multiply-add: 28
+    GFLOP/s of 2 cores against 120-140 without, SmolLM2's q4_1 shapes at 512 rows).
+
+    With ``dequantize`` (a fused dequantize-matmul) the tiles run per 64-column panel spread over
+    the cores: the [K, 64] float panel is dequantized once into a per-core buffer, then every row
+    tile of the chunk runs over it (the dequantization costs 1/rows of the multiply-adds instead
+    of one per row). Without it, the (row tile, column tile) pairs are spread over the cores."""
+    sch.pad_einsum(block, [_ROWS, 1, 1])
+    for pad in sch.get_producers(block):  # the padded copy of the input
+        if pad != dequantize:
+            pad_loops = sch.get_loops(pad)
+            sch.parallel(sch.fuse(*pad_loops[:-1]))
+            _vectorize_tail(sch, pad_loops[-1])
+    (copy_out,) = sch.get_consumers(block)
+    sch.set_scope(block, 0, "local")
     i, j, k = sch.get_loops(block)
     jo, ji = sch.split(j, [None, _COLS])
     io, ii = sch.split(i, [None, _ROWS])
-    sch.reorder(jo, io, k, ii, ji)
-    sch.parallel(jo)
+    if dequantize is None:
+        sch.reorder(io, jo, k, ii, ji)
+        tile = sch.fuse(io, jo)
+        sch.parallel(tile)
+    else:
+        sch.reorder(jo, io, k, ii, ji)
+        sch.parallel(jo)
+        sch.compute_at(dequantize, jo)
+        _vectorize_tail(sch, sch.get_loops(dequantize)[-1])
+        tile = io
     sch.unroll(ii)
-    sch.compute_at(dequantize, jo)
-    _vectorize_tail(sch, sch.get_loops(dequantize)[-1])
-    acc = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(acc, io)
-    for epi in epilogues:
-        sch.reverse_compute_at(epi, io)
-    for blk in [acc, *epilogues]:
+    if epilogues:  # they read the accumulators directly
+        sch.compute_inline(copy_out)
+    for blk in epilogues or [copy_out]:
+        sch.reverse_compute_at(blk, tile)
         _vectorize_tail(sch, sch.get_loops(blk)[-1])
     sch.vectorize(ji)
     sch.decompose_reduction(block, k)
