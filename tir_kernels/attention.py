@@ -198,15 +198,38 @@ def rope_rotated(x, i, h, dim, rope, pos, half):
     return T.Cast("float32", x[i, h, dim]) * c + partner * s
 
 
+# 2^f on [0, 1): a degree-6 polynomial fitted for relative error (2.3e-8 in float64 arithmetic;
+# exp2f's accuracy in float32), coefficients from the constant term up
+_EXP2_POLY = (1.0, 0.6931468844413757, 0.24023030698299408, 0.05548214912414551,
+              0.009679985232651234, 0.0012437946861609817, 0.0002168343198718503)
+
+
+def exp2_vectorizable(x):
+    """``2^x`` for float32 ``x`` <= 0 (clamped at -126: the result never goes subnormal) from
+    element-wise operations LLVM vectorises (floor, a polynomial, the exponent bits set by an
+    integer shift), where ``T.exp2`` is a call to the C library per element."""
+    x = T.max(x, T.float32(-126))
+    whole = T.floor(x)
+    frac = x - whole
+    poly = T.float32(_EXP2_POLY[-1])
+    for c in reversed(_EXP2_POLY[:-1]):
+        poly = poly * frac + T.float32(c)
+    return T.reinterpret("float32", T.shift_left(T.Cast("int32", whole) + 127, 23)) * poly
+
+
 def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_sets=0, counted=False):
     group = n_heads // n_kv
     half = head_dim // 2
     scale = LOG2E / math.sqrt(head_dim)
-    lanes = 8  # one AVX2 float32 vector
+    part_lanes = 8  # decode's partial dot products (head_dim is a multiple of 8)
     per_set = row_sets > 0  # static: per-head row lists at true positions
     sets = row_sets or n_kv  # one task per (chunk, row set); shared rows: per (chunk, KV head)
-    hps = n_heads // sets  # query heads of a task
     lgroup = n_heads // max(logit_sets, 1)  # query heads per logit row
+    lanes = 16  # one AVX-512 float32 vector (two AVX2 ones)
+    hps = n_heads // sets  # query heads of a task
+    # score vectors in flight per head: hps * UNROLL accumulators (<= 12 of AVX-512's 32 registers)
+    UNROLL = max(u for u in (1, 2, 4, 8) if u == 1 or hps * u <= 12)
+    KEYS_TILE = lanes * UNROLL
     H, D, SETS = i64(n_heads), i64(head_dim), i64(sets)
 
     def rows_shape(m_keys):
@@ -231,11 +254,13 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_s
                 kr = T.sblock_alloc_buffer((CHUNK, head_dim), "float32")  # keys, rotated
                 kt = T.sblock_alloc_buffer((head_dim, CHUNK), "float32")  # kr transposed (prefill)
                 vt = T.sblock_alloc_buffer((CHUNK, head_dim), "float32")
-                sc = T.sblock_alloc_buffer((CHUNK,), "float32")
-                part = T.sblock_alloc_buffer((lanes,), "float32")
-                qr = T.sblock_alloc_buffer((head_dim,), "float32")
-                acc = T.sblock_alloc_buffer((head_dim,), "float32")
-                stat = T.sblock_alloc_buffer((2,), "float32")
+                sc = T.sblock_alloc_buffer((hps, CHUNK), "float32")
+                part = T.sblock_alloc_buffer((part_lanes,), "float32")
+                qr = T.sblock_alloc_buffer((hps, head_dim), "float32")
+                acc = T.sblock_alloc_buffer((2, head_dim), "float32")
+                stat = T.sblock_alloc_buffer((hps, 2), "float32")  # per head: max, sum
+                lane_stat = T.sblock_alloc_buffer((2, lanes), "float32")  # per-lane max, sum
+                dots = T.sblock_alloc_buffer((hps, KEYS_TILE), "float32")
                 vis = T.sblock_alloc_buffer((1,), "int64")
                 c: T.let[T.int64] = task // SETS
                 s: T.let[T.int64] = task % SETS
@@ -252,7 +277,10 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_s
                                              + T.Cast("float32", kv[layer, 0, kvh, row, dd]) * rope[kp, half + dd])
                     for dd in T.vectorized(T.int64(head_dim)):
                         vt[jj, dd] = T.Cast("float32", kv[layer, 1, kvh, row, dd])
-                if n > 1:  # several queries reuse the chunk: score it lanes keys at a time
+                if 0 < cnt and cnt < CHUNK:  # P.V's pairs may read the row after the last (weight 0)
+                    for dd in T.vectorized(T.int64(head_dim)):
+                        vt[cnt, dd] = T.float32(0)
+                if n > 1:  # several queries reuse the chunk: keys transposed for the scoring
                     for dd in T.serial(T.int64(head_dim)):
                         for jj in T.serial(T.int64(CHUNK)):
                             kt[dd, jj] = T.if_then_else(jj < cnt, kr[jj, dd], T.float32(0))
@@ -265,51 +293,82 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_s
                         for jj in T.serial(cnt):
                             if T.Cast("int64", rows[s, j0 + jj]) <= qpos:
                                 vis[0] = vis[0] + 1
-                    for g in T.serial(T.int64(hps)):
-                        lim: T.let[T.int64] = T.min(cnt, vis[0])
-                        if lim > 0:
+                    lim: T.let[T.int64] = T.min(cnt, vis[0])
+                    if lim > 0:  # the task's hps query heads together: each K/V load serves them all
+                        for g in T.serial(T.int64(hps)):
                             for dd in T.serial(T.int64(head_dim)):
-                                qr[dd] = rope_rotated(q, i, s * hps + g, dd, rope, qpos, half) * scale
-                            if n > 1:
-                                for jo in T.serial(T.int64(CHUNK // lanes)):
-                                    for ji in T.vectorized(T.int64(lanes)):
-                                        sc[jo * lanes + ji] = T.float32(0)
+                                qr[g, dd] = rope_rotated(q, i, s * hps + g, dd, rope, qpos, half) * scale
+                        if n > 1:  # UNROLL key vectors per head at a time, the dot products in registers
+                            for jo in T.serial((lim + KEYS_TILE - 1) // KEYS_TILE):
+                                for g in T.unroll(T.int64(hps)):
+                                    for ju in T.unroll(UNROLL):
+                                        for ji in T.vectorized(lanes):
+                                            dots[g, ju * lanes + ji] = T.float32(0)
                                 for dd in T.serial(T.int64(head_dim)):
-                                    for jo in T.serial(T.int64(CHUNK // lanes)):
-                                        for ji in T.vectorized(T.int64(lanes)):
-                                            sc[jo * lanes + ji] = sc[jo * lanes + ji] + qr[dd] * kt[dd, jo * lanes + ji]
-                            else:  # decode: per key, lanes-wide partial dot products, then their sum
+                                    for g in T.unroll(T.int64(hps)):
+                                        for ju in T.unroll(UNROLL):
+                                            for ji in T.vectorized(lanes):
+                                                dots[g, ju * lanes + ji] = dots[g, ju * lanes + ji] + qr[g, dd] * kt[
+                                                    dd, jo * KEYS_TILE + ju * lanes + ji]
+                                for g in T.unroll(T.int64(hps)):
+                                    for ju in T.unroll(UNROLL):
+                                        for ji in T.vectorized(lanes):
+                                            sc[g, jo * KEYS_TILE + ju * lanes + ji] = dots[g, ju * lanes + ji]
+                        else:  # decode: per key, 8-wide partial dot products, then their sum
+                            for g in T.serial(T.int64(hps)):
                                 for jj in T.serial(lim):
-                                    for ll in T.vectorized(T.int64(lanes)):
+                                    for ll in T.vectorized(T.int64(part_lanes)):
                                         part[ll] = T.float32(0)
-                                    for do in T.serial(T.int64(head_dim // lanes)):
-                                        for ll in T.vectorized(T.int64(lanes)):
-                                            part[ll] = part[ll] + qr[do * lanes + ll] * kr[jj, do * lanes + ll]
-                                    sc[jj] = T.float32(0)
-                                    for ll in T.serial(T.int64(lanes)):
-                                        sc[jj] = sc[jj] + part[ll]
+                                    for do in T.serial(T.int64(head_dim // part_lanes)):
+                                        for ll in T.vectorized(T.int64(part_lanes)):
+                                            part[ll] = part[ll] + qr[g, do * part_lanes + ll] * kr[jj, do * part_lanes + ll]
+                                    sc[g, jj] = T.float32(0)
+                                    for ll in T.serial(T.int64(part_lanes)):
+                                        sc[g, jj] = sc[g, jj] + part[ll]
+                        for g in T.serial(T.int64(hps)):
                             if logit_sets > 0:  # static: the last query's scores (it sees every key)
                                 if i == n - 1:
                                     for jj in T.serial(lim):
                                         lr: T.let[T.int64] = (s * hps + g) // lgroup
                                         logits[lr, j0 + jj] = T.if_then_else(
-                                            (s * hps + g) % lgroup == 0, sc[jj], T.max(logits[lr, j0 + jj], sc[jj]))
-                            stat[0] = T.float32(NEG_INF)
-                            for jj in T.serial(lim):
-                                stat[0] = T.max(stat[0], sc[jj])
-                            stat[1] = T.float32(0)
-                            for jj in T.serial(lim):
-                                sc[jj] = T.exp2(sc[jj] - stat[0])
-                                stat[1] = stat[1] + sc[jj]
-                            for dd in T.vectorized(T.int64(head_dim)):
-                                acc[dd] = T.float32(0)
-                            for jj in T.serial(lim):
+                                            (s * hps + g) % lgroup == 0, sc[g, jj], T.max(logits[lr, j0 + jj], sc[g, jj]))
+                            # softmax over the lim visible scores, lanes at a time (2^x as a
+                            # polynomial); the scores past lim up to the next vector become 0
+                            for ji in T.vectorized(lanes):
+                                lane_stat[0, ji] = T.float32(NEG_INF)
+                                lane_stat[1, ji] = T.float32(0)
+                            for jo in T.serial((lim + lanes - 1) // lanes):
+                                for ji in T.vectorized(lanes):
+                                    lane_stat[0, ji] = T.max(lane_stat[0, ji], T.if_then_else(
+                                        jo * lanes + ji < lim, sc[g, jo * lanes + ji], T.float32(NEG_INF)))
+                            stat[g, 0] = T.float32(NEG_INF)
+                            for ji in T.serial(lanes):
+                                stat[g, 0] = T.max(stat[g, 0], lane_stat[0, ji])
+                            for jo in T.serial((lim + lanes - 1) // lanes):
+                                for ji in T.vectorized(lanes):
+                                    sc[g, jo * lanes + ji] = T.if_then_else(
+                                        jo * lanes + ji < lim, exp2_vectorizable(sc[g, jo * lanes + ji] - stat[g, 0]),
+                                        T.float32(0))
+                                    lane_stat[1, ji] = lane_stat[1, ji] + sc[g, jo * lanes + ji]
+                            stat[g, 1] = T.float32(0)
+                            for ji in T.serial(lanes):
+                                stat[g, 1] = stat[g, 1] + lane_stat[1, ji]
+                        # P.V per head, two keys at a time into two accumulators (8 FMA chains of
+                        # head_dim 64; the accumulators of all hps heads at once were not kept in
+                        # registers by LLVM)
+                        for g in T.serial(T.int64(hps)):
+                            for u in T.unroll(2):
                                 for dd in T.vectorized(T.int64(head_dim)):
-                                    acc[dd] = acc[dd] + sc[jj] * vt[jj, dd]
+                                    acc[u, dd] = T.float32(0)
+                            for jp in T.serial((lim + 1) // 2):
+                                for u in T.unroll(2):
+                                    for dd in T.vectorized(T.int64(head_dim)):
+                                        acc[u, dd] = acc[u, dd] + sc[g, jp * 2 + u] * vt[jp * 2 + u, dd]
                             for dd in T.vectorized(T.int64(head_dim)):
-                                o[i, c, s * hps + g, dd] = acc[dd] / stat[1]
-                            lse[i, c, s * hps + g] = stat[0] + T.log2(stat[1])
-                        else:
+                                o[i, c, s * hps + g, dd] = (acc[0, dd] + acc[1, dd]) / stat[g, 1]
+                            lse[i, c, s * hps + g] = stat[g, 0] + T.log2(stat[g, 1])
+                    else:
+                        for g in T.serial(T.int64(hps)):
                             for dd in T.serial(T.int64(head_dim)):
                                 o[i, c, s * hps + g, dd] = T.float32(0)
                             lse[i, c, s * hps + g] = T.float32(NEG_INF)
