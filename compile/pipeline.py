@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import tvm
-from tvm import relax
+from tvm import relax, te
 from tvm.relax.backend.cuda import pipeline as cuda_passes
 from tvm.relax.dpl.pattern import GlobalVarPattern, is_op, wildcard
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
+from ..tir_kernels.common import exp2_vectorizable
 from .cpu_schedule import CpuMatmul, CpuParallel
 
 
@@ -63,6 +64,37 @@ def fuse_dequantize_matmul() -> tvm.transform.Pass:
     into one primitive function, which FuseTIR makes one PrimFunc: the technique of MLC-LLM's
     FuseDequantizeMatmulEwise. FuseOps alone leaves the dequantize a kernel of its own."""
     return relax.transform.FuseOpsByPattern(_dequantize_matmul_patterns(), bind_constants=False)
+
+
+_LOG2E = 1.4426950408889634
+
+
+_SILU = tvm.ir.Op.get("relax.nn.silu")
+
+
+@relax.expr_functor.mutator
+class _VectorizableSilu(relax.PyExprMutator):
+    """float32 ``silu(x)`` -> a TE compute ``x / (1 + 2^(-x log2 e))`` (``exp2_vectorizable``)."""
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if call.op.same_as(_SILU) and call.ty.dtype == "float32":
+            return self.builder_.call_te(
+                lambda x: te.compute(x.shape, lambda *i: x(*i) / (1 + exp2_vectorizable(-x(*i) * _LOG2E)),
+                                     name="silu"), call.args[0], primfunc_name_hint="silu")
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="VectorizableSilu")
+def vectorizable_silu(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+    """CPU: float32 ``silu(x)`` as ``x / (1 + 2^(-x log2 e))`` with ``exp2_vectorizable``. TVM's
+    silu becomes a sigmoid that LLVM computes with a C library ``expf`` call per element: SmolLM2's
+    SwiGLU took 4.9 ms a layer for a 512-token chunk, 1.6 ms vectorised (2 cores)."""
+    mutator = _VectorizableSilu(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
 
 
 def schedule_passes(target: Target) -> list:
@@ -125,6 +157,7 @@ def relax_pipeline(target: Target, max_context: int | None = None):
         finalize = cuda_passes.finalize_passes(target)
         if target.kind.name == "llvm":
             finalize = [p for p in finalize if p.info.name != "RewriteCUDAGraph"]
+            fuse = [vectorizable_silu] + fuse
         with target:
             seq = tvm.transform.Sequential(
                 cuda_passes.library_dispatch_passes(target) + fuse + schedule_passes(target)

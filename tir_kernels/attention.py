@@ -22,7 +22,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from .common import has_warp_shuffle, i64, is_gpu
+from .common import exp2_vectorizable, has_warp_shuffle, i64, is_gpu
 
 NEG_INF = -1e30
 LOG2E = math.log2(math.e)
@@ -196,25 +196,6 @@ def rope_rotated(x, i, h, dim, rope, pos, half):
     partner = T.if_then_else(dim < half, -T.Cast("float32", x[i, h, dim + half]),
                              T.Cast("float32", x[i, h, dim - half]))
     return T.Cast("float32", x[i, h, dim]) * c + partner * s
-
-
-# 2^f on [0, 1): a degree-6 polynomial fitted for relative error (2.3e-8 in float64 arithmetic;
-# exp2f's accuracy in float32), coefficients from the constant term up
-_EXP2_POLY = (1.0, 0.6931468844413757, 0.24023030698299408, 0.05548214912414551,
-              0.009679985232651234, 0.0012437946861609817, 0.0002168343198718503)
-
-
-def exp2_vectorizable(x):
-    """``2^x`` for float32 ``x`` <= 0 (clamped at -126: the result never goes subnormal) from
-    element-wise operations LLVM vectorises (floor, a polynomial, the exponent bits set by an
-    integer shift), where ``T.exp2`` is a call to the C library per element."""
-    x = T.max(x, T.float32(-126))
-    whole = T.floor(x)
-    frac = x - whole
-    poly = T.float32(_EXP2_POLY[-1])
-    for c in reversed(_EXP2_POLY[:-1]):
-        poly = poly * frac + T.float32(c)
-    return T.reinterpret("float32", T.shift_left(T.Cast("int32", whole) + 127, 23)) * poly
 
 
 def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_sets=0, counted=False):

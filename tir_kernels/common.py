@@ -84,3 +84,22 @@ def device_count(count: tirx.Buffer, limit: int) -> tirx.PrimExpr:
     """``min(count[0], limit)`` as int64: a count held in a device tensor ``count[1]`` int32
     (e.g. Recycled Attention's active K), never past ``limit`` (the static size it indexes)."""
     return T.min(T.Cast("int64", count[0]), i64(limit))
+
+
+# 2^f on [0, 1): a degree-6 polynomial fitted for relative error (2.3e-8 in float64 arithmetic;
+# exp2f's accuracy in float32), coefficients from the constant term up
+_EXP2_POLY = (1.0, 0.6931468844413757, 0.24023030698299408, 0.05548214912414551,
+              0.009679985232651234, 0.0012437946861609817, 0.0002168343198718503)
+
+
+def exp2_vectorizable(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``2^x`` for a float32 expression ``x``, clamped to [-126, 127] (never subnormal, never
+    inf), from element-wise operations LLVM vectorises (floor, a polynomial, the exponent bits
+    set by an integer shift), where ``T.exp2`` is a call to the C library per element."""
+    x = T.min(T.max(x, T.float32(-126)), T.float32(127))
+    whole = T.floor(x)
+    frac = x - whole
+    poly = T.float32(_EXP2_POLY[-1])
+    for c in reversed(_EXP2_POLY[:-1]):
+        poly = poly * frac + T.float32(c)
+    return T.reinterpret("float32", T.shift_left(T.Cast("int32", whole) + 127, 23)) * poly
