@@ -159,9 +159,28 @@ def test_run_speed_writes_the_json_schema_and_png(tiny_folder, tiny_lib, tmp_pat
     assert [r["kind"] for r in saved["ratios"]] == ["prefill", "prefill", "decode"]
     assert all(r["ratio"] == round(r["tsedge"] / max(r["llama.cpp"].values()), 3) for r in saved["ratios"])
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "rounds_tok_per_s" not in saved["prefill"][0]
     ours, (greedy,) = saved["decode"][0]["tokens"], saved["greedy"]
     first = next((i for i, (a, b) in enumerate(zip(ours, [7, 8, 9, 10, 11])) if a != b), 5)
     assert greedy["equal_prefix"] == {"FA on": first, "FA off": first} and greedy["picks"] == 5
     if first < 5:  # tsedge's logits where the picks part: its own pick leads (argmax, fed the common prefix)
         assert greedy["first_difference"] == first and greedy["tsedge_pick"] == ours[first]
         assert greedy["margin"] >= -1e-4 and greedy["scale"] > 0
+
+
+def test_rounds_keep_the_best_of_each_row():
+    """``--rounds``: per row the round with the most tok/s, every round's tok/s beside it; the
+    peer's runs likewise, their other fields kept."""
+    rounds = [{"prefill": [{"tokens": 16, "tok_per_s": 10.0, "seconds": 1.6}, {"tokens": 32, "tok_per_s": 9.0}],
+               "decode": [{"context": 8, "tok_per_s": 5.0, "tokens": [1, 2]}]},
+              {"prefill": [{"tokens": 16, "tok_per_s": 12.0, "seconds": 1.3}, {"tokens": 32, "tok_per_s": 8.0}],
+               "decode": [{"context": 8, "tok_per_s": 4.0, "tokens": [1, 2]}]}]
+    best = lp.best_of_rounds(rounds)
+    assert best["prefill"] == [{"tokens": 16, "tok_per_s": 12.0, "seconds": 1.3, "rounds_tok_per_s": [10.0, 12.0]},
+                               {"tokens": 32, "tok_per_s": 9.0, "rounds_tok_per_s": [9.0, 8.0]}]
+    assert best["decode"][0]["tok_per_s"] == 5.0 and best["decode"][0]["rounds_tok_per_s"] == [5.0, 4.0]
+    assert lp.best_of_rounds(rounds[:1]) == rounds[0]
+    peer = [{"name": "llama.cpp", "runs": [{"flash_attention": True, **r}]} for r in rounds]
+    merged = lp.best_peer_of_rounds(peer)
+    assert merged["name"] == "llama.cpp" and merged["runs"][0]["flash_attention"] is True
+    assert merged["runs"][0]["prefill"] == best["prefill"]

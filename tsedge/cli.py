@@ -367,14 +367,15 @@ def bench() -> None:
 @quantization_option(None)
 @policy_options
 @_errors
-def bench_speed(model, target, lib, prefill_lengths, decode_contexts, steps, output, peer, threads, **kw) -> None:
+def bench_speed(model, target, lib, prefill_lengths, decode_contexts, steps, output, peer, threads, rounds_count,
+                **kw) -> None:
     """Prefill tok/s at the given lengths and greedy decode tok/s after the given contexts (CPython's
     docs); with --peer llama.cpp beside it on the same GGUF, token ids and threads."""
     from tsedge.cli_bench import run_speed, speed_setup
 
     threads, source = speed_setup(peer, threads, model)  # before TVM's thread pool starts
     engine = _engine(source, _checked_target(target, lib), lib, kw)
-    run_speed(engine, source.path, prefill_lengths, decode_contexts, steps, output, peer, threads)
+    run_speed(engine, source.path, prefill_lengths, decode_contexts, steps, output, peer, threads, rounds_count)
 
 
 @bench.command("accuracy")

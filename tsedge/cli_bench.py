@@ -155,7 +155,10 @@ def _compile_into(preset: str, variants: dict, target: str | None, lib_dir: Path
 
 
 def speed_options(func):
-    """``--peer`` and ``--threads`` of ``tsedge bench speed``."""
+    """``--peer``, ``--threads`` and ``--rounds`` of ``tsedge bench speed``."""
+    func = click.option("--rounds", "rounds_count", type=click.IntRange(min=1), default=1, show_default=True,
+                        help="repeat the measurement, tsedge and the peer taking turns; each number is the best "
+                             "of its rounds (for a machine whose speed varies)")(func)
     func = click.option("--threads", type=click.IntRange(min=1), default=None,
                         help="CPU threads of tsedge (TVM_NUM_THREADS) and of the peer [default: the physical cores "
                              "this process may run on]")(func)
@@ -202,10 +205,12 @@ def _divergence_margin(engine, prompt: list[int], result: dict, agreement: dict)
 
 
 def run_speed(engine, model_path: Path, prefill_lengths: list[int], decode_contexts: list[int], steps: int,
-              output: str | None, peer: str | None, threads: int) -> dict:
+              output: str | None, peer: str | None, threads: int, rounds_count: int = 1) -> dict:
     """``tsedge bench speed``: prefill and greedy decode of CPython's docs (tsedge's tokenizer),
     then with ``peer`` llama.cpp on the same ids, the table of both; JSON (and with a peer a PNG
-    beside it, by default ``bench/results/cpu_<model>_vs_llamacpp_<quantization>``)."""
+    beside it, by default ``bench/results/cpu_<model>_vs_llamacpp_<quantization>``). With
+    ``rounds_count`` > 1 the whole measurement repeats, tsedge and the peer taking turns, and each
+    number is the best of its rounds (every round's in ``rounds_tok_per_s``)."""
     from datetime import datetime, timezone
 
     import tvm
@@ -226,20 +231,27 @@ def run_speed(engine, model_path: Path, prefill_lengths: list[int], decode_conte
                        "tvm": tvm.__version__, "tsedge": tsedge.__version__, "python": platform.python_version(),
                        "model_file": Path(model_path).name,
                        "tokens": "CPython's docs (pydoc_data.topics) by tsedge's tokenizer, fed to both engines",
-                       "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
-              "prefill": [], "decode": []}
-    for length, prompt in prefill.items():
-        result["prefill"].append({**prefill_speed(engine, length, ids=prompt), "ids": ids_digest(prompt)})
-        click.echo(f"prefill {length:6d} tokens: {result['prefill'][-1]['tok_per_s']:8.1f} tok/s")
-    for context, prompt in decode.items():
-        result["decode"].append({**greedy_decode_speed(engine, prompt, steps), "ids": ids_digest(prompt)})
-        click.echo(f"decode after {context:6d}: {result['decode'][-1]['tok_per_s']:8.1f} tok/s")
+                       "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}}
+    rounds, peer_rounds = [], []
+    for index in range(rounds_count):  # interleaved, so that both engines see the machine's slow spells
+        label = f"round {index + 1} of {rounds_count}: " if rounds_count > 1 else ""
+        ours = {"prefill": [], "decode": []}
+        for length, prompt in prefill.items():
+            ours["prefill"].append({**prefill_speed(engine, length, ids=prompt), "ids": ids_digest(prompt)})
+            click.echo(f"{label}prefill {length:6d} tokens: {ours['prefill'][-1]['tok_per_s']:8.1f} tok/s")
+        for context, prompt in decode.items():
+            ours["decode"].append({**greedy_decode_speed(engine, prompt, steps), "ids": ids_digest(prompt)})
+            click.echo(f"{label}decode after {context:6d}: {ours['decode'][-1]['tok_per_s']:8.1f} tok/s")
+        rounds.append(ours)
+        if peer:
+            click.echo(f"timing {peer} on {Path(model_path).name} with the same token ids, {threads} threads", err=True)
+            try:
+                peer_rounds.append(lp.measure(Path(model_path), prefill, decode, steps, threads))
+            except lp.PeerError as err:
+                raise click.ClickException(str(err)) from None
+    result.update(lp.best_of_rounds(rounds))
     if peer:
-        click.echo(f"timing {peer} on {Path(model_path).name} with the same token ids, {threads} threads", err=True)
-        try:
-            result["peer"] = lp.measure(Path(model_path), prefill, decode, steps, threads)
-        except lp.PeerError as err:
-            raise click.ClickException(str(err)) from None
+        result["peer"] = lp.best_peer_of_rounds(peer_rounds)
         result["ratios"] = lp.ratios(result)
         result["greedy"] = [{**g, **_divergence_margin(engine, decode[g["context"]], result, g)}
                             for g in lp.greedy_agreement(result)]

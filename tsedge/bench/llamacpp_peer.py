@@ -70,6 +70,26 @@ def _fa(on: bool) -> str:
     return "FA on" if on else "FA off"
 
 
+def best_of_rounds(rounds: list[dict]) -> dict[str, list[dict]]:
+    """``{"prefill": [...], "decode": [...]}`` from several rounds of the same measurements (each
+    such a dict, rows in the same order): per row the round with the most tok/s, and with more
+    than one round every round's tok/s (``rounds_tok_per_s``)."""
+    best = {}
+    for kind in ("prefill", "decode"):
+        best[kind] = []
+        for rows in zip(*(r[kind] for r in rounds)):
+            top = max(rows, key=lambda row: row["tok_per_s"])
+            best[kind].append(top if len(rows) == 1 else {**top, "rounds_tok_per_s": [r["tok_per_s"] for r in rows]})
+    return best
+
+
+def best_peer_of_rounds(rounds: list[dict]) -> dict[str, Any]:
+    """Several rounds of ``measure`` as one: each run (flash attention setting) with the best of
+    its rows over the rounds (``best_of_rounds``)."""
+    runs = [{**run, **best_of_rounds([r["runs"][i] for r in rounds])} for i, run in enumerate(rounds[0]["runs"])]
+    return {**rounds[0], "runs": runs}
+
+
 def ratios(result: dict) -> list[dict[str, Any]]:
     """One row per measurement both engines made: tok/s of tsedge, of llama.cpp with flash
     attention on and off, and tsedge / the faster llama.cpp (> 1: tsedge faster)."""
