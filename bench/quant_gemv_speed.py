@@ -40,7 +40,7 @@ def time_gemv(quantization: str, k: int, n: int, target, seconds: float = 0.5) -
     vm = tvm.runtime.vm.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target)),
                                        tvm.cpu())
     qt = quantize(np.random.default_rng(0).standard_normal((n, k)).astype(np.float32), qs)
-    params = [tvm.runtime.tensor(a) for a in library_arrays(qt, True, "float32").values()]
+    params = [tvm.runtime.tensor(a) for a in library_arrays(qt, True).values()]
     x = tvm.runtime.tensor(np.ones((1, k), np.float32))
     for _ in range(3):
         vm["forward"](x, params)

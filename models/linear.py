@@ -33,11 +33,11 @@ def param_shapes(qs: QuantScheme, in_features: int, out_features: int,
     return (q[::-1], s[::-1]) if in_out else (q, s)
 
 
-def dequantize_expr(qs: QuantScheme, q: te.Tensor, s: te.Tensor, in_out: bool, m: te.Tensor | None = None) -> te.Tensor:
-    """The float weight ([in, out] with ``in_out``, else [out, in]) as a TE compute, in the scale's
-    dtype: ``code * scale`` (``+ min`` for q4_1, ``m``) with the code unpacked from its nibble
-    (4-bit, less the scheme's offset) or int8 (8-bit)."""
-    dtype = s.dtype
+def dequantize_expr(qs: QuantScheme, q: te.Tensor, s: te.Tensor, in_out: bool, dtype: str,
+                    m: te.Tensor | None = None) -> te.Tensor:
+    """The float weight ([in, out] with ``in_out``, else [out, in]) as a TE compute in ``dtype``
+    (the scale and min are float16, converted): ``code * scale`` (``+ min`` for q4_1, ``m``) with
+    the code unpacked from its nibble (4-bit, less the scheme's offset) or int8 (8-bit)."""
 
     def weight(k, j):  # k: reduction (input) index, j: output index
         code = q[k // qs.per_word, j] if in_out else q[j, k // qs.per_word]
@@ -49,7 +49,8 @@ def dequantize_expr(qs: QuantScheme, q: te.Tensor, s: te.Tensor, in_out: bool, m
             value = nibble.astype(dtype) - tirx.const(qs.offset, dtype) if qs.offset else nibble.astype(dtype)
         else:
             value = code.astype(dtype)
-        return value * s[group] + m[group] if qs.has_min else value * s[group]
+        scaled = value * s[group].astype(dtype)
+        return scaled + m[group].astype(dtype) if qs.has_min else scaled
 
     inp = (q.shape[0] if in_out else q.shape[1]) * qs.per_word
     out = q.shape[1] if in_out else q.shape[0]
@@ -63,16 +64,18 @@ class _Packed:
     schemes with a min (q4_1), ``min``."""
 
     def _packed_params(self, qs: QuantScheme, q_shape: list[int], s_shape: list[int], dtype: str) -> None:
-        self.qs = qs
-        self.qweight = nn.Parameter(q_shape, qs.storage_dtype)
-        self.scale = nn.Parameter(s_shape, dtype)
-        self.min = nn.Parameter(s_shape, dtype) if qs.has_min else None
+        """``dtype``: the dequantized weight's."""
+        self.qs, self.dtype = qs, dtype
+        self.qweight = nn.Parameter(q_shape, qs.part_dtype("qweight"))
+        self.scale = nn.Parameter(s_shape, qs.part_dtype("scale"))
+        self.min = nn.Parameter(s_shape, qs.part_dtype("min")) if qs.has_min else None
 
     def _packed(self) -> list[nn.Tensor]:
         return [getattr(self, part) for part in self.qs.parts]
 
     def _dequantized(self, tensors: list[nn.Tensor], in_out: bool, name: str) -> nn.Tensor:
-        return op.tensor_expr_op(lambda q, s, *m: dequantize_expr(self.qs, q, s, in_out, *m), name, args=tensors)
+        return op.tensor_expr_op(lambda q, s, *m: dequantize_expr(self.qs, q, s, in_out, self.dtype, *m), name,
+                                 args=tensors)
 
 
 class Linear(nn.Module):

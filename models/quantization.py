@@ -38,6 +38,9 @@ import numpy as np
 
 GROUP = 32
 PARTS = ("qweight", "scale", "min")  # the arrays of a quantized weight (``min``: schemes with has_min)
+# scales and mins in every library, as files store them (a CPU library computes in float32 from
+# them: float32 copies were 15 MB more a SmolLM2 decode step, which is bound by memory bandwidth)
+SCALE_DTYPE = "float16"
 ROLES = ("linear", "embedding", "lm_head")  # quantized weights: *_proj linears, embedding table, lm_head
 
 
@@ -70,6 +73,10 @@ class QuantScheme:
     @property
     def storage_dtype(self) -> str:
         return "uint32" if self.bits == 4 else "int8"
+
+    def part_dtype(self, part: str) -> str:
+        """The dtype a library stores ``part`` in: the codes' storage dtype, else ``SCALE_DTYPE``."""
+        return self.storage_dtype if part == "qweight" else SCALE_DTYPE
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -266,10 +273,10 @@ def concatenate(parts: list[QuantizedTensor]) -> QuantizedTensor:
                                                for name in parts[0].scheme.parts})
 
 
-def library_arrays(qt: QuantizedTensor, transposed: bool, scale_dtype: str) -> dict[str, np.ndarray]:
+def library_arrays(qt: QuantizedTensor, transposed: bool) -> dict[str, np.ndarray]:
     """The stored arrays by part name as a library stores them: canonical, or transposed for
-    ``in_out`` libraries; scale and min in the library's float dtype (float16 values, exact in float32)."""
-    arrays = {part: a if part == "qweight" else a.astype(scale_dtype) for part, a in qt.arrays().items()}
+    ``in_out`` libraries; scale and min float16 (``SCALE_DTYPE``) in every library."""
+    arrays = {part: a if part == "qweight" else a.astype(SCALE_DTYPE) for part, a in qt.arrays().items()}
     return {part: np.ascontiguousarray(a.T if transposed else a) for part, a in arrays.items()}
 
 

@@ -51,7 +51,7 @@ def test_matmul_matches_numpy_at_ragged_rows(compiled, rows):
         params, w_ref = [w.T.copy()], w
     else:
         qt = quantize(w, qs)
-        params, w_ref = list(library_arrays(qt, True, "float32").values()), dequantize(qt)
+        params, w_ref = list(library_arrays(qt, True).values()), dequantize(qt)
     x = rng.standard_normal((rows, k)).astype(np.float32)
     residual = rng.standard_normal((rows, n)).astype(np.float32)
     vm = tvm.runtime.vm.VirtualMachine(ex, tvm.cpu())

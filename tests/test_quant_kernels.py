@@ -148,7 +148,7 @@ def test_fused_dequantize_matmul_cpu(qs, rows, n, k):
     bias = rng.standard_normal(n).astype(np.float32)
     x = rng.standard_normal((rows, k)).astype(np.float32)
     vm = tvm.runtime.vm.VirtualMachine(ex, tvm.cpu())
-    params = [tvm.runtime.tensor(a) for a in (*library_arrays(qt, True, "float32").values(), bias)]
+    params = [tvm.runtime.tensor(a) for a in (*library_arrays(qt, True).values(), bias)]
     y = vm["forward"](tvm.runtime.tensor(x), params).numpy()
     expected = x.astype(np.float64) @ dequantize(qt).astype(np.float64).T + bias
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-4 * np.abs(expected).max())

@@ -286,7 +286,7 @@ class Engine:
                                         "some are not; re-convert the weights folder")
             else:
                 qt = quantize(np.concatenate(arrays) if len(arrays) > 1 else arrays[0], qs, "+".join(spec.sources))
-            stored = library_arrays(qt, spec.transposed, self.meta.dtype)
+            stored = library_arrays(qt, spec.transposed)
             values = [stored[sp.part] for sp in specs]
             whole_shape = list(qt.shape)
         else:

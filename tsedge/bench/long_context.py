@@ -104,7 +104,8 @@ def random_params(meta: LibraryMeta, rank: int = 0) -> tuple[list, Any]:
             if part == "qweight":  # random bits, as int32 (uint32 nibbles) or int8
                 bits = torch.randint(-2**31, 2**31 - 1, shape, generator=gen, device=device, dtype=torch.int32)
                 return bits.view(torch.uint32) if quant.storage_dtype == "uint32" else bits.to(torch.int8)
-            value = torch.randn(shape, generator=gen, device=device, dtype=getattr(torch, meta.dtype))
+            value = torch.randn(shape, generator=gen, device=device,
+                                dtype=getattr(torch, quant.part_dtype(part) if part else meta.dtype))
             return value.abs() * (0.02 / quant.max_int) if part == "scale" else value * 0.02
 
         def arrange(pieces: list, transposed: bool):
@@ -116,7 +117,8 @@ def random_params(meta: LibraryMeta, rank: int = 0) -> tuple[list, Any]:
             if part == "qweight":
                 return rng.integers(0, 2**32 if quant.storage_dtype == "uint32" else 128, shape).astype(quant.storage_dtype)
             value = rng.standard_normal(shape, np.float32) * 0.02
-            return (np.abs(value) / quant.max_int if part == "scale" else value).astype(meta.dtype)
+            return (np.abs(value) / quant.max_int if part == "scale" else value).astype(
+                quant.part_dtype(part) if part else meta.dtype)
 
         def arrange(pieces: list, transposed: bool):
             whole = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
