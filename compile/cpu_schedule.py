@@ -113,8 +113,9 @@ def _tiled_matmul(sch: s_tir.Schedule, block, dequantize, epilogues) -> s_tir.Sc
     tile of the chunk runs over it (the dequantization costs 1/rows of the multiply-adds instead
     of one per row). Without it, the (row tile, column tile) pairs are spread over the cores."""
     sch.pad_einsum(block, [_ROWS, 1, 1])
-    for pad in sch.get_producers(block):  # the padded copy of the input
-        if pad != dequantize:
+    panel = None if dequantize is None else sch.get(dequantize)
+    for pad in sch.get_producers(block):  # the padded copy of the input (and the panel's dequantize)
+        if panel is None or not sch.get(pad).same_as(panel):
             pad_loops = sch.get_loops(pad)
             sch.parallel(sch.fuse(*pad_loops[:-1]))
             _vectorize_tail(sch, pad_loops[-1])

@@ -9,7 +9,9 @@ from tvm.relax.dpl.pattern import GlobalVarPattern, is_op, wildcard
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
-from ..tir_kernels.common import exp2_vectorizable
+from tsedge.tir_kernels.attention import LOG2E
+from tsedge.tir_kernels.common import exp2_vectorizable
+
 from .cpu_schedule import CpuMatmul, CpuParallel
 
 
@@ -66,9 +68,6 @@ def fuse_dequantize_matmul() -> tvm.transform.Pass:
     return relax.transform.FuseOpsByPattern(_dequantize_matmul_patterns(), bind_constants=False)
 
 
-_LOG2E = 1.4426950408889634
-
-
 _SILU = tvm.ir.Op.get("relax.nn.silu")
 
 
@@ -80,7 +79,7 @@ class _VectorizableSilu(relax.PyExprMutator):
         call = super().visit_call_(call)
         if call.op.same_as(_SILU) and call.ty.dtype == "float32":
             return self.builder_.call_te(
-                lambda x: te.compute(x.shape, lambda *i: x(*i) / (1 + exp2_vectorizable(-x(*i) * _LOG2E)),
+                lambda x: te.compute(x.shape, lambda *i: x(*i) / (1 + exp2_vectorizable(-x(*i) * LOG2E)),
                                      name="silu"), call.args[0], primfunc_name_hint="silu")
         return call
 
