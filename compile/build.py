@@ -20,16 +20,17 @@ from tsedge.models.tensor_parallel import param_split, shard_config, vocab_paral
 
 from .cuda_fatbin import fatbin_build_context
 from .pipeline import relax_pipeline
-from .targets import resolve_dtype, target_name
+from .targets import kv_cache_dtype, resolve_dtype, target_name
 
 
 def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str, quantization: str = "q0",
-             max_context: int = 0, tensor_parallel: int = 1):
+             max_context: int = 0, tensor_parallel: int = 1, kv_dtype: str | None = None):
     """The model's Relax IRModule, its parameter specs and its policy-state specs.
 
     ``max_context``: the KV cache the library is compiled for (sizes Recycled Attention's
     partial caches). ``tensor_parallel``: the library is one of that many shards (every shard
-    runs it; ``models/tensor_parallel.py``), parameter and state shapes a shard's. Raises
+    runs it; ``models/tensor_parallel.py``), parameter and state shapes a shard's. ``kv_dtype``:
+    the KV cache's element type (default: ``kv_cache_dtype``'s rule). Raises
     ValueError for an unknown ``quantization``, a linear whose input size (a shard's) is not a
     whole number of quantization groups, sizes that do not split into the shards, a policy the
     shards' heads cannot take (``check_policy``), or a fraction ``recycle_k`` without ``max_context``."""
@@ -42,8 +43,9 @@ def build_ir(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str,
                            (shard.intermediate_size, "intermediate_size")):
             check_quantizable(qs, f"{cfg.name} {what}" + (" per shard" if tensor_parallel > 1 else ""), size)
     vocab_split = vocab_parallel(cfg, tensor_parallel)
-    model = LlamaForCausalLM(shard, make_policy(policy, shard, dtype, target, max_context, tensor_parallel), dtype,
-                             in_out, quant, tensor_parallel, vocab_split)
+    attention = make_policy(policy, shard, dtype, target, max_context, tensor_parallel,
+                            kv_dtype or kv_cache_dtype(dtype, target, quantization))
+    model = LlamaForCausalLM(shard, attention, dtype, in_out, quant, tensor_parallel, vocab_split)
     mod, named = model.export_tvm(spec=model.get_default_spec())
     state = [[name, shape, dt] for name, shape, dt in model.policy.state_specs()]
     functions = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
@@ -84,17 +86,20 @@ def _sources(name: str, cfg: ModelConfig) -> list[str]:
 
 def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtype: str,
                     max_context: int, out: Path, stage: Callable[[str], None] | None = None,
-                    quantization: str = "q0", tensor_parallel: int = 1) -> LibraryMeta:
+                    quantization: str = "q0", tensor_parallel: int = 1, kv_dtype: str | None = None) -> LibraryMeta:
     """Compile and export ``out`` (.so) with its metadata next to it (``out`` with .json).
 
     ``stage(name)`` is called as each stage (model IR, each TVM pass, export) starts.
     ``quantization``: q0 (float weights), a scheme, or a scheme per role (``models/quantization.py``).
     ``tensor_parallel``: shards (``build_ir``); the metadata keeps the whole model's config.
+    ``kv_dtype``: the KV cache's element type (default: ``kv_cache_dtype``'s rule).
     """
     stage = stage or (lambda _name: None)
     dtype = resolve_dtype(dtype, target)
     stage("model IR")
-    mod, params, state, functions = build_ir(cfg, policy, target, dtype, quantization, max_context, tensor_parallel)
+    kv_dtype = kv_dtype or kv_cache_dtype(dtype, target, quantization)
+    mod, params, state, functions = build_ir(cfg, policy, target, dtype, quantization, max_context, tensor_parallel,
+                                             kv_dtype)
     start = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     # CUDA: the static stretches of each function (a decode step: all its kernels but the
@@ -108,7 +113,7 @@ def compile_library(cfg: ModelConfig, policy: PolicyConfig, target: Target, dtyp
     os.replace(tmp, out)
     meta = LibraryMeta(
         model=cfg, policy=policy, target=target_name(target), target_json=str(target),
-        dtype=dtype, max_context=max_context, params=params, functions=sorted(functions),
+        dtype=dtype, kv_dtype=kv_dtype, max_context=max_context, params=params, functions=sorted(functions),
         tvm_version=tvm.__version__, state=state, compile_seconds=round(time.time() - start, 1),
         quantization=quantization, tensor_parallel=tensor_parallel,
     )

@@ -122,6 +122,14 @@ def resolve_dtype(dtype: str, target: Target | str) -> str:
     return dtype
 
 
+def kv_cache_dtype(dtype: str, target: Target, quantization: str) -> str:
+    """The KV cache's element type: float16 for a CPU library of quantized weights (half the
+    bytes a decode step reads from the cache, as llama.cpp's default F16 cache; the kernels
+    compute in float32 from it), else the library's ``dtype`` (float32 CPU libraries of float
+    weights keep an exact cache: they are the reference the other builds are checked against)."""
+    return "float16" if target.kind.name == "llvm" and quantization != "q0" else dtype
+
+
 def _host_cpu() -> str:
     import tvm
 

@@ -10,7 +10,7 @@ from typing import Any
 from .config import ModelConfig, PolicyConfig
 from .tensor_parallel import shard_config
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,7 @@ class LibraryMeta:
     target: str
     target_json: str
     dtype: str
+    kv_dtype: str  # the KV cache's (compile.targets.kv_cache_dtype)
     max_context: int
     params: list[ParamSpec]
     functions: list[str]

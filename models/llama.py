@@ -236,7 +236,7 @@ class LlamaForCausalLM(nn.Module):
 
     def get_default_spec(self):
         cfg = self.cfg
-        kv = nn.spec.Tensor([cfg.num_layers, 2, cfg.num_kv_heads, "capacity", cfg.head_dim], self.dtype)
+        kv = nn.spec.Tensor([cfg.num_layers, 2, cfg.num_kv_heads, "capacity", cfg.head_dim], self.policy.kv_dtype)
         rope = nn.spec.Tensor(["num_pos", cfg.head_dim], "float32")
         state = [nn.spec.Tensor(shape, dtype) for _, shape, dtype in self.policy.state_specs()]
         mode = {"$": {"param_mode": "packed", "effect_mode": "none"}}

@@ -26,18 +26,19 @@ def test_rope_table():
     np.testing.assert_allclose(table.numpy(), rope_table(inv_freq(128), 777), atol=2e-4)
 
 
-@pytest.mark.parametrize("n, pos", [(1, 0), (5, 17), (300, 1000)])
-def test_kv_append(n, pos):
+@pytest.mark.parametrize("n, pos, dtype", [(1, 0, "float16"), (5, 17, "float16"), (300, 1000, "float16"),
+                                           (7, 33, "float32")])  # float32 steps into a float16 cache
+def test_kv_append(n, pos, dtype):
     rng = np.random.default_rng(n)
     kv = rng.standard_normal((NUM_LAYERS, 2, 3, 1400, 64)).astype(np.float16)
-    k, v = (rng.standard_normal((n, 3, 64)).astype(np.float16) for _ in range(2))
+    k, v = (rng.standard_normal((n, 3, 64)).astype(dtype) for _ in range(2))
     out = tensor(kv)
-    q = rng.standard_normal((n, 6, 64)).astype(np.float16)  # the fused projection's q heads come first
-    build(cache_ops.make_kv_append, NUM_LAYERS, 3, 64, "float16")(
+    q = rng.standard_normal((n, 6, 64)).astype(dtype)  # the fused projection's q heads come first
+    build(cache_ops.make_kv_append, NUM_LAYERS, 3, 64, dtype, kv_dtype="float16")(
         out, tensor(np.concatenate([q, k, v], axis=1)), LAYER, tensor(np.array([pos + n], np.int32)))
     expected = kv.copy()
-    expected[LAYER, 0, :, pos:pos + n] = k.transpose(1, 0, 2)
-    expected[LAYER, 1, :, pos:pos + n] = v.transpose(1, 0, 2)
+    expected[LAYER, 0, :, pos:pos + n] = k.transpose(1, 0, 2).astype(np.float16)
+    expected[LAYER, 1, :, pos:pos + n] = v.transpose(1, 0, 2).astype(np.float16)
     np.testing.assert_array_equal(out.numpy(), expected)
 
 
@@ -55,20 +56,27 @@ def test_last_row():
 
 
 CASES = [
-    # n_heads, n_kv, head_dim, dtype, n (queries), M (attended rows), capacity
-    (4, 4, 64, "float32", 1, 1, 64),         # group 1, single key
-    (9, 3, 64, "float32", 1, 300, 1200),     # SmolLM2 heads (group 3), decode
-    (8, 2, 128, "float16", 1, 4099, 5000),   # group 4, M not a multiple of the chunk
-    (16, 2, 128, "float32", 7, 513, 900),    # group 8, prefill chunk, M = 2 chunks + 1
-    (32, 8, 128, "float16", 64, 257, 300),   # Llama-3-8B heads, chunk one key past a tile
-    (6, 2, 64, "float16", 40, 40, 40),       # prefill from empty: causal only
+    # n_heads, n_kv, head_dim, dtype, n (queries), M (attended rows), capacity, KV cache dtype
+    (4, 4, 64, "float32", 1, 1, 64, "float32"),         # group 1, single key
+    (9, 3, 64, "float32", 1, 300, 1200, "float32"),     # SmolLM2 heads (group 3), decode
+    (8, 2, 128, "float16", 1, 4099, 5000, "float16"),   # group 4, M not a multiple of the chunk
+    (16, 2, 128, "float32", 7, 513, 900, "float32"),    # group 8, prefill chunk, M = 2 chunks + 1
+    (32, 8, 128, "float16", 64, 257, 300, "float16"),   # Llama-3-8B heads, chunk one key past a tile
+    (6, 2, 64, "float16", 40, 40, 40, "float16"),       # prefill from empty: causal only
+    # CPU libraries of quantized weights: float32 queries over a float16 cache
+    (9, 3, 64, "float32", 1, 2049, 2100, "float16"),    # SmolLM2 heads, decode, M = 8 chunks + 1
+    (9, 3, 64, "float32", 37, 600, 700, "float16"),     # a prefill chunk after 563 cached tokens
+    (4, 2, 40, "float32", 1, 77, 100, "float32"),       # decode's partial sums 4 lanes wide (half 20)
+    (6, 2, 48, "float32", 1, 300, 300, "float16"),      # ... 8 lanes wide (half 24)
 ]
 
 
-@pytest.mark.parametrize("n_heads, n_kv, head_dim, dtype, n, m, capacity", CASES)
-def test_attention(n_heads, n_kv, head_dim, dtype, n, m, capacity):
+@pytest.mark.parametrize("n_heads, n_kv, head_dim, dtype, n, m, capacity, kv_dtype", CASES)
+def test_attention(n_heads, n_kv, head_dim, dtype, n, m, capacity, kv_dtype):
+    if (kv_dtype != dtype or head_dim % 32) and MODE != "llvm":
+        pytest.skip("a float16 cache beside float32 queries and head_dim % 32 != 0 are CPU cases")
     rng = np.random.default_rng(m + n)
-    kv = rng.standard_normal((NUM_LAYERS, 2, n_kv, capacity, head_dim)).astype(dtype)
+    kv = rng.standard_normal((NUM_LAYERS, 2, n_kv, capacity, head_dim)).astype(kv_dtype)
     q = rng.standard_normal((n, n_heads, head_dim)).astype(dtype)
     rows = np.sort(rng.choice(capacity, m, replace=False)).astype(np.int32)
     table = rope_table(inv_freq(head_dim), m)
@@ -77,7 +85,7 @@ def test_attention(n_heads, n_kv, head_dim, dtype, n, m, capacity):
     lse = tensor(np.full((n, chunks, n_heads), np.nan, np.float32))
     out = tensor(np.full((n, n_heads, head_dim), np.nan, dtype))
     qkv = np.concatenate([q, rng.standard_normal((n, 2 * n_kv, head_dim)).astype(dtype)], axis=1)
-    partial = build(attn.make_attention_partial, NUM_LAYERS, n_heads, n_kv, head_dim, dtype)
+    partial = build(attn.make_attention_partial, NUM_LAYERS, n_heads, n_kv, head_dim, dtype, kv_dtype=kv_dtype)
     partial(tensor(qkv), tensor(kv), tensor(table.astype(np.float32)), tensor(rows), LAYER, o, lse)
     build(attn.make_attention_merge, n_heads, head_dim, dtype)(o, lse, out)
     expected = attention(q, kv[LAYER, 0][:, rows], kv[LAYER, 1][:, rows], table)

@@ -31,11 +31,15 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def libs(tiny, tmp_path_factory):
-    """One llvm float32 library per quantization (128-token cache)."""
+    """One llvm float32 library per quantization (128-token cache; a float16 KV cache for the
+    quantized ones, ``kv_cache_dtype``), and ``q0-kv16``: float weights over a float16 cache."""
     config = load_source(str(tiny)).config
     out = tmp_path_factory.mktemp("qlibs")
-    return {q: (compile_library(config, PolicyConfig(), parse_target("llvm"), "float32", 128, out / f"{q}.so",
-                                quantization=q), out / f"{q}.so")[1] for q in QUANTS}
+    kinds = {q: (q, None) for q in QUANTS} | {"q0-kv16": ("q0", "float16")}
+    for name, (quantization, kv_dtype) in kinds.items():
+        compile_library(config, PolicyConfig(), parse_target("llvm"), "float32", 128, out / f"{name}.so",
+                        quantization=quantization, kv_dtype=kv_dtype)
+    return {name: out / f"{name}.so" for name in kinds}
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +61,10 @@ def _dequantized_source(source, quantization):
 @pytest.mark.parametrize("quantization", QUANTS[1:])
 def test_quantized_library_equals_float_library_on_dequantized_weights(tiny, libs, ids, quantization):
     """The fused kernels compute exactly the float model of the dequantized weights (prefill
-    chunks and decode), so all the error is the quantization's."""
+    chunks and decode; both over a float16 KV cache), so all the error is the quantization's."""
     source = load_source(str(tiny))
     ours = Engine(libs[quantization], source, prefill_chunk=32)
-    ref = Engine(libs["q0"], _dequantized_source(source, quantization), prefill_chunk=32)
+    ref = Engine(libs["q0-kv16"], _dequantized_source(source, quantization), prefill_chunk=32)
     np.testing.assert_allclose(ours.prefill(ids), ref.prefill(ids), atol=1e-4)
     for token in ids[:5]:
         np.testing.assert_allclose(ours.decode(token), ref.decode(token), atol=1e-4)
@@ -80,14 +84,28 @@ def test_close_to_the_float_model(tiny, libs, ids, quantization):
     assert np.abs(got - want).max() <= TOLERANCE[quantization] * np.abs(want).max()
 
 
+def test_float16_kv_cache(tiny, libs, ids):
+    """A float16 KV cache (the default of CPU libraries of quantized weights) beside the float32
+    one: the same model within the cache's rounding, prefill and decode."""
+    source = load_source(str(tiny))
+    half, full = Engine(libs["q0-kv16"], source, prefill_chunk=32), Engine(libs["q0"], source, prefill_chunk=32)
+    assert half.cache.tensor.dtype == "float16" and full.cache.tensor.dtype == "float32"
+    want = full.prefill(ids)
+    np.testing.assert_allclose(half.prefill(ids), want, atol=1e-2 * np.abs(want).max())
+    for token in ids[:5]:
+        want = full.decode(token)
+        np.testing.assert_allclose(half.decode(token), want, atol=1e-2 * np.abs(want).max())
+
+
 def test_smollm2_gguf_blocks_lose_nothing(smol_source, smol_lib, tmp_path):
     """The embedded Q4_1 GGUF run on its own blocks (``--quantization gguf``, the default for a
     GGUF: linears q4_1, the tied embedding Q8_0 as q8f16) computes the float library's model of
-    the same file: logits equal to rounding, 32 greedy tokens equal."""
+    the same file: logits equal to rounding, 32 greedy tokens equal (a float32 KV cache here, as
+    the float library's: the weights alone are compared)."""
     assert smol_source.quantization == "linear=q4_1,embedding=q8f16,lm_head=q8f16"
     lib = tmp_path / "smol-gguf.so"
     meta = compile_library(smol_source.config, PolicyConfig(), parse_target("llvm"), "float32", 512, lib,
-                           quantization=smol_source.quantization)
+                           quantization=smol_source.quantization, kv_dtype="float32")
     assert {p.name.rpartition(".")[2] for p in meta.params} >= {"qweight", "scale", "min"}
     prompt = smol_source.tokenizer.encode("The history of astronomy spans thousands of years, from the first "
                                           "observations of the night sky to modern space telescopes.")
@@ -100,13 +118,14 @@ def test_smollm2_gguf_blocks_lose_nothing(smol_source, smol_lib, tmp_path):
 
 def test_metadata_records_the_quantization(libs):
     meta = LibraryMeta.load(libs["q4f16"].with_suffix(".json"))
-    assert meta.quantization == "q4f16"
+    assert meta.quantization == "q4f16" and meta.kv_dtype == "float16"
     parts = {p.name: p.part for p in meta.params}
     assert parts["model.layers.0.self_attn.qkv_proj.qweight"] == "qweight"
     assert parts["model.layers.0.self_attn.qkv_proj.scale"] == "scale"
     assert parts["lm_head.qweight"] == "qweight" and parts["model.embed_tokens.qweight"] == "qweight"
     assert parts["model.layers.0.input_layernorm.weight"] == ""
-    assert LibraryMeta.load(libs["q0"].with_suffix(".json")).quantization == "q0"
+    q0 = LibraryMeta.load(libs["q0"].with_suffix(".json"))
+    assert q0.quantization == "q0" and q0.kv_dtype == "float32"
 
 
 def test_converted_folder_loads_without_requantizing(tiny, libs, ids, tmp_path):

@@ -38,9 +38,11 @@ def num_chunks(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
 
 def make_attention_partial(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
                            target: Target, row_sets: int = 0, logit_sets: int = 0,
-                           counted: bool = False) -> tirx.PrimFunc:
-    """Per-chunk attention. Args: q[n, >= H, d] (its first H heads are the queries, so the fused
-    QKV projection's output passes as it is), kv, rope[P, d], rows[M] int32, layer (int64).
+                           counted: bool = False, kv_dtype: str | None = None) -> tirx.PrimFunc:
+    """Per-chunk attention. Args: q[n, >= H, d] ``dtype`` (its first H heads are the queries, so
+    the fused QKV projection's output passes as it is), kv[layers, 2, Hkv, cap, d] ``kv_dtype``
+    (default ``dtype``; CPUs may keep a float16 cache beside float32 queries), rope[P, d] float32,
+    rows[M] int32, layer (int64).
 
     Outputs: o[n, S, H, d] float32 (each chunk's normalised output), lse[n, S, H] float32
     (log2-sum-exp of the chunk's scaled scores, ``NEG_INF`` when the chunk has no visible key),
@@ -57,8 +59,11 @@ def make_attention_partial(num_layers: int, n_heads: int, n_kv: int, head_dim: i
     device tensor) follows ``rows``, and each set attends to its first ``c = clamp(count[0], 1, M)``
     rows only (the last query at ``rows[set, c - 1]``); chunks past them are written empty.
     Raises ValueError for other set counts, ``counted`` without ``row_sets``, or any of these
-    options on a GPU target.
+    options (or a ``kv_dtype`` other than ``dtype``) on a GPU target.
     """
+    kv_dtype = kv_dtype or dtype
+    if kv_dtype != dtype and is_gpu(target):
+        raise ValueError(f"attention_partial: a {kv_dtype} KV cache beside {dtype} queries is a CPU option")
     if row_sets or logit_sets or counted:
         check_sets(n_heads, n_kv, row_sets, logit_sets)
         if counted and not row_sets:
@@ -66,13 +71,14 @@ def make_attention_partial(num_layers: int, n_heads: int, n_kv: int, head_dim: i
         if is_gpu(target):
             raise ValueError("per-head rows and logits are CPU options of attention_partial; "
                              "GPU decode uses decode_attention")
-        return _partial_cpu(i64(num_layers), n_heads, n_kv, head_dim, dtype, row_sets, logit_sets, counted)
+        return _partial_cpu(i64(num_layers), n_heads, n_kv, head_dim, dtype, kv_dtype, row_sets, logit_sets, counted)
     if is_gpu(target) and not has_warp_shuffle(target):  # Vulkan (WGSL)
         from .wgsl_attention import make_attention_partial_wgsl
 
         return make_attention_partial_wgsl(num_layers, n_heads, n_kv, head_dim, dtype)
-    maker = _partial_gpu if is_gpu(target) else _partial_cpu
-    return maker(i64(num_layers), n_heads, n_kv, head_dim, dtype)
+    if is_gpu(target):
+        return _partial_gpu(i64(num_layers), n_heads, n_kv, head_dim, dtype)
+    return _partial_cpu(i64(num_layers), n_heads, n_kv, head_dim, dtype, kv_dtype)
 
 
 def check_sets(n_heads: int, n_kv: int, row_sets: int, logit_sets: int) -> None:
@@ -198,11 +204,11 @@ def rope_rotated(x, i, h, dim, rope, pos, half):
     return T.Cast("float32", x[i, h, dim]) * c + partner * s
 
 
-def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_sets=0, counted=False):
+def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, kv_dtype, row_sets=0, logit_sets=0, counted=False):
     group = n_heads // n_kv
     half = head_dim // 2
     scale = LOG2E / math.sqrt(head_dim)
-    part_lanes = 8  # decode's partial dot products (head_dim is a multiple of 8)
+    part_lanes = max(w for w in (4, 8, 16) if half % w == 0)  # decode's partial dot products (head_dim % 8 == 0)
     per_set = row_sets > 0  # static: per-head row lists at true positions
     sets = row_sets or n_kv  # one task per (chunk, row set); shared rows: per (chunk, KV head)
     lgroup = n_heads // max(logit_sets, 1)  # query heads per logit row
@@ -225,6 +231,14 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_s
             return T.Cast("int64", rows[s, j]), T.Cast("int64", rows[s, m_keys - 1]) - n + 1 + i
         return j, m_keys - n + i
 
+    def rotated(kv, rope, layer, kvh, row, kp, dd, upper):
+        """Element ``dd`` (< half) of the lower or ``upper`` half of R(kp) kv[layer, 0, kvh, row], float32."""
+        lo = T.Cast("float32", kv[layer, 0, kvh, row, dd])
+        hi = T.Cast("float32", kv[layer, 0, kvh, row, dd + half])
+        if upper:
+            return hi * rope[kp, dd] + lo * rope[kp, half + dd]
+        return lo * rope[kp, dd] - hi * rope[kp, half + dd]
+
     @T.macro
     def body(q, kv, rope, rows, layer, o, lse, logits, n, m_keys, m_rows):
         # m_keys: the rows' (and the outputs') size; m_rows <= m_keys: the rows attended
@@ -236,7 +250,7 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_s
                 kt = T.sblock_alloc_buffer((head_dim, CHUNK), "float32")  # kr transposed (prefill)
                 vt = T.sblock_alloc_buffer((CHUNK, head_dim), "float32")
                 sc = T.sblock_alloc_buffer((hps, CHUNK), "float32")
-                part = T.sblock_alloc_buffer((part_lanes,), "float32")
+                part = T.sblock_alloc_buffer((hps, part_lanes), "float32")
                 qr = T.sblock_alloc_buffer((hps, head_dim), "float32")
                 acc = T.sblock_alloc_buffer((2, head_dim), "float32")
                 stat = T.sblock_alloc_buffer((hps, 2), "float32")  # per head: max, sum
@@ -251,11 +265,10 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_s
                 for jj in T.serial(cnt):
                     row: T.let[T.int64] = T.Cast("int64", row_at(rows, s, j0 + jj))
                     kp: T.let[T.int64] = position(rows, s, j0 + jj, m_rows, n, 0)[0]
-                    for dd in T.vectorized(T.int64(half)):
-                        kr[jj, dd] = (T.Cast("float32", kv[layer, 0, kvh, row, dd]) * rope[kp, dd]
-                                      - T.Cast("float32", kv[layer, 0, kvh, row, dd + half]) * rope[kp, half + dd])
-                        kr[jj, dd + half] = (T.Cast("float32", kv[layer, 0, kvh, row, dd + half]) * rope[kp, dd]
-                                             + T.Cast("float32", kv[layer, 0, kvh, row, dd]) * rope[kp, half + dd])
+                    if n > 1:  # decode rotates each key where it scores it (kr would leave L1)
+                        for dd in T.vectorized(T.int64(half)):
+                            kr[jj, dd] = rotated(kv, rope, layer, kvh, row, kp, dd, False)
+                            kr[jj, dd + half] = rotated(kv, rope, layer, kvh, row, kp, dd, True)
                     for dd in T.vectorized(T.int64(head_dim)):
                         vt[jj, dd] = T.Cast("float32", kv[layer, 1, kvh, row, dd])
                 if 0 < cnt and cnt < CHUNK:  # P.V's pairs may read the row after the last (weight 0)
@@ -295,17 +308,28 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_s
                                     for ju in T.unroll(UNROLL):
                                         for ji in T.vectorized(lanes):
                                             sc[g, jo * KEYS_TILE + ju * lanes + ji] = dots[g, ju * lanes + ji]
-                        else:  # decode: per key, 8-wide partial dot products, then their sum
-                            for g in T.serial(T.int64(hps)):
-                                for jj in T.serial(lim):
+                        else:  # decode: per key, the task's heads at once; lane-wise partial dot
+                            for jj in T.serial(lim):  # products of the key rotated here, then their sum
+                                row: T.let[T.int64] = T.Cast("int64", row_at(rows, s, j0 + jj))  # folded as a tree
+                                kp: T.let[T.int64] = position(rows, s, j0 + jj, m_rows, n, 0)[0]
+                                for g in T.unroll(T.int64(hps)):
                                     for ll in T.vectorized(T.int64(part_lanes)):
-                                        part[ll] = T.float32(0)
-                                    for do in T.serial(T.int64(head_dim // part_lanes)):
+                                        part[g, ll] = T.float32(0)
+                                    for do in T.unroll(T.int64(half // part_lanes)):
                                         for ll in T.vectorized(T.int64(part_lanes)):
-                                            part[ll] = part[ll] + qr[g, do * part_lanes + ll] * kr[jj, do * part_lanes + ll]
-                                    sc[g, jj] = T.float32(0)
-                                    for ll in T.serial(T.int64(part_lanes)):
-                                        sc[g, jj] = sc[g, jj] + part[ll]
+                                            part[g, ll] = (part[g, ll] + qr[g, do * part_lanes + ll] * rotated(
+                                                kv, rope, layer, kvh, row, kp, do * part_lanes + ll, False)
+                                                + qr[g, half + do * part_lanes + ll] * rotated(
+                                                    kv, rope, layer, kvh, row, kp, do * part_lanes + ll, True))
+                                    if part_lanes == 16:
+                                        for ll in T.vectorized(T.int64(8)):
+                                            part[g, ll] = part[g, ll] + part[g, ll + 8]
+                                    if part_lanes >= 8:
+                                        for ll in T.vectorized(T.int64(4)):
+                                            part[g, ll] = part[g, ll] + part[g, ll + 4]
+                                    for ll in T.vectorized(T.int64(2)):
+                                        part[g, ll] = part[g, ll] + part[g, ll + 2]
+                                    sc[g, jj] = part[g, 0] + part[g, 1]
                         for g in T.serial(T.int64(hps)):
                             if logit_sets > 0:  # static: the last query's scores (it sees every key)
                                 if i == n - 1:
@@ -362,7 +386,7 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_s
             T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
             n, cap, num_pos, m_keys, heads = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
             q = T.match_buffer(q_h, (n, heads, D), dtype)
-            kv = T.match_buffer(kv_h, (num_layers, T.int64(2), i64(n_kv), cap, D), dtype)
+            kv = T.match_buffer(kv_h, (num_layers, T.int64(2), i64(n_kv), cap, D), kv_dtype)
             rope = T.match_buffer(rope_h, (num_pos, D), "float32")
             rows = T.match_buffer(rows_h, (m_keys,), "int32")
             o = T.match_buffer(o_h, (n, (m_keys + CHUNK - 1) // CHUNK, H, D), "float32")
@@ -376,7 +400,7 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, row_sets=0, logit_s
     def rows_body(q_h, kv_h, rope_h, rows_h, layer, o_h, lse_h, m_keys, m_rows):
         n, cap, num_pos, heads = T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (n, heads, D), dtype)  # queries: the first H heads
-        kv = T.match_buffer(kv_h, (num_layers, T.int64(2), i64(n_kv), cap, D), dtype)
+        kv = T.match_buffer(kv_h, (num_layers, T.int64(2), i64(n_kv), cap, D), kv_dtype)
         rope = T.match_buffer(rope_h, (num_pos, D), "float32")
         rows = T.match_buffer(rows_h, rows_shape(m_keys), "int32")
         o = T.match_buffer(o_h, (n, (m_keys + CHUNK - 1) // CHUNK, H, D), "float32")

@@ -11,22 +11,25 @@ from .common import i64, is_gpu
 _THREADS = 256
 
 
-def make_kv_append(num_layers: int, n_kv: int, head_dim: int, dtype: str, target: Target) -> tirx.PrimFunc:
-    """``kv[layer, 0|1, :, pos + i, :] = k|v[i]`` for the step's ``n`` new tokens, in place.
+def make_kv_append(num_layers: int, n_kv: int, head_dim: int, dtype: str, target: Target,
+                   kv_dtype: str | None = None) -> tirx.PrimFunc:
+    """``kv[layer, 0|1, :, pos + i, :] = k|v[i]`` for the step's ``n`` new tokens, in place
+    (converted to ``kv_dtype``, default ``dtype``: a CPU's float16 cache beside float32 compute).
 
-    Args (in order): kv, new[n, heads, d] whose last ``2 n_kv`` heads are k then v (the fused QKV
+    Args (in order): kv ``kv_dtype``, new[n, heads, d] ``dtype`` whose last ``2 n_kv`` heads are k then v (the fused QKV
     projection's output as it is, or k and v alone), layer (int64), length[1] int32 (tokens
     cached after this step, so ``pos = length[0] - n``: a device tensor, which keeps a decode
     step's kernel arguments the same from step to step, as a CUDA graph needs).
     """
     gpu = is_gpu(target)
+    kv_dtype = kv_dtype or dtype
     num_layers, n_kv, head_dim = i64(num_layers), i64(n_kv), i64(head_dim)
 
     @T.prim_func(s_tir=True)
     def kv_append(kv_h: T.handle, new_h: T.handle, layer: T.int64, length_h: T.handle):
         T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
         cap, n, heads = T.int64(), T.int64(), T.int64()
-        kv = T.match_buffer(kv_h, (num_layers, T.int64(2), n_kv, cap, head_dim), dtype)
+        kv = T.match_buffer(kv_h, (num_layers, T.int64(2), n_kv, cap, head_dim), kv_dtype)
         new = T.match_buffer(new_h, (n, heads, head_dim), dtype)
         length = T.match_buffer(length_h, (T.int64(1),), "int32")
         k0: T.let[T.int64] = heads - 2 * n_kv  # first key head
@@ -41,16 +44,16 @@ def make_kv_append(num_layers: int, n_kv: int, head_dim: int, dtype: str, target
                             i: T.let[T.int64] = f // (n_kv * head_dim)
                             h: T.let[T.int64] = f // head_dim % n_kv
                             d: T.let[T.int64] = f % head_dim
-                            kv[layer, 0, h, pos + i, d] = new[i, k0 + h, d]
-                            kv[layer, 1, h, pos + i, d] = new[i, k0 + n_kv + h, d]
+                            kv[layer, 0, h, pos + i, d] = T.Cast(kv_dtype, new[i, k0 + h, d])
+                            kv[layer, 1, h, pos + i, d] = T.Cast(kv_dtype, new[i, k0 + n_kv + h, d])
         else:
             for i in T.parallel(n):
                 for h in T.serial(n_kv):
                     for d in T.vectorized(head_dim):
                         with T.sblock("append"):
                             pos: T.let[T.int64] = T.Cast("int64", length[0]) - n
-                            kv[layer, 0, h, pos + i, d] = new[i, k0 + h, d]
-                            kv[layer, 1, h, pos + i, d] = new[i, k0 + n_kv + h, d]
+                            kv[layer, 0, h, pos + i, d] = T.Cast(kv_dtype, new[i, k0 + h, d])
+                            kv[layer, 1, h, pos + i, d] = T.Cast(kv_dtype, new[i, k0 + n_kv + h, d])
 
     return kv_append
 

@@ -385,7 +385,7 @@ class Engine:
         else:
             shape = list(kv.shape)
             shape[3] = length
-            full = np.zeros(kv.shape, self.meta.dtype)
+            full = np.zeros(kv.shape, self.meta.kv_dtype)
             full[:, :, :, :length] = np.random.default_rng(seed).standard_normal(shape)
             kv.copyfrom(full)
         if "code_keys" in self.meta.functions and length:  # --score-keys int8: the codes of the filled keys

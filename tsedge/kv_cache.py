@@ -24,7 +24,7 @@ class KVCache:
         cfg = meta.shard_model  # a tensor-parallel shard holds its own KV heads
         self.capacity = capacity
         shape = (cfg.num_layers, 2, cfg.num_kv_heads, capacity, cfg.head_dim)
-        self.tensor = tvm.runtime.empty(shape, meta.dtype, device)
+        self.tensor = tvm.runtime.empty(shape, meta.kv_dtype, device)
         self.state_specs = meta.state
         self.device = device
         self.state = [tvm.runtime.empty([capacity if s == CAPACITY else s for s in shape], dtype, device)

@@ -31,20 +31,21 @@ def check_policy(policy: PolicyConfig, cfg: ModelConfig, shards: int = 1, target
 
 
 def make_policy(policy: PolicyConfig, cfg: ModelConfig, dtype: str, target: Target, max_context: int = 0,
-                shards: int = 1):
+                shards: int = 1, kv_dtype: str | None = None):
     """The policy object the model calls once per layer. ``max_context``: the library's KV cache
     in tokens (Recycled Attention sizes its partial caches by it; raises ValueError when a
     fraction ``recycle_k`` meets no ``max_context``). ``shards``: tensor-parallel shards (``cfg``
-    is then one shard's); TokenSelect and Recycled Attention reduce over them."""
+    is then one shard's); TokenSelect and Recycled Attention reduce over them. ``kv_dtype``: the
+    KV cache's element type (default ``dtype``; ``compile.targets.kv_cache_dtype``)."""
     if policy.name == "dense":
-        return DensePolicy(cfg, dtype, target)
+        return DensePolicy(cfg, dtype, target, kv_dtype)
     if policy.name == "tokenselect":
-        return TokenSelectPolicy(cfg, dtype, target, policy, shards)
+        return TokenSelectPolicy(cfg, dtype, target, policy, shards, kv_dtype)
     if policy.name == "streaming":
-        return StreamingPolicy(cfg, dtype, target, policy)
+        return StreamingPolicy(cfg, dtype, target, policy, kv_dtype)
     if policy.name == "tidaldecode":
-        return TidalDecodePolicy(cfg, dtype, target, policy)
+        return TidalDecodePolicy(cfg, dtype, target, policy, kv_dtype)
     if policy.name == "recycled":
-        return RecycledPolicy(cfg, dtype, target, policy, max_context, shards)
+        return RecycledPolicy(cfg, dtype, target, policy, max_context, shards, kv_dtype)
     raise NotImplementedError(f"policy {policy.name!r} is not compiled yet "
                               "(available: dense, tokenselect, streaming, tidaldecode, recycled)")

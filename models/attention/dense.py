@@ -2,31 +2,35 @@
 
 from __future__ import annotations
 
+import functools
+
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.target import Target
 
 from tsedge.tir_kernels import attention, cache_ops, chunk_attention, decode_attention, decode_attention_mma
-from tsedge.tir_kernels.common import has_warp_shuffle, i64
+from tsedge.tir_kernels.common import has_warp_shuffle, i64, is_gpu
 
 from ..config import ModelConfig
 
 
 class DensePolicy:
-    """Builds one layer's attention from the KV-append and attention kernels.
+    """Builds one layer's attention from the KV-append and attention kernels. ``kv_dtype``: the
+    KV cache's element type (default ``dtype``; a float16 cache beside float32 compute on CPUs).
 
     The model calls ``begin_step`` once per forward and ``attend`` once per layer; other policies
     implement the same two methods.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target: Target) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: str, target: Target, kv_dtype: str | None = None) -> None:
         self.cfg = cfg
         self.dtype = dtype
+        self.kv_dtype = kv_dtype = kv_dtype or dtype  # the KV cache's (CPUs: float16 beside float32)
         self.target = target
         n_layers, h, hkv, d = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.kv_append = cache_ops.make_kv_append(n_layers, hkv, d, dtype, target)
+        self.kv_append = cache_ops.make_kv_append(n_layers, hkv, d, dtype, target, kv_dtype)
         self.iota = cache_ops.make_iota(target)
-        self.partial = attention.make_attention_partial(n_layers, h, hkv, d, dtype, target)
+        self.partial = attention.make_attention_partial(n_layers, h, hkv, d, dtype, target, kv_dtype=kv_dtype)
         self.merge = attention.make_attention_merge(h, d, dtype, target)
         gpu = has_warp_shuffle(target)  # CUDA; Vulkan (WGSL) decodes with attention_partial
         if decode_attention_mma.supported(h, hkv, d, dtype, target):  # tensor cores: sm_80+, float16
@@ -48,6 +52,14 @@ class DensePolicy:
                              if self.chunk is not None and chunk_attention.uses_wgmma(d, target) else None)
 
     selects = False  # exports no *_select functions
+
+    def decode_kernels(self):
+        """(maker, chunks) of the per-head row-set and logit variants of one query's attention
+        (TidalDecode, Recycled Attention): ``decode_attention``'s flash-decoding splits on GPUs,
+        else ``attention_partial`` over this cache's ``kv_dtype``."""
+        if is_gpu(self.target):
+            return decode_attention.make_decode_attention, decode_attention.decode_splits
+        return functools.partial(attention.make_attention_partial, kv_dtype=self.kv_dtype), attention.num_chunks
 
     def state_specs(self) -> list[tuple[str, list[int], str]]:
         """Extra state tensors (name, shape, dtype) the runtime allocates zeroed: none."""

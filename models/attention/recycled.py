@@ -34,8 +34,8 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.target import Target
 
-from tsedge.tir_kernels import attention, cache_ops, decode_attention
-from tsedge.tir_kernels.common import i64, is_gpu
+from tsedge.tir_kernels import cache_ops
+from tsedge.tir_kernels.common import i64
 from tsedge.tir_kernels.recycle import (POOL_KERNEL, SCORE_CHUNKS, gated, make_query_mean, make_recycle_append,
                                         make_recycle_k, make_recycle_scores, make_recycle_store)
 from tsedge.tir_kernels.selection_cache import STRIDE_STATE, make_selection_check
@@ -66,8 +66,8 @@ class RecycledPolicy(DensePolicy):
     selects = True
 
     def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig, max_context: int,
-                 shards: int = 1) -> None:
-        super().__init__(cfg, dtype, target)
+                 shards: int = 1, kv_dtype: str | None = None) -> None:
+        super().__init__(cfg, dtype, target, kv_dtype)
         self.policy = policy
         self.shards = shards
         self.k_max = k = policy.recycle_capacity(max_context)
@@ -80,10 +80,7 @@ class RecycledPolicy(DensePolicy):
         self.query_mean = make_query_mean(h, d, dtype, target)
         self.last_query = cache_ops.make_last_row((h + 2 * hkv) * d, dtype, target).with_attr(
             "global_symbol", "last_query")
-        if is_gpu(target):  # one query: flash-decoding splits
-            make, self.chunks = decode_attention.make_decode_attention, decode_attention.decode_splits
-        else:
-            make, self.chunks = attention.make_attention_partial, attention.num_chunks
+        make, self.chunks = self.decode_kernels()
 
         def on(when: int, func, inputs: int | None = None):
             return gated(func, nl, STRIDE_STATE, when, inputs)

@@ -15,8 +15,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.target import Target
 
-from tsedge.tir_kernels import attention, decode_attention
-from tsedge.tir_kernels.common import i64, is_gpu
+from tsedge.tir_kernels.common import i64
 from tsedge.tir_kernels.topk import WORKSPACE_SIZE, make_topk
 
 from ..config import ModelConfig, PolicyConfig
@@ -35,17 +34,15 @@ class TidalDecodePolicy(DensePolicy):
 
     selects = True
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig,
+                 kv_dtype: str | None = None) -> None:
         check_tidaldecode(policy, cfg)
-        super().__init__(cfg, dtype, target)
+        super().__init__(cfg, dtype, target, kv_dtype)
         self.policy = policy
         nl, h, hkv, d = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.sets = hkv if policy.tidal_per_kv_head else h
         self.selecting = {policy.tidal_select_layer, *policy.tidal_reselect_layers}
-        if is_gpu(target):  # one query: flash-decoding splits
-            make, self.chunks = decode_attention.make_decode_attention, decode_attention.decode_splits
-        else:
-            make, self.chunks = attention.make_attention_partial, attention.num_chunks
+        make, self.chunks = self.decode_kernels()
         self.scored = make(nl, h, hkv, d, dtype, target, logit_sets=self.sets)
         self.sparse = make(nl, h, hkv, d, dtype, target, row_sets=self.sets)
         self.topk = make_topk(nl, policy.tidal_budget, 0, target, heads=self.sets)

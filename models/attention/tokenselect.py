@@ -54,8 +54,9 @@ class TokenSelectPolicy(DensePolicy):
 
     selects = True
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig, shards: int = 1) -> None:
-        super().__init__(cfg, dtype, target)
+    def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig, shards: int = 1,
+                 kv_dtype: str | None = None) -> None:
+        super().__init__(cfg, dtype, target, kv_dtype)
         self.policy = policy
         self.shards = shards
         nl, h, hkv, d = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -66,8 +67,8 @@ class TokenSelectPolicy(DensePolicy):
         self.fingerprint_check = make_selection_check(nl, h, d, p.selection_threshold, target,
                                                       fingerprint=(p.n_local, dtype))
         key_bits = 8 if p.score_keys == "int8" else 16
-        self.scoring = make_scoring(nl, h, hkv, d, p.n_init, p.n_local, p.pool_kernel, dtype, target, key_bits)
-        self.key_codes = make_key_codes(nl, hkv, d, dtype, target) if key_bits == 8 else None
+        self.scoring = make_scoring(nl, h, hkv, d, p.n_init, p.n_local, p.pool_kernel, self.kv_dtype, target, key_bits)
+        self.key_codes = make_key_codes(nl, hkv, d, self.kv_dtype, target) if key_bits == 8 else None
         self.topk = make_topk(nl, p.top_k, p.n_init, target, n_local=p.n_local)  # also the row list
 
     def state_specs(self) -> list[tuple[str, list[int], str]]:
@@ -144,8 +145,9 @@ class StreamingPolicy(DensePolicy):
 
     selects = True
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig) -> None:
-        super().__init__(cfg, dtype, target)
+    def __init__(self, cfg: ModelConfig, dtype: str, target: Target, policy: PolicyConfig,
+                 kv_dtype: str | None = None) -> None:
+        super().__init__(cfg, dtype, target, kv_dtype)
         self.size = policy.n_init + policy.n_local
         self.window_rows = make_window_rows(policy.n_init, policy.n_local, target)
 
