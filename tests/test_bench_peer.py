@@ -184,3 +184,20 @@ def test_rounds_keep_the_best_of_each_row():
     merged = lp.best_peer_of_rounds(peer)
     assert merged["name"] == "llama.cpp" and merged["runs"][0]["flash_attention"] is True
     assert merged["runs"][0]["prefill"] == best["prefill"]
+
+
+def test_round_ratios_pair_the_engines_round_by_round():
+    """With rounds, each round's ratio is tsedge's tok/s of that round over the faster llama.cpp
+    setting of the same round, beside the ratio of the bests; the table prints them and their median."""
+    ours = [{"prefill": [{"tokens": 16, "tok_per_s": t}], "decode": []} for t in (10.0, 6.0, 8.0)]
+    theirs = [{"prefill": [{"tokens": 16, "tok_per_s": t}], "decode": []} for t in (9.0, 4.0, 4.0)]
+    slow = [{"prefill": [{"tokens": 16, "tok_per_s": t}], "decode": []} for t in (5.0, 5.0, 2.0)]
+    peer = [{"name": "llama.cpp", "model_type": "Q4_1",
+             "runs": [{"flash_attention": True, **a}, {"flash_attention": False, **b}]} for a, b in zip(theirs, slow)]
+    result = {"info": {"model": "m", "threads": 2, "quantization": "q4_1"}, **lp.best_of_rounds(ours),
+              "peer": lp.best_peer_of_rounds(peer)}
+    (row,) = lp.ratios(result)
+    assert row["ratio"] == round(10.0 / 9.0, 3)
+    assert row["round_ratios"] == [round(10 / 9, 3), 1.2, 2.0] and row["median_round_ratio"] == 1.2
+    result["ratios"] = [row]
+    assert "1.11 / 1.20 / 2.00× (1.20×)" in lp.table(result)

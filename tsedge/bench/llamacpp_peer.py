@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,17 +93,24 @@ def best_peer_of_rounds(rounds: list[dict]) -> dict[str, Any]:
 
 def ratios(result: dict) -> list[dict[str, Any]]:
     """One row per measurement both engines made: tok/s of tsedge, of llama.cpp with flash
-    attention on and off, and tsedge / the faster llama.cpp (> 1: tsedge faster)."""
+    attention on and off, and tsedge / the faster llama.cpp (> 1: tsedge faster). With rounds
+    (``rounds_tok_per_s`` on both sides) also each round's ratio (``round_ratios``: the engines
+    timed minutes apart, not the best of each over the whole run) and their median."""
     rows = []
     for kind, key in (("prefill", "tokens"), ("decode", "context")):
-        runs = {_fa(run["flash_attention"]): {r[key]: r["tok_per_s"] for r in run[kind]}
-                for run in result["peer"]["runs"]}
+        runs = {_fa(run["flash_attention"]): {r[key]: r for r in run[kind]} for run in result["peer"]["runs"]}
         for row in result[kind]:
             peer = {fa: values[row[key]] for fa, values in runs.items() if row[key] in values}
-            if peer:
-                best = max(peer.values())
-                rows.append({"kind": kind, key: row[key], "tsedge": row["tok_per_s"], "llama.cpp": peer,
-                             "ratio": round(row["tok_per_s"] / best, 3)})
+            if not peer:
+                continue
+            best = max(r["tok_per_s"] for r in peer.values())
+            rows.append({"kind": kind, key: row[key], "tsedge": row["tok_per_s"],
+                         "llama.cpp": {fa: r["tok_per_s"] for fa, r in peer.items()},
+                         "ratio": round(row["tok_per_s"] / best, 3)})
+            if "rounds_tok_per_s" in row and all("rounds_tok_per_s" in r for r in peer.values()):
+                per_round = [round(ours / max(r["rounds_tok_per_s"][i] for r in peer.values()), 3)
+                             for i, ours in enumerate(row["rounds_tok_per_s"])]
+                rows[-1].update(round_ratios=per_round, median_round_ratio=statistics.median(per_round))
     return rows
 
 
@@ -131,14 +139,18 @@ def table(result: dict) -> str:
     tsedge / the faster llama.cpp."""
     info, peer = result["info"], result["peer"]
     settings = [_fa(run["flash_attention"]) for run in peer["runs"]]
+    rounds = any("round_ratios" in r for r in result["ratios"])
     lines = ["| " + " | ".join([f"{info['model']}, {info['threads']} threads", f"tsedge {info['quantization']}",
                                 *(f"llama.cpp {peer['model_type']} {fa}" for fa in settings),
-                                "tsedge / faster llama.cpp"]) + " |",
-             "|---" * (len(settings) + 3) + "|"]
+                                "tsedge / faster llama.cpp"] + ["per round (median)"] * rounds) + " |",
+             "|---" * (len(settings) + 3 + rounds) + "|"]
     for r in result["ratios"]:
         cells = [_label(r), f"{r['tsedge']:.1f} tok/s",
                  *(f"{r['llama.cpp'][fa]:.1f} tok/s" if fa in r["llama.cpp"] else "—" for fa in settings),
                  f"{r['ratio']:.2f}×"]
+        if rounds:
+            cells.append(" / ".join(f"{x:.2f}" for x in r.get("round_ratios", [])) +
+                         (f"× ({r['median_round_ratio']:.2f}×)" if "round_ratios" in r else "—"))
         lines.append("| " + " | ".join(cells) + " |")
     for g in result.get("greedy", []):
         same = ", ".join(f"{n} ({fa})" for fa, n in g["equal_prefix"].items())
