@@ -94,7 +94,8 @@ CASES = [
     # n_heads, n_kv, head_dim, dtype, n (queries), M (attended rows), capacity
     (9, 3, 64, "float16", 1, 300, 1200),    # SmolLM2 heads, decode
     (9, 3, 64, "float16", 40, 40, 40),      # prefill from empty: causal only
-    (8, 2, 128, "float32", 7, 513, 900),    # group 4, prefill chunk, M = 2 chunks + 1
+    (8, 2, 128, "float32", 7, 513, 900),    # group 4, prefill chunk, M = 8 chunks + 1
+    (32, 8, 128, "float16", 1, 4097, 4200),  # Llama-3-8B heads, decode over 65 chunks, the last of one key
 ]
 
 
@@ -107,7 +108,7 @@ def test_attention(n_heads, n_kv, head_dim, dtype, n, m, capacity):
     rows = np.sort(rng.choice(capacity, m, replace=False)).astype(np.int32)
     inv = 1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim)
     table = rope_table(inv, m)
-    chunks = attn.num_chunks(m)
+    chunks = attn.partial_chunks(m, TARGET)
     o = tensor(np.full((n, chunks, n_heads, head_dim), np.nan, np.float32))
     lse = tensor(np.full((n, chunks, n_heads), np.nan, np.float32))
     out = tensor(np.full((n, n_heads, head_dim), np.nan, dtype))

@@ -36,6 +36,16 @@ def num_chunks(num_keys: "tirx.PrimExpr | int") -> "tirx.PrimExpr | int":
     return (num_keys + CHUNK - 1) // CHUNK
 
 
+def partial_chunks(num_keys: "tirx.PrimExpr | int", target: Target) -> "tirx.PrimExpr | int":
+    """Chunks (partial outputs) ``make_attention_partial`` writes for ``num_keys`` keys on
+    ``target``: ``num_chunks``, or the WGSL kernel's smaller chunks on Vulkan."""
+    if is_gpu(target) and not has_warp_shuffle(target):
+        from .wgsl_attention import num_chunks as wgsl_chunks
+
+        return wgsl_chunks(num_keys)
+    return num_chunks(num_keys)
+
+
 def make_attention_partial(num_layers: int, n_heads: int, n_kv: int, head_dim: int, dtype: str,
                            target: Target, row_sets: int = 0, logit_sets: int = 0,
                            counted: bool = False, kv_dtype: str | None = None) -> tirx.PrimFunc:
@@ -46,7 +56,7 @@ def make_attention_partial(num_layers: int, n_heads: int, n_kv: int, head_dim: i
 
     Outputs: o[n, S, H, d] float32 (each chunk's normalised output), lse[n, S, H] float32
     (log2-sum-exp of the chunk's scaled scores, ``NEG_INF`` when the chunk has no visible key),
-    with ``S = num_chunks(M)``.
+    with ``S = partial_chunks(M, target)``.
 
     ``row_sets`` (TidalDecode's sparse layers; CPU here, GPU decode in ``decode_attention``): 0 keeps the shared list above; ``H`` or
     ``Hkv`` makes ``rows[row_sets, M]`` one sorted list per query head (query head ``h`` reads set

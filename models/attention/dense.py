@@ -97,7 +97,7 @@ class DensePolicy:
                                        out=nn.Tensor.placeholder([self.cfg.num_kv_heads, m, d], self.dtype))
                 args.insert(2, krot)
         else:
-            kernel, name, chunks = self.partial, "attention_partial", attention.num_chunks(m)
+            kernel, name, chunks = self.partial, "attention_partial", attention.partial_chunks(m, self.target)
         o, lse = op.tensor_ir_op(
             kernel, name, args=args,
             out=[nn.Tensor.placeholder([n, chunks, h, d], "float32"),
