@@ -13,9 +13,13 @@
 # library on real text (`tsedge bench accuracy`, .carry/vkrun/acc: dense, and TokenSelect selecting from
 # token 208). Llama-3-8B shapes run at depths 0 and 4K only: at 32K its KV cache (4.3 GB) is one tensor, over
 # the 4 GiB buffer limit of the adapter (the KV cache is not split per layer yet).
+# A shorter run: VK_PRESETS (default "smollm2-135m llama3-8b"), VK_TARGETS (default "vulkan cuda:sm_90a")
+# and VK_ACCURACY=0 (skip the accuracy libraries) at prepare; `run` times the libraries prepared.
 set -uo pipefail
 SMOL_DEPTHS=0,4k,32k
 LLAMA_DEPTHS=0,4k
+PRESETS=${VK_PRESETS:-smollm2-135m llama3-8b}
+TARGETS=${VK_TARGETS:-vulkan cuda:sm_90a}
 LIBS=.carry/vkrun
 if [ "$1" = prepare ]; then
   mkdir -p .gl .carry/vk /tmp/amd64/partial
@@ -25,16 +29,18 @@ if [ "$1" = prepare ]; then
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .carry/vk \
     "wgpu>=0.32,<0.33" cffi pycparser rendercanvas sniffio
   for t in llvm vulkan; do  # the accuracy check's libraries (TokenSelect with budgets 16/64/128)
+    [ "${VK_ACCURACY:-1}" = 0 ] && break
     tsedge compile --target $t --max-context 1024 -o $LIBS/acc/dense-$t.so
     tsedge compile --target $t --max-context 1024 --policy tokenselect --n-init 16 --n-local 64 --select-top-k 128 \
       --chunk-size 64 -o $LIBS/acc/ts-$t.so
   done
-  for target in vulkan cuda:sm_90a; do
+  for target in $TARGETS; do
     t=${target%%:*}
-    python -m tsedge.cli_bench decode --compile-only --lib-dir $LIBS/smollm2-135m-$t --target $target \
-      --preset smollm2-135m --depths $SMOL_DEPTHS
-    python -m tsedge.cli_bench decode --compile-only --lib-dir $LIBS/llama3-8b-$t --target $target \
-      --preset llama3-8b --depths $LLAMA_DEPTHS
+    for preset in $PRESETS; do
+      depths=$SMOL_DEPTHS; [ $preset = llama3-8b ] && depths=$LLAMA_DEPTHS
+      python -m tsedge.cli_bench decode --compile-only --lib-dir $LIBS/$preset-$t --target $target \
+        --preset $preset --depths $depths
+    done
   done
   exit 0
 fi
@@ -68,6 +74,7 @@ fi
 for preset in smollm2-135m llama3-8b; do
   depths=$SMOL_DEPTHS; [ $preset = llama3-8b ] && depths=$LLAMA_DEPTHS
   for t in vulkan cuda; do
+    [ -d "$LIBS/$preset-$t" ] || continue  # not prepared (VK_PRESETS, VK_TARGETS)
     python3 -m tsedge.cli_bench decode --lib-dir "$LIBS/$preset-$t" --preset $preset --depths $depths \
       --steps 16 -o "$out" --tag "decode_${preset}_${t}_h200" 2> "$out/decode-$preset-$t.log" | tail -6
     python3 -m tsedge.cli_bench prefill --lib-dir "$LIBS/$preset-$t" --preset $preset --depths 0,4k \
