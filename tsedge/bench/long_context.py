@@ -97,14 +97,14 @@ def random_params(meta: LibraryMeta, rank: int = 0) -> tuple[list, Any]:
         return (out, inp // (quant.per_word if part == "qweight" else quant.group))
 
     if on_gpu:
-        device = f"cuda:{rank}" if meta.target.startswith("cuda") else "cuda:0"
+        draw_on = f"cuda:{rank}" if meta.target.startswith("cuda") else "cuda:0"  # torch draws there
 
         def draw(name: str, part: str, shape: tuple[int, ...], quant):
-            gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{name}.{part}".encode()))
+            gen = torch.Generator(device=draw_on).manual_seed(zlib.crc32(f"{name}.{part}".encode()))
             if part == "qweight":  # random bits, as int32 (uint32 nibbles) or int8
-                bits = torch.randint(-2**31, 2**31 - 1, shape, generator=gen, device=device, dtype=torch.int32)
+                bits = torch.randint(-2**31, 2**31 - 1, shape, generator=gen, device=draw_on, dtype=torch.int32)
                 return bits.view(torch.uint32) if quant.storage_dtype == "uint32" else bits.to(torch.int8)
-            value = torch.randn(shape, generator=gen, device=device,
+            value = torch.randn(shape, generator=gen, device=draw_on,
                                 dtype=getattr(torch, quant.part_dtype(part) if part else meta.dtype))
             return value.abs() * (0.02 / quant.max_int) if part == "scale" else value * 0.02
 
