@@ -318,9 +318,9 @@ def _partial_cpu(num_layers, n_heads, n_kv, head_dim, dtype, kv_dtype, row_sets=
                                     for ju in T.unroll(UNROLL):
                                         for ji in T.vectorized(lanes):
                                             sc[g, jo * KEYS_TILE + ju * lanes + ji] = dots[g, ju * lanes + ji]
-                        else:  # decode: per key, the task's heads at once; lane-wise partial dot
-                            for jj in T.serial(lim):  # products of the key rotated here, then their sum
-                                row: T.let[T.int64] = T.Cast("int64", row_at(rows, s, j0 + jj))  # folded as a tree
+                        else:  # decode: each key rotated here, scored for the task's heads at once
+                            for jj in T.serial(lim):  # (lane-wise partial products, summed as a tree)
+                                row: T.let[T.int64] = T.Cast("int64", row_at(rows, s, j0 + jj))
                                 kp: T.let[T.int64] = position(rows, s, j0 + jj, m_rows, n, 0)[0]
                                 for g in T.unroll(T.int64(hps)):
                                     for ll in T.vectorized(T.int64(part_lanes)):

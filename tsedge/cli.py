@@ -131,7 +131,9 @@ def _engine(model, target: str | None, lib: str | None, kw: dict, runtime_only: 
     if meta.quantization in ("q0", source.quantization):
         opened = engine()
     else:
-        with count_progress(f"quantizing {source.config.name} to {meta.quantization}", len(meta.params)) as update:
+        again = ("" if source.quantization == "q0" else
+                 f" from its {source.quantization} blocks (a second, lossy quantization: --quantization gguf keeps them)")
+        with count_progress(f"quantizing {source.config.name} to {meta.quantization}{again}", len(meta.params)) as update:
             opened = engine(on_load=lambda done, _total: update(done))
     click.get_current_context().call_on_close(opened.close)  # a sharded engine's workers end with the command
     return opened

@@ -33,7 +33,7 @@ namespace {
 namespace ffi = tvm::ffi;
 namespace json = tvm::ffi::json;
 
-constexpr int kFormatVersion = 2;                // models/library.py FORMAT_VERSION
+constexpr int kFormatVersion = 3;                // models/library.py FORMAT_VERSION
 constexpr uint64_t kMaxJsonBytes = 64 << 20;     // a metadata file or safetensors header
 constexpr int64_t kMaxBytes = int64_t{1} << 40;  // any one tensor: a larger claim is corrupt
 
@@ -349,6 +349,8 @@ LibraryMeta ReadLibraryMeta(const std::string& json_path) {
   meta.target = root.Str("target");
   meta.dtype = ParseDtype(root, "dtype");
   if (meta.dtype.code != kDLFloat) root.Fail("dtype", "is not float32 or float16");
+  meta.kv_dtype = ParseDtype(root, "kv_dtype");
+  if (meta.kv_dtype.code != kDLFloat) root.Fail("kv_dtype", "is not float32 or float16");
   if (root.Str("quantization") != "q0") {  // packed weights: not read by this example
     root.Fail("quantization", "is " + root.Str("quantization") +
                                   "; this example reads float libraries: compile with --quantization q0");

@@ -43,7 +43,8 @@ struct LibraryMeta {
   std::string path;              // the .json read
   tvm::ffi::json::Object model;  // the model config, compared with the weights' config.json
   std::string model_name, policy, target;
-  DLDataType dtype;  // of the parameters and the KV cache
+  DLDataType dtype;     // of the parameters
+  DLDataType kv_dtype;  // of the KV cache (float16 in CPU libraries of quantized weights)
   int64_t num_layers, num_kv_heads, head_dim, vocab_size, max_context;
   int64_t chunk_size, budget;  // a selecting policy's prefill chunk cap and its token budget
   std::vector<std::string> functions;

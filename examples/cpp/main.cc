@@ -90,7 +90,7 @@ class Runner {
   Runner(const LibraryMeta& meta, ffi::Module vm, ffi::Array<ffi::Tensor> params, int64_t capacity,
          DLDevice device)
       : meta_(meta), vm_(std::move(vm)), params_(std::move(params)), capacity_(capacity), device_(device) {
-    kv_ = tsedge::NewTensor({meta.num_layers, 2, meta.num_kv_heads, capacity, meta.head_dim}, meta.dtype,
+    kv_ = tsedge::NewTensor({meta.num_layers, 2, meta.num_kv_heads, capacity, meta.head_dim}, meta.kv_dtype,
                             device);
     for (const tsedge::StateSpec& s : meta.state)
       state_.push_back(tsedge::ZeroTensor(s.Shape(capacity), s.dtype, device));
