@@ -13,13 +13,14 @@
 # library on real text (`tsedge bench accuracy`, .carry/vkrun/acc: dense, and TokenSelect selecting from
 # token 208). Llama-3-8B shapes run at depths 0 and 4K only: at 32K its KV cache (4.3 GB) is one tensor, over
 # the 4 GiB buffer limit of the adapter (the KV cache is not split per layer yet).
-# A shorter run: VK_PRESETS (default "smollm2-135m llama3-8b"), VK_TARGETS (default "vulkan cuda:sm_90a")
-# and VK_ACCURACY=0 (skip the accuracy libraries) at prepare; `run` times the libraries prepared.
+# A shorter run: VK_PRESETS (default "smollm2-135m llama3-8b"), VK_TARGETS (default "vulkan cuda:sm_90a";
+# either empty: no speed libraries) and VK_ACCURACY=0 (skip the accuracy libraries) at prepare; `run`
+# times the libraries prepared.
 set -uo pipefail
 SMOL_DEPTHS=0,4k,32k
 LLAMA_DEPTHS=0,4k
-PRESETS=${VK_PRESETS:-smollm2-135m llama3-8b}
-TARGETS=${VK_TARGETS:-vulkan cuda:sm_90a}
+PRESETS=${VK_PRESETS-smollm2-135m llama3-8b}
+TARGETS=${VK_TARGETS-vulkan cuda:sm_90a}
 LIBS=.carry/vkrun
 if [ "$1" = prepare ]; then
   mkdir -p .gl .carry/vk /tmp/amd64/partial
@@ -30,8 +31,8 @@ if [ "$1" = prepare ]; then
     "wgpu>=0.32,<0.33" cffi pycparser rendercanvas sniffio
   for t in llvm vulkan; do  # the accuracy check's libraries (TokenSelect with budgets 16/64/128)
     [ "${VK_ACCURACY:-1}" = 0 ] && break
-    tsedge compile --target $t --max-context 1024 -o $LIBS/acc/dense-$t.so
-    tsedge compile --target $t --max-context 1024 --policy tokenselect --n-init 16 --n-local 64 --select-top-k 128 \
+    tsedge compile --target $t --quantization q0 --max-context 1024 -o $LIBS/acc/dense-$t.so
+    tsedge compile --target $t --quantization q0 --max-context 1024 --policy tokenselect --n-init 16 --n-local 64 --select-top-k 128 \
       --chunk-size 64 -o $LIBS/acc/ts-$t.so
   done
   for target in $TARGETS; do
