@@ -84,7 +84,8 @@ def make_attention_partial_wgsl(num_layers: int, n_heads: int, n_kv: int, head_d
                         row_sh = T.sblock_alloc_buffer((WGSL_CHUNK,), "int32", scope="shared")
                         stat = T.sblock_alloc_buffer((group, 2), "float32", scope="shared")  # max, sum
                         acc = T.sblock_alloc_buffer((group,), "float32", scope="local")
-                        rot = T.sblock_alloc_buffer((2,), "float32", scope="local")  # a rotated dim pair
+                        pair = T.sblock_alloc_buffer((2,), "float32", scope="local")  # a key's dims dd, dd + half
+                        rot = T.sblock_alloc_buffer((2,), "float32", scope="local")  # ... rotated
                         qi: T.let[T.int64] = by // HKV
                         kvh: T.let[T.int64] = by % HKV
                         qpos: T.let[T.int64] = m_keys - n + qi
@@ -102,15 +103,12 @@ def make_attention_partial_wgsl(num_layers: int, n_heads: int, n_kv: int, head_d
                         for g in T.unroll(G):
                             acc[g] = T.float32(0)
                         if j < m_keys and j <= qpos:  # thread tx scores key j for every head
+                            row: T.let[T.int64] = T.Cast("int64", row_sh[tx])
                             for dd in T.serial(T.int64(half)):
-                                rot[0] = (T.Cast("float32", kv[layer, 0, kvh, T.Cast("int64", row_sh[tx]), dd])
-                                          * rope[j, dd])
-                                rot[1] = (T.Cast("float32", kv[layer, 0, kvh, T.Cast("int64", row_sh[tx]), dd + half])
-                                          * rope[j, dd])
-                                rot[0] = rot[0] - T.Cast(
-                                    "float32", kv[layer, 0, kvh, T.Cast("int64", row_sh[tx]), dd + half]) * rope[j, half + dd]
-                                rot[1] = rot[1] + T.Cast(
-                                    "float32", kv[layer, 0, kvh, T.Cast("int64", row_sh[tx]), dd]) * rope[j, half + dd]
+                                pair[0] = T.Cast("float32", kv[layer, 0, kvh, row, dd])
+                                pair[1] = T.Cast("float32", kv[layer, 0, kvh, row, dd + half])
+                                rot[0] = pair[0] * rope[j, dd] - pair[1] * rope[j, half + dd]
+                                rot[1] = pair[1] * rope[j, dd] + pair[0] * rope[j, half + dd]
                                 for g in T.unroll(G):
                                     acc[g] = acc[g] + q_sh[g, dd] * rot[0] + q_sh[g, dd + half] * rot[1]
                         for g in T.unroll(G):
